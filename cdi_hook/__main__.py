@@ -1,0 +1,5 @@
+import sys
+
+from cdi_hook.cli import main
+
+sys.exit(main())

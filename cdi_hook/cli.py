@@ -1,0 +1,125 @@
+"""Command line: argument parsing and exit codes only; each command lives in its own module.
+
+Modules are imported only for the command that runs, so `cdi-hook hook` on a container
+that asks for no device pays for little more than the interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from cdi_hook.errors import CdiError
+
+STAGES = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
+
+
+def _spec_dirs(args) -> list[str] | None:
+    """--spec-dir wins over CDI_SPEC_DIRS, which wins over the defaults (None)."""
+    if getattr(args, "spec_dir", None):
+        return list(args.spec_dir)
+    env = os.environ.get("CDI_SPEC_DIRS")
+    if env is not None:
+        return [d for d in env.split(":") if d]
+    return None
+
+
+def build_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="cdi-hook",
+        description="Give CDI devices to containers through OCI hooks.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def with_specs(p):
+        p.add_argument(
+            "--spec-dir",
+            action="append",
+            metavar="DIR",
+            help="CDI spec dir (repeatable; later dirs win). Default: $CDI_SPEC_DIRS or /etc/cdi:/var/run/cdi",
+        )
+        return p
+
+    p = with_specs(sub.add_parser("list", help="list every resolvable device"))
+    p.add_argument("--format", choices=("table", "json", "yaml"), default="table")
+
+    p = with_specs(sub.add_parser("validate", help="validate spec files (default: every spec in the spec dirs)"))
+    p.add_argument("files", nargs="*", metavar="FILE")
+
+    p = with_specs(sub.add_parser("show", help="show the merged edits the named devices would apply"))
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("--format", choices=("json", "yaml"), default="json")
+
+    p = with_specs(sub.add_parser("hook", help="the OCI hook: OCI state on stdin"))
+    p.add_argument("--stage", choices=STAGES, default="createRuntime")
+
+    with_specs(sub.add_parser("precreate", help="Podman precreate filter: config.json on stdin, edited on stdout"))
+
+    p = with_specs(sub.add_parser("inject", help="edit a bundle's config.json for manual runc use"))
+    p.add_argument("--bundle", required=True, metavar="DIR")
+    p.add_argument("--device", action="append", required=True, metavar="NAME")
+    p.add_argument("--mode", choices=("edits", "hook"), default="edits")
+
+    p = sub.add_parser("install", help="install the hooks.d files")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--podman", action="store_true")
+    where.add_argument("--crio", action="store_true")
+    where.add_argument("--hooks-dir", metavar="DIR")
+    p.add_argument("--mode", choices=("precreate", "hook"))
+    p.add_argument("--dry-run", action="store_true")
+
+    p = sub.add_parser("uninstall", help="remove the hooks.d files install wrote")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--podman", action="store_true")
+    where.add_argument("--crio", action="store_true")
+    where.add_argument("--hooks-dir", metavar="DIR")
+    p.add_argument("--dry-run", action="store_true")
+    return parser
+
+
+def dispatch(args) -> int:
+    command = args.command
+    if command in ("list", "validate", "show"):
+        from cdi_hook import inspect as commands
+
+        return getattr(commands, "cmd_" + command)(args, _spec_dirs(args))
+    if command == "hook":
+        from cdi_hook import hook
+
+        return hook.run(args.stage, _spec_dirs(args), sys.stdin.buffer)
+    if command == "precreate":
+        from cdi_hook import oci_edit
+
+        return oci_edit.cmd_precreate(_spec_dirs(args), sys.stdin.buffer, sys.stdout.buffer)
+    if command == "inject":
+        from cdi_hook import oci_edit
+
+        return oci_edit.cmd_inject(args, _spec_dirs(args))
+    if command in ("install", "uninstall"):
+        from cdi_hook import install
+
+        return getattr(install, "cmd_" + command)(args)
+    raise AssertionError(command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from cdi_hook import __version__
+
+        print(__version__)
+        return 0
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return dispatch(args)
+    except CdiError as error:
+        print(f"cdi-hook: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

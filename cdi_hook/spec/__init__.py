@@ -1,0 +1,1 @@
+"""CDI specs: model, parsing, validation, names, versions. Pure: no side effects."""

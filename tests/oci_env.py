@@ -1,0 +1,100 @@
+"""Test helpers: busybox rootfs, OCI bundles, spec dirs and real runc runs.
+
+Everything lives under a pytest tmp_path; container ids are unique per call, and
+`run_container` deletes the container whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BUSYBOX = "/bin/busybox"
+
+# The hook as a runtime runs it: an isolated interpreter, an explicit environment.
+PYTHON = sys.executable
+
+
+def hook_entry(spec_dirs: list[str], stage: str = "createRuntime", extra_env: dict | None = None,
+               log_file: str | None = None) -> dict:
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "CDI_SPEC_DIRS": ":".join(spec_dirs),
+        "CDI_HOOK_INSECURE_SPECS": "1",  # tmp_path specs are not under a root-only tree
+    }
+    if log_file:
+        env["CDI_HOOK_LOG"] = log_file
+    env.update(extra_env or {})
+    return {
+        "path": PYTHON,
+        "args": [os.path.basename(PYTHON), "-I", "-m", "cdi_hook", "hook", "--stage", stage],
+        "env": [f"{k}={v}" for k, v in env.items()],
+        "timeout": 60,
+    }
+
+
+def make_rootfs(path: Path) -> Path:
+    """A minimal busybox rootfs: /bin/<applets>, /etc/passwd and /etc/group."""
+    (path / "bin").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, path / "bin" / "busybox")
+    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in applets:
+        link = path / "bin" / applet
+        if not link.exists() and applet != "busybox":
+            link.symlink_to("busybox")
+    for d in ("etc", "proc", "sys", "dev", "tmp", "root"):
+        (path / d).mkdir(exist_ok=True)
+    (path / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n")
+    (path / "etc" / "group").write_text("root:x:0:\nvideo:x:44:\nnogroup:x:65534:\n")
+    return path
+
+
+def make_bundle(bundle: Path, args: list[str], *, rootfs: Path | None = None,
+                annotations: dict | None = None, hooks: dict | None = None,
+                namespaces: list[dict] | None = None, extra_linux: dict | None = None) -> Path:
+    """An OCI bundle whose config.json is runc's default with our args, hooks and annotations."""
+    bundle.mkdir(parents=True, exist_ok=True)
+    if rootfs is None:
+        rootfs = make_rootfs(bundle / "rootfs")
+    subprocess.run(["runc", "spec", "--bundle", str(bundle)], check=True)
+    config_path = bundle / "config.json"
+    config = json.loads(config_path.read_text())
+    config["root"] = {"path": os.path.relpath(rootfs, bundle) if rootfs.is_relative_to(bundle) else str(rootfs),
+                      "readonly": False}
+    config["process"]["terminal"] = False
+    config["process"]["args"] = args
+    if annotations:
+        config["annotations"] = annotations
+    if hooks:
+        config["hooks"] = hooks
+    if namespaces is not None:
+        config["linux"]["namespaces"] = namespaces
+    for key, value in (extra_linux or {}).items():
+        config["linux"][key] = value
+    config_path.write_text(json.dumps(config, indent=2))
+    return bundle
+
+
+def run_container(bundle: Path, *, timeout: int = 120, runc: str = "runc",
+                  root: str | None = None, container_id: str | None = None) -> subprocess.CompletedProcess:
+    """`runc run` the bundle to completion; returns its output. Always deletes the container."""
+    cid = container_id or "cdi-test-" + uuid.uuid4().hex[:12]
+    global_args = [runc] + (["--root", root] if root else [])
+    try:
+        return subprocess.run(global_args + ["run", "--bundle", str(bundle), cid],
+                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    finally:
+        subprocess.run(global_args + ["delete", "--force", cid], capture_output=True)
+
+
+def write_spec(spec_dir: Path, name: str, spec: dict) -> Path:
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    path = spec_dir / name
+    path.write_text(json.dumps(spec, indent=2))
+    return path
