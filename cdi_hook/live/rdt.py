@@ -158,6 +158,9 @@ def apply(container_pid: int, origin: str, rdt: IntelRdt, *, container_id: str =
     check_root(root, origin)
     name = group_name(rdt, container_id, origin)
     lines = schemata_lines(rdt, origin)
+    if rdt.enable_monitoring and not (root / "info" / "L3_MON").is_dir():
+        raise HookError(STEP, origin, f"enableMonitoring asked, but this host's RDT has no monitoring "
+                                      f"({root}/info/L3_MON is missing)")
     group = root if name == "/" else root / name
     created = False
     if group.is_dir():
@@ -188,9 +191,6 @@ def apply(container_pid: int, origin: str, rdt: IntelRdt, *, container_id: str =
 
 
 def _join_mon_group(group: Path, name: str, container_pid: int, root: Path, origin: str) -> None:
-    if not (root / "info" / "L3_MON").is_dir():
-        raise HookError(STEP, origin, f"enableMonitoring asked, but this host's RDT has no monitoring "
-                                      f"({root}/info/L3_MON is missing)")
     mon = group / "mon_groups" / name
     try:
         # resctrl itself makes mon_groups/ in every CTRL_MON group; only a test tree lacks it
