@@ -6,6 +6,7 @@ Everything lives under a pytest tmp_path; container ids are unique per call, and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -98,3 +99,77 @@ def write_spec(spec_dir: Path, name: str, spec: dict) -> Path:
     path = spec_dir / name
     path.write_text(json.dumps(spec, indent=2))
     return path
+
+
+class DetachedContainer:
+    """A container started with `runc run -d`: its id, its init's pid, and `exec` into it."""
+
+    def __init__(self, cid: str, pid: int, runc_command: list[str]):
+        self.id = cid
+        self.pid = pid
+        self._runc = runc_command
+
+    def exec(self, args: list[str], timeout: int = 30) -> subprocess.CompletedProcess:
+        return subprocess.run(self._runc + ["exec", self.id] + args, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@contextlib.contextmanager
+def detached_container(bundle: Path, *, runc: str = "runc", root: str | None = None,
+                       wrapper: list[str] | None = None, timeout: int = 60):
+    """Start the bundle detached (its process should wait, e.g. `sleep 60`); always deleted.
+
+    `wrapper` prefixes every runc command (e.g. the nsenter of `cgroup2_namespace`).
+    """
+    cid = "cdi-test-" + uuid.uuid4().hex[:12]
+    command = list(wrapper or []) + [runc] + (["--root", root] if root else [])
+    try:
+        # The detached container keeps runc's stdio: no pipes, or run() would wait for it.
+        with open(bundle / "runc-run.log", "w+") as log:
+            started = subprocess.run(command + ["run", "-d", "--bundle", str(bundle), cid],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                                     timeout=timeout)
+            log.seek(0)
+            if started.returncode != 0:
+                raise RuntimeError(f"runc run -d failed: {log.read()}")
+        state = subprocess.run(command + ["state", cid], capture_output=True, text=True, check=True)
+        yield DetachedContainer(cid, json.loads(state.stdout)["pid"], command)
+    finally:
+        subprocess.run(command + ["delete", "--force", cid], capture_output=True)
+
+
+@contextlib.contextmanager
+def cgroup2_namespace():
+    """A private mount namespace with cgroup2 on /sys/fs/cgroup: runc there runs in v2 mode.
+
+    Yields the command prefix (nsenter) that runs a program inside it. The namespace lives
+    as long as its holder process; killing it at the end leaves no mount behind.
+    """
+    holder = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         "mount -t cgroup2 none /sys/fs/cgroup && echo ready && exec sleep 3600"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    try:
+        if holder.stdout.readline().strip() != "ready":
+            raise RuntimeError("could not mount cgroup2 in a private mount namespace")
+        yield ["nsenter", f"--target={holder.pid}", "--mount", "--"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def host_device_entries(paths: list[str], file_mode: int = 0o666) -> list[dict]:
+    """config.json `linux.devices` entries copying host device nodes (type, major, minor)."""
+    entries = []
+    for path in paths:
+        st = os.stat(path)
+        kind = "b" if (st.st_mode & 0o170000) == 0o060000 else "c"
+        entries.append({"path": path, "type": kind, "major": os.major(st.st_rdev),
+                        "minor": os.minor(st.st_rdev), "fileMode": file_mode, "uid": 0, "gid": 0})
+    return entries
+
+
+def open_in_container(container: "DetachedContainer", path: str, mode: str = "r") -> subprocess.CompletedProcess:
+    """Open `path` inside the container with the shell ('r', 'w' or 'rw'); nothing is read or written."""
+    redirect = {"r": "<", "w": ">>", "rw": "<>"}[mode]
+    return container.exec(["sh", "-c", f"exec 3{redirect} {path}"])
