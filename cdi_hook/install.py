@@ -1,0 +1,224 @@
+"""`cdi-hook install` / `uninstall`: the oci-hooks(5) 1.0.0 files for Podman and CRI-O.
+
+Where the files go:
+  --podman, --crio   /usr/share/containers/oci/hooks.d. That is the one directory Podman 4.3
+                     reads when containers.conf sets no hooks_dir (verified with
+                     `podman --log-level=debug run`: "reading hooks from
+                     /usr/share/containers/oci/hooks.d"; /etc/containers/oci/hooks.d is NOT
+                     read unless hooks_dir lists it), and CRI-O's default hooks_dir too.
+  --hooks-dir DIR    any directory (containers.conf hooks_dir, crio.conf hooks_dir,
+                     podman --hooks-dir).
+
+Two modes, one at a time (installing one removes the other's files):
+  precreate  cdi-hook-precreate.json, stage "precreate" (a Podman extension stage: the hook
+             gets the proposed config.json on stdin and prints the config to use). Applies
+             every CDI edit, env and additionalGids included. Default for --podman.
+  hook       one file per stage, since a hooks.d file has one fixed argv and the OCI state
+             does not say which stage runs (prestart and createRuntime both see "creating"):
+               createRuntime  injects the devices (runtime namespace, container created)
+               prestart       runs the specs' own prestart hooks (deprecated stage, still run)
+               poststart      runs the specs' poststart hooks
+               poststop       runs the specs' poststop hooks, returns network devices
+             Not createContainer / startContainer: those run inside the container's
+             namespaces, where a host interpreter path may not exist and running a host
+             program would expose it to the image. Default for --crio and --hooks-dir.
+
+Every file matches only containers with an annotation key matching ^cdi\\.k8s\\.io/ and
+runs the installed interpreter isolated (-I: no PYTHON* variables, no user site, no cwd on
+sys.path) with an explicit environment: PATH, plus CDI_SPEC_DIRS when it is set at install.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from cdi_hook.errors import CdiError
+
+DEFAULT_HOOKS_DIR = "/usr/share/containers/oci/hooks.d"
+PODMAN_HOOKS_DIR = DEFAULT_HOOKS_DIR
+CRIO_HOOKS_DIR = DEFAULT_HOOKS_DIR
+
+LIVE_HOOK_STAGES = ("prestart", "createRuntime", "poststart", "poststop")
+PRECREATE_FILE = "cdi-hook-precreate.json"
+HOOK_FILES = {stage: f"cdi-hook-{stage}.json" for stage in LIVE_HOOK_STAGES}
+ALL_FILES = (PRECREATE_FILE, *HOOK_FILES.values())
+
+HOOK_PATH_ENV = "/usr/sbin:/usr/bin:/sbin:/bin"
+HOOK_TIMEOUT_S = 60
+REQUEST_ANNOTATION_KEY = r"^cdi\.k8s\.io/"
+
+
+def interpreter() -> str:
+    """The absolute path of the running interpreter.
+
+    Made absolute but NOT symlink-resolved: a venv's bin/python is a symlink to the system
+    python, and resolving it would lose the venv (and with it the installed cdi_hook).
+    """
+    return os.path.abspath(sys.executable)
+
+
+def _hook_env(spec_dirs: list[str] | None) -> list[str]:
+    env = [f"PATH={HOOK_PATH_ENV}"]
+    if spec_dirs:
+        env.append("CDI_SPEC_DIRS=" + ":".join(spec_dirs))
+    return env
+
+
+def _argv(python: str, *command: str) -> list[str]:
+    return [os.path.basename(python), "-I", "-m", "cdi_hook", *command]
+
+
+def live_hook_entry(stage: str, python: str, spec_dirs: list[str] | None) -> dict:
+    """An OCI hook entry that runs `cdi-hook hook --stage STAGE` (also used by inject)."""
+    python = os.path.abspath(python)
+    return {
+        "path": python,
+        "args": _argv(python, "hook", "--stage", stage),
+        "env": _hook_env(spec_dirs),
+        "timeout": HOOK_TIMEOUT_S,
+    }
+
+
+def _definition(hook: dict, stages: list[str]) -> dict:
+    return {
+        "version": "1.0.0",
+        "hook": hook,
+        "when": {"annotations": {REQUEST_ANNOTATION_KEY: ".*"}},
+        "stages": stages,
+    }
+
+
+def hook_definitions(mode: str, python: str, spec_dirs: list[str] | None) -> dict[str, dict]:
+    """file name -> oci-hooks 1.0.0 definition, for one mode."""
+    if mode == "precreate":
+        python = os.path.abspath(python)
+        hook = {"path": python, "args": _argv(python, "precreate"), "env": _hook_env(spec_dirs),
+                "timeout": HOOK_TIMEOUT_S}
+        return {PRECREATE_FILE: _definition(hook, ["precreate"])}
+    if mode == "hook":
+        return {HOOK_FILES[stage]: _definition(live_hook_entry(stage, python, spec_dirs), [stage])
+                for stage in LIVE_HOOK_STAGES}
+    raise CdiError(f"unknown install mode {mode!r}; use precreate or hook")
+
+
+def render(definition: dict) -> bytes:
+    return (json.dumps(definition, indent=2) + "\n").encode()
+
+
+def hooks_dir_of(args) -> str:
+    if getattr(args, "hooks_dir", None):
+        return os.path.abspath(args.hooks_dir)
+    return PODMAN_HOOKS_DIR if getattr(args, "podman", False) else CRIO_HOOKS_DIR
+
+
+def default_mode(args) -> str:
+    # Podman: precreate can also apply env and additionalGids, which a live hook cannot.
+    return "precreate" if getattr(args, "podman", False) else "hook"
+
+
+def is_ours(path: str) -> bool:
+    """Whether path is a hooks.d file that cdi-hook wrote (so uninstall may remove it)."""
+    try:
+        with open(path, "rb") as f:
+            definition = json.loads(f.read(1 << 20))
+        args = definition["hook"]["args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(args, list) and args[1:4] == ["-I", "-m", "cdi_hook"]
+
+
+def _spec_dirs_from_env() -> list[str] | None:
+    value = os.environ.get("CDI_SPEC_DIRS")
+    if not value:
+        return None
+    return [d for d in value.split(":") if d]
+
+
+def _check_interpreter(python: str) -> None:
+    """oci-hooks requires hook.path to exist; and the isolated interpreter must find us."""
+    if not os.path.isfile(python) or not os.access(python, os.X_OK):
+        raise CdiError(f"interpreter {python} is not an executable file")
+    probe = subprocess.run([python, "-I", "-c", "import cdi_hook"], capture_output=True,
+                           cwd="/", stdin=subprocess.DEVNULL)
+    if probe.returncode != 0:
+        raise CdiError(f"{python} -I cannot import cdi_hook; install cdi-hook into that interpreter first")
+
+
+def install(hooks_dir: str, mode: str, *, python: str | None = None, spec_dirs: list[str] | None = None,
+            dry_run: bool = False, out=None) -> list[str]:
+    """Write the mode's files into hooks_dir, remove the other mode's; returns what it wrote."""
+    out = out or sys.stdout
+    python = os.path.abspath(python or interpreter())
+    _check_interpreter(python)
+    definitions = hook_definitions(mode, python, spec_dirs)
+    stale = [name for name in ALL_FILES if name not in definitions]
+    for name in definitions:
+        target = os.path.join(hooks_dir, name)
+        if os.path.lexists(target) and not is_ours(target):
+            raise CdiError(f"{target} exists and was not written by cdi-hook; refusing to replace it")
+    written = []
+    if not dry_run:
+        try:
+            os.makedirs(hooks_dir, mode=0o755, exist_ok=True)
+        except OSError as error:
+            raise CdiError(f"cannot create hooks dir {hooks_dir}: {error.strerror}") from None
+    from cdi_hook.oci_edit import write_file_atomic
+
+    for name, definition in definitions.items():
+        target = os.path.join(hooks_dir, name)
+        data = render(definition)
+        if dry_run:
+            print(f"would write {target}:", file=out)
+        else:
+            try:
+                write_file_atomic(target, data, 0o644)
+            except OSError as error:
+                raise CdiError(f"cannot write {target}: {error.strerror}") from None
+            print(f"wrote {target}:", file=out)
+            written.append(target)
+        out.write(data.decode())
+    _remove(hooks_dir, stale, dry_run, out)
+    return written
+
+
+def _remove(hooks_dir: str, names, dry_run: bool, out) -> list[str]:
+    removed = []
+    for name in names:
+        target = os.path.join(hooks_dir, name)
+        if not os.path.lexists(target):
+            continue
+        if not is_ours(target):
+            print(f"left {target} alone: not written by cdi-hook", file=out)
+            continue
+        if dry_run:
+            print(f"would remove {target}", file=out)
+            continue
+        try:
+            os.unlink(target)
+        except OSError as error:
+            raise CdiError(f"cannot remove {target}: {error.strerror}") from None
+        print(f"removed {target}", file=out)
+        removed.append(target)
+    return removed
+
+
+def uninstall(hooks_dir: str, *, dry_run: bool = False, out=None) -> list[str]:
+    out = out or sys.stdout
+    removed = _remove(hooks_dir, ALL_FILES, dry_run, out)
+    if not removed and not dry_run:
+        print(f"nothing of cdi-hook's in {hooks_dir}", file=out)
+    return removed
+
+
+def cmd_install(args) -> int:
+    install(hooks_dir_of(args), args.mode or default_mode(args), spec_dirs=_spec_dirs_from_env(),
+            dry_run=args.dry_run)
+    return 0
+
+
+def cmd_uninstall(args) -> int:
+    uninstall(hooks_dir_of(args), dry_run=args.dry_run)
+    return 0
