@@ -1,0 +1,196 @@
+"""Spec dirs -> validated specs -> an index of devices by qualified name. Pure: reads only.
+
+Dirs are scanned in order; a later dir has higher priority, so the same device in two
+dirs resolves to the later dir's definition. The same device twice at one priority is a
+conflict: both files get an error naming the other and the device is unavailable (unless
+a higher-priority dir defines it once). A missing dir is fine; subdirectories and other
+file names are ignored; one bad file never hides the good ones: its errors are kept per
+file for `cdi-hook validate` and for resolve's message.
+
+When running as root, a spec file or dir that a non-root user could write is refused: a
+spec decides what gets mounted into every container that asks for its devices, so it must
+be as trusted as the runtime itself.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+
+from cdi_hook.errors import CdiError, ResolveError
+from cdi_hook.plan import Plan, PlanPart
+from cdi_hook.spec.model import Device, Spec
+from cdi_hook.spec.names import is_qualified_name, quote
+from cdi_hook.spec.parse import build_spec, decode_document, is_spec_file_name, read_spec_bytes
+from cdi_hook.spec.validate import validate_spec
+
+DEFAULT_SPEC_DIRS = ("/etc/cdi", "/var/run/cdi")
+INSECURE_ENV = "CDI_HOOK_INSECURE_SPECS"
+
+
+def insecure_specs_allowed(insecure: bool | None = None) -> bool:
+    if insecure is not None:
+        return insecure
+    return os.environ.get(INSECURE_ENV) == "1"
+
+
+def untrusted_problem(st: os.stat_result) -> str | None:
+    """Why a file or dir with this stat could be changed by someone other than root."""
+    if st.st_uid != 0:
+        return f"owned by uid {st.st_uid}, not root"
+    if st.st_mode & stat.S_IWOTH:
+        return "writable by every user"
+    if st.st_mode & stat.S_IWGRP and st.st_gid != 0:
+        return f"writable by group {st.st_gid}"
+    return None
+
+
+def _refusal(path: str, what: str, problem: str) -> str:
+    return (f"{path}: refused: the spec {what} is {problem}; specs must be writable by root only "
+            f"(set {INSECURE_ENV}=1 to skip this check in test set-ups)")
+
+
+@dataclass
+class SpecFileResult:
+    """What loading one spec file gave: a valid Spec, or the errors (and the kind if known)."""
+
+    path: str
+    spec: Spec | None
+    errors: list[str]
+    kind: str | None = None
+
+
+def load_spec_file(path: str, *, require_trusted: bool = False, max_size: int | None = None) -> SpecFileResult:
+    """Read, parse and validate one file; never raises for a bad file."""
+    kind = None
+    try:
+        data, st = read_spec_bytes(path, max_size)
+        if require_trusted:
+            problem = untrusted_problem(st)
+            if problem:
+                return SpecFileResult(path, None, [_refusal(path, "file", problem)])
+        document = decode_document(data, path)
+        if isinstance(document, dict) and isinstance(document.get("kind"), str):
+            kind = document["kind"]
+        spec = build_spec(document, path)
+    except CdiError as error:
+        return SpecFileResult(path, None, [str(error)], kind)
+    problems = validate_spec(spec)
+    if problems:
+        return SpecFileResult(path, None, [str(p) for p in problems], spec.kind)
+    return SpecFileResult(path, spec, [], spec.kind)
+
+
+@dataclass
+class Registry:
+    spec_dirs: tuple[str, ...]
+    specs: list[Spec] = field(default_factory=list)  # valid specs, in scan order
+    devices: dict[str, tuple[Spec, Device]] = field(default_factory=dict)  # qualified name -> winner
+    errors: dict[str, list[str]] = field(default_factory=dict)  # file or dir -> error lines
+    conflicts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # unavailable name -> files
+    invalid_kinds: dict[str, list[str]] = field(default_factory=dict)  # kind -> invalid spec files
+
+    @classmethod
+    def load(cls, spec_dirs=None, *, insecure: bool | None = None, max_size: int | None = None) -> Registry:
+        """Scan spec_dirs (default /etc/cdi, /var/run/cdi; later dirs win) and index every valid spec."""
+        registry = cls(tuple(DEFAULT_SPEC_DIRS if spec_dirs is None else spec_dirs))
+        require_trusted = os.geteuid() == 0 and not insecure_specs_allowed(insecure)
+        for spec_dir in registry.spec_dirs:
+            registry._load_dir(spec_dir, require_trusted, max_size)
+        return registry
+
+    def _load_dir(self, spec_dir: str, require_trusted: bool, max_size: int | None) -> None:
+        try:
+            dir_stat = os.stat(spec_dir)
+            with os.scandir(spec_dir) as entries:
+                names = sorted(e.name for e in entries if is_spec_file_name(e.name) and not e.is_dir())
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as error:
+            self.errors[spec_dir] = [f"{spec_dir}: cannot read spec dir: {error.strerror}"]
+            return
+        if require_trusted:
+            problem = untrusted_problem(dir_stat)
+            if problem:
+                self.errors[spec_dir] = [_refusal(spec_dir, "dir", problem)]
+                return
+        # name -> every (spec, device) defining it in this dir (one priority level)
+        level: dict[str, list[tuple[Spec, Device]]] = {}
+        for name in names:
+            result = load_spec_file(os.path.join(spec_dir, name), require_trusted=require_trusted,
+                                    max_size=max_size)
+            if result.spec is None:
+                self.errors[result.path] = result.errors
+                if result.kind:
+                    self.invalid_kinds.setdefault(result.kind, []).append(result.path)
+                continue
+            spec = result.spec
+            self.specs.append(spec)
+            for device in spec.devices:
+                level.setdefault(spec.qualified_name(device), []).append((spec, device))
+        for qualified, definitions in level.items():
+            if len(definitions) == 1:
+                self.devices[qualified] = definitions[0]
+                self.conflicts.pop(qualified, None)
+                continue
+            paths = tuple(spec.path for spec, _ in definitions)
+            for path in paths:
+                others = ", ".join(p for p in paths if p != path)
+                self.errors.setdefault(path, []).append(
+                    f"{path}: device {qualified} is also defined in {others} at the same priority; "
+                    "the device is unavailable until one definition is removed")
+            self.conflicts[qualified] = paths
+            self.devices.pop(qualified, None)
+
+    def resolve(self, names) -> Plan:
+        """The Plan for the requested qualified names (request order, repeats once).
+
+        Spec-level edits come once per spec, the first time one of its devices is met, then
+        the device's own. Any unknown name fails the whole request: ResolveError lists them all.
+        """
+        wanted = list(dict.fromkeys(names))
+        missing = [name for name in wanted if name not in self.devices]
+        if missing:
+            raise ResolveError(self._unresolved_message(missing))
+        parts: list[PlanPart] = []
+        specs_met: set[str] = set()
+        for name in wanted:
+            spec, device = self.devices[name]
+            if spec.path not in specs_met:
+                specs_met.add(spec.path)
+                if not spec.container_edits.is_empty():
+                    parts.append(PlanPart(f"{spec.kind} (spec-level)", spec.path, spec.container_edits))
+            parts.append(PlanPart(name, spec.path, device.container_edits))
+        return Plan(tuple(wanted), tuple(parts))
+
+    def _unresolved_message(self, missing: list[str]) -> str:
+        details = []
+        for name in missing:
+            if not is_qualified_name(name):
+                details.append(f"{quote(name)} is not a qualified name (vendor.com/class=name)")
+            elif name in self.conflicts:
+                details.append(f"{name} is defined twice at the same priority ({', '.join(self.conflicts[name])})")
+            else:
+                kind = name.split("=", 1)[0]
+                if kind in self.invalid_kinds:
+                    details.append(f"{name}: a spec for {kind} is invalid ({', '.join(self.invalid_kinds[kind])})")
+        message = (f"unresolvable CDI device{'s' if len(missing) > 1 else ''}: "
+                   f"{', '.join(quote(n) if not is_qualified_name(n) else n for n in missing)} "
+                   f"(spec dirs searched: {', '.join(self.spec_dirs) or 'none'})")
+        if details:
+            message += "; " + "; ".join(details)
+        if self.errors:
+            message += f"; {len(self.errors)} spec file(s) or dir(s) have errors: run `cdi-hook validate`"
+        return message
+
+    def all_errors(self) -> list[str]:
+        """Every error line, in scan order (dirs in priority order, files by name)."""
+        return [line for lines in self.errors.values() for line in lines]
+
+
+def resolve(names, spec_dirs=None) -> Plan:
+    """Load the spec dirs and resolve names in one go (the hook's usual call)."""
+    return Registry.load(spec_dirs).resolve(names)
+
+

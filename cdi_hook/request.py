@@ -1,0 +1,96 @@
+"""Which CDI devices a container asks for: `cdi.k8s.io/<key>` annotations, read and built.
+
+The value of each such annotation is a comma-separated list of qualified device names
+(vendor.com/class=name). On the hook's hot path, so it imports only names.py (`re`): no
+YAML, no registry, until a device is actually requested.
+"""
+
+from __future__ import annotations
+
+import re
+
+from cdi_hook.errors import CdiError
+from cdi_hook.spec.names import parse_qualified_name, quote
+
+ANNOTATION_PREFIX = "cdi.k8s.io/"
+MAX_KEY_NAME_LENGTH = 63
+_KEY_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?")
+
+
+def key_name_problem(name: str) -> str | None:
+    """Why name cannot follow the cdi.k8s.io/ prefix, or None."""
+    if len(name) > MAX_KEY_NAME_LENGTH:
+        return f"the part after {ANNOTATION_PREFIX} is longer than {MAX_KEY_NAME_LENGTH} characters"
+    if not _KEY_NAME.fullmatch(name):
+        return (f"the part after {ANNOTATION_PREFIX} must start and end with a letter or digit "
+                "and contain only letters, digits, '_', '.', '-'")
+    return None
+
+
+def parse_annotation(key: str, value) -> list[str]:
+    """The qualified names in one cdi.k8s.io/ annotation; CdiError naming the key if malformed."""
+    problem = key_name_problem(key[len(ANNOTATION_PREFIX):])
+    if problem:
+        raise CdiError(f"annotation {quote(key)}: {problem}")
+    if not isinstance(value, str):
+        raise CdiError(f"annotation {quote(key)}: value must be a string of device names")
+    names = []
+    for item in value.split(","):
+        item = item.strip()
+        try:
+            parse_qualified_name(item)
+        except CdiError as error:
+            raise CdiError(f"annotation {quote(key)}: {error}") from None
+        names.append(item)
+    return names
+
+
+def requested_devices(*annotation_maps) -> list[str]:
+    """Qualified names from every cdi.k8s.io/ annotation of the maps, in order, each once.
+
+    Maps may be None (a config.json without annotations). Other annotations are ignored.
+    """
+    names: dict[str, None] = {}
+    for annotations in annotation_maps:
+        if not annotations:
+            continue
+        if not isinstance(annotations, dict):
+            raise CdiError("annotations must be a mapping of strings")
+        for key, value in annotations.items():
+            if isinstance(key, str) and key.startswith(ANNOTATION_PREFIX):
+                for name in parse_annotation(key, value):
+                    names.setdefault(name, None)
+    return list(names)
+
+
+def annotation_key(plugin_name: str, device_id: str) -> str:
+    """cdi.k8s.io/<plugin>_<device id> as the reference library builds it ('/' becomes '_')."""
+    if not plugin_name:
+        raise CdiError("annotation key: empty plugin name")
+    if not device_id:
+        raise CdiError("annotation key: empty device id")
+    name = plugin_name + "_" + device_id.replace("/", "_")
+    problem = key_name_problem(name)
+    if problem:
+        raise CdiError(f"annotation key {quote(ANNOTATION_PREFIX + name)}: {problem}")
+    return ANNOTATION_PREFIX + name
+
+
+def annotation_value(devices) -> str:
+    """The comma-separated value for a list of qualified names (each checked)."""
+    devices = list(devices)
+    if not devices:
+        raise CdiError("annotation value: no devices")
+    for name in devices:
+        parse_qualified_name(name)
+    return ",".join(devices)
+
+
+def build_annotations(plugin_name: str, device_id: str, devices, annotations: dict | None = None) -> dict:
+    """annotations (copied) plus one cdi.k8s.io/ annotation requesting devices."""
+    key = annotation_key(plugin_name, device_id)
+    out = dict(annotations or {})
+    if key in out:
+        raise CdiError(f"annotation {quote(key)} is already set")
+    out[key] = annotation_value(devices)
+    return out

@@ -1,0 +1,104 @@
+"""CDI names: vendor, class, device name, kind (vendor/class), qualified name (kind=name).
+
+Pure and cheap to import (only `re`): the hook's hot path parses the requested names
+before it knows whether any spec needs loading. The patterns are the CDI ones; they are
+compiled once here and always used with fullmatch, so a trailing newline never slips by.
+"""
+
+from __future__ import annotations
+
+import re
+
+from cdi_hook.errors import CdiError
+
+VENDOR_PATTERN = re.compile(r"[A-Za-z](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?")
+CLASS_PATTERN = VENDOR_PATTERN
+DEVICE_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.:-]*[A-Za-z0-9])?")
+
+_QUOTE_LIMIT = 80
+
+
+def quote(text: object) -> str:
+    """text in double quotes on one line: control and non-ASCII characters escaped, long text cut.
+
+    Every message that echoes user input goes through here, so a hostile name can never
+    break the one-line error format.
+    """
+    text = str(text)
+    if len(text) > _QUOTE_LIMIT:
+        text = text[:_QUOTE_LIMIT] + "..."
+    escaped = text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def vendor_problem(vendor: str) -> str | None:
+    """Why vendor is not a valid CDI vendor name, or None when it is."""
+    if VENDOR_PATTERN.fullmatch(vendor):
+        return None
+    return (f"vendor {quote(vendor)} must start with a letter, end with a letter or digit, "
+            "and contain only letters, digits, '_', '.', '-'")
+
+
+def class_problem(device_class: str) -> str | None:
+    """Why device_class is not a valid CDI class name, or None when it is."""
+    if CLASS_PATTERN.fullmatch(device_class):
+        return None
+    return (f"class {quote(device_class)} must start with a letter, end with a letter or digit, "
+            "and contain only letters, digits, '_', '.', '-'")
+
+
+def device_name_problem(name: str) -> str | None:
+    """Why name is not a valid CDI device name, or None when it is."""
+    if DEVICE_PATTERN.fullmatch(name):
+        return None
+    return (f"device name {quote(name)} must start and end with a letter or digit "
+            "and contain only letters, digits, '_', '.', ':', '-'")
+
+
+def kind_problem(kind: str) -> str | None:
+    """Why kind is not a valid vendor/class, or None when it is."""
+    if kind.count("/") != 1:
+        return f"kind {quote(kind)} must be vendor/class with exactly one '/'"
+    vendor, device_class = kind.split("/")
+    return vendor_problem(vendor) or class_problem(device_class)
+
+
+def parse_kind(kind: str) -> tuple[str, str]:
+    """(vendor, class) of a kind; CdiError when malformed."""
+    problem = kind_problem(kind) if isinstance(kind, str) else "kind must be a string"
+    if problem:
+        raise CdiError(problem)
+    vendor, device_class = kind.split("/")
+    return vendor, device_class
+
+
+def parse_qualified_name(name: str) -> tuple[str, str, str]:
+    """(vendor, class, device name) of "vendor.com/class=name"; CdiError when malformed."""
+    if not isinstance(name, str):
+        raise CdiError(f"{quote(name)} is not a qualified CDI device name (vendor.com/class=name)")
+    kind, sep, device = name.partition("=")
+    problem = None
+    if not sep:
+        problem = "no '=' between kind and device name"
+    else:
+        problem = kind_problem(kind) or device_name_problem(device)
+    if problem:
+        raise CdiError(f"{quote(name)} is not a qualified CDI device name (vendor.com/class=name): {problem}")
+    vendor, device_class = kind.split("/")
+    return vendor, device_class, device
+
+
+def is_qualified_name(name: str) -> bool:
+    try:
+        parse_qualified_name(name)
+    except CdiError:
+        return False
+    return True
+
+
+def qualified_name(vendor: str, device_class: str, device: str) -> str:
+    """"vendor/class=device", checked; CdiError naming the bad part."""
+    problem = vendor_problem(vendor) or class_problem(device_class) or device_name_problem(device)
+    if problem:
+        raise CdiError(problem)
+    return f"{vendor}/{device_class}={device}"
