@@ -138,12 +138,22 @@ def detached_container(bundle: Path, *, runc: str = "runc", root: str | None = N
         subprocess.run(command + ["delete", "--force", cid], capture_output=True)
 
 
+class Cgroup2Namespace:
+    def __init__(self, holder_pid: int):
+        self.holder_pid = holder_pid
+        self.enter = ["nsenter", f"--target={holder_pid}", "--mount", f"--wd={REPO}", "--"]
+
+    def path(self, inside: str) -> str:
+        return f"/proc/{self.holder_pid}/root{inside}"
+
+
 @contextlib.contextmanager
 def cgroup2_namespace():
     """A private mount namespace with cgroup2 on /sys/fs/cgroup: runc there runs in v2 mode.
 
-    Yields the command prefix (nsenter) that runs a program inside it. The namespace lives
-    as long as its holder process; killing it at the end leaves no mount behind.
+    Yields a Cgroup2Namespace: `enter` prefixes a command to run it inside (nsenter), `path`
+    maps a path inside to the same file seen from here (through /proc/<holder>/root). The
+    namespace lives as long as its holder process; killing it at the end leaves no mount behind.
     """
     holder = subprocess.Popen(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",
@@ -152,7 +162,7 @@ def cgroup2_namespace():
     try:
         if holder.stdout.readline().strip() != "ready":
             raise RuntimeError("could not mount cgroup2 in a private mount namespace")
-        yield ["nsenter", f"--target={holder.pid}", "--mount", "--"]
+        yield Cgroup2Namespace(holder.pid)
     finally:
         holder.kill()
         holder.wait()
