@@ -34,7 +34,9 @@ def hook_entry(spec_dirs: list[str], stage: str = "createRuntime", extra_env: di
     env.update(extra_env or {})
     return {
         "path": PYTHON,
-        "args": [os.path.basename(PYTHON), "-I", "-m", "cdi_hook", "hook", "--stage", stage],
+        # argv[0] must be the full path: CPython finds its venv (pyvenv.cfg) from argv[0],
+        # and a bare "python3" resolves through PATH to the system interpreter, without cdi_hook.
+        "args": [PYTHON, "-I", "-m", "cdi_hook", "hook", "--stage", stage],
         "env": [f"{k}={v}" for k, v in env.items()],
         "timeout": 60,
     }
