@@ -25,7 +25,7 @@ Two modes, one at a time (installing one removes the other's files):
 
 Every file matches only containers with an annotation key matching ^cdi\\.k8s\\.io/ and
 runs the installed interpreter isolated (-I: no PYTHON* variables, no user site, no cwd on
-sys.path) with an explicit environment: PATH, plus CDI_SPEC_DIRS when it is set at install.
+sys.path; argv[0] is its full path too) with an explicit environment: PATH, plus CDI_SPEC_DIRS when it is set at install.
 """
 
 from __future__ import annotations
@@ -68,7 +68,9 @@ def _hook_env(spec_dirs: list[str] | None) -> list[str]:
 
 
 def _argv(python: str, *command: str) -> list[str]:
-    return [os.path.basename(python), "-I", "-m", "cdi_hook", *command]
+    # argv[0] is the full path, not "python3": CPython locates its venv (pyvenv.cfg) from
+    # argv[0], and a bare name resolves through PATH to the system interpreter instead.
+    return [python, "-I", "-m", "cdi_hook", *command]
 
 
 def live_hook_entry(stage: str, python: str, spec_dirs: list[str] | None) -> dict:

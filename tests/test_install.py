@@ -1,0 +1,135 @@
+"""cdi-hook install / uninstall into a temporary hooks dir, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cdi_hook import install
+from cdi_hook.cli import main
+from cdi_hook.errors import CdiError
+
+HOOK_FILES = sorted(install.HOOK_FILES.values())
+
+
+def files(d) -> list[str]:
+    return sorted(os.listdir(d))
+
+
+def test_hooks_dir_defaults_to_live_hook_mode(tmp_path, capsys):
+    assert main(["install", "--hooks-dir", str(tmp_path)]) == 0
+    assert files(tmp_path) == HOOK_FILES
+    definition = json.loads((tmp_path / "cdi-hook-createRuntime.json").read_text())
+    assert definition["hook"]["path"] == os.path.abspath(sys.executable)
+    assert os.access(definition["hook"]["path"], os.X_OK)
+    assert definition["stages"] == ["createRuntime"]
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path}/cdi-hook-createRuntime.json" in out and '"version": "1.0.0"' in out
+    assert oct((tmp_path / "cdi-hook-createRuntime.json").stat().st_mode & 0o777) == "0o644"
+
+
+def test_precreate_mode_replaces_hook_mode_and_back(tmp_path, capsys):
+    main(["install", "--hooks-dir", str(tmp_path), "--mode", "hook"])
+    main(["install", "--hooks-dir", str(tmp_path), "--mode", "precreate"])
+    assert files(tmp_path) == ["cdi-hook-precreate.json"]
+    assert json.loads((tmp_path / "cdi-hook-precreate.json").read_text())["stages"] == ["precreate"]
+    assert "removed" in capsys.readouterr().out
+    main(["install", "--hooks-dir", str(tmp_path), "--mode", "hook"])
+    assert files(tmp_path) == HOOK_FILES
+
+
+def test_reinstall_is_idempotent(tmp_path):
+    main(["install", "--hooks-dir", str(tmp_path)])
+    before = {n: (tmp_path / n).read_bytes() for n in files(tmp_path)}
+    main(["install", "--hooks-dir", str(tmp_path)])
+    assert {n: (tmp_path / n).read_bytes() for n in files(tmp_path)} == before
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys):
+    target = tmp_path / "hooks.d"
+    assert main(["install", "--hooks-dir", str(target), "--mode", "precreate", "--dry-run"]) == 0
+    assert not target.exists()
+    out = capsys.readouterr().out
+    assert f"would write {target}/cdi-hook-precreate.json" in out and '"precreate"' in out
+
+
+def test_dry_run_reports_removals_without_removing(tmp_path, capsys):
+    main(["install", "--hooks-dir", str(tmp_path), "--mode", "hook"])
+    capsys.readouterr()
+    main(["install", "--hooks-dir", str(tmp_path), "--mode", "precreate", "--dry-run"])
+    assert files(tmp_path) == HOOK_FILES
+    assert "would remove" in capsys.readouterr().out
+    main(["uninstall", "--hooks-dir", str(tmp_path), "--dry-run"])
+    assert files(tmp_path) == HOOK_FILES
+
+
+def test_podman_and_crio_targets(capsys, monkeypatch):
+    monkeypatch.delenv("CDI_SPEC_DIRS", raising=False)
+    main(["install", "--podman", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "would write /usr/share/containers/oci/hooks.d/cdi-hook-precreate.json" in out
+    main(["install", "--crio", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "would write /usr/share/containers/oci/hooks.d/cdi-hook-createRuntime.json" in out
+    assert "precreate.json:" not in out
+
+
+def test_spec_dirs_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDI_SPEC_DIRS", "/etc/cdi:/srv/cdi")
+    main(["install", "--hooks-dir", str(tmp_path), "--mode", "precreate"])
+    env = json.loads((tmp_path / "cdi-hook-precreate.json").read_text())["hook"]["env"]
+    assert env == ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "CDI_SPEC_DIRS=/etc/cdi:/srv/cdi"]
+    monkeypatch.delenv("CDI_SPEC_DIRS")
+    main(["install", "--hooks-dir", str(tmp_path), "--mode", "precreate"])
+    env = json.loads((tmp_path / "cdi-hook-precreate.json").read_text())["hook"]["env"]
+    assert env == ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+
+
+def test_uninstall_removes_exactly_our_files(tmp_path, capsys):
+    (tmp_path / "other-hook.json").write_text('{"version": "1.0.0"}')
+    main(["install", "--hooks-dir", str(tmp_path)])
+    assert main(["uninstall", "--hooks-dir", str(tmp_path)]) == 0
+    assert files(tmp_path) == ["other-hook.json"]
+    assert capsys.readouterr().out.count("removed") == len(HOOK_FILES)
+    main(["uninstall", "--hooks-dir", str(tmp_path)])
+    assert "nothing of cdi-hook's" in capsys.readouterr().out
+
+
+def test_foreign_file_with_our_name_is_never_touched(tmp_path, capsys):
+    foreign = tmp_path / "cdi-hook-precreate.json"
+    foreign.write_text('{"version": "1.0.0", "hook": {"path": "/usr/bin/someone-else"}}')
+    # install of the other mode leaves it; uninstall leaves it
+    main(["install", "--hooks-dir", str(tmp_path), "--mode", "hook"])
+    main(["uninstall", "--hooks-dir", str(tmp_path)])
+    assert files(tmp_path) == ["cdi-hook-precreate.json"]
+    assert "left" in capsys.readouterr().out
+    # install of the same mode refuses to replace it, with a one-line error
+    assert main(["install", "--hooks-dir", str(tmp_path), "--mode", "precreate"]) == 1
+    err = capsys.readouterr().err
+    assert "not written by cdi-hook" in err and err.count("\n") == 1
+    assert "someone-else" in foreign.read_text()
+
+
+def test_interpreter_that_cannot_import_us_is_refused(tmp_path):
+    python = "/usr/bin/python3"
+    probe = subprocess.run([python, "-I", "-c", "import cdi_hook"], capture_output=True, cwd="/")
+    if probe.returncode == 0:
+        pytest.skip("cdi_hook is installed system-wide; cannot test the refusal")  # not a missing prerequisite
+    with pytest.raises(CdiError, match="cannot import cdi_hook"):
+        install.install(str(tmp_path), "hook", python=python)
+    assert files(tmp_path) == []
+
+
+def test_installed_hook_command_runs_isolated(tmp_path):
+    """The exact argv and env of the installed file start our CLI from any cwd."""
+    main(["install", "--hooks-dir", str(tmp_path), "--mode", "precreate"])
+    hook = json.loads((tmp_path / "cdi-hook-precreate.json").read_text())["hook"]
+    argv = [hook["args"][0], *hook["args"][1:-1], "--help"]  # "precreate" -> "--help"
+    env = dict(e.split("=", 1) for e in hook["env"])
+    result = subprocess.run(argv, executable=hook["path"], env=env, cwd="/", capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "precreate" in result.stdout
