@@ -381,12 +381,13 @@ def _unique(names) -> list[str]:
 def add_hook_request(config: dict, names: list[str], spec_dirs) -> dict:
     """A copy of config that asks the live hook for names: the annotation plus hook entries."""
     from cdi_hook.install import LIVE_HOOK_STAGES, live_hook_entry
+    from cdi_hook.request import annotation_value
 
     edited = copy.deepcopy(config)
     annotations = _object(edited, "annotations", "annotations")
     current = annotations.get(INJECT_ANNOTATION, "")
     listed = [n.strip() for n in current.split(",") if n.strip()] if isinstance(current, str) else []
-    annotations[INJECT_ANNOTATION] = ",".join(_unique(listed + names))
+    annotations[INJECT_ANNOTATION] = annotation_value(_unique(listed + names))
     hooks = _object(edited, "hooks", "hooks")
     for stage in LIVE_HOOK_STAGES:
         entry = live_hook_entry(stage, sys.executable, spec_dirs)
