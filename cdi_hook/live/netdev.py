@@ -261,6 +261,12 @@ def _move_one(host, inner, netns_fd: int, origin: str, device: NetDevice, state:
         before = {link["index"] for link in inner.link("dump")}
         host.link("set", index=state.index, net_ns_fd=netns_fd, ifname=cname)
     except Exception as error:
+        # The kernel moves first and renames second: a failed rename leaves the interface
+        # in the container under its host name. Then it counts as moved, so it is undone.
+        if _find_link(host, state.name) is None:
+            stranded = _find_link(inner, state.name)
+            if stranded is not None:
+                moved.append(_Moved(origin, state, stranded["index"]))
         if _is_errno(error, errno.EEXIST):
             raise HookError(STEP, origin, f"an interface named '{cname}' already exists in the container") from None
         raise HookError(STEP, origin, f"moving '{state.name}' into the container as '{cname}': {_why(error)}") from None
@@ -364,12 +370,10 @@ def return_to_host(state: dict, config: dict, items: list[tuple[str, NetDevice]]
     notes, failures = [], []
     host_fd = _open_namespace("/proc/self/ns/net")
     try:
-        with IPRoute(netns=netns_fd, flags=0) as inner:
+        with IPRoute() as host, IPRoute(netns=netns_fd, flags=0) as inner:
             for origin, device in items:
-                ok, note = _return_one(inner, host_fd, device)
+                ok, note = _return_one(host, inner, host_fd, netns_fd, device)
                 (notes if ok else failures).append(f"{origin}: {note}")
-    except HookError:
-        raise
     except Exception as error:
         failures.append(f"cannot reach {where}: {_why(error)}")
     finally:
@@ -382,7 +386,7 @@ def return_to_host(state: dict, config: dict, items: list[tuple[str, NetDevice]]
     return notes
 
 
-def _return_one(inner, host_fd: int, device: NetDevice) -> tuple[bool, str]:
+def _return_one(host, inner, host_fd: int, netns_fd: int, device: NetDevice) -> tuple[bool, str]:
     hname, cname = device.host_interface_name, container_name(device)
     if is_name_template(cname):
         return False, (f"'{hname}' was named by the kernel from the template '{cname}' and cannot be "
@@ -391,10 +395,28 @@ def _return_one(inner, host_fd: int, device: NetDevice) -> tuple[bool, str]:
         link = _find_link(inner, cname)
         if link is None:
             return True, f"'{cname}' is no longer in the container's namespace; nothing to return"
+        if _find_link(host, hname) is not None:
+            return False, f"'{cname}' cannot return: the host already has an interface named '{hname}'"
         inner.link("set", index=link["index"], state="down")
         inner.link("set", index=link["index"], net_ns_fd=host_fd, ifname=hname)
     except Exception as error:
+        stranded = _strand_back(host, inner, netns_fd, cname)
         if _is_errno(error, errno.EEXIST):
-            return False, f"'{cname}' cannot return: the host already has an interface named '{hname}'"
-        return False, f"'{cname}' cannot return as '{hname}': {_why(error)}"
+            return False, f"'{cname}' cannot return: the host already has an interface named '{hname}'{stranded}"
+        return False, f"'{cname}' cannot return as '{hname}': {_why(error)}{stranded}"
     return True, f"'{cname}' returned to the host as '{hname}' (down, without addresses)"
+
+
+def _strand_back(host, inner, netns_fd: int, cname: str) -> str:
+    """A move whose rename failed leaves the interface on the host under its container name:
+    send it back to the container's namespace rather than leave a stray name on the host."""
+    if _find_link(inner, cname) is not None:
+        return ""
+    link = _find_link(host, cname)
+    if link is None:
+        return ""
+    try:
+        host.link("set", index=link["index"], net_ns_fd=netns_fd)
+    except Exception as error:
+        return f" (it is on the host as '{cname}' now: {_why(error)})"
+    return ""
