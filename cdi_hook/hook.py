@@ -1,0 +1,165 @@
+"""`cdi-hook hook`: inject the requested CDI devices into a container the runtime is creating.
+
+Flow: OCI state -> config.json -> requested names (minus those a config.json editor already
+applied) -> plan -> at createRuntime/prestart: rootfs work in a worker inside the container's
+mount namespace (nodes, mounts, ld cache), device cgroup, network devices, RDT, then the
+spec's hooks for this stage; at other stages only the spec's hooks (and at poststop the
+network devices go home). Any failure undoes the rootfs work and exits non-zero with one line.
+
+Imports are lazy: a container that asks for no device costs a JSON parse and nothing more.
+"""
+
+from __future__ import annotations
+
+from cdi_hook.errors import CdiError, HookError
+
+INJECTION_STAGES = ("createRuntime", "prestart")
+APPLIED_ANNOTATION = "io.github.cdi-hook.applied"
+
+
+def run(stage: str, spec_dirs: list[str] | None, stdin) -> int:
+    from cdi_hook import oci
+
+    state = oci.parse_state(stdin.read(oci.MAX_STATE_SIZE + 1))
+    config = oci.read_config(state.bundle)
+    names = devices_to_apply(state, config)
+    if not names:
+        return 0
+
+    from cdi_hook.log import ContainerLog
+
+    log = ContainerLog(state.id, stage, names)
+    try:
+        from cdi_hook import registry
+
+        plan = registry.resolve(names, spec_dirs)
+        apply_plan(stage, plan, state, config, log)
+    except CdiError as error:
+        log.finish(error=str(error))
+        raise
+    log.finish()
+    return 0
+
+
+def devices_to_apply(state, config) -> list[str]:
+    """Requested names from the state's and config.json's annotations, minus already applied ones."""
+    annotation_maps = (state.annotations, config.annotations)
+    if not any(key.startswith("cdi.k8s.io/") for m in annotation_maps for key in m):
+        return []
+    from cdi_hook.request import requested_devices
+
+    applied = {name.strip() for m in annotation_maps for name in m.get(APPLIED_ANNOTATION, "").split(",")}
+    return [name for name in requested_devices(*annotation_maps) if name not in applied]
+
+
+def apply_plan(stage: str, plan, state, config, log) -> None:
+    from cdi_hook.live import spechooks
+
+    stage_hooks = spechooks.hooks_for_stage(plan.each("hooks"), stage)
+    if stage not in INJECTION_STAGES:
+        if stage == "poststop":
+            net_devices = list(plan.each("net_devices"))
+            if net_devices:
+                _netdev().return_to_host(state, config, net_devices)
+        spechooks.run_hooks(stage_hooks, state.raw)
+        return
+
+    if not state.pid:
+        raise CdiError(f"OCI state on stdin: pid: missing, needed at {stage} to reach the container")
+    _warn_unapplicable(plan, log)
+    node_jobs = _node_jobs(plan, config)
+    worker = _start_rootfs_work(state.pid, config, node_jobs, plan, log)
+    committed = False
+    try:
+        _allow_devices(state.pid, node_jobs)
+        net_devices = list(plan.each("net_devices"))
+        if net_devices:
+            _netdev().move_into_container(state.pid, net_devices)
+        for origin, rdt in _rdt_parts(plan):
+            _rdt().apply(state.pid, origin, rdt)
+        spechooks.run_hooks(stage_hooks, state.raw)
+        committed = True
+    finally:
+        if worker is not None:
+            for problem in worker.finish(commit=committed):
+                log.warning(f"undo: {problem}")
+
+
+def _node_jobs(plan, config):
+    from cdi_hook.hostdev import complete_node
+    from cdi_hook.live.devices import NodeJob, default_owner
+
+    jobs = []
+    for origin, node in plan.each("device_nodes"):
+        node = complete_node(node, origin)
+        uid, gid = default_owner(config.process_uid, config.process_gid, node)
+        jobs.append(NodeJob(origin, node, uid, gid))
+    return jobs
+
+
+def _start_rootfs_work(pid: int, config, node_jobs, plan, log):
+    from cdi_hook.live import mounts
+
+    mount_jobs = []
+    for origin, mount in plan.each("mounts"):
+        options = mounts.parse_options(mount)
+        if options.ignored:
+            log.warning(f"{origin}: mount {mount.container_path}: options {','.join(options.ignored)} "
+                        "mean nothing for a bind mount; ignored")
+        mount_jobs.append(mounts.MountJob(origin, mount, options))
+    if not node_jobs and not mount_jobs:
+        return None
+    from cdi_hook.live import worker
+
+    work = worker.RootfsWork(config.rootfs, node_jobs, mount_jobs, by_bind_mount=config.user_namespace)
+    handle = worker.start(pid, work)
+    report = handle.wait_report()
+    for note in report.get("notes", []):
+        log.note(note)
+    return handle
+
+
+def _allow_devices(pid: int, node_jobs) -> None:
+    rules_by_origin = [(job.origin, job.node) for job in node_jobs if job.node.type in ("b", "c", "u")]
+    if not rules_by_origin:
+        return
+    try:
+        from cdi_hook.live import cgroups
+    except ImportError:
+        raise HookError("device cgroup", rules_by_origin[0][0],
+                        "this cdi-hook has no cgroup support (cdi_hook.live.cgroups missing)") from None
+    rules = [cgroups.DeviceRule("c" if node.type == "u" else node.type, node.major, node.minor,
+                                node.permissions or "rwm") for _, node in rules_by_origin]
+    cgroups.allow_devices(pid, rules)
+
+
+def _warn_unapplicable(plan, log) -> None:
+    """env and additionalGids belong to config.json; a live hook is too late for them."""
+    for field, what in (("env", "environment variables"), ("additional_gids", "additional GIDs")):
+        by_origin: dict[str, list[str]] = {}
+        for origin, item in plan.each(field):
+            by_origin.setdefault(origin, []).append(str(item).split("=", 1)[0])
+        for origin, items in by_origin.items():
+            log.warning(f"{origin}: {what} {', '.join(items)} cannot be applied by a live hook; "
+                        "use `cdi-hook precreate` or `cdi-hook inject --mode edits` for them")
+
+
+def _rdt_parts(plan):
+    return [(part.origin, part.edits.intel_rdt) for part in plan.parts if part.edits.intel_rdt is not None]
+
+
+def _netdev():
+    try:
+        from cdi_hook.live import netdev
+    except ImportError:
+        raise HookError("network devices", "", "this cdi-hook has no netDevices support "
+                                               "(cdi_hook.live.netdev missing)") from None
+    return netdev
+
+
+def _rdt():
+    try:
+        from cdi_hook.live import rdt
+    except ImportError:
+        raise HookError("intelRdt", "", "this cdi-hook has no intelRdt support (cdi_hook.live.rdt missing)") from None
+    return rdt

@@ -1,0 +1,169 @@
+"""Make mounted host libraries known to the container's dynamic loader.
+
+Which libraries: host *files* mounted into the container whose name is a shared library
+(`*.so` or `*.so.N[.M...]`). Directories mounted are not searched: they can be large, and
+CDI specs (NVIDIA's among them) list each library as its own file mount; a spec that wants
+a whole folder on the search path can say so with its own hook.
+
+How: a conf file etc/ld.so.conf.d/00-cdi-hook.conf (00: ahead of the image's own folders)
+lists the container-side folders, written through an fd of the in-root resolved directory
+and refusing a symlink as the file itself; then the host's ldconfig (static on glibc
+distributions, opened on the host before entering the container) runs chrooted into the
+rootfs fd, so /etc, ld.so.conf.d and ld.so.cache resolve inside the rootfs whatever symlinks
+the image holds. It runs with an empty environment, no_new_privs, a bounding set of only the
+file capabilities it needs, CPU and memory limits, and -X (no symlink updates, so a rw folder
+mounted from the host is never written to).
+A rootfs without etc/ld.so.conf and etc/ld.so.cache (no /etc, musl, distroless) has no glibc
+loader cache to update: skipped with a note, not an error.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import resource
+import select
+import time
+
+from cdi_hook.errors import HookError
+from cdi_hook.live.rootfs import Rootfs
+
+STEP = "ldconfig"
+CONF_DIR = "etc/ld.so.conf.d"
+CONF_NAME = "00-cdi-hook.conf"
+HOST_LDCONFIG = ("/sbin/ldconfig", "/usr/sbin/ldconfig")
+TIMEOUT_S = 30
+CPU_LIMIT_S = 20
+MEMORY_LIMIT = 1 << 30
+_LIBRARY_NAME = re.compile(r"^[^/]+\.so(\.[0-9]+)*$")
+
+
+def is_library_name(path: str) -> bool:
+    return bool(_LIBRARY_NAME.match(posixpath.basename(path)))
+
+
+def library_dirs(mounted_files: list[str]) -> list[str]:
+    """Container-side folders of mounted library files, first-seen order, no repeats."""
+    dirs: list[str] = []
+    for path in mounted_files:
+        if is_library_name(path):
+            folder = posixpath.normpath("/" + posixpath.dirname(path.lstrip("/")))
+            if folder not in dirs:
+                dirs.append(folder)
+    return dirs
+
+
+def open_host_ldconfig() -> int | None:
+    """Before setns: an fd of the host's ldconfig (None when the host has none)."""
+    for path in HOST_LDCONFIG:
+        try:
+            return os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue
+    return None
+
+
+def update(rootfs: Rootfs, dirs: list[str], ldconfig_fd: int | None, notes: list[str]) -> None:
+    if not dirs:
+        return
+    if not (_exists(rootfs, "etc/ld.so.conf") or _exists(rootfs, "etc/ld.so.cache")):
+        notes.append("ldconfig skipped: rootfs has no etc/ld.so.conf or etc/ld.so.cache (not glibc)")
+        return
+    if ldconfig_fd is None:
+        raise HookError(STEP, "", f"host has no ldconfig ({' or '.join(HOST_LDCONFIG)})")
+    _write_conf(rootfs, dirs)
+    status, output = _run_chrooted(rootfs.root_fd, ldconfig_fd, ["ldconfig", "-X"])
+    if status != "0":
+        raise HookError(STEP, "", f"{status}: {' '.join(output.split())[-2000:] or 'no output'}")
+
+
+def _exists(rootfs: Rootfs, path: str) -> bool:
+    try:
+        os.close(rootfs.open_path(path))
+        return True
+    except OSError:
+        return False
+
+
+def _write_conf(rootfs: Rootfs, dirs: list[str]) -> None:
+    text = "# written by cdi-hook: host libraries mounted by CDI devices\n" + "".join(d + "\n" for d in dirs)
+    try:
+        dir_fd = rootfs.open_dir(CONF_DIR)
+    except OSError as error:
+        raise HookError(STEP, "", f"{CONF_DIR} in the rootfs: {error.strerror}") from None
+    try:
+        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(CONF_NAME, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
+            rootfs.remember(dir_fd, CONF_NAME, is_dir=False)
+        except FileExistsError:
+            fd = os.open(CONF_NAME, flags | os.O_TRUNC, dir_fd=dir_fd)  # ELOOP for a symlink
+        with os.fdopen(fd, "w") as conf:
+            conf.write(text)
+    except OSError as error:
+        raise HookError(STEP, "", f"{CONF_DIR}/{CONF_NAME} in the rootfs: {error.strerror}") from None
+    finally:
+        os.close(dir_fd)
+
+
+def _run_chrooted(root_fd: int, program_fd: int, argv: list[str]) -> tuple[str, str]:
+    """Run program chrooted into root_fd, confined; ("0" or how it ended, its output)."""
+    import prctl  # imported here: after chroot the module is out of reach
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # grandchild: never returns
+        try:
+            os.close(read_end)
+            os.dup2(write_end, 1)
+            os.dup2(write_end, 2)
+            null_read, null_write = os.pipe()
+            os.dup2(null_read, 0)
+            os.fchdir(root_fd)
+            os.chroot(".")
+            _confine(prctl)
+            os.closerange(3, program_fd)
+            os.closerange(program_fd + 1, 65536)
+            os.execve(program_fd, argv, {})
+        except BaseException as error:  # noqa: BLE001 - report whatever stops the exec
+            os.write(2, f"cannot run ldconfig: {error}\n".encode())
+        finally:
+            os._exit(127)
+    os.close(write_end)
+    output, status = _collect(pid, read_end)
+    return status, output.decode("utf-8", "replace")
+
+
+def _confine(prctl) -> None:
+    prctl.capbset.limit(prctl.CAP_DAC_OVERRIDE, prctl.CAP_DAC_READ_SEARCH, prctl.CAP_FOWNER)
+    prctl.set_no_new_privs(1)
+    resource.setrlimit(resource.RLIMIT_CPU, (CPU_LIMIT_S, CPU_LIMIT_S))
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _collect(pid: int, fd: int) -> tuple[bytes, str]:
+    """Output and end of a child, killing it after TIMEOUT_S."""
+    chunks = []
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                return b"".join(chunks), f"timed out after {TIMEOUT_S}s"
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                if sum(map(len, chunks)) < 1 << 20:
+                    chunks.append(chunk)
+    finally:
+        os.close(fd)
+    _, wait_status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(wait_status)
+    status = "0" if code == 0 else (f"exit status {code}" if code > 0 else f"killed by signal {-code}")
+    return b"".join(chunks), status

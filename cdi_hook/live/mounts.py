@@ -1,0 +1,180 @@
+"""The spec's mounts inside the container rootfs.
+
+Bind mounts (type "bind", or an empty type, or a "bind"/"rbind" option) use the new mount
+API: the host source is cloned with open_tree while the worker is still in the host's mount
+namespace, its flags (ro, nosuid, nodev, noexec, atime) are set on the detached clone with
+mount_setattr, so a read-only bind is never writable even for an instant, and it is attached
+with move_mount onto an fd of the mount point. Other types (tmpfs, ...) are mounted with
+mount(2) through /proc/self/fd/N of the mount point; options that are no flags go to the
+filesystem as data. Propagation options are applied last, to the new mount.
+
+Host sources are looked at with lstat first. A symlink is followed (as mount(2) and runc do):
+spec files are root-owned and trusted, and drivers ship libraries as symlink chains; the
+file-or-directory choice for the mount point is taken from the clone itself (fstat), so
+what is mounted is what was looked at. The mount point is created inside the rootfs
+(a directory for a directory source or a typed mount, an empty file otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+
+from cdi_hook.errors import HookError
+from cdi_hook.live import syscalls as sc
+from cdi_hook.live.rootfs import Rootfs, create_dir, create_empty_file
+from cdi_hook.spec.model import Mount
+
+STEP = "mount"
+
+# option -> (flag, on): the last option about a flag wins, as with mount(8)
+_FLAG_OPTIONS = {
+    "ro": ("rdonly", True), "rw": ("rdonly", False),
+    "nosuid": ("nosuid", True), "suid": ("nosuid", False),
+    "nodev": ("nodev", True), "dev": ("nodev", False),
+    "noexec": ("noexec", True), "exec": ("noexec", False),
+    "nodiratime": ("nodiratime", True), "diratime": ("nodiratime", False),
+    "sync": ("sync", True), "async": ("sync", False),
+    "dirsync": ("dirsync", True),
+}
+_ATIME_OPTIONS = {"relatime": sc.MOUNT_ATTR_RELATIME, "noatime": sc.MOUNT_ATTR_NOATIME,
+                  "strictatime": sc.MOUNT_ATTR_STRICTATIME}
+_ATTR = {"rdonly": sc.MOUNT_ATTR_RDONLY, "nosuid": sc.MOUNT_ATTR_NOSUID, "nodev": sc.MOUNT_ATTR_NODEV,
+         "noexec": sc.MOUNT_ATTR_NOEXEC, "nodiratime": sc.MOUNT_ATTR_NODIRATIME}
+_MS = {"rdonly": sc.MS_RDONLY, "nosuid": sc.MS_NOSUID, "nodev": sc.MS_NODEV, "noexec": sc.MS_NOEXEC,
+       "nodiratime": sc.MS_NODIRATIME, "sync": sc.MS_SYNCHRONOUS, "dirsync": sc.MS_DIRSYNC}
+_MS_ATIME = {sc.MOUNT_ATTR_RELATIME: sc.MS_RELATIME, sc.MOUNT_ATTR_NOATIME: sc.MS_NOATIME,
+             sc.MOUNT_ATTR_STRICTATIME: sc.MS_STRICTATIME}
+_PROPAGATION = {
+    "private": sc.MS_PRIVATE, "rprivate": sc.MS_PRIVATE | sc.MS_REC,
+    "shared": sc.MS_SHARED, "rshared": sc.MS_SHARED | sc.MS_REC,
+    "slave": sc.MS_SLAVE, "rslave": sc.MS_SLAVE | sc.MS_REC,
+    "unbindable": sc.MS_UNBINDABLE, "runbindable": sc.MS_UNBINDABLE | sc.MS_REC,
+}
+
+
+@dataclass
+class MountOptions:
+    bind: bool
+    recursive: bool = False
+    attr_set: int = 0  # mount_setattr, for bind mounts
+    attr_clr: int = 0
+    ms_flags: int = 0  # mount(2), for typed mounts
+    propagation: int = 0
+    data: list[str] = field(default_factory=list)  # typed mounts: handed to the filesystem
+    ignored: list[str] = field(default_factory=list)  # bind mounts: data options have no meaning
+
+
+def parse_options(mount: Mount) -> MountOptions:
+    opts = set(mount.options)
+    options = MountOptions(bind=mount.type in ("", "bind", "rbind") or bool({"bind", "rbind"} & opts),
+                           recursive=mount.type == "rbind" or "rbind" in opts)
+    flags: dict[str, bool] = {}
+    atime = None
+    for option in mount.options:
+        if option in ("bind", "rbind", "defaults"):
+            continue
+        if option in _FLAG_OPTIONS:
+            name, on = _FLAG_OPTIONS[option]
+            flags[name] = on
+        elif option in _ATIME_OPTIONS:
+            atime = _ATIME_OPTIONS[option]
+        elif option in _PROPAGATION:
+            options.propagation = _PROPAGATION[option]
+        elif options.bind:
+            options.ignored.append(option)
+        else:
+            options.data.append(option)
+    for name, on in flags.items():
+        if name in _ATTR:
+            if on:
+                options.attr_set |= _ATTR[name]
+            else:
+                options.attr_clr |= _ATTR[name]
+        if on:
+            options.ms_flags |= _MS[name]
+    if atime is not None:
+        options.attr_set |= atime
+        options.attr_clr |= sc.MOUNT_ATTR__ATIME
+        options.ms_flags |= _MS_ATIME[atime]
+    return options
+
+
+@dataclass
+class MountJob:
+    origin: str
+    mount: Mount
+    options: MountOptions
+    tree_fd: int | None = None  # detached clone of the host source (bind mounts)
+    source_is_dir: bool = True
+
+
+def clone_sources(jobs: list[MountJob]) -> None:
+    """Before setns: clone each bind source from the host's mount namespace, flags already set."""
+    for job in jobs:
+        if not job.options.bind:
+            continue
+        host = job.mount.host_path
+        try:
+            os.lstat(host)  # a clear "missing" before any mount call; a symlink is followed below
+            flags = sc.OPEN_TREE_CLONE | (sc.AT_RECURSIVE if job.options.recursive else 0)
+            job.tree_fd = sc.open_tree(-100, host, flags)
+            job.source_is_dir = stat.S_ISDIR(os.fstat(job.tree_fd).st_mode)
+            if job.options.attr_set or job.options.attr_clr:
+                sc.mount_setattr(job.tree_fd, job.options.attr_set, job.options.attr_clr,
+                                 recursive=job.options.recursive)
+        except OSError as error:
+            raise HookError(STEP, job.origin, f"host source {host}: {error.strerror}") from None
+
+
+def apply(rootfs: Rootfs, jobs: list[MountJob], mounted_fds: list[int]) -> None:
+    """Mount every job in the rootfs, parents before children; new mounts go to mounted_fds."""
+    for job in sorted(jobs, key=lambda j: _depth(j.mount.container_path)):
+        where = job.mount.container_path
+        try:
+            _apply_one(rootfs, job, mounted_fds)
+        except HookError:
+            raise
+        except OSError as error:
+            raise HookError(STEP, job.origin, f"{job.mount.host_path} on {where}: {error.strerror}") from None
+
+
+def _apply_one(rootfs: Rootfs, job: MountJob, mounted_fds: list[int]) -> None:
+    where = job.mount.container_path
+    want_dir = job.source_is_dir or not job.options.bind
+    target_fd, _ = rootfs.ensure(where, create_dir if want_dir else create_empty_file)
+    try:
+        is_dir = stat.S_ISDIR(os.fstat(target_fd).st_mode)
+        if is_dir != want_dir:
+            raise HookError(STEP, job.origin, f"{where}: mount point in the container is a "
+                                              f"{'directory' if is_dir else 'file'}, the source is not")
+        if job.options.bind:
+            sc.move_mount(job.tree_fd, target_fd)
+        else:
+            sc.mount(job.mount.host_path or job.mount.type, sc.fd_path(target_fd), job.mount.type,
+                     job.options.ms_flags, ",".join(job.options.data) or None)
+    finally:
+        os.close(target_fd)
+    mounted = rootfs.open_path(where)
+    mounted_fds.append(mounted)
+    if job.options.propagation:
+        sc.mount(None, sc.fd_path(mounted), None, job.options.propagation)
+
+
+def unmount_all(mounted_fds: list[int]) -> list[str]:
+    """Undo: detach every mount we made, newest first; returns the problems, never raises."""
+    problems = []
+    while mounted_fds:
+        fd = mounted_fds.pop()
+        try:
+            sc.umount2(sc.fd_path(fd), sc.MNT_DETACH)
+        except OSError as error:
+            problems.append(f"cannot unmount: {error.strerror}")
+        finally:
+            os.close(fd)
+    return problems
+
+
+def _depth(path: str) -> int:
+    return len([p for p in path.split("/") if p not in ("", ".")])

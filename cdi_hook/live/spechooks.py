@@ -1,0 +1,46 @@
+"""Run the spec's own hooks for the current stage, as a runtime would run them.
+
+Each hook gets exactly the environment its spec declares (nothing inherited, neither ours
+nor the container's), its declared args (args[0] is argv[0], as in OCI), its timeout and
+the OCI state on stdin. A failing hook fails the stage and its output is in the error.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+from cdi_hook.errors import HookError
+from cdi_hook.spec.model import Hook
+
+STEP = "spec hook"
+OUTPUT_LIMIT = 2000
+
+
+def hooks_for_stage(hooks, stage: str) -> list[tuple[str, Hook]]:
+    """(origin, hook) pairs whose hookName is stage, in plan order."""
+    return [(origin, hook) for origin, hook in hooks if hook.hook_name == stage]
+
+
+def run_hooks(hooks: list[tuple[str, Hook]], state: bytes) -> None:
+    for origin, hook in hooks:
+        run_hook(origin, hook, state)
+
+
+def run_hook(origin: str, hook: Hook, state: bytes) -> None:
+    argv = list(hook.args) or [hook.path]
+    env = dict(item.split("=", 1) if "=" in item else (item, "") for item in hook.env)
+    try:
+        result = subprocess.run(argv, executable=hook.path, env=env, input=state, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, timeout=hook.timeout or None, close_fds=True, cwd="/")
+    except subprocess.TimeoutExpired as expired:
+        raise HookError(STEP, origin, f"{hook.path} timed out after {hook.timeout}s: {_tail(expired.output)}") from None
+    except OSError as error:
+        raise HookError(STEP, origin, f"cannot run {hook.path}: {error.strerror}") from None
+    if result.returncode != 0:
+        how = f"exit status {result.returncode}" if result.returncode > 0 else f"signal {-result.returncode}"
+        raise HookError(STEP, origin, f"{hook.path} failed ({how}): {_tail(result.stdout)}")
+
+
+def _tail(output: bytes | None) -> str:
+    text = " ".join((output or b"").decode("utf-8", "replace").split())
+    return (text[-OUTPUT_LIMIT:] if text else "no output")

@@ -1,0 +1,155 @@
+"""The rootfs work, done in a forked child inside the container's mount namespace.
+
+The hook process itself never changes namespace: it forks a worker that clones host-side
+sources (device nodes, bind sources, the host's ldconfig) while still in the host's mount
+namespace, then setns()'s into /proc/<pid>/ns/mnt, opens the rootfs (the path as the
+container's namespace sees it: for runc at createRuntime/prestart the rootfs is not yet
+pivoted, so the bundle's rootfs path is right) and creates nodes, mounts and the loader
+cache there. It reports one JSON line on a pipe, then waits for the hook's verdict: commit
+keeps everything; anything else (a later step failed, the hook died) undoes what it made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from dataclasses import dataclass, field
+
+from cdi_hook.errors import CdiError, HookError
+from cdi_hook.live import devices, ldcache, mounts, syscalls
+from cdi_hook.live.rootfs import Rootfs
+
+
+@dataclass
+class RootfsWork:
+    rootfs: str
+    nodes: list[devices.NodeJob] = field(default_factory=list)
+    mounts: list[mounts.MountJob] = field(default_factory=list)
+    by_bind_mount: bool = False  # the container has a user namespace
+
+
+class Worker:
+    """The hook's handle on a running worker child."""
+
+    def __init__(self, pid: int, report_fd: int, verdict_fd: int):
+        self.pid = pid
+        self._report = os.fdopen(report_fd, "rb")
+        self._verdict_fd = verdict_fd
+
+    def wait_report(self) -> dict:
+        line = self._report.readline()
+        try:
+            report = json.loads(line)
+        except ValueError:
+            self._reap()
+            raise HookError("inject", "", "worker died without a report") from None
+        if not report.get("ok"):
+            self._reap()
+            raise CdiError(report.get("error") or "inject: worker failed without a message")
+        return report
+
+    def finish(self, commit: bool) -> list[str]:
+        """Tell the worker to keep (commit) or undo its work; returns undo problems."""
+        try:
+            os.write(self._verdict_fd, b"c" if commit else b"r")
+        except OSError:
+            pass
+        line = self._report.readline()
+        self._reap()
+        try:
+            return json.loads(line).get("problems", [])
+        except ValueError:
+            return [] if commit else ["worker died during undo"]
+
+    def _reap(self) -> None:
+        for fd_owner in (self._report,):
+            fd_owner.close()
+        try:
+            os.close(self._verdict_fd)
+        except OSError:
+            pass
+        os.waitpid(self.pid, 0)
+
+
+def start(container_pid: int, work: RootfsWork) -> Worker:
+    try:
+        ns_fd = os.open(f"/proc/{container_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        raise HookError("enter container", "", f"/proc/{container_pid}/ns/mnt: {error.strerror} "
+                                               "(is the container process running?)") from None
+    report_r, report_w = os.pipe()
+    verdict_r, verdict_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(report_r)
+            os.close(verdict_w)
+            code = _child(ns_fd, work, report_w, verdict_r)
+        finally:
+            os._exit(code)
+    os.close(ns_fd)
+    os.close(report_w)
+    os.close(verdict_r)
+    return Worker(pid, report_r, verdict_w)
+
+
+def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int:
+    mounted: list[int] = []
+    notes: list[str] = []
+    rootfs = None
+
+    def send(doc: dict) -> None:
+        os.write(report_fd, (json.dumps(doc) + "\n").encode())
+
+    def undo() -> list[str]:
+        problems = mounts.unmount_all(mounted)
+        if rootfs is not None:
+            problems += rootfs.undo()
+        return problems
+
+    try:
+        devices.clone_host_nodes(work.nodes)
+        mounts.clone_sources(work.mounts)
+        ldconfig_fd = ldcache.open_host_ldconfig()
+        try:
+            syscalls.setns(ns_fd, syscalls.CLONE_NEWNS)
+        except OSError as error:
+            raise HookError("enter container", "", f"setns into its mount namespace: {error.strerror}") from None
+        try:
+            rootfs = Rootfs.open(work.rootfs)
+        except OSError as error:
+            raise HookError("open rootfs", "", f"{work.rootfs}: {error.strerror}") from None
+        devices.create_nodes(rootfs, work.nodes, work.by_bind_mount, mounted, notes)
+        mounts.apply(rootfs, work.mounts, mounted)
+        mounted_files = [j.mount.container_path for j in work.mounts
+                         if j.options.bind and not j.source_is_dir]
+        ldcache.update(rootfs, ldcache.library_dirs(mounted_files), ldconfig_fd, notes)
+    except CdiError as error:
+        problems = undo()
+        send({"ok": False, "error": _one_line(str(error)) + _undo_note(problems)})
+        return 1
+    except BaseException as error:  # noqa: BLE001 - a bug must still undo and report, not hang the hook
+        problems = undo()
+        send({"ok": False, "error": f"inject: internal error: {error!r} at "
+              f"{traceback.extract_tb(error.__traceback__)[-1].name}" + _undo_note(problems)})
+        return 1
+    send({"ok": True, "notes": notes})
+    verdict = os.read(verdict_fd, 1)
+    if verdict == b"c":
+        for fd in mounted:
+            os.close(fd)
+        rootfs.forget()
+        send({"ok": True, "problems": []})
+        return 0
+    send({"ok": True, "problems": undo()})
+    return 0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _undo_note(problems: list[str]) -> str:
+    return f" (undo incomplete: {'; '.join(problems)})" if problems else ""

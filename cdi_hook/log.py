@@ -1,0 +1,79 @@
+"""Logging for the hook: one JSON line per container, errors and warnings on stderr.
+
+The hook collects what it did in a ContainerLog and writes it once, at the end, through
+structlog to $CDI_HOOK_LOG (default /var/log/cdi-hook.log). structlog is imported only at
+that moment, and only when the line will be written at the configured level
+($CDI_HOOK_LOG_LEVEL, default info), so a container that asks for no device pays nothing.
+With level debug the line also carries the step-by-step notes. A log file that cannot be
+written never fails a container: one warning on stderr instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+DEFAULT_LOG_FILE = "/var/log/cdi-hook.log"
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+
+def configured_level() -> int:
+    return LEVELS.get(os.environ.get("CDI_HOOK_LOG_LEVEL", "info").strip().lower(), LEVELS["info"])
+
+
+def warn(message: str) -> None:
+    print(f"cdi-hook: warning: {message}", file=sys.stderr)
+
+
+class ContainerLog:
+    """What the hook did for one container at one stage; finish() writes it as one line."""
+
+    def __init__(self, container_id: str, stage: str, devices: list[str]):
+        self.started = time.monotonic()
+        self.fields: dict = {"container": container_id, "stage": stage, "devices": devices}
+        self.warnings: list[str] = []
+        self.notes: list[str] = []
+
+    def warning(self, message: str) -> None:
+        """A warning shown on stderr now and kept for the log line."""
+        warn(message)
+        self.warnings.append(message)
+
+    def note(self, message: str) -> None:
+        """Step detail, logged only at debug level."""
+        self.notes.append(message)
+
+    def finish(self, error: str | None = None) -> None:
+        level = "error" if error else ("warning" if self.warnings else "info")
+        if LEVELS[level] < configured_level():
+            return
+        fields = dict(self.fields, duration_ms=round((time.monotonic() - self.started) * 1000, 1))
+        if self.warnings:
+            fields["warnings"] = self.warnings
+        if error:
+            fields["error"] = error
+        if configured_level() <= LEVELS["debug"] and self.notes:
+            fields["notes"] = self.notes
+        _write(level, "cdi-hook injected" if not error else "cdi-hook failed", fields)
+
+
+def _write(level: str, event: str, fields: dict) -> None:
+    path = os.environ.get("CDI_HOOK_LOG") or DEFAULT_LOG_FILE
+    try:
+        log_file = open(path, "a", encoding="utf-8")
+    except OSError as error:
+        warn(f"cannot open log file {path}: {error.strerror}")
+        return
+    import structlog
+
+    with log_file:
+        logger = structlog.wrap_logger(
+            structlog.WriteLogger(log_file),
+            processors=[
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                structlog.processors.JSONRenderer(sort_keys=False),
+            ],
+        )
+        getattr(logger, level)(event, **fields)

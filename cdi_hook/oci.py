@@ -1,0 +1,167 @@
+"""The OCI state a runtime hands a hook on stdin, and the bundle's config.json (read side).
+
+Only what the hook needs is extracted, each piece validated, every problem a CdiError
+naming the field. Unknown keys are accepted: runtimes add their own (crun adds `root`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from cdi_hook.errors import CdiError
+
+MAX_STATE_SIZE = 1 << 20
+MAX_CONFIG_SIZE = 16 << 20
+
+
+@dataclass(frozen=True)
+class State:
+    id: str
+    bundle: str
+    pid: int | None = None  # absent (or 0) once the container is gone, e.g. at poststop
+    status: str = ""
+    annotations: dict[str, str] = field(default_factory=dict)
+    root: str | None = None  # crun's extra key: the rootfs path
+    raw: bytes = b""  # exactly what came on stdin, handed on to the spec's hooks
+
+
+@dataclass(frozen=True)
+class IdMapping:
+    container_id: int
+    host_id: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    rootfs: str  # absolute
+    annotations: dict[str, str] = field(default_factory=dict)
+    user_namespace: bool = False
+    uid_mappings: tuple[IdMapping, ...] = ()
+    gid_mappings: tuple[IdMapping, ...] = ()
+    process_uid: int = 0
+    process_gid: int = 0
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+def parse_state(data: bytes) -> State:
+    if len(data) > MAX_STATE_SIZE:
+        raise CdiError(f"OCI state on stdin: larger than {MAX_STATE_SIZE} bytes")
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CdiError(f"OCI state on stdin: not valid JSON ({error})") from None
+    if not isinstance(doc, dict):
+        raise CdiError("OCI state on stdin: not a JSON object")
+    where = "OCI state on stdin"
+    container_id = _string(doc, "id", where, required=True)
+    bundle = _string(doc, "bundle", where, required=True)
+    if not os.path.isabs(bundle):
+        raise CdiError(f"{where}: bundle: must be an absolute path, got {bundle!r}")
+    pid = doc.get("pid")
+    if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool) or pid < 0):
+        raise CdiError(f"{where}: pid: must be a non-negative integer, got {pid!r}")
+    return State(
+        id=container_id,
+        bundle=bundle,
+        pid=pid or None,
+        status=_string(doc, "status", where) or "",
+        annotations=_annotations(doc, where),
+        root=_string(doc, "root", where),
+        raw=bytes(data),
+    )
+
+
+def read_config(bundle: str) -> Config:
+    path = os.path.join(bundle, "config.json")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_SIZE + 1)
+    except OSError as error:
+        raise CdiError(f"{path}: cannot read: {error.strerror}") from None
+    if len(data) > MAX_CONFIG_SIZE:
+        raise CdiError(f"{path}: larger than {MAX_CONFIG_SIZE} bytes")
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CdiError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(doc, dict):
+        raise CdiError(f"{path}: not a JSON object")
+    return parse_config(doc, bundle, path)
+
+
+def parse_config(doc: dict, bundle: str, path: str) -> Config:
+    root = doc.get("root")
+    if not isinstance(root, dict):
+        raise CdiError(f"{path}: root: missing or not an object")
+    rootfs = _string(root, "path", f"{path}: root", required=True)
+    rootfs = os.path.normpath(os.path.join(bundle, rootfs))
+    linux = _object(doc, "linux", path)
+    namespaces = linux.get("namespaces", [])
+    if not isinstance(namespaces, list) or not all(isinstance(n, dict) for n in namespaces):
+        raise CdiError(f"{path}: linux.namespaces: must be a list of objects")
+    user = _object(_object(doc, "process", path), "user", f"{path}: process")
+    return Config(
+        path=path,
+        rootfs=rootfs,
+        annotations=_annotations(doc, path),
+        user_namespace=any(n.get("type") == "user" for n in namespaces),
+        uid_mappings=_mappings(linux, "uidMappings", path),
+        gid_mappings=_mappings(linux, "gidMappings", path),
+        process_uid=_uint(user, "uid", f"{path}: process.user"),
+        process_gid=_uint(user, "gid", f"{path}: process.user"),
+        raw=doc,
+    )
+
+
+def _string(doc: dict, key: str, where: str, required: bool = False) -> str | None:
+    value = doc.get(key)
+    if value is None:
+        if required:
+            raise CdiError(f"{where}: {key}: missing")
+        return None
+    if not isinstance(value, str) or (required and not value):
+        raise CdiError(f"{where}: {key}: must be a non-empty string, got {value!r}")
+    return value
+
+
+def _object(doc: dict, key: str, where: str) -> dict:
+    value = doc.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CdiError(f"{where}: {key}: must be an object")
+    return value
+
+
+def _uint(doc: dict, key: str, where: str) -> int:
+    value = doc.get(key, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise CdiError(f"{where}: {key}: must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _annotations(doc: dict, where: str) -> dict[str, str]:
+    value = doc.get("annotations")
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise CdiError(f"{where}: annotations: must be an object of strings")
+    return value
+
+
+def _mappings(linux: dict, key: str, path: str) -> tuple[IdMapping, ...]:
+    value = linux.get(key, [])
+    if not isinstance(value, list):
+        raise CdiError(f"{path}: linux.{key}: must be a list")
+    mappings = []
+    for i, item in enumerate(value):
+        where = f"{path}: linux.{key}[{i}]"
+        if not isinstance(item, dict):
+            raise CdiError(f"{where}: must be an object")
+        mappings.append(IdMapping(_uint(item, "containerID", where), _uint(item, "hostID", where),
+                                  _uint(item, "size", where)))
+    return tuple(mappings)
