@@ -162,6 +162,8 @@ def test_programs_using_helpers_or_maps_are_refused():
     assert bpf.reloadable_problem(RUNC_LIKE) is None
     assert "helper" in bpf.reloadable_problem(RUNC_LIKE[:2] + [Insn(0x85, imm=14)] + RUNC_LIKE[2:])
     assert "map" in bpf.reloadable_problem([Insn(0x18, R1, src=1, imm=5), Insn(0)] + RUNC_LIKE)
+    blinded = [Insn(0xB4, 11, imm=7)] + RUNC_LIKE  # BPF_REG_AX only appears after constant blinding
+    assert "blinding" in bpf.reloadable_problem(blinded)
 
 
 # --- the kernel -------------------------------------------------------------------------

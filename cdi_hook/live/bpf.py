@@ -185,6 +185,9 @@ def reloadable_problem(insns: Sequence[Insn]) -> str | None:
             return f"the attached program calls a BPF helper or function (instruction {index})"
         if insn.code == LD_IMM64 and insn.src != 0:
             return f"the attached program uses a BPF map (instruction {index})"
+        if insn.dst > 10 or insn.src > 10:
+            return (f"the kernel rewrote the attached program (constant blinding, instruction {index}); "
+                    "is net.core.bpf_jit_harden 2?")
     return None
 
 
