@@ -14,12 +14,14 @@ import ctypes
 import json
 import os
 import pickle
+import re
 import subprocess
+import sys
 import uuid
 
 import pytest
 from conftest import require, require_program
-from oci_env import detached_container, make_bundle
+from oci_env import REPO, detached_container, make_bundle
 
 from cdi_hook.errors import HookError
 from cdi_hook.live import netdev
@@ -286,8 +288,22 @@ def test_interface_name_rules(name, problem):
 
 
 def test_no_items_does_nothing_and_imports_nothing():
-    netdev.move_into_container(1, [])
-    assert netdev.return_to_host({}, {}, []) == []
+    # pyroute2 is heavy: a hook run for a spec without network devices must not load it
+    code = ("import sys; from cdi_hook.live import netdev; netdev.move_into_container(1, []); "
+            "assert netdev.return_to_host({}, {}, []) == []; assert 'pyroute2' not in sys.modules")
+    result = subprocess.run([sys.executable, "-I", "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_name_template_lets_the_kernel_choose(runc, tmp_path, runtime_ns):
+    end, _ = veth_pair(runtime_ns)
+    items = [(ORIGIN, NetDevice(end, "lo%d"))]  # "lo" exists inside; a template may still be used
+    with detached_container(container_bundle(tmp_path)) as container:
+        in_netns(runtime_ns, netdev.move_into_container, container.pid, items)
+        assert re.search(r"^\d+: lo0[@:]", container.exec(["ip", "link"]).stdout, re.M)
+        state = {"pid": container.pid, "status": "running"}
+        with pytest.raises(ChildError, match="named by the kernel from the template 'lo%d'"):
+            in_netns(runtime_ns, netdev.return_to_host, state, {"linux": {"namespaces": DEFAULT_NAMESPACES}}, items)
 
 
 def _move_without_prechecks(container_pid, items):
