@@ -326,3 +326,18 @@ def test_rename_refused_after_move_is_undone(runc, tmp_path, runtime_ns):
         assert end not in container.exec(["ip", "link"]).stdout
     shown = ip("addr", "show", end, netns=runtime_ns)
     assert "inet 192.0.2.65/24" in shown and "UP" in shown.split(">")[0]
+
+
+def test_container_netns_accepts_oci_objects(tmp_path, netns):
+    from cdi_hook import oci
+
+    persistent = netns()
+    state = oci.State(id="x", bundle=str(tmp_path), pid=None, status="stopped")
+    config = oci.Config(path="", rootfs="", raw={"linux": {"namespaces": [
+        {"type": "network", "path": f"/run/netns/{persistent}"}]}})
+    fd, where = netdev.container_netns(state, config)
+    assert fd is not None and where == f"/run/netns/{persistent}"
+    os.close(fd)
+    fd, where = netdev.container_netns(state, oci.Config(path="", rootfs="", raw={"linux": {"namespaces": [
+        {"type": "network"}]}}))
+    assert fd is None and "ended with its processes" in where

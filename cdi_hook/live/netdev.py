@@ -318,7 +318,7 @@ def _move_back(host, inner, moved: list[_Moved]) -> str:
 # --- poststop --------------------------------------------------------------------------
 
 
-def container_netns(state: dict, config: dict) -> tuple[int | None, str]:
+def container_netns(state, config) -> tuple[int | None, str]:
     """An open fd on the container's network namespace, or None and why there is none.
 
     A namespace outlives the container's processes only when something pins it: a
@@ -326,6 +326,11 @@ def container_netns(state: dict, config: dict) -> tuple[int | None, str]:
     running (the container's init while it has not stopped). A pid of a stopped container
     is never used: it may already belong to an unrelated process.
     """
+    # Either the raw JSON documents or cdi_hook.oci's State / Config objects.
+    if not isinstance(state, dict):
+        state = {"pid": getattr(state, "pid", None), "status": getattr(state, "status", "")}
+    if not isinstance(config, dict):
+        config = getattr(config, "raw", None) or {}
     namespaces = ((config or {}).get("linux") or {}).get("namespaces") or []
     network = next((ns for ns in namespaces if isinstance(ns, dict) and ns.get("type") == "network"), None)
     if network is None:
@@ -351,10 +356,11 @@ GONE_NOTE = ("the kernel already moved physical interfaces back to the initial n
              "(under their container-side names) and destroyed virtual ones (veth, macvlan, ...)")
 
 
-def return_to_host(state: dict, config: dict, items: list[tuple[str, NetDevice]]) -> list[str]:
+def return_to_host(state, config, items: list[tuple[str, NetDevice]]) -> list[str]:
     """Bring interfaces still in the container's namespace back under their host names.
 
-    Returns one note per interface (also logged). Tries every interface, then raises one
+    `state` and `config` are the OCI state and config.json, as dicts or as cdi_hook.oci's
+    State and Config. Returns one note per interface (also logged). Tries every interface, then raises one
     HookError naming those that could not be returned; at poststop the caller reports it as
     a warning, since the container is already gone.
     """
