@@ -116,13 +116,16 @@ def allow_devices_v2(cgroup_dir: str, rules: Sequence[DeviceRule]) -> None:
         except OSError as e:
             raise HookError(STEP, names, f"cannot query the device programs of {cgroup_dir}: {e.strerror}") from None
         for prog_id in prog_ids:
-            _replace_program(bpf, cgroup_fd, cgroup_dir, prog_id, attach_flags, allows, names)
+            _replace_program(cgroup_fd, cgroup_dir, prog_id, attach_flags, allows, names)
     finally:
         os.close(cgroup_fd)
 
 
-def _replace_program(bpf, cgroup_fd: int, cgroup_dir: str, prog_id: int, attach_flags: int,
+def _replace_program(cgroup_fd: int, cgroup_dir: str, prog_id: int, attach_flags: int,
                      allows: list, names: str) -> None:
+    """Swap one attached program for its extension; the old one stays until the swap."""
+    from cdi_hook.live import bpf
+
     def fail(what: str, detail: str):
         return HookError(STEP, names, f"{what} (device program {prog_id} of {cgroup_dir}): {detail}")
 
