@@ -60,12 +60,17 @@ def allow_devices(container_pid: int, rules: Sequence[DeviceRule]) -> None:
         return
     memberships = _read_memberships(container_pid, rules)
     mounts = _read_mountinfo()
+    # Decide as the runtime does: cgroup2 on /sys/fs/cgroup means v2. The kernel still lists
+    # a v1 devices line on a hybrid host even for a runtime running in v2 mode.
     if not _is_unified(DEFAULT_CGROUP_ROOT) and "devices" in memberships:
         directory = _cgroup_dir(mounts, memberships["devices"], lambda m: m.fstype == "cgroup"
                                 and "devices" in m.super_options.split(","))
         if directory is not None:
             allow_devices_v1(directory, rules)
             return
+        if memberships["devices"] != "/":
+            raise HookError(STEP, _names(rules), f"no devices cgroup mount shows {memberships['devices']!r} "
+                            f"(cgroup of process {container_pid})")
     if "" not in memberships:
         raise HookError(STEP, _names(rules), f"process {container_pid} has no devices cgroup (v1) "
                         "and no cgroup v2 membership")
