@@ -341,3 +341,32 @@ def test_container_netns_accepts_oci_objects(tmp_path, netns):
     fd, where = netdev.container_netns(state, oci.Config(path="", rootfs="", raw={"linux": {"namespaces": [
         {"type": "network"}]}}))
     assert fd is None and "ended with its processes" in where
+
+
+def test_hook_moves_spec_net_device_and_poststop_returns_it(runc, tmp_path, netns):
+    """End to end: runc runs cdi-hook at createRuntime and poststop for a 1.1.0 spec's netDevices."""
+    from hook_env import bundle_with_hook
+    from oci_env import hook_entry, run_container
+
+    persistent = netns()  # the container's namespace outlives it, as with Podman or CNI
+    namespaces = [ns if ns["type"] != "network" else {"type": "network", "path": f"/run/netns/{persistent}"}
+                  for ns in DEFAULT_NAMESPACES]
+    tag = unique("cdt")
+    ip("link", "add", tag + "a", "type", "veth", "peer", "name", tag + "b")
+    try:
+        spec = {"cdiVersion": "1.1.0", "kind": "test.cdi-hook.io/net",
+                "devices": [{"name": "nic", "containerEdits": {
+                    "netDevices": [{"hostInterfaceName": tag + "a", "name": "data0"}]}}]}
+        bundle, log_file = bundle_with_hook(tmp_path, spec, ["test.cdi-hook.io/net=nic"],
+                                            "ip link show data0", namespaces=namespaces)
+        config = json.loads((bundle / "config.json").read_text())
+        config["hooks"]["poststop"] = [hook_entry([str(tmp_path / "cdi")], stage="poststop", log_file=str(log_file))]
+        (bundle / "config.json").write_text(json.dumps(config))
+
+        result = run_container(bundle)
+        assert result.returncode == 0, result.stdout + result.stderr + (log_file.read_text() if log_file.exists() else "")
+        assert re.search(r"^\d+: data0@", result.stdout, re.M) and "UP" in result.stdout
+        assert tag + "a" in link_names()  # back home under its host name after poststop
+        assert "data0" not in link_names(persistent)
+    finally:
+        ip("link", "del", tag + "a", check=False)
