@@ -10,7 +10,7 @@ Two commands use this editor:
 The rules follow tags.cncf.io/container-device-interface pkg/cdi (ContainerEdits.Apply,
 applied once to the plan's merged edits, which is what Cache.InjectDevices does):
   env       replace the variable of the same name (its last occurrence), else append
-  devices   fill type/major/minor/fileMode from the host node; uid/gid default to
+  devices   fill type/major/minor from the host node (fileMode only from the spec); uid/gid default to
             process.user uid/gid when > 0; remove the first device with the same path,
             then replace a remaining one with that path in place, else append; one cgroup
             allow rule per b/c node (permissions "" -> "rwm", "none" -> no access)
@@ -36,6 +36,7 @@ import os
 import posixpath
 import sys
 import tempfile
+from dataclasses import replace
 
 from cdi_hook.errors import CdiError
 from cdi_hook.hostdev import complete_node
@@ -55,8 +56,8 @@ def apply_plan(config: dict, plan: Plan, *, stat_host: bool = True) -> dict:
     """A copy of config with every edit of plan applied; config itself is not changed.
 
     stat_host=False takes device nodes exactly as the spec gives them (for callers whose
-    nodes are fully specified, and for tests); otherwise nodes are completed from the host
-    through hostdev.complete_node, the same function the live hook uses.
+    nodes are fully specified, and for tests); otherwise type, major and minor are completed
+    from the host through hostdev.complete_node, the same function the live hook uses.
     Raises CdiError for a config.json field of the wrong type or a host node problem.
     """
     if not isinstance(config, dict):
@@ -154,7 +155,12 @@ def _apply_device_nodes(config: dict, plan: Plan, stat_host: bool) -> None:
     devices = _array(linux, "devices", "linux.devices")
     rules = None
     for origin, node in nodes:
-        node = complete_node(node, origin) if stat_host else node
+        if stat_host:
+            # type/major/minor from the host as the reference's fillMissingInfo does, but
+            # fileMode only when the spec sets it: the reference leaves it out, so runc creates
+            # the node 0666 (seen under Podman 4.3 --device: /dev/kvm is 0600 on the host, 0666
+            # in the container). Copying the host mode would differ from native CDI.
+            node = replace(complete_node(node, origin), file_mode=node.file_mode)
         device = oci_device(node, config)
         _remove_first(devices, "path", device["path"])
         _replace_or_append(devices, "path", device)

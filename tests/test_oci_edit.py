@@ -142,12 +142,13 @@ def test_spec_uid_gid_win_over_process_user():
     assert out["linux"]["devices"][0]["uid"] == 0 and out["linux"]["devices"][0]["gid"] == 44
 
 
-def test_host_fills_type_numbers_and_mode():
+def test_host_fills_type_and_numbers_but_not_mode():
+    # Like the reference: no fileMode unless the spec sets one (runc then creates it 0666).
     st = os.stat("/dev/null")
     node = DeviceNode(path="/dev/mynull", host_path="/dev/null")
     out = apply_plan(base_config(), one(device_nodes=(node,)))
     assert out["linux"]["devices"] == [{"path": "/dev/mynull", "type": "c", "major": os.major(st.st_rdev),
-                                        "minor": os.minor(st.st_rdev), "fileMode": st.st_mode & 0o7777}]
+                                        "minor": os.minor(st.st_rdev)}]
     assert out["linux"]["resources"]["devices"][-1]["major"] == os.major(st.st_rdev)
 
 
@@ -155,6 +156,11 @@ def test_host_path_defaults_to_path():
     out = apply_plan(base_config(), one(device_nodes=(DeviceNode(path="/dev/zero"),)))
     assert out["linux"]["devices"][0]["type"] == "c"
     assert (out["linux"]["devices"][0]["major"], out["linux"]["devices"][0]["minor"]) == (1, 5)
+
+
+def test_spec_file_mode_is_kept_with_host_numbers():
+    out = apply_plan(base_config(), one(device_nodes=(DeviceNode(path="/dev/zero", file_mode=0o640),)))
+    assert out["linux"]["devices"] == [{"path": "/dev/zero", "type": "c", "major": 1, "minor": 5, "fileMode": 0o640}]
 
 
 def test_missing_host_node_is_one_line_error_naming_device():
