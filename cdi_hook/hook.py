@@ -111,12 +111,26 @@ def _start_rootfs_work(pid: int, config, node_jobs, plan, log):
         return None
     from cdi_hook.live import worker
 
-    work = worker.RootfsWork(config.rootfs, node_jobs, mount_jobs, by_bind_mount=config.user_namespace)
+    work = worker.RootfsWork(config.rootfs, node_jobs, mount_jobs, by_bind_mount=config.user_namespace,
+                             creator_ids=_host_ids_of_container_root(config))
     handle = worker.start(pid, work)
     report = handle.wait_report()
     for note in report.get("notes", []):
         log.note(note)
     return handle
+
+
+def _host_ids_of_container_root(config) -> tuple[int, int] | None:
+    if not config.user_namespace:
+        return None
+
+    def host_id(mappings) -> int:
+        for m in mappings:
+            if m.container_id <= 0 < m.container_id + m.size:
+                return m.host_id - m.container_id
+        return 0  # no mapping given: the runtime maps our root, nothing better to use
+
+    return host_id(config.uid_mappings), host_id(config.gid_mappings)
 
 
 def _allow_devices(pid: int, node_jobs) -> None:

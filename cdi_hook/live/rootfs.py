@@ -24,13 +24,31 @@ MAX_SYMLINKS = 40  # the kernel's own limit for one lookup
 class Rootfs:
     """A container rootfs, addressed only through its directory fd."""
 
-    def __init__(self, root_fd: int):
+    def __init__(self, root_fd: int, creator_ids: tuple[int, int] | None = None):
         self.root_fd = root_fd
+        # Host uid/gid of the container's root when it has a user namespace: a filesystem the
+        # runtime mounted inside that namespace (its /dev tmpfs) refuses files from an owner it
+        # cannot map (EOVERFLOW), so such entries are created under these fs ids instead.
+        self.creator_ids = creator_ids
         self._created: list[tuple[int, str, bool]] = []  # (parent fd, name, is_dir), creation order
 
     @classmethod
-    def open(cls, path: str) -> "Rootfs":
-        return cls(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+    def open(cls, path: str, creator_ids: tuple[int, int] | None = None) -> "Rootfs":
+        return cls(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), creator_ids)
+
+    def _create(self, create: Callable[[int, str], None], parent_fd: int, name: str) -> None:
+        try:
+            create(parent_fd, name)
+        except OSError as error:
+            if error.errno != errno.EOVERFLOW or self.creator_ids is None:
+                raise
+            old_uid = syscalls.setfsuid(self.creator_ids[0])
+            old_gid = syscalls.setfsgid(self.creator_ids[1])
+            try:
+                create(parent_fd, name)
+            finally:
+                syscalls.setfsgid(old_gid)
+                syscalls.setfsuid(old_uid)
 
     def close(self) -> None:
         for parent_fd, _, _ in self._created:
@@ -61,7 +79,7 @@ class Rootfs:
                 target = os.readlink(name, dir_fd=parent_fd)
             except FileNotFoundError:
                 try:
-                    create(parent_fd, name)
+                    self._create(create, parent_fd, name)
                 except BaseException:
                     os.close(parent_fd)
                     raise

@@ -124,3 +124,12 @@ def mount_setattr(fd: int, attr_set: int, attr_clr: int = 0, propagation: int = 
 def fd_path(fd: int) -> str:
     """The magic link through which path-based calls reach what fd refers to."""
     return f"/proc/self/fd/{fd}"
+
+
+def setfsuid(uid: int) -> int:
+    """Set the filesystem uid; returns the previous one (the call cannot report errors)."""
+    return _libc.setfsuid(uid)
+
+
+def setfsgid(gid: int) -> int:
+    return _libc.setfsgid(gid)

@@ -27,6 +27,7 @@ class RootfsWork:
     nodes: list[devices.NodeJob] = field(default_factory=list)
     mounts: list[mounts.MountJob] = field(default_factory=list)
     by_bind_mount: bool = False  # the container has a user namespace
+    creator_ids: tuple[int, int] | None = None  # host uid/gid of the container's root (user namespace)
 
 
 class Worker:
@@ -118,7 +119,7 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int
         except OSError as error:
             raise HookError("enter container", "", f"setns into its mount namespace: {error.strerror}") from None
         try:
-            rootfs = Rootfs.open(work.rootfs)
+            rootfs = Rootfs.open(work.rootfs, work.creator_ids)
         except OSError as error:
             raise HookError("open rootfs", "", f"{work.rootfs}: {error.strerror}") from None
         devices.create_nodes(rootfs, work.nodes, work.by_bind_mount, mounted, notes)

@@ -1,0 +1,225 @@
+"""The live hook with real runc (cgroup v1): what the container sees after cdi-hook ran.
+
+Each test builds a busybox bundle whose createRuntime hook is `cdi-hook hook`, a spec in a
+temp spec dir, runs the container to completion and asserts from its output (and, for the
+loader cache, from the rootfs it leaves behind).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import hook_env
+import oci_env
+from conftest import require
+
+ALL = f"{hook_env.VENDOR}=all"
+
+
+def _stat_lines(output: str) -> dict[str, str]:
+    lines = {}
+    for line in output.splitlines():
+        if line.startswith("STAT "):
+            _, path, rest = line.split(" ", 2)
+            lines[path] = rest
+    return lines
+
+
+def test_requested_device_is_injected_as_the_spec_says(runc, tmp_path):
+    sources = hook_env.host_files(tmp_path)
+    script = "\n".join([
+        "stat -c 'STAT %n %F %t:%T %a %u:%g' /dev/kvm /dev/loop0 /dev/null /dev/cdi/nested/zero",
+        "test -e /dev/loop1 && echo LOOP1-PRESENT",
+        "exec 3<>/dev/kvm && echo OPEN-KVM",
+        "dd if=/dev/loop0 of=/dev/null count=0 2>/dev/null && echo OPEN-LOOP0",
+        "head -c 4 /dev/cdi/nested/zero | od -An -tx1 | grep -q '00 00 00 00' && echo READ-ZERO",
+        "cat /dev/null && echo OPEN-NULL",
+        "cat /etc/cdi-config.txt",
+        "echo changed > /etc/cdi-config.txt || echo RO-REFUSED",
+        "cat /mnt/cdi-dir/hello",
+        "echo new > /mnt/cdi-dir/written && echo RW-WRITTEN",
+        "grep ' /etc/cdi-config.txt ' /proc/mounts",
+        "grep ' /run/cdi-tmp ' /proc/mounts",
+        "echo END",
+    ])
+    os.chmod(sources["dir"], 0o777)  # the container process is uid 1234
+    bundle, log_file = hook_env.bundle_with_hook(tmp_path, hook_env.full_spec(sources), [ALL], script,
+                                                 process_user=(1234, 44))
+    result = oci_env.run_container(bundle)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    stats = _stat_lines(out)
+    kvm, loop0, null, zero = (os.stat(p).st_rdev for p in ("/dev/kvm", "/dev/loop0", "/dev/null", "/dev/zero"))
+    # spec values win; absent uid/gid default to the process user (1234:44, not root); mode from the host
+    assert stats["/dev/kvm"] == f"character special file {os.major(kvm):x}:{os.minor(kvm):x} 640 1234:44"
+    loop_mode = stat.S_IMODE(os.stat("/dev/loop0").st_mode)
+    assert stats["/dev/loop0"] == f"block special file {os.major(loop0):x}:{os.minor(loop0):x} {loop_mode:o} 1234:44"
+    assert stats["/dev/null"].startswith("character special file 1:3 666")  # runc's own, left alone
+    assert stats["/dev/cdi/nested/zero"].startswith(f"character special file {os.major(zero):x}:{os.minor(zero):x}")
+    assert "LOOP1-PRESENT" not in out  # same spec, not requested
+    for opened in ("OPEN-KVM", "OPEN-LOOP0", "READ-ZERO", "OPEN-NULL"):
+        assert opened in out, out + result.stderr
+    assert "read-only config" in out and "RO-REFUSED" in out
+    assert "hello from the host" in out and "RW-WRITTEN" in out
+    assert (tmp_path / "host" / "dir" / "written").read_text() == "new\n"
+    ro_line = next(line for line in out.splitlines() if " /etc/cdi-config.txt " in line)
+    assert {"ro", "nosuid", "nodev"} <= set(ro_line.split()[3].split(","))
+    tmpfs_line = next(line for line in out.splitlines() if " /run/cdi-tmp " in line)
+    assert tmpfs_line.split()[2] == "tmpfs"
+    assert {"nosuid", "noexec", "mode=750"} <= set(tmpfs_line.split()[3].split(","))
+    assert "END" in out
+
+    rootfs = bundle / "rootfs"
+    conf = rootfs / "etc/ld.so.conf.d/00-cdi-hook.conf"
+    assert hook_env.LIB_DIR_IN_CONTAINER in conf.read_text().splitlines()
+    cache = subprocess.run(["ldconfig", "-C", str(rootfs / "etc/ld.so.cache"), "-p"],
+                           capture_output=True, text=True, check=True).stdout
+    assert f"=> {hook_env.LIB_DIR_IN_CONTAINER}/libz.so.1" in cache
+
+    [line] = hook_env.log_lines(log_file)
+    assert line["devices"] == [ALL] and line["stage"] == "createRuntime" and "error" not in line
+
+
+def test_user_namespace_gets_nodes_by_bind_mount(runc):
+    # The container's root is uid 200000 on the host: it must be able to reach the rootfs,
+    # which pytest's 0700 tmp_path does not allow.
+    tmp_path = Path(tempfile.mkdtemp(prefix="cdi-hook-userns-"))
+    try:
+        _user_namespace_case(tmp_path)
+    finally:
+        shutil.rmtree(tmp_path)
+
+
+def _user_namespace_case(tmp_path: Path):
+    host_devs = tmp_path / "hostdev"
+    host_devs.mkdir()
+    kvm_rdev = os.stat("/dev/kvm").st_rdev  # c 10:232: not in runc's default allow list
+    os.mknod(host_devs / "kvm", 0o666 | stat.S_IFCHR, kvm_rdev)
+    os.chmod(host_devs / "kvm", 0o666)
+    spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "all", "containerEdits": {
+        "deviceNodes": [{"path": "/dev/kvm", "hostPath": str(host_devs / "kvm")},
+                        {"path": "/dev/cdi-zero", "hostPath": "/dev/zero"}]}}]}
+    script = "\n".join([
+        "stat -c 'STAT %n %F %t:%T' /dev/kvm /dev/cdi-zero",
+        "grep -E ' /dev/(kvm|cdi-zero) ' /proc/self/mountinfo | sed 's/^/MOUNT /'",
+        "exec 3<>/dev/kvm && echo OPEN-KVM",
+        "head -c 2 /dev/cdi-zero | od -An -tx1 | grep -q '00 00' && echo READ-ZERO",
+    ])
+    mapping = [{"containerID": 0, "hostID": 200000, "size": 65536}]
+    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network", "cgroup", "user")]
+    bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], script, namespaces=namespaces,
+                                          extra_linux={"uidMappings": mapping, "gidMappings": mapping})
+    tmp_path.chmod(0o755)
+    result = oci_env.run_container(bundle)
+    require("user namespace" not in result.stderr or result.returncode == 0, "runc cannot make user namespaces here")
+    assert result.returncode == 0, result.stderr
+    stats = _stat_lines(result.stdout)
+    assert stats["/dev/kvm"] == f"character special file {os.major(kvm_rdev):x}:{os.minor(kvm_rdev):x}"
+    assert stats["/dev/cdi-zero"] == "character special file 1:5"
+    assert result.stdout.count("MOUNT ") == 2, result.stdout  # bind mounts, not mknod
+    assert "OPEN-KVM" in result.stdout and "READ-ZERO" in result.stdout, result.stdout + result.stderr
+
+
+def test_applied_names_are_skipped(runc, tmp_path):
+    sources = hook_env.host_files(tmp_path)
+    bundle, log_file = hook_env.bundle_with_hook(
+        tmp_path, hook_env.full_spec(sources), [ALL], "test -e /dev/kvm && echo KVM; echo DONE",
+        annotations={"io.github.cdi-hook.applied": ALL})
+    result = oci_env.run_container(bundle)
+    assert result.returncode == 0, result.stderr
+    assert "DONE" in result.stdout and "KVM" not in result.stdout
+    assert hook_env.log_lines(log_file) == []  # nothing to do, nothing logged
+
+
+def test_env_and_additional_gids_are_warned_about(runc, tmp_path):
+    spec = {"cdiVersion": "0.7.0", "kind": hook_env.VENDOR, "devices": [{"name": "all", "containerEdits": {
+        "env": ["CDI_TEST=1"], "additionalGids": [44],
+        "deviceNodes": [{"path": "/dev/cdi-null", "hostPath": "/dev/null"}]}}]}
+    bundle, log_file = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "test -c /dev/cdi-null && echo OK")
+    result = oci_env.run_container(bundle)
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+    [line] = hook_env.log_lines(log_file)
+    assert any("CDI_TEST" in w for w in line["warnings"]) and any("44" in w for w in line["warnings"])
+
+
+def test_spec_hook_runs_with_exact_env_args_and_state(runc, tmp_path):
+    out = tmp_path / "spec-hook.out"
+    script = tmp_path / "spec-hook.sh"
+    script.write_text(f"#!/bin/sh\n{{ echo \"ARGS $0 $*\"; env | sort; echo STATE; cat; echo; }} > {out}\n")
+    script.chmod(0o755)
+    spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "all", "containerEdits": {
+        "hooks": [{"hookName": "createRuntime", "path": str(script), "args": ["my-hook", "one", "two"],
+                   "env": ["ONLY=this"]},
+                  {"hookName": "poststop", "path": "/bin/false"}]}}]}
+    bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "echo RAN")
+    result = oci_env.run_container(bundle)
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert "ARGS my-hook one two" in text or f"ARGS {script} one two" in text
+    env_lines = text.split("STATE")[0].splitlines()[1:]
+    assert [line for line in env_lines if not line.startswith(("PWD=", "SHLVL=", "_="))] == ["ONLY=this"]
+    assert '"status":"creating"' in text.replace(" ", "") and '"id"' in text
+
+
+def test_failing_spec_hook_stops_the_container_and_undoes(runc, tmp_path):
+    spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "all", "containerEdits": {
+        "mounts": [{"hostPath": str(hook_env.host_files(tmp_path)["file"]), "containerPath": "/new/dir/file",
+                    "options": ["ro", "bind"]}],
+        "hooks": [{"hookName": "createRuntime", "path": "/bin/sh", "args": ["sh", "-c", "echo broken >&2; exit 3"]}]}}]}
+    bundle, log_file = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "echo RAN")
+    result = oci_env.run_container(bundle)
+    assert result.returncode != 0 and "RAN" not in result.stdout
+    assert "spec hook" in result.stderr and "broken" in result.stderr and ALL in result.stderr
+    assert not (bundle / "rootfs" / "new").exists()  # mount point and its parents removed again
+    assert "error" in hook_env.log_lines(log_file)[0]
+
+
+@pytest.mark.parametrize("case", ["unknown device", "invalid spec", "missing host device", "missing mount source"])
+def test_failures_keep_the_container_from_starting(runc, tmp_path, case):
+    spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "all", "containerEdits": {
+        "mounts": [{"hostPath": hook_env.host_files(tmp_path)["file"], "containerPath": "/created/by/hook",
+                    "options": ["bind"]}],
+        "deviceNodes": [{"path": "/dev/kvm"}]}}]}
+    devices = [ALL]
+    expect = ""
+    if case == "unknown device":
+        devices = [f"{hook_env.VENDOR}=nope"]
+        expect = f"{hook_env.VENDOR}=nope"
+    elif case == "invalid spec":
+        spec["devices"][0]["containerEdits"]["deviceNodes"] = [{"path": "/dev/kvm", "type": "z"}]
+        expect = "test.json"
+    elif case == "missing host device":
+        spec["devices"][0]["containerEdits"]["deviceNodes"] = [{"path": str(tmp_path / "no-such-device")}]
+        expect = "no-such-device"
+    else:
+        spec["devices"][0]["containerEdits"]["mounts"].append(
+            {"hostPath": str(tmp_path / "no-such-source"), "containerPath": "/later", "options": ["bind"]})
+        expect = "no-such-source"
+    bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, devices, "echo RAN")
+    result = oci_env.run_container(bundle)
+    assert result.returncode != 0 and "RAN" not in result.stdout
+    assert expect in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (bundle / "rootfs" / "created").exists()
+
+
+def test_no_ld_so_conf_skips_ldconfig_without_failing(runc, tmp_path):
+    sources = hook_env.host_files(tmp_path)
+    rootfs = oci_env.make_rootfs(tmp_path / "bundle" / "rootfs")  # busybox only: no ld.so.conf (like musl)
+    bundle, log_file = hook_env.bundle_with_hook(tmp_path, hook_env.full_spec(sources), [ALL],
+                                                 "test -f /opt/cdi-libs/libz.so.1 && echo LIB", rootfs=rootfs,
+                                                 extra_env={"CDI_HOOK_LOG_LEVEL": "debug"})
+    result = oci_env.run_container(bundle)
+    assert result.returncode == 0, result.stderr
+    assert "LIB" in result.stdout
+    assert not (rootfs / "etc" / "ld.so.conf.d").exists() and not (rootfs / "etc" / "ld.so.cache").exists()
+    [line] = hook_env.log_lines(log_file)
+    assert any("ldconfig skipped" in note for note in line["notes"])
