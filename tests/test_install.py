@@ -115,13 +115,16 @@ def test_foreign_file_with_our_name_is_never_touched(tmp_path, capsys):
 
 
 def test_interpreter_that_cannot_import_us_is_refused(tmp_path):
-    python = "/usr/bin/python3"
-    probe = subprocess.run([python, "-I", "-c", "import cdi_hook"], capture_output=True, cwd="/")
-    if probe.returncode == 0:
-        pytest.skip("cdi_hook is installed system-wide; cannot test the refusal")  # not a missing prerequisite
+    # Stands in for an interpreter without cdi_hook (the probe `-I -c "import cdi_hook"` fails).
+    fake = tmp_path / "python3"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    hooks_dir = tmp_path / "hooks.d"
     with pytest.raises(CdiError, match="cannot import cdi_hook"):
-        install.install(str(tmp_path), "hook", python=python)
-    assert files(tmp_path) == []
+        install.install(str(hooks_dir), "hook", python=str(fake))
+    with pytest.raises(CdiError, match="not an executable file"):
+        install.install(str(hooks_dir), "hook", python=str(tmp_path / "missing"))
+    assert not hooks_dir.exists()
 
 
 def test_installed_hook_command_runs_isolated(tmp_path):
