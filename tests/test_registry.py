@@ -1,0 +1,259 @@
+"""Spec dirs -> device index: priority, conflicts, bad files, trust checks, resolve order."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from cdi_hook.errors import ResolveError
+from cdi_hook.plan import PlanPart
+from cdi_hook.registry import DEFAULT_SPEC_DIRS, Registry, resolve
+from cdi_hook.spec.model import ContainerEdits
+
+
+def spec(kind="acme.com/gpu", devices=("gpu0",), spec_env=None, version="0.6.0", tag=""):
+    doc = {"cdiVersion": version, "kind": kind,
+           "devices": [{"name": d, "containerEdits": {"env": [f"DEV={d}{tag}"]}} for d in devices]}
+    if spec_env:
+        doc["containerEdits"] = {"env": spec_env}
+    return doc
+
+
+def write(directory, name, doc, mode=None):
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    if mode is not None:
+        os.chmod(path, mode)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def strict_by_default(monkeypatch):
+    monkeypatch.delenv("CDI_HOOK_INSECURE_SPECS", raising=False)
+    monkeypatch.delenv("CDI_HOOK_MAX_SPEC_SIZE", raising=False)
+
+
+def test_default_dirs():
+    assert DEFAULT_SPEC_DIRS == ("/etc/cdi", "/var/run/cdi")
+    assert Registry.load([]).spec_dirs == ()
+
+
+def test_indexes_valid_specs_json_and_yaml(tmp_path):
+    d = tmp_path / "cdi"
+    write(d, "a.json", spec(devices=("gpu0", "gpu1")))
+    write(d, "b.yaml", "cdiVersion: 0.3.0\nkind: other.com/nic\ndevices:\n- {name: eth, containerEdits: {env: [N=1]}}\n")
+    write(d, "c.yml", spec(kind="third.com/x"))
+    registry = Registry.load([str(d)])
+    assert sorted(registry.devices) == ["acme.com/gpu=gpu0", "acme.com/gpu=gpu1", "other.com/nic=eth", "third.com/x=gpu0"]
+    assert registry.errors == {}
+    spec_obj, device = registry.devices["other.com/nic=eth"]
+    assert spec_obj.path == str(d / "b.yaml") and device.name == "eth"
+
+
+def test_missing_dirs_are_fine(tmp_path):
+    registry = Registry.load([str(tmp_path / "nope"), str(tmp_path / "also-nope")])
+    assert registry.devices == {} and registry.errors == {}
+
+
+def test_other_names_and_subdirs_are_ignored(tmp_path):
+    d = tmp_path / "cdi"
+    write(d, "a.json.bak", spec(kind="bak.com/x"))
+    write(d, "README", "not a spec")
+    write(d, "notes.txt", "{}")
+    write(d / "sub", "nested.json", spec(kind="nested.com/x"))
+    (d / "dir.json").mkdir()
+    write(d, "ok.json", spec())
+    registry = Registry.load([str(d)])
+    assert list(registry.devices) == ["acme.com/gpu=gpu0"]
+    assert registry.errors == {}
+
+
+def test_one_invalid_spec_never_hides_valid_ones(tmp_path):
+    d = tmp_path / "cdi"
+    bad = write(d, "a-bad.json", {**spec(kind="broken.com/x"), "cdiVersion": "9.9.9"})
+    broken = write(d, "b-broken.yaml", "kind: [\n")
+    write(d, "c-good.json", spec())
+    registry = Registry.load([str(d)])
+    assert list(registry.devices) == ["acme.com/gpu=gpu0"]
+    assert set(registry.errors) == {bad, broken}
+    assert registry.errors[bad] == [f'{bad}: cdiVersion: "9.9.9" is not a supported CDI version '
+                                    "(0.3.0, 0.4.0, 0.5.0, 0.6.0, 0.7.0, 0.8.0, 1.0.0, 1.1.0, optionally with a leading v)"]
+    assert registry.errors[broken][0].startswith(f"{broken}: invalid YAML")
+
+
+def test_later_dirs_win(tmp_path):
+    low, high = tmp_path / "etc", tmp_path / "run"
+    write(low, "a.json", spec(devices=("gpu0", "gpu1"), tag="-etc"))
+    write(high, "a.json", spec(devices=("gpu1",), tag="-run"))
+    registry = Registry.load([str(low), str(high)])
+    assert registry.devices["acme.com/gpu=gpu1"][1].container_edits.env == ("DEV=gpu1-run",)
+    assert registry.devices["acme.com/gpu=gpu0"][1].container_edits.env == ("DEV=gpu0-etc",)
+    assert registry.errors == {}
+    # and the other order
+    registry = Registry.load([str(high), str(low)])
+    assert registry.devices["acme.com/gpu=gpu1"][1].container_edits.env == ("DEV=gpu1-etc",)
+
+
+def test_same_priority_duplicates_conflict(tmp_path):
+    d = tmp_path / "cdi"
+    first = write(d, "a.json", spec(devices=("gpu0", "gpu1")))
+    second = write(d, "b.json", spec(devices=("gpu1", "gpu2")))
+    registry = Registry.load([str(d)])
+    assert sorted(registry.devices) == ["acme.com/gpu=gpu0", "acme.com/gpu=gpu2"]
+    assert registry.conflicts == {"acme.com/gpu=gpu1": (first, second)}
+    assert len(registry.errors[first]) == 1 and second in registry.errors[first][0]
+    assert len(registry.errors[second]) == 1 and first in registry.errors[second][0]
+    assert "acme.com/gpu=gpu1" in registry.errors[first][0]
+    with pytest.raises(ResolveError, match="defined twice at the same priority"):
+        registry.resolve(["acme.com/gpu=gpu1"])
+
+
+def test_higher_priority_definition_settles_a_lower_conflict(tmp_path):
+    low, high = tmp_path / "etc", tmp_path / "run"
+    write(low, "a.json", spec(tag="-a"))
+    write(low, "b.json", spec(tag="-b"))
+    write(high, "c.json", spec(tag="-run"))
+    registry = Registry.load([str(low), str(high)])
+    assert registry.devices["acme.com/gpu=gpu0"][1].container_edits.env == ("DEV=gpu0-run",)
+    assert len(registry.errors) == 2  # still reported, so `validate` fails and someone cleans up
+
+
+def test_invalid_spec_in_a_higher_dir_does_not_hide_the_lower_one(tmp_path):
+    low, high = tmp_path / "etc", tmp_path / "run"
+    write(low, "a.json", spec(tag="-etc"))
+    write(high, "a.json", {**spec(tag="-run"), "bogus": 1})
+    registry = Registry.load([str(low), str(high)])
+    assert registry.devices["acme.com/gpu=gpu0"][1].container_edits.env == ("DEV=gpu0-etc",)
+
+
+def test_resolve_builds_the_plan_in_request_order(tmp_path):
+    d = tmp_path / "cdi"
+    gpu = write(d, "gpu.json", spec(devices=("gpu0", "gpu1"), spec_env=["GPU_SPEC=1"]))
+    nic = write(d, "nic.json", spec(kind="acme.com/nic", devices=("eth",), spec_env=["NIC_SPEC=1"]))
+    bare = write(d, "bare.json", spec(kind="bare.com/x", devices=("x",)))
+    plan = Registry.load([str(d)]).resolve(
+        ["acme.com/gpu=gpu1", "acme.com/nic=eth", "bare.com/x=x", "acme.com/gpu=gpu0", "acme.com/gpu=gpu1"])
+    assert plan.devices == ("acme.com/gpu=gpu1", "acme.com/nic=eth", "bare.com/x=x", "acme.com/gpu=gpu0")
+    assert plan.parts == (
+        PlanPart("acme.com/gpu (spec-level)", gpu, ContainerEdits(env=("GPU_SPEC=1",))),
+        PlanPart("acme.com/gpu=gpu1", gpu, ContainerEdits(env=("DEV=gpu1",))),
+        PlanPart("acme.com/nic (spec-level)", nic, ContainerEdits(env=("NIC_SPEC=1",))),
+        PlanPart("acme.com/nic=eth", nic, ContainerEdits(env=("DEV=eth",))),
+        PlanPart("bare.com/x=x", bare, ContainerEdits(env=("DEV=x",))),
+        PlanPart("acme.com/gpu=gpu0", gpu, ContainerEdits(env=("DEV=gpu0",))),
+    )
+    assert plan.merged().env == ("GPU_SPEC=1", "DEV=gpu1", "NIC_SPEC=1", "DEV=eth", "DEV=x", "DEV=gpu0")
+
+
+def test_resolve_nothing_is_an_empty_plan(tmp_path):
+    plan = Registry.load([str(tmp_path)]).resolve([])
+    assert plan.devices == () and plan.parts == ()
+
+
+def test_unknown_names_fail_the_whole_request_listing_all(tmp_path):
+    d1, d2 = tmp_path / "one", tmp_path / "two"
+    write(d1, "a.json", spec())
+    with pytest.raises(ResolveError) as error:
+        Registry.load([str(d1), str(d2)]).resolve(["acme.com/gpu=gpu0", "acme.com/gpu=gpu9", "x.com/y=z", "junk"])
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith('unresolvable CDI devices: acme.com/gpu=gpu9, x.com/y=z, "junk"')
+    assert f"spec dirs searched: {d1}, {d2}" in message
+    assert "acme.com/gpu=gpu0," not in message
+    assert '"junk" is not a qualified name' in message
+
+
+def test_unknown_name_mentions_an_invalid_spec_of_its_kind(tmp_path):
+    d = tmp_path / "cdi"
+    bad = write(d, "a.json", {**spec(), "cdiVersion": "0.1.0"})
+    with pytest.raises(ResolveError) as error:
+        resolve(["acme.com/gpu=gpu0"], [str(d)])
+    assert f"a spec for acme.com/gpu is invalid ({bad})" in str(error.value)
+    assert "run `cdi-hook validate`" in str(error.value)
+
+
+def test_module_level_resolve(tmp_path):
+    d = tmp_path / "cdi"
+    write(d, "a.json", spec())
+    assert resolve(["acme.com/gpu=gpu0"], [str(d)]).devices == ("acme.com/gpu=gpu0",)
+
+
+def test_size_limit_applies_per_file(tmp_path):
+    d = tmp_path / "cdi"
+    big = write(d, "big.json", spec(kind="big.com/x", devices=[f"d{i}" for i in range(50)]))
+    write(d, "small.json", spec())
+    registry = Registry.load([str(d)], max_size=600)
+    assert list(registry.devices) == ["acme.com/gpu=gpu0"]
+    assert "limit" in registry.errors[big][0]
+
+
+def test_fifo_in_spec_dir_does_not_hang(tmp_path):
+    d = tmp_path / "cdi"
+    write(d, "a.json", spec())
+    os.mkfifo(d / "fifo.json")
+    registry = Registry.load([str(d)])
+    assert list(registry.devices) == ["acme.com/gpu=gpu0"]
+    assert "not a regular file" in registry.errors[str(d / "fifo.json")][0]
+
+
+# --- trust: as root, specs writable or owned by non-root users are refused --------------------
+
+NOBODY = 65534
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda p: os.chmod(p, 0o666), "writable by every user"),
+    (lambda p: os.chmod(p, 0o602), "writable by every user"),
+    (lambda p: os.chown(p, NOBODY, 0), f"owned by uid {NOBODY}"),
+    (lambda p: (os.chown(p, 0, NOBODY), os.chmod(p, 0o664)), f"writable by group {NOBODY}"),
+])
+def test_root_refuses_untrusted_spec_files(root_only, tmp_path, change, problem):
+    d = tmp_path / "cdi"
+    d.mkdir(mode=0o755)
+    good = write(d, "good.json", spec(kind="good.com/x"))
+    bad = write(d, "bad.json", spec())
+    change(bad)
+    registry = Registry.load([str(d)])
+    assert list(registry.devices) == ["good.com/x=gpu0"]
+    assert good not in registry.errors
+    (line,) = registry.errors[bad]
+    assert line.startswith(f"{bad}: refused: the spec file is {problem}")
+    assert "CDI_HOOK_INSECURE_SPECS=1" in line
+    with pytest.raises(ResolveError, match="have errors"):
+        registry.resolve(["acme.com/gpu=gpu0"])
+
+
+def test_root_accepts_root_group_writable(root_only, tmp_path):
+    d = tmp_path / "cdi"
+    d.mkdir(mode=0o775)
+    os.chown(d, 0, 0)
+    write(d, "a.json", spec(), mode=0o664)
+    os.chown(d / "a.json", 0, 0)
+    assert list(Registry.load([str(d)]).devices) == ["acme.com/gpu=gpu0"]
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda p: os.chmod(p, 0o777), "writable by every user"),
+    (lambda p: os.chmod(p, 0o1777), "writable by every user"),
+    (lambda p: os.chown(p, NOBODY, NOBODY), f"owned by uid {NOBODY}"),
+])
+def test_root_refuses_untrusted_spec_dirs(root_only, tmp_path, change, problem):
+    d = tmp_path / "cdi"
+    write(d, "a.json", spec())
+    change(d)
+    registry = Registry.load([str(d)])
+    assert registry.devices == {}
+    assert registry.errors[str(d)][0].startswith(f"{d}: refused: the spec dir is {problem}")
+
+
+def test_insecure_override(root_only, tmp_path, monkeypatch):
+    d = tmp_path / "cdi"
+    write(d, "a.json", spec(), mode=0o666)
+    assert Registry.load([str(d)]).devices == {}
+    assert list(Registry.load([str(d)], insecure=True).devices) == ["acme.com/gpu=gpu0"]
+    monkeypatch.setenv("CDI_HOOK_INSECURE_SPECS", "1")
+    assert list(Registry.load([str(d)]).devices) == ["acme.com/gpu=gpu0"]
+    assert Registry.load([str(d)], insecure=False).devices == {}
