@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cdi_hook.errors import CdiError
 from cdi_hook.request import annotation_key, annotation_value, build_annotations, requested_devices
@@ -77,3 +79,14 @@ def test_request_module_is_cheap_to_import():
     code = "import sys, cdi_hook.request; print(sorted(m for m in ('yaml', 'cdi_hook.registry', 'json') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@given(st.dictionaries(st.one_of(st.text(), st.just("cdi.k8s.io/k"), st.text().map(lambda t: "cdi.k8s.io/" + t)),
+                       st.one_of(st.text(), st.integers(), st.none())))
+def test_arbitrary_annotations_only_raise_cdi_error(annotations):
+    try:
+        names = requested_devices(annotations)
+    except CdiError as error:
+        assert "\n" not in str(error)
+    else:
+        assert len(names) == len(set(names))

@@ -134,6 +134,13 @@ def test_unknown_fields_are_errors(doc, where):
     assert where in error_of(json.dumps(doc).encode())
 
 
+def test_hostile_keys_stay_on_one_line():
+    message = error_of(json.dumps({"devices": [{"name\nx": 1}]}).encode())
+    assert message.endswith('devices[0]["name\\nx"]: unknown field')
+    message = error_of(json.dumps({"annotations": {"k\n": 1}}).encode())
+    assert 'annotations["k\\n"]: expected a string' in message
+
+
 def test_unknown_fields_in_yaml_too():
     assert "devices[0].nmae: unknown field" in error_of(b"devices:\n- nmae: x\n", "/etc/cdi/x.yaml")
 

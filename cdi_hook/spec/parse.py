@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from dataclasses import replace
 
@@ -279,6 +280,17 @@ class _FieldError(Exception):
         self.message = message
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_./-]{1,80}")
+
+
+def _child(path: str, key: str) -> str:
+    """The field path of a key the file chose (unknown field, annotation key), kept on one line."""
+    name = key if _PLAIN_KEY.fullmatch(key) else f"[{quote(key)}]"
+    if not path:
+        return name
+    return path + name if name.startswith("[") else f"{path}.{name}"
+
+
 def _describe(value) -> str:
     if value is None:
         return "null"
@@ -345,7 +357,7 @@ def _string_map(value, path):
     for key, item in _mapping(value, path).items():
         if type(key) is not str:
             raise _FieldError(path, f"key {_describe(key)} is not a string")
-        pairs.append((key, _string(item, f"{path}.{key}")))
+        pairs.append((key, _string(item, _child(path, key))))
     return tuple(pairs)
 
 
@@ -353,12 +365,12 @@ def _object(cls, fields: dict):
     def convert(value, path):
         kwargs = {}
         for key, item in _mapping(value, path).items():
-            where = f"{path}.{key}" if path else str(key)
             field = fields.get(key) if type(key) is str else None
             if field is None:
                 if type(key) is str:
-                    raise _FieldError(where, "unknown field")
+                    raise _FieldError(_child(path, key), "unknown field")
                 raise _FieldError(path, f"unknown field {_describe(key)}")
+            where = f"{path}.{key}" if path else key  # a known field name: safe to print as is
             if item is None:  # JSON null / empty YAML value: absent, as in the reference library
                 continue
             attr, convert_field = field
