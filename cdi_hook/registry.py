@@ -105,7 +105,10 @@ class Registry:
             dir_stat = os.stat(spec_dir)
             with os.scandir(spec_dir) as entries:
                 names = sorted(e.name for e in entries if is_spec_file_name(e.name) and not e.is_dir())
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
+            return
+        except NotADirectoryError:
+            self.errors[spec_dir] = [f"{spec_dir}: spec dir is not a directory"]
             return
         except OSError as error:
             self.errors[spec_dir] = [f"{spec_dir}: cannot read spec dir: {error.strerror}"]

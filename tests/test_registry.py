@@ -58,6 +58,12 @@ def test_missing_dirs_are_fine(tmp_path):
     assert registry.devices == {} and registry.errors == {}
 
 
+def test_a_file_where_a_dir_should_be_is_an_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    registry = Registry.load([str(tmp_path / "file")])
+    assert registry.errors == {str(tmp_path / "file"): [f"{tmp_path / 'file'}: spec dir is not a directory"]}
+
+
 def test_other_names_and_subdirs_are_ignored(tmp_path):
     d = tmp_path / "cdi"
     write(d, "a.json.bak", spec(kind="bak.com/x"))
