@@ -170,13 +170,18 @@ def test_spec_hook_runs_with_exact_env_args_and_state(runc, tmp_path):
 
 
 def test_failing_spec_hook_stops_the_container_and_undoes(runc, tmp_path):
+    sources = hook_env.host_files(tmp_path)
     spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "all", "containerEdits": {
-        "mounts": [{"hostPath": str(hook_env.host_files(tmp_path)["file"]), "containerPath": "/new/dir/file",
-                    "options": ["ro", "bind"]}],
+        "mounts": [{"hostPath": sources["file"], "containerPath": "/new/dir/file", "options": ["ro", "bind"]},
+                   {"hostPath": sources["library"], "containerPath": "/new/lib/libz.so.1", "options": ["ro", "bind"]}],
         "hooks": [{"hookName": "createRuntime", "path": "/bin/sh", "args": ["sh", "-c", "echo broken >&2; exit 3"]}]}}]}
-    bundle, log_file = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "echo RAN")
+    rootfs = hook_env.glibc_like_rootfs(tmp_path / "bundle" / "rootfs")
+    (rootfs / "etc" / "ld.so.cache").write_bytes(b"the image's own cache")
+    bundle, log_file = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "echo RAN", rootfs=rootfs)
     result = oci_env.run_container(bundle)
     assert result.returncode != 0 and "RAN" not in result.stdout
+    assert (rootfs / "etc" / "ld.so.cache").read_bytes() == b"the image's own cache"
+    assert not (rootfs / "etc" / "ld.so.conf.d" / "00-cdi-hook.conf").exists()
     assert "spec hook" in result.stderr and "broken" in result.stderr and ALL in result.stderr
     assert not (bundle / "rootfs" / "new").exists()  # mount point and its parents removed again
     assert "error" in hook_env.log_lines(log_file)[0]
@@ -223,3 +228,16 @@ def test_no_ld_so_conf_skips_ldconfig_without_failing(runc, tmp_path):
     assert not (rootfs / "etc" / "ld.so.conf.d").exists() and not (rootfs / "etc" / "ld.so.cache").exists()
     [line] = hook_env.log_lines(log_file)
     assert any("ldconfig skipped" in note for note in line["notes"])
+
+
+def test_failing_ldconfig_is_reported_with_its_output(runc, tmp_path):
+    sources = hook_env.host_files(tmp_path)
+    rootfs = hook_env.glibc_like_rootfs(tmp_path / "bundle" / "rootfs")
+    (rootfs / "etc" / "ld.so.cache").mkdir()  # ldconfig cannot rename its new cache over a directory
+    spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "all", "containerEdits": {
+        "mounts": [{"hostPath": sources["library"], "containerPath": "/opt/lib/libz.so.1", "options": ["bind"]}]}}]}
+    bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "echo RAN", rootfs=rootfs)
+    result = oci_env.run_container(bundle)
+    assert result.returncode != 0 and "RAN" not in result.stdout
+    assert "ldconfig: exit status" in result.stderr and "ld.so.cache" in result.stderr, result.stderr
+    assert not (rootfs / "opt").exists() and not (rootfs / "etc" / "ld.so.conf.d").exists()

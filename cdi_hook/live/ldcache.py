@@ -24,6 +24,7 @@ import posixpath
 import re
 import resource
 import select
+import stat
 import time
 
 from cdi_hook.errors import HookError
@@ -32,6 +33,8 @@ from cdi_hook.live.rootfs import Rootfs
 STEP = "ldconfig"
 CONF_DIR = "etc/ld.so.conf.d"
 CONF_NAME = "00-cdi-hook.conf"
+CACHE = "etc/ld.so.cache"
+MAX_CACHE_BACKUP = 64 << 20
 HOST_LDCONFIG = ("/sbin/ldconfig", "/usr/sbin/ldconfig")
 TIMEOUT_S = 30
 CPU_LIMIT_S = 20
@@ -73,9 +76,42 @@ def update(rootfs: Rootfs, dirs: list[str], ldconfig_fd: int | None, notes: list
     if ldconfig_fd is None:
         raise HookError(STEP, "", f"host has no ldconfig ({' or '.join(HOST_LDCONFIG)})")
     _write_conf(rootfs, dirs)
+    _keep_old_cache(rootfs)
     status, output = _run_chrooted(rootfs.root_fd, ldconfig_fd, ["ldconfig", "-X"])
     if status != "0":
         raise HookError(STEP, "", f"{status}: {' '.join(output.split())[-2000:] or 'no output'}")
+
+
+def _keep_old_cache(rootfs: Rootfs) -> None:
+    """Remember the image's ld.so.cache so that undo can put it back (ldconfig replaces it)."""
+    try:
+        fd = rootfs.open_path(CACHE, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        old = None  # none before us: undo removes the one ldconfig made
+    except OSError:
+        return  # a symlink or something odd: left as ldconfig makes it
+    else:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return  # not a file: ldconfig will say so
+        with os.fdopen(fd, "rb") as cache:
+            old = cache.read(MAX_CACHE_BACKUP + 1)
+        if len(old) > MAX_CACHE_BACKUP:
+            return
+
+    def restore() -> None:
+        parent_fd = rootfs.open_dir(posixpath.dirname(CACHE))
+        try:
+            if old is None:
+                os.unlink(posixpath.basename(CACHE), dir_fd=parent_fd)
+                return
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+            with os.fdopen(os.open(posixpath.basename(CACHE), flags, 0o644, dir_fd=parent_fd), "wb") as cache:
+                cache.write(old)
+        finally:
+            os.close(parent_fd)
+
+    rootfs.on_undo(restore)
 
 
 def _exists(rootfs: Rootfs, path: str) -> bool:

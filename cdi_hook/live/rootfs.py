@@ -31,6 +31,7 @@ class Rootfs:
         # cannot map (EOVERFLOW), so such entries are created under these fs ids instead.
         self.creator_ids = creator_ids
         self._created: list[tuple[int, str, bool]] = []  # (parent fd, name, is_dir), creation order
+        self._restores: list[tuple[int, Callable[[], None]]] = []  # (position in _created, action)
 
     @classmethod
     def open(cls, path: str, creator_ids: tuple[int, int] | None = None) -> "Rootfs":
@@ -51,9 +52,7 @@ class Rootfs:
                 syscalls.setfsuid(old_uid)
 
     def close(self) -> None:
-        for parent_fd, _, _ in self._created:
-            os.close(parent_fd)
-        self._created.clear()
+        self.forget()
         os.close(self.root_fd)
 
     def open_path(self, path: str, flags: int = os.O_PATH, mode: int = 0) -> int:
@@ -111,6 +110,10 @@ class Rootfs:
         """Record an entry the caller created itself (takes a dup of parent_fd) so undo removes it."""
         self._created.append((os.dup(parent_fd), name, is_dir))
 
+    def on_undo(self, action: Callable[[], None]) -> None:
+        """Run action on undo, in order with the removals (e.g. put back a file we rewrote)."""
+        self._restores.append((len(self._created), action))
+
     def mark(self) -> int:
         """A point to undo back to (see undo)."""
         return len(self._created)
@@ -118,7 +121,14 @@ class Rootfs:
     def undo(self, mark: int = 0) -> list[str]:
         """Remove what was created since mark, newest first; returns the problems, never raises."""
         problems = []
-        while len(self._created) > mark:
+        while len(self._created) > mark or (self._restores and self._restores[-1][0] >= mark):
+            if self._restores and self._restores[-1][0] >= len(self._created):
+                _, action = self._restores.pop()
+                try:
+                    action()
+                except OSError as error:
+                    problems.append(f"cannot restore: {error.strerror} ({error.filename})")
+                continue
             parent_fd, name, is_dir = self._created.pop()
             try:
                 os.rmdir(name, dir_fd=parent_fd) if is_dir else os.unlink(name, dir_fd=parent_fd)
@@ -133,6 +143,7 @@ class Rootfs:
         for parent_fd, _, _ in self._created:
             os.close(parent_fd)
         self._created.clear()
+        self._restores.clear()
 
 
 def _relative(path: str) -> str:
