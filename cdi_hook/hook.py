@@ -58,9 +58,7 @@ def apply_plan(stage: str, plan, state, config, log) -> None:
     stage_hooks = spechooks.hooks_for_stage(plan.each("hooks"), stage)
     if stage not in INJECTION_STAGES:
         if stage == "poststop":
-            net_devices = list(plan.each("net_devices"))
-            if net_devices:
-                _netdev().return_to_host(state, config, net_devices)
+            _return_net_devices(state, config, plan, log)
         spechooks.run_hooks(stage_hooks, state.raw)
         return
 
@@ -76,13 +74,25 @@ def apply_plan(stage: str, plan, state, config, log) -> None:
         if net_devices:
             _netdev().move_into_container(state.pid, net_devices)
         for origin, rdt in _rdt_parts(plan):
-            _rdt().apply(state.pid, origin, rdt)
+            _rdt().apply(state.pid, origin, rdt, container_id=state.id)
         spechooks.run_hooks(stage_hooks, state.raw)
         committed = True
     finally:
         if worker is not None:
             for problem in worker.finish(commit=committed):
                 log.warning(f"undo: {problem}")
+
+
+def _return_net_devices(state, config, plan, log) -> None:
+    """At poststop the container is gone already: a device that cannot go home is a warning."""
+    net_devices = list(plan.each("net_devices"))
+    if not net_devices:
+        return
+    try:
+        for note in _netdev().return_to_host(state, config, net_devices):
+            log.note(note)
+    except CdiError as error:
+        log.warning(str(error))
 
 
 def _node_jobs(plan, config):

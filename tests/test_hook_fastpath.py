@@ -61,3 +61,20 @@ def test_missing_pid_at_create_runtime_is_clear(tmp_path):
                             input=json.dumps({"id": "c", "bundle": str(bundle)}).encode(), capture_output=True,
                             cwd=oci_env.REPO, env={"CDI_HOOK_INSECURE_SPECS": "1", "CDI_HOOK_LOG": "/dev/null"})
     assert result.returncode == 1 and b"pid: missing" in result.stderr, result.stderr
+
+
+def test_poststop_runs_only_that_stage_spec_hooks(tmp_path):
+    bundle = _bundle(tmp_path, {"cdi.k8s.io/x": "vendor.com/c=d"})
+    spec_dir = tmp_path / "cdi"
+    marker = tmp_path / "poststop.out"
+    oci_env.write_spec(spec_dir, "s.json", {"cdiVersion": "0.6.0", "kind": "vendor.com/c", "devices": [
+        {"name": "d", "containerEdits": {
+            "deviceNodes": [{"path": "/dev/null"}],  # not touched at poststop: no pid, no rootfs work
+            "hooks": [{"hookName": "poststop", "path": "/bin/sh", "args": ["sh", "-c", f"cat > {marker}"]},
+                      {"hookName": "createRuntime", "path": "/bin/false"}]}}]})
+    state = json.dumps({"id": "c", "bundle": str(bundle), "status": "stopped"}).encode()
+    result = subprocess.run([sys.executable, "-I", "-m", "cdi_hook", "hook", "--stage", "poststop",
+                             "--spec-dir", str(spec_dir)], input=state, capture_output=True, cwd=oci_env.REPO,
+                            env={"CDI_HOOK_INSECURE_SPECS": "1", "CDI_HOOK_LOG": str(tmp_path / "log")})
+    assert result.returncode == 0, result.stderr
+    assert marker.read_bytes() == state

@@ -241,3 +241,14 @@ def test_failing_ldconfig_is_reported_with_its_output(runc, tmp_path):
     assert result.returncode != 0 and "RAN" not in result.stdout
     assert "ldconfig: exit status" in result.stderr and "ld.so.cache" in result.stderr, result.stderr
     assert not (rootfs / "opt").exists() and not (rootfs / "etc" / "ld.so.conf.d").exists()
+
+
+def test_prestart_stage_injects_too(runc, tmp_path):
+    spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "all", "containerEdits": {
+        "deviceNodes": [{"path": "/dev/kvm"}]}}]}
+    bundle, log_file = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "exec 3<>/dev/kvm && echo OPEN-KVM",
+                                                 stage="prestart")
+    result = oci_env.run_container(bundle)
+    assert result.returncode == 0, result.stderr
+    assert "OPEN-KVM" in result.stdout
+    assert hook_env.log_lines(log_file)[0]["stage"] == "prestart"
