@@ -252,3 +252,33 @@ def test_prestart_stage_injects_too(runc, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "OPEN-KVM" in result.stdout
     assert hook_env.log_lines(log_file)[0]["stage"] == "prestart"
+
+
+def test_cgroup_v2_injected_devices_open_others_refused(runc, tmp_path):
+    """The whole hook under runc in cgroup v2 mode (the BPF device program is extended)."""
+    spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "all", "containerEdits": {
+        "deviceNodes": [{"path": "/dev/kvm"}, {"path": "/dev/loop0", "permissions": "r"}],
+        # a host node that only gets bind-mounted: present in the container, never allowed
+        "mounts": [{"hostPath": "/dev/loop1", "containerPath": "/dev/loop1-unallowed", "options": ["bind"]}]}}]}
+    script = "\n".join([
+        "(exec 3<>/dev/kvm) && echo OPEN-KVM",
+        "dd if=/dev/loop0 of=/dev/null count=0 2>/dev/null && echo READ-LOOP0",
+        "(exec 4<>/dev/loop0) 2>/dev/null && echo WRITE-LOOP0",
+        "test -b /dev/loop1-unallowed && echo LOOP1-PRESENT",
+        "dd if=/dev/loop1-unallowed of=/dev/null count=0 2>/dev/null && echo OPEN-LOOP1",
+        "echo END",
+    ])
+    bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], script)
+    with oci_env.cgroup2_namespace() as namespace:
+        cid = "cdi-test-v2-" + os.urandom(6).hex()
+        command = namespace.enter + [runc]
+        try:
+            result = subprocess.run(command + ["run", "--bundle", str(bundle), cid], capture_output=True, text=True,
+                                    timeout=120, stdin=subprocess.DEVNULL)
+        finally:
+            subprocess.run(command + ["delete", "--force", cid], capture_output=True)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "END" in out and "LOOP1-PRESENT" in out, out + result.stderr
+    assert "OPEN-KVM" in out and "READ-LOOP0" in out, out + result.stderr
+    assert "WRITE-LOOP0" not in out and "OPEN-LOOP1" not in out, out
