@@ -10,7 +10,9 @@ Two commands use this editor:
 The rules follow tags.cncf.io/container-device-interface pkg/cdi (ContainerEdits.Apply,
 applied once to the plan's merged edits, which is what Cache.InjectDevices does):
   env       replace the variable of the same name (its last occurrence), else append
-  devices   fill type/major/minor from the host node (fileMode only from the spec); uid/gid default to
+  devices   fill type/major/minor/fileMode from the host node as the current reference's
+            fillMissingInfo does (Podman 4.3 vendors an older copy that leaves fileMode out,
+            so runc makes 0666; see README "Differences"); uid/gid default to
             process.user uid/gid when > 0; remove the first device with the same path,
             then replace a remaining one with that path in place, else append; one cgroup
             allow rule per b/c node (permissions "" -> "rwm", "none" -> no access)
@@ -156,11 +158,8 @@ def _apply_device_nodes(config: dict, plan: Plan, stat_host: bool) -> None:
     rules = None
     for origin, node in nodes:
         if stat_host:
-            # type/major/minor from the host as the reference's fillMissingInfo does, but
-            # fileMode only when the spec sets it: the reference leaves it out, so runc creates
-            # the node 0666 (seen under Podman 4.3 --device: /dev/kvm is 0600 on the host, 0666
-            # in the container). Copying the host mode would differ from native CDI.
-            node = replace(complete_node(node, origin), file_mode=node.file_mode)
+            # The same completion the live hook uses, so both paths give the same node.
+            node = complete_node(node, origin)
         device = oci_device(node, config)
         _remove_first(devices, "path", device["path"])
         _replace_or_append(devices, "path", device)

@@ -142,13 +142,13 @@ def test_spec_uid_gid_win_over_process_user():
     assert out["linux"]["devices"][0]["uid"] == 0 and out["linux"]["devices"][0]["gid"] == 44
 
 
-def test_host_fills_type_and_numbers_but_not_mode():
-    # Like the reference: no fileMode unless the spec sets one (runc then creates it 0666).
+def test_host_fills_type_numbers_and_mode():
+    # Like the current reference's fillMissingInfo: a node without fileMode takes the host's.
     st = os.stat("/dev/null")
     node = DeviceNode(path="/dev/mynull", host_path="/dev/null")
     out = apply_plan(base_config(), one(device_nodes=(node,)))
     assert out["linux"]["devices"] == [{"path": "/dev/mynull", "type": "c", "major": os.major(st.st_rdev),
-                                        "minor": os.minor(st.st_rdev)}]
+                                        "minor": os.minor(st.st_rdev), "fileMode": st.st_mode & 0o7777}]
     assert out["linux"]["resources"]["devices"][-1]["major"] == os.major(st.st_rdev)
 
 
