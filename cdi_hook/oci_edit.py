@@ -38,7 +38,6 @@ import os
 import posixpath
 import sys
 import tempfile
-from dataclasses import replace
 
 from cdi_hook.errors import CdiError
 from cdi_hook.hostdev import complete_node
