@@ -73,7 +73,9 @@ def apply_plan(stage: str, plan, state, config, log) -> None:
         net_devices = list(plan.each("net_devices"))
         if net_devices:
             _netdev().move_into_container(state.pid, net_devices)
-        for origin, rdt in _rdt_parts(plan):
+        rdt_parts = _rdt_parts(plan)
+        if rdt_parts:
+            origin, rdt = rdt_parts[-1]  # one RDT group per container: the last one wins (plan.merged)
             _rdt().apply(state.pid, origin, rdt, container_id=state.id)
         spechooks.run_hooks(stage_hooks, state.raw)
         committed = True
