@@ -7,6 +7,7 @@ loader cache, from the rootfs it leaves behind).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -282,3 +283,24 @@ def test_cgroup_v2_injected_devices_open_others_refused(runc, tmp_path):
     assert "END" in out and "LOOP1-PRESENT" in out, out + result.stderr
     assert "OPEN-KVM" in out and "READ-LOOP0" in out, out + result.stderr
     assert "WRITE-LOOP0" not in out and "OPEN-LOOP1" not in out, out
+
+
+def test_hook_at_two_stages_applies_once(runc, tmp_path):
+    """Registered at createRuntime and prestart: nodes kept, bind mounts not stacked twice."""
+    sources = hook_env.host_files(tmp_path)
+    script = "grep -c ' /etc/cdi-config.txt ' /proc/mounts; grep -c ' /dev/kvm ' /proc/mounts; (exec 3<>/dev/kvm) && echo OPEN-KVM"
+    bundle, log_file = hook_env.bundle_with_hook(tmp_path, hook_env.full_spec(sources), [ALL], script,
+                                                 extra_env={"CDI_HOOK_LOG_LEVEL": "debug"}, process_user=(1234, 44))
+    config = json.loads((bundle / "config.json").read_text())
+    entry = dict(config["hooks"]["createRuntime"][0])
+    entry["args"] = entry["args"][:-1] + ["prestart"]
+    config["hooks"]["prestart"] = [entry]
+    (bundle / "config.json").write_text(json.dumps(config))
+    result = oci_env.run_container(bundle)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[:2] == ["1", "0"], result.stdout  # one mount; kvm is a node, no mount
+    assert "OPEN-KVM" in result.stdout
+    first, second = hook_env.log_lines(log_file)
+    assert any("mknod c 10:232" in note for note in first["notes"])
+    assert any("/dev/kvm: already present" in note for note in second["notes"])
+    assert any("already mounted" in note for note in second["notes"])

@@ -99,8 +99,10 @@ def _create_node(rootfs: Rootfs, job: NodeJob, by_bind_mount: bool, mounted_fds:
                 os.chmod(syscalls.fd_path(fd), stat.S_IMODE(mode))
             finally:
                 os.close(fd)
+            notes.append(f"{node.path}: mknod {node.type} {node.major}:{node.minor} {mode:o} {job.uid}:{job.gid}")
             return
     _bind_host_node(rootfs, job, mounted_fds)
+    notes.append(f"{node.path}: bind-mounted host node {node.host_path}")
 
 
 def _bind_host_node(rootfs: Rootfs, job: NodeJob, mounted_fds: list[int]) -> None:

@@ -80,6 +80,7 @@ def update(rootfs: Rootfs, dirs: list[str], ldconfig_fd: int | None, notes: list
     status, output = _run_chrooted(rootfs.root_fd, ldconfig_fd, ["ldconfig", "-X"])
     if status != "0":
         raise HookError(STEP, "", f"{status}: {' '.join(output.split())[-2000:] or 'no output'}")
+    notes.append(f"ldconfig: cache updated for {', '.join(dirs)}")
 
 
 def _keep_old_cache(rootfs: Rootfs) -> None:

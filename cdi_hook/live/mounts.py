@@ -128,28 +128,35 @@ def clone_sources(jobs: list[MountJob]) -> None:
             raise HookError(STEP, job.origin, f"host source {host}: {error.strerror}") from None
 
 
-def apply(rootfs: Rootfs, jobs: list[MountJob], mounted_fds: list[int]) -> None:
+def apply(rootfs: Rootfs, jobs: list[MountJob], mounted_fds: list[int], notes: list[str] | None = None) -> None:
     """Mount every job in the rootfs, parents before children; new mounts go to mounted_fds."""
     for job in sorted(jobs, key=lambda j: _depth(j.mount.container_path)):
         where = job.mount.container_path
         try:
-            _apply_one(rootfs, job, mounted_fds)
+            note = _apply_one(rootfs, job, mounted_fds)
+            if notes is not None:
+                notes.append(note)
         except HookError:
             raise
         except OSError as error:
             raise HookError(STEP, job.origin, f"{job.mount.host_path} on {where}: {error.strerror}") from None
 
 
-def _apply_one(rootfs: Rootfs, job: MountJob, mounted_fds: list[int]) -> None:
+def _apply_one(rootfs: Rootfs, job: MountJob, mounted_fds: list[int]) -> str:
     where = job.mount.container_path
     want_dir = job.source_is_dir or not job.options.bind
     target_fd, _ = rootfs.ensure(where, create_dir if want_dir else create_empty_file)
     try:
-        is_dir = stat.S_ISDIR(os.fstat(target_fd).st_mode)
+        target = os.fstat(target_fd)
+        is_dir = stat.S_ISDIR(target.st_mode)
         if is_dir != want_dir:
             raise HookError(STEP, job.origin, f"{where}: mount point in the container is a "
                                               f"{'directory' if is_dir else 'file'}, the source is not")
         if job.options.bind:
+            source = os.fstat(job.tree_fd)
+            if (source.st_dev, source.st_ino) == (target.st_dev, target.st_ino):
+                # Already there (the hook ran at an earlier stage too): do not stack a second mount.
+                return f"{where}: {job.mount.host_path} already mounted, left alone"
             sc.move_mount(job.tree_fd, target_fd)
         else:
             sc.mount(job.mount.host_path or job.mount.type, sc.fd_path(target_fd), job.mount.type,
@@ -160,6 +167,7 @@ def _apply_one(rootfs: Rootfs, job: MountJob, mounted_fds: list[int]) -> None:
     mounted_fds.append(mounted)
     if job.options.propagation:
         sc.mount(None, sc.fd_path(mounted), None, job.options.propagation)
+    return f"{where}: mounted {job.mount.host_path} ({job.mount.type or 'bind'} {','.join(job.mount.options)})"
 
 
 def unmount_all(mounted_fds: list[int]) -> list[str]:

@@ -123,7 +123,7 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int
         except OSError as error:
             raise HookError("open rootfs", "", f"{work.rootfs}: {error.strerror}") from None
         devices.create_nodes(rootfs, work.nodes, work.by_bind_mount, mounted, notes)
-        mounts.apply(rootfs, work.mounts, mounted)
+        mounts.apply(rootfs, work.mounts, mounted, notes)
         mounted_files = [j.mount.container_path for j in work.mounts
                          if j.options.bind and not j.source_is_dir]
         ldcache.update(rootfs, ldcache.library_dirs(mounted_files), ldconfig_fd, notes)
