@@ -11,7 +11,7 @@ Imports are lazy: a container that asks for no device costs a JSON parse and not
 
 from __future__ import annotations
 
-from cdi_hook.errors import CdiError, HookError
+from cdi_hook.errors import CdiError
 
 INJECTION_STAGES = ("createRuntime", "prestart")
 APPLIED_ANNOTATION = "io.github.cdi-hook.applied"
@@ -59,6 +59,7 @@ def apply_plan(stage: str, plan, state, config, log) -> None:
     if stage not in INJECTION_STAGES:
         if stage == "poststop":
             _return_net_devices(state, config, plan, log)
+            _release_rdt(state, plan, log)
         spechooks.run_hooks(stage_hooks, state.raw)
         return
 
@@ -68,18 +69,27 @@ def apply_plan(stage: str, plan, state, config, log) -> None:
     node_jobs = _node_jobs(plan, config)
     worker = _start_rootfs_work(state.pid, config, node_jobs, plan, log)
     committed = False
+    net_devices = list(plan.each("net_devices"))
+    moved_net_devices = False
     try:
         _allow_devices(state.pid, node_jobs)
-        net_devices = list(plan.each("net_devices"))
+        rdt_part = _rdt_part(plan)
+        if rdt_part:
+            from cdi_hook.live import rdt
+
+            rdt.apply(state.pid, *rdt_part, container_id=state.id)
+        # Interfaces move last before the spec hooks: a moved veth dies with a container that
+        # never starts, so everything that can fail on its own comes first.
         if net_devices:
-            _netdev().move_into_container(state.pid, net_devices)
-        rdt_parts = _rdt_parts(plan)
-        if rdt_parts:
-            origin, rdt = rdt_parts[-1]  # one RDT group per container: the last one wins (plan.merged)
-            _rdt().apply(state.pid, origin, rdt, container_id=state.id)
+            from cdi_hook.live import netdev
+
+            netdev.move_into_container(state.pid, net_devices)
+            moved_net_devices = True
         spechooks.run_hooks(stage_hooks, state.raw)
         committed = True
     finally:
+        if moved_net_devices and not committed:
+            _return_net_devices(state, config, plan, log)
         if worker is not None:
             for problem in worker.finish(commit=committed):
                 log.warning(f"undo: {problem}")
@@ -90,8 +100,10 @@ def _return_net_devices(state, config, plan, log) -> None:
     net_devices = list(plan.each("net_devices"))
     if not net_devices:
         return
+    from cdi_hook.live import netdev
+
     try:
-        for note in _netdev().return_to_host(state, config, net_devices):
+        for note in netdev.return_to_host(state, config, net_devices):
             log.note(note)
     except CdiError as error:
         log.warning(str(error))
@@ -149,11 +161,8 @@ def _allow_devices(pid: int, node_jobs) -> None:
     rules_by_origin = [(job.origin, job.node) for job in node_jobs if job.node.type in ("b", "c", "u")]
     if not rules_by_origin:
         return
-    try:
-        from cdi_hook.live import cgroups
-    except ImportError:
-        raise HookError("device cgroup", rules_by_origin[0][0],
-                        "this cdi-hook has no cgroup support (cdi_hook.live.cgroups missing)") from None
+    from cdi_hook.live import cgroups
+
     rules = [cgroups.DeviceRule("c" if node.type == "u" else node.type, node.major, node.minor,
                                 node.permissions or "rwm") for _, node in rules_by_origin]
     cgroups.allow_devices(pid, rules)
@@ -170,22 +179,20 @@ def _warn_unapplicable(plan, log) -> None:
                         "use `cdi-hook precreate` or `cdi-hook inject --mode edits` for them")
 
 
-def _rdt_parts(plan):
-    return [(part.origin, part.edits.intel_rdt) for part in plan.parts if part.edits.intel_rdt is not None]
+def _rdt_part(plan):
+    """(origin, IntelRdt) of the last part that sets one: a container has one RDT group (plan.merged)."""
+    parts = [(part.origin, part.edits.intel_rdt) for part in plan.parts if part.edits.intel_rdt is not None]
+    return parts[-1] if parts else None
 
 
-def _netdev():
+def _release_rdt(state, plan, log) -> None:
+    """At poststop the container's MON group (and a group named after it) goes; failures only warn."""
+    rdt_part = _rdt_part(plan)
+    if not rdt_part:
+        return
+    from cdi_hook.live import rdt
+
     try:
-        from cdi_hook.live import netdev
-    except ImportError:
-        raise HookError("network devices", "", "this cdi-hook has no netDevices support "
-                                               "(cdi_hook.live.netdev missing)") from None
-    return netdev
-
-
-def _rdt():
-    try:
-        from cdi_hook.live import rdt
-    except ImportError:
-        raise HookError("intelRdt", "", "this cdi-hook has no intelRdt support (cdi_hook.live.rdt missing)") from None
-    return rdt
+        rdt.release(*rdt_part, container_id=state.id)
+    except CdiError as error:
+        log.warning(str(error))
