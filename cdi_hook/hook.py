@@ -55,7 +55,10 @@ def devices_to_apply(state, config) -> list[str]:
 def apply_plan(stage: str, plan, state, config, log) -> None:
     from cdi_hook.live import spechooks
 
-    stage_hooks = spechooks.hooks_for_stage(plan.each("hooks"), stage)
+    # One invocation injects, at prestart or createRuntime, whichever the runtime was given:
+    # it runs the spec's hooks of both stages (prestart first, as runtimes order them).
+    hook_stages = ("prestart", "createRuntime") if stage in INJECTION_STAGES else (stage,)
+    stage_hooks = [hook for name in hook_stages for hook in spechooks.hooks_for_stage(plan.each("hooks"), name)]
     if stage not in INJECTION_STAGES:
         if stage == "poststop":
             _return_net_devices(state, config, plan, log)

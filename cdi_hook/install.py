@@ -16,7 +16,8 @@ Two modes, one at a time (installing one removes the other's files):
   hook       one file per stage, since a hooks.d file has one fixed argv and the OCI state
              does not say which stage runs (prestart and createRuntime both see "creating"):
                createRuntime  injects the devices (runtime namespace, container created)
-               prestart       runs the specs' own prestart hooks (deprecated stage, still run)
+                              and runs the specs' prestart and createRuntime hooks; no
+                              prestart file, so the injection happens once, not twice
                poststart      runs the specs' poststart hooks
                poststop       runs the specs' poststop hooks, returns network devices
              Not createContainer / startContainer: those run inside the container's
@@ -41,7 +42,7 @@ DEFAULT_HOOKS_DIR = "/usr/share/containers/oci/hooks.d"
 PODMAN_HOOKS_DIR = DEFAULT_HOOKS_DIR
 CRIO_HOOKS_DIR = DEFAULT_HOOKS_DIR
 
-LIVE_HOOK_STAGES = ("prestart", "createRuntime", "poststart", "poststop")
+LIVE_HOOK_STAGES = ("createRuntime", "poststart", "poststop")
 PRECREATE_FILE = "cdi-hook-precreate.json"
 HOOK_FILES = {stage: f"cdi-hook-{stage}.json" for stage in LIVE_HOOK_STAGES}
 ALL_FILES = (PRECREATE_FILE, *HOOK_FILES.values())

@@ -159,10 +159,13 @@ def test_spec_hook_runs_with_exact_env_args_and_state(runc, tmp_path):
     spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "all", "containerEdits": {
         "hooks": [{"hookName": "createRuntime", "path": str(script), "args": ["my-hook", "one", "two"],
                    "env": ["ONLY=this"]},
+                  {"hookName": "prestart", "path": "/bin/sh", "args": ["sh", "-c", f"echo PRESTART > {out}.pre"]},
                   {"hookName": "poststop", "path": "/bin/false"}]}}]}
     bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "echo RAN")
     result = oci_env.run_container(bundle)
     assert result.returncode == 0, result.stderr
+    # hooks.d registers cdi-hook at createRuntime only: that run also runs the prestart hooks
+    assert (tmp_path / "spec-hook.out.pre").read_text() == "PRESTART\n"
     text = out.read_text()
     assert "ARGS my-hook one two" in text or f"ARGS {script} one two" in text
     env_lines = text.split("STATE")[0].splitlines()[1:]

@@ -129,6 +129,6 @@ def test_every_installed_definition_is_valid(mode, spec_dirs):
 def test_hook_mode_stages_each_get_their_own_argv():
     definitions = hook_definitions("hook", "/usr/bin/python3", None)
     stages = {d["stages"][0]: d["hook"]["args"] for d in definitions.values()}
-    assert set(stages) == {"prestart", "createRuntime", "poststart", "poststop"}
+    assert set(stages) == {"createRuntime", "poststart", "poststop"}
     for stage, args in stages.items():
         assert args[-3:] == ["hook", "--stage", stage]

@@ -106,13 +106,13 @@ def test_hook_mode_adds_annotation_and_live_hook_entries(bundle, spec_dir):
     assert config["annotations"][INJECT_ANNOTATION] == "vendor.com/class=zero,vendor.com/class=null"
     assert "devices" not in config["linux"]  # the live hook does the work
     python = os.path.abspath(sys.executable)
-    for stage in ("prestart", "createRuntime", "poststart", "poststop"):
+    for stage in ("createRuntime", "poststart", "poststop"):
         entries = config["hooks"][stage]
         assert len(entries) == 1, stage  # not added twice
         assert entries[0]["path"] == python
         assert entries[0]["args"] == [python, "-I", "-m", "cdi_hook", "hook", "--stage", stage]
         assert entries[0]["env"] == ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", f"CDI_SPEC_DIRS={spec_dir}"]
-    assert "createContainer" not in config["hooks"] and "startContainer" not in config["hooks"]
+    assert not {"prestart", "createContainer", "startContainer"} & set(config["hooks"])
 
 
 def test_hook_mode_without_spec_dirs_sets_no_spec_dir_env(bundle, spec_dir, monkeypatch):
