@@ -1,0 +1,420 @@
+"""Proof against Podman's native CDI: the same container, five ways, must see the same devices.
+
+For each scenario (a set of CDI specs and the devices a container asks for) one busybox
+container runs a probe script that reports what it sees at the paths the specs name:
+  device nodes  type, rdev, mode, uid, gid, whether it opens for reading / writing
+  mounts        every /proc/self/mountinfo entry at the target (root, fs device, per-mount
+                options, fs type, source) and how many there are, plus the content seen there
+  env           the value of each variable a spec names
+  groups        /proc/self/status Groups, uid:gid and the effective capabilities (the runc
+                bundle gets Podman's process set-up, so these must agree before CDI matters)
+It runs
+  podman-native     podman run --device vendor/class=name              (the reference)
+  podman-hook       podman --hooks-dir <cdi-hook install --mode hook> + cdi.k8s.io annotation
+  podman-precreate  podman --hooks-dir <cdi-hook install --mode precreate> + annotation
+  runc-edits        runc run on a bundle edited by `cdi-hook inject --mode edits`
+  runc-hook         runc run on a bundle edited by `cdi-hook inject --mode hook`
+and every way must report exactly what the reference reports, except for the differences
+listed in ALLOWED_DIFFERENCES (each with its reason). Only the paths the specs name are
+probed, so what a runtime sets up by itself (Podman's /dev, /etc/hosts, ...) stays out.
+
+Podman 4.3 reads native specs only from /etc/cdi and /var/run/cdi, so the specs go to
+/var/run/cdi under unique names (root-owned, 0644, so the hook trusts them without
+CDI_HOOK_INSECURE_SPECS) and are removed afterwards whatever happens. Podman uses a
+throwaway --root/--runroot (vfs) and --hooks-dir, so the host's storage and hooks.d stay
+untouched. Podman 4.3 vendors a CDI library that knows cdiVersion <= 0.5.0, so the specs
+here are 0.5.0 (no additionalGids / intelRdt: those cannot be compared with Podman).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from conftest import require_programs
+from oci_env import make_bundle, make_rootfs, run_container
+
+REPO = Path(__file__).resolve().parent.parent
+NATIVE_SPEC_DIR = "/var/run/cdi"
+IMAGE = "localhost/cdi-hook-difftest-busybox"
+RUN_ID = uuid.uuid4().hex[:8]
+VENDOR = f"difftest{RUN_ID}.cdi-hook.test"  # unique kinds: no clash with any other spec there
+# This VM has no CAP_SYS_RESOURCE for raising rlimits and crun refuses its hybrid cgroups.
+PODMAN_RUN = ["run", "--rm", "--runtime", "runc", "--network", "none",
+              "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
+# containers.conf default_capabilities of Podman 4.3 (`podman run ... grep Cap /proc/self/status`)
+PODMAN_CAPABILITIES = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+                       "CAP_NET_BIND_SERVICE", "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP", "CAP_SETUID",
+                       "CAP_SYS_CHROOT"]
+WAYS = ("podman-native", "podman-hook", "podman-precreate", "runc-edits", "runc-hook")
+LIVE_HOOK_WAYS = {"podman-hook", "runc-hook"}
+CDI_HOOK_WAYS = set(WAYS) - {"podman-native"}
+
+PROBE = r"""
+for a in "$@"; do
+  k=${a%%:*}; p=${a#*:}
+  case $k in
+  node)
+    if [ -e "$p" ]; then
+      r=no; (exec 3<"$p") 2>/dev/null && r=yes
+      w=no; (exec 3>>"$p") 2>/dev/null && w=yes
+      echo "node:$p=$(stat -c '%F rdev=%t:%T mode=%a uid=%u gid=%g' "$p") read=$r write=$w"
+    else
+      echo "node:$p=missing"
+    fi ;;
+  mount)
+    n=0
+    while read -r id parent dev root target opts rest; do
+      [ "$target" = "$p" ] || continue
+      n=$((n+1))
+      echo "mount:$p#$n=root=$root dev=$dev opts=$opts fs=$(echo "$rest" | sed 's/.* - //' | cut -d' ' -f1,2)"
+    done < /proc/self/mountinfo
+    echo "mount:$p#count=$n"
+    if [ -d "$p" ]; then echo "content:$p=dir $(ls -A "$p" | tr '\n' ' ')"
+    elif [ -f "$p" ]; then echo "content:$p=file $(md5sum < "$p" | cut -d' ' -f1)"
+    else echo "content:$p=missing"; fi ;;
+  env)
+    eval "v=\${$p-<unset>}"; echo "env:$p=$v" ;;
+  esac
+done
+echo "groups=$(sed -n 's/^Groups:[[:space:]]*//p' /proc/self/status)"
+echo "ids=$(id -u):$(id -g)"
+echo "caps=$(sed -n 's/^CapEff:[[:space:]]*//p' /proc/self/status)"
+"""
+
+
+# ------------------------------------------------------------------ allowed differences
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a difference check may look at: the scenario's specs and the host."""
+    scenario: "Scenario"
+
+    def node(self, path: str) -> dict | None:
+        for edits in self.scenario.all_edits():
+            for node in edits.get("deviceNodes", []):
+                if node["path"] == path:
+                    return node
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Allowed:
+    ways: frozenset
+    key: str  # regex on the probe key
+    reason: str
+    check: Callable[[Context, str, str | None, str | None], bool]  # (ctx, key, reference, got)
+
+
+def _env_not_applied(ctx, key, reference, got) -> bool:
+    return got == "<unset>"
+
+
+def _host_mode_instead_of_0666(ctx, key, reference, got) -> bool:
+    """Only the mode differs: 0666 from Podman 4.3, the host node's mode from cdi-hook."""
+    path = key.split(":", 1)[1]
+    node = ctx.node(path)
+    if node is None or "fileMode" in node or reference is None or got is None:
+        return False
+    host_mode = stat.S_IMODE(os.stat(node.get("hostPath", path)).st_mode)
+    return reference.replace("mode=666 ", f"mode={host_mode:o} ") == got and "mode=666 " in reference
+
+
+# THE list of differences between Podman's native CDI and cdi-hook that this proof accepts.
+ALLOWED_DIFFERENCES = (
+    Allowed(frozenset(LIVE_HOOK_WAYS), r"^env:",
+            "a live hook runs after the runtime fixed the process environment: env edits cannot "
+            "be applied (cdi-hook logs a warning naming them; precreate / inject --mode edits apply them)",
+            _env_not_applied),
+    # additionalGids (the other edit a live hook cannot make) needs cdiVersion 0.7.0, which
+    # Podman 4.3 cannot read: test_additional_gids covers it without a native reference.
+    Allowed(frozenset(CDI_HOOK_WAYS), r"^node:",
+            "a device node without fileMode: Podman 4.3 vendors CDI v0.5.x, whose fillMissingInfo "
+            "leaves fileMode unset, so runc creates the node 0666; cdi-hook follows the current "
+            "CDI reference (fillMissingInfo copies the host node's permission bits)",
+            _host_mode_instead_of_0666),
+)
+
+
+# ------------------------------------------------------------------ scenarios
+
+
+@dataclasses.dataclass
+class Scenario:
+    name: str
+    specs: list[dict]        # CDI spec documents
+    devices: list[str]       # the qualified names the container asks for
+    user: tuple[int, int] | None = None
+
+    def all_edits(self):
+        for spec in self.specs:
+            yield spec.get("containerEdits", {})
+            for device in spec["devices"]:
+                yield device.get("containerEdits", {})
+
+    def probe_args(self) -> list[str]:
+        args = []
+        for edits in self.all_edits():
+            args += [f"node:{n['path']}" for n in edits.get("deviceNodes", [])]
+            args += [f"mount:{m['containerPath']}" for m in edits.get("mounts", [])]
+            args += [f"env:{e.split('=', 1)[0]}" for e in edits.get("env", [])]
+        return list(dict.fromkeys(args))
+
+
+def spec(cls: str, devices: dict[str, dict], edits: dict | None = None, vendor: str = VENDOR) -> dict:
+    doc = {"cdiVersion": "0.5.0", "kind": f"{vendor}/{cls}",
+           "devices": [{"name": name, "containerEdits": e} for name, e in devices.items()]}
+    if edits:
+        doc["containerEdits"] = edits
+    return doc
+
+
+def scenarios(data: Path) -> list[Scenario]:
+    d = str(data)
+    return [
+        Scenario("nodes", [spec("nodes", {
+            "kvm": {"deviceNodes": [{"path": "/dev/kvm"}]},                                    # path only
+            "zero-elsewhere": {"deviceNodes": [{"path": "/dev/cdi/zero", "hostPath": "/dev/zero"}]},
+            "loop-typed": {"deviceNodes": [{"path": "/dev/loop0", "type": "b", "major": 7, "minor": 0}]},
+        })], [f"{VENDOR}/nodes=kvm", f"{VENDOR}/nodes=zero-elsewhere", f"{VENDOR}/nodes=loop-typed"]),
+        Scenario("owners", [spec("owners", {
+            "owned": {"deviceNodes": [
+                {"path": "/dev/loop1", "fileMode": 0o640, "uid": 1000, "gid": 44, "permissions": "r"},
+                {"path": "/dev/cdi-null", "hostPath": "/dev/null", "fileMode": 0o600, "uid": 12, "gid": 34},
+                {"path": "/dev/kvm", "fileMode": 0o660, "permissions": "rw"},
+            ]},
+        })], [f"{VENDOR}/owners=owned"]),
+        Scenario("mounts", [spec("mounts", {
+            "data": {"mounts": [
+                # listed deeper first: the reference orders mounts by depth, so /opt/data comes first
+                {"hostPath": f"{d}/nested", "containerPath": "/opt/data/nested", "options": ["ro", "bind"]},
+                {"hostPath": f"{d}/data", "containerPath": "/opt/data", "options": ["ro", "rbind"]},
+                {"hostPath": f"{d}/rw", "containerPath": "/opt/rw", "options": ["rw", "rbind"]},
+                {"hostPath": f"{d}/file.txt", "containerPath": "/etc/cdi-file", "options": ["ro", "bind"]},
+                {"hostPath": f"{d}/file-rw.txt", "containerPath": "/opt/file-rw", "options": ["bind"]},
+            ]},
+        })], [f"{VENDOR}/mounts=data"]),
+        Scenario("layers", [spec("layers", {
+            "dev": {"env": ["LAYER=device", "DEV_ONLY=2"],
+                    "deviceNodes": [{"path": "/dev/kvm", "fileMode": 0o660, "gid": 44}],
+                    "mounts": [{"hostPath": f"{d}/data", "containerPath": "/srv/dev", "options": ["ro", "bind"]}]},
+        }, edits={"env": ["LAYER=spec", "SPEC_ONLY=1"],
+                  "deviceNodes": [{"path": "/dev/cdi-spec-zero", "hostPath": "/dev/zero"}],
+                  "mounts": [{"hostPath": f"{d}/file.txt", "containerPath": "/etc/spec-level",
+                              "options": ["ro", "bind"]}]})],
+                 [f"{VENDOR}/layers=dev"]),
+        Scenario("two-specs", [
+            spec("first", {"one": {"env": ["FIRST=1"], "deviceNodes": [{"path": "/dev/loop1", "fileMode": 0o660}],
+                                   "mounts": [{"hostPath": f"{d}/file.txt", "containerPath": "/opt/first-file",
+                                               "options": ["ro", "bind"]}]}}),
+            spec("second", {"two": {"env": ["SECOND=2"], "deviceNodes": [{"path": "/dev/kvm", "fileMode": 0o666}],
+                                    "mounts": [{"hostPath": f"{d}/rw", "containerPath": "/opt/second-dir",
+                                                "options": ["rbind"]}]}},
+                 vendor="second." + VENDOR),
+        ], [f"{VENDOR}/first=one", f"second.{VENDOR}/second=two"]),
+        Scenario("user", [spec("user", {
+            "as-user": {"deviceNodes": [{"path": "/dev/cdi-user-null", "hostPath": "/dev/null"},
+                                        {"path": "/dev/kvm", "fileMode": 0o600},
+                                        {"path": "/dev/loop1", "fileMode": 0o640, "gid": 44}],
+                        "mounts": [{"hostPath": f"{d}/file.txt", "containerPath": "/etc/user-file",
+                                    "options": ["ro", "bind"]}]},
+        })], [f"{VENDOR}/user=as-user"], user=(1000, 1000)),
+    ]
+
+
+# ------------------------------------------------------------------ environment
+
+
+def _run(argv, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120, **kw)
+
+
+def _cdi_hook(*args: str) -> subprocess.CompletedProcess:
+    result = _run([sys.executable, "-m", "cdi_hook", *args], cwd=REPO,
+                  env={**os.environ, "CDI_SPEC_DIRS": NATIVE_SPEC_DIR})
+    assert result.returncode == 0, f"cdi-hook {' '.join(args)}: {result.stderr}"
+    return result
+
+
+def _umount_below(top: Path) -> None:
+    """Unmount whatever a crashed run left mounted under top (deepest first)."""
+    with open("/proc/self/mountinfo") as f:
+        targets = [line.split()[4] for line in f]
+    for target in sorted((t for t in targets if t.startswith(str(top) + "/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], capture_output=True)
+
+
+class Podman:
+    def __init__(self, top: Path):
+        self.top = top
+        self.base = ["podman", "--root", str(top / "storage"), "--runroot", str(top / "runroot"),
+                     "--storage-driver", "vfs"]
+        self.hooks_dirs = {way: top / f"hooks-{way}" for way in ("podman-native", "podman-hook", "podman-precreate")}
+
+    def setup(self, rootfs: Path) -> None:
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        imported = subprocess.run(self.base + ["import", "-", IMAGE], stdin=tar.stdout, capture_output=True, text=True)
+        tar.wait()
+        assert imported.returncode == 0, f"podman import: {imported.stderr}"
+        # The reference gets an empty hooks dir: nothing of the host's hooks.d may take part.
+        self.hooks_dirs["podman-native"].mkdir()
+        _cdi_hook("install", "--hooks-dir", str(self.hooks_dirs["podman-hook"]), "--mode", "hook")
+        _cdi_hook("install", "--hooks-dir", str(self.hooks_dirs["podman-precreate"]), "--mode", "precreate")
+
+    def run(self, way: str, scenario: Scenario) -> subprocess.CompletedProcess:
+        argv = self.base + ["--hooks-dir", str(self.hooks_dirs[way])] + PODMAN_RUN
+        if scenario.user:
+            argv += ["--user", "%d:%d" % scenario.user]
+        if way == "podman-native":
+            for name in scenario.devices:
+                argv += ["--device", name]
+        else:
+            # One key per device: Podman 4.3 splits an --annotation value at commas, so
+            # "cdi.k8s.io/x=a/b=c,d/e=f" would become two annotations, the second not ours.
+            for i, name in enumerate(scenario.devices):
+                argv += ["--annotation", f"cdi.k8s.io/difftest{i}={name}"]
+        return _run(argv + [IMAGE, "sh", "-c", PROBE, "probe", *scenario.probe_args()])
+
+    def cleanup(self) -> None:
+        _run(self.base + ["rm", "--all", "--force"])
+        _run(self.base + ["rmi", "--all", "--force"])
+        _umount_below(self.top)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    require_programs("podman", "runc", "tar")
+    top = tmp_path_factory.mktemp("difftest")
+    data = top / "data"
+    (data / "data").mkdir(parents=True)
+    (data / "data" / "a.txt").write_text("a\n")
+    (data / "data" / "sub").mkdir()
+    (data / "data" / "nested").mkdir()  # the mount point of /opt/data/nested inside read-only /opt/data
+    (data / "nested").mkdir()
+    (data / "nested" / "n.txt").write_text("nested\n")
+    (data / "rw").mkdir()
+    (data / "rw" / "r.txt").write_text("rw\n")
+    (data / "file.txt").write_text("the file\n")
+    (data / "file-rw.txt").write_text("the rw file\n")
+    rootfs = make_rootfs(top / "rootfs")
+    podman = Podman(top)
+    try:
+        podman.setup(rootfs)
+        yield top, data, rootfs, podman
+    finally:
+        podman.cleanup()
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _install_specs(scenario: Scenario) -> list[Path]:
+    written = []
+    for i, doc in enumerate(scenario.specs):
+        path = Path(NATIVE_SPEC_DIR) / f"cdi-hook-difftest-{RUN_ID}-{scenario.name}-{i}.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        written.append(path)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2)
+    return written
+
+
+def _like_podman(config_path: Path, user: tuple[int, int] | None) -> None:
+    """Give the runc container Podman's process set-up, so only the CDI edits differ.
+
+    runc's default spec keeps 3 capabilities; without Podman's CAP_DAC_OVERRIDE root could
+    not open a node owned by another uid with mode 0600. Podman also lists the user's
+    primary gid as a supplementary group (/proc/self/status Groups).
+    """
+    config = json.loads(config_path.read_text())
+    caps = PODMAN_CAPABILITIES
+    # Podman gives a non-root user no effective or permitted capabilities.
+    held = [] if user and user[0] != 0 else caps
+    config["process"]["capabilities"] = {"bounding": caps, "effective": held, "permitted": held}
+    if user:
+        config["process"]["user"] = {"uid": user[0], "gid": user[1], "additionalGids": [user[1]]}
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def _run_runc(way: str, scenario: Scenario, top: Path, rootfs_template: Path) -> subprocess.CompletedProcess:
+    bundle = top / f"bundle-{scenario.name}-{way}"
+    rootfs = bundle / "rootfs"
+    shutil.copytree(rootfs_template, rootfs, symlinks=True)  # runc and the hook create mount points in it
+    make_bundle(bundle, ["sh", "-c", PROBE, "probe", *scenario.probe_args()], rootfs=rootfs)
+    _like_podman(bundle / "config.json", scenario.user)
+    mode = "edits" if way == "runc-edits" else "hook"
+    device_args = [a for name in scenario.devices for a in ("--device", name)]
+    _cdi_hook("inject", "--spec-dir", NATIVE_SPEC_DIR, "--bundle", str(bundle), *device_args, "--mode", mode)
+    return run_container(bundle, root=str(top / "runc-state"))
+
+
+def parse_probe(output: str) -> dict[str, str]:
+    seen = {}
+    for line in output.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            seen[key] = value
+    return seen
+
+
+def compare(reference: dict, got: dict, way: str, ctx: Context) -> tuple[list[str], list[str]]:
+    """(unexplained differences, allowed differences with their reason)."""
+    unexplained, allowed = [], []
+    for key in sorted(set(reference) | set(got)):
+        ref, value = reference.get(key), got.get(key)
+        if ref == value:
+            continue
+        line = f"{way}: {key}: podman-native {ref!r} != {value!r}"
+        rule = next((a for a in ALLOWED_DIFFERENCES
+                     if way in a.ways and re.search(a.key, key) and a.check(ctx, key, ref, value)), None)
+        if rule is None:
+            unexplained.append(line)
+        else:
+            allowed.append(f"{line}  [allowed: {rule.reason}]")
+    return unexplained, allowed
+
+
+# ------------------------------------------------------------------ the test
+
+
+@pytest.mark.parametrize("name", ["nodes", "owners", "mounts", "layers", "two-specs", "user"])
+def test_same_as_podman_native_cdi(env, name, findings):
+    top, data, rootfs, podman = env
+    scenario = next(s for s in scenarios(data) if s.name == name)
+    results, failures = {}, []
+    spec_files = []
+    try:
+        spec_files = _install_specs(scenario)
+        for way in WAYS:
+            run = podman.run(way, scenario) if way.startswith("podman") else _run_runc(way, scenario, top, rootfs)
+            if run.returncode != 0:
+                failures.append(f"{way}: exit {run.returncode}: {run.stderr.strip()[-2000:]}")
+                continue
+            results[way] = parse_probe(run.stdout)
+    finally:
+        for path in spec_files:
+            path.unlink(missing_ok=True)
+    assert not failures, "\n".join(failures)
+
+    reference = results["podman-native"]
+    # The probe must have seen the devices at all, or agreement would prove nothing.
+    assert all(not v.startswith("missing") for k, v in reference.items() if k.startswith("node:")), reference
+    ctx = Context(scenario)
+    problems = []
+    for way in WAYS[1:]:
+        unexplained, allowed = compare(reference, results[way], way, ctx)
+        problems += unexplained
+        findings += [f"{name}: {line}" for line in allowed]
+    report = "\n".join(f"  {k}={v}" for k, v in sorted(reference.items()))
+    assert not problems, "differences from Podman's native CDI:\n" + "\n".join(problems) + \
+        "\npodman-native saw:\n" + report
