@@ -68,6 +68,9 @@ def apply_plan(stage: str, plan, state, config, log) -> None:
 
     if not state.pid:
         raise CdiError(f"OCI state on stdin: pid: missing, needed at {stage} to reach the container")
+    from cdi_hook import oci
+
+    oci.check_container_process(state.pid, config.rootfs)
     _warn_unapplicable(plan, log)
     node_jobs = _node_jobs(plan, config)
     worker = _start_rootfs_work(state.pid, config, node_jobs, plan, log)

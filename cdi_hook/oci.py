@@ -165,3 +165,41 @@ def _mappings(linux: dict, key: str, path: str) -> tuple[IdMapping, ...]:
         mappings.append(IdMapping(_uint(item, "containerID", where), _uint(item, "hostID", where),
                                   _uint(item, "size", where)))
     return tuple(mappings)
+
+
+def check_container_process(pid: int, rootfs: str) -> None:
+    """Refuse a state whose pid is not a process of the container this config.json describes.
+
+    Every later step acts on /proc/<pid> (its mount namespace, its cgroup, its network
+    namespace), so a dead pid, a host process or another container's process must be refused
+    before anything changes. A container process is in its own mount namespace, and from its
+    root the bundle's rootfs is the same inode the host sees: /proc/<pid>/root is the rootfs
+    itself once the runtime pivoted, or holds it at the host path before (runc and crun run
+    createRuntime/prestart hooks before pivot_root).
+    """
+    where = f"OCI state on stdin: pid {pid}"
+    try:
+        proc_fd = os.open(f"/proc/{pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        raise CdiError(f"{where}: no such process (the container is gone or the state is stale)") from None
+    try:
+        try:
+            theirs = os.stat("ns/mnt", dir_fd=proc_fd)
+            ours = os.stat("/proc/self/ns/mnt")
+            host_rootfs = os.stat(rootfs)
+        except OSError as error:
+            raise CdiError(f"{where}: cannot inspect ({error.strerror}: {error.filename})") from None
+        if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+            raise CdiError(f"{where}: shares the hook's mount namespace, so it is no container process")
+        wanted = (host_rootfs.st_dev, host_rootfs.st_ino)
+        for seen_as in ("root", "root" + rootfs):
+            try:
+                st = os.stat(seen_as, dir_fd=proc_fd)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == wanted:
+                return
+        raise CdiError(f"{where}: its root holds no {rootfs} (config.json root.path), "
+                       "so it is not this container's process")
+    finally:
+        os.close(proc_fd)
