@@ -185,3 +185,38 @@ def open_in_container(container: "DetachedContainer", path: str, mode: str = "r"
     """Open `path` inside the container with the shell ('r', 'w' or 'rw'); nothing is read or written."""
     redirect = {"r": "<", "w": ">>", "rw": "<>"}[mode]
     return container.exec(["sh", "-c", f"exec 3{redirect} {path}"])
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under root (root included): type, mode, owner, and content, symlink target or rdev.
+
+    Times are left out: a directory whose entry was created and removed again is the same tree.
+    """
+    import stat as stat_module
+
+    found: dict[str, tuple] = {}
+
+    def visit(path: str, key: str) -> None:
+        st = os.lstat(path)
+        kind = stat_module.S_IFMT(st.st_mode)
+        if stat_module.S_ISLNK(st.st_mode):
+            detail = os.readlink(path)
+        elif stat_module.S_ISREG(st.st_mode):
+            with open(path, "rb") as f:
+                detail = f.read()
+        elif stat_module.S_ISCHR(st.st_mode) or stat_module.S_ISBLK(st.st_mode):
+            detail = st.st_rdev
+        else:
+            detail = None
+        found[key] = (kind, stat_module.S_IMODE(st.st_mode), st.st_uid, st.st_gid, detail)
+        if stat_module.S_ISDIR(st.st_mode):
+            for name in sorted(os.listdir(path)):
+                visit(os.path.join(path, name), f"{key}/{name}" if key else name)
+
+    visit(str(root), "")
+    return found
+
+
+def host_mount_points() -> list[str]:
+    """Mount points of this process's mount namespace (/proc/self/mountinfo field 5)."""
+    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
