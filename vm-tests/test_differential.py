@@ -58,8 +58,9 @@ PODMAN_CAPABILITIES = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETI
                        "CAP_NET_BIND_SERVICE", "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP", "CAP_SETUID",
                        "CAP_SYS_CHROOT"]
 WAYS = ("podman-native", "podman-hook", "podman-precreate", "runc-edits", "runc-hook")
-LIVE_HOOK_WAYS = {"podman-hook", "runc-hook"}
-CDI_HOOK_WAYS = set(WAYS) - {"podman-native"}
+CRUN_WAYS = ("podman-native", "crun-edits", "crun-hook")
+LIVE_HOOK_WAYS = {"podman-hook", "runc-hook", "crun-hook"}
+CDI_HOOK_WAYS = (set(WAYS) | set(CRUN_WAYS)) - {"podman-native"}
 
 PROBE = r"""
 for a in "$@"; do
@@ -346,16 +347,36 @@ def _like_podman(config_path: Path, user: tuple[int, int] | None) -> None:
     config_path.write_text(json.dumps(config, indent=2))
 
 
-def _run_runc(way: str, scenario: Scenario, top: Path, rootfs_template: Path) -> subprocess.CompletedProcess:
+def _run_bundle(way: str, scenario: Scenario, top: Path, rootfs_template: Path) -> subprocess.CompletedProcess:
+    """runc or crun on a bundle that `cdi-hook inject` edited (way: "<runtime>-<inject mode>")."""
+    runtime, mode = way.split("-")
     bundle = top / f"bundle-{scenario.name}-{way}"
     rootfs = bundle / "rootfs"
-    shutil.copytree(rootfs_template, rootfs, symlinks=True)  # runc and the hook create mount points in it
+    shutil.copytree(rootfs_template, rootfs, symlinks=True)  # runtimes and the hook create mount points in it
     make_bundle(bundle, ["sh", "-c", PROBE, "probe", *scenario.probe_args()], rootfs=rootfs)
     _like_podman(bundle / "config.json", scenario.user)
-    mode = "edits" if way == "runc-edits" else "hook"
     device_args = [a for name in scenario.devices for a in ("--device", name)]
     _cdi_hook("inject", "--spec-dir", NATIVE_SPEC_DIR, "--bundle", str(bundle), *device_args, "--mode", mode)
-    return run_container(bundle, root=str(top / "runc-state"))
+    if runtime == "runc":
+        return run_container(bundle, root=str(top / "runc-state"))
+    return run_crun(bundle, str(top / "crun-state"))
+
+
+# crun 1.8 refuses a hybrid cgroup host ("cgroups in hybrid mode not supported"), and in a
+# cgroup2-only mount namespace it fails raising RLIMIT_MEMLOCK for its device eBPF program
+# where root lacks CAP_SYS_RESOURCE. Hiding the cgroup2 mount in a private mount namespace
+# makes it a plain cgroup v1 host for crun; on a v2-only host nothing is hidden.
+CRUN_NAMESPACE = ("mountpoint -q /sys/fs/cgroup/unified && umount /sys/fs/cgroup/unified; "
+                  'exec crun --root "$0" "$@"')
+
+
+def run_crun(bundle: Path, state_root: str) -> subprocess.CompletedProcess:
+    cid = "cdi-difftest-" + uuid.uuid4().hex[:12]
+    crun = ["unshare", "--mount", "--propagation", "private", "sh", "-c", CRUN_NAMESPACE, state_root]
+    try:
+        return _run(crun + ["run", "--bundle", str(bundle), cid])
+    finally:
+        _run(crun + ["delete", "--force", cid])
 
 
 def parse_probe(output: str) -> dict[str, str]:
@@ -387,16 +408,29 @@ def compare(reference: dict, got: dict, way: str, ctx: Context) -> tuple[list[st
 # ------------------------------------------------------------------ the test
 
 
-@pytest.mark.parametrize("name", ["nodes", "owners", "mounts", "layers", "two-specs", "user"])
+SCENARIO_NAMES = ["nodes", "owners", "mounts", "layers", "two-specs", "user"]
+
+
+@pytest.mark.parametrize("name", SCENARIO_NAMES)
 def test_same_as_podman_native_cdi(env, name, findings):
+    differential(env, name, WAYS, findings)
+
+
+@pytest.mark.parametrize("name", SCENARIO_NAMES)
+def test_crun_same_as_podman_native_cdi(env, name, findings):
+    require_programs("crun", "unshare", "mountpoint")
+    differential(env, name, CRUN_WAYS, findings)
+
+
+def differential(env, name: str, ways: tuple[str, ...], findings: list) -> None:
     top, data, rootfs, podman = env
     scenario = next(s for s in scenarios(data) if s.name == name)
     results, failures = {}, []
     spec_files = []
     try:
         spec_files = _install_specs(scenario)
-        for way in WAYS:
-            run = podman.run(way, scenario) if way.startswith("podman") else _run_runc(way, scenario, top, rootfs)
+        for way in ways:
+            run = podman.run(way, scenario) if way.startswith("podman") else _run_bundle(way, scenario, top, rootfs)
             if run.returncode != 0:
                 failures.append(f"{way}: exit {run.returncode}: {run.stderr.strip()[-2000:]}")
                 continue
@@ -411,7 +445,7 @@ def test_same_as_podman_native_cdi(env, name, findings):
     assert all(not v.startswith("missing") for k, v in reference.items() if k.startswith("node:")), reference
     ctx = Context(scenario)
     problems = []
-    for way in WAYS[1:]:
+    for way in ways[1:]:
         unexplained, allowed = compare(reference, results[way], way, ctx)
         problems += unexplained
         findings += [f"{name}: {line}" for line in allowed]
