@@ -220,3 +220,14 @@ def tree_snapshot(root: Path) -> dict[str, tuple]:
 def host_mount_points() -> list[str]:
     """Mount points of this process's mount namespace (/proc/self/mountinfo field 5)."""
     return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+
+
+# Where other tests running at the same time (podman, runc with their own tmp dirs) mount.
+_OTHER_TESTS_MOUNT = ("/tmp/", "/run/", "/var/run/", "/var/lib/containers/")
+
+
+def new_host_mounts(before: list[str], after: list[str], mine: Path) -> list[str]:
+    """Mount points in after, not in before, that this test could have made: under `mine`
+    (its tmp dir), or anywhere outside the dirs concurrent tests mount in."""
+    seen = set(before)
+    return [m for m in after if m not in seen and (m.startswith(str(mine)) or not m.startswith(_OTHER_TESTS_MOUNT))]

@@ -59,7 +59,7 @@ def test_pid_of_no_container_is_refused(root_only, tmp_path, who):
     assert "pid" in stderr and "Traceback" not in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1, stderr
     assert oci_env.tree_snapshot(rootfs) == before
-    assert oci_env.host_mount_points() == mounts_before
+    assert oci_env.new_host_mounts(mounts_before, oci_env.host_mount_points(), tmp_path) == []
     if cgroup_before is not None:
         assert devices_list.read_text() == cgroup_before
     [line] = hook_env.log_lines(log_file)
