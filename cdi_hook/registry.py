@@ -156,16 +156,7 @@ class Registry:
         missing = [name for name in wanted if name not in self.devices]
         if missing:
             raise ResolveError(self._unresolved_message(missing))
-        parts: list[PlanPart] = []
-        specs_met: set[str] = set()
-        for name in wanted:
-            spec, device = self.devices[name]
-            if spec.path not in specs_met:
-                specs_met.add(spec.path)
-                if not spec.container_edits.is_empty():
-                    parts.append(PlanPart(f"{spec.kind} (spec-level)", spec.path, spec.container_edits))
-            parts.append(PlanPart(name, spec.path, device.container_edits))
-        return Plan(tuple(wanted), tuple(parts))
+        return plan_for(wanted, self.devices)
 
     def _unresolved_message(self, missing: list[str]) -> str:
         details = []
@@ -192,8 +183,28 @@ class Registry:
         return [line for lines in self.errors.values() for line in lines]
 
 
+def plan_for(wanted: list[str], devices) -> Plan:
+    """The Plan for known, distinct names; devices maps each to its (Spec, Device)."""
+    parts: list[PlanPart] = []
+    specs_met: set[str] = set()
+    for name in wanted:
+        spec, device = devices[name]
+        if spec.path not in specs_met:
+            specs_met.add(spec.path)
+            if not spec.container_edits.is_empty():
+                parts.append(PlanPart(f"{spec.kind} (spec-level)", spec.path, spec.container_edits))
+        parts.append(PlanPart(name, spec.path, device.container_edits))
+    return Plan(tuple(wanted), tuple(parts))
+
+
 def resolve(names, spec_dirs=None) -> Plan:
-    """Load the spec dirs and resolve names in one go (the hook's usual call)."""
-    return Registry.load(spec_dirs).resolve(names)
+    """Resolve names against the spec dirs in one go (the hook's, precreate's and inject's call).
+
+    Goes through the compiled cache (cdi_hook.cache), which answers only while every spec
+    file is unchanged and falls back to Registry.load otherwise: same Plan, same errors.
+    """
+    from cdi_hook import cache
+
+    return cache.resolve(names, spec_dirs)
 
 

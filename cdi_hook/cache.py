@@ -1,0 +1,300 @@
+"""The compiled registry cache: resolve a request without parsing unchanged spec files again.
+
+Only `registry.resolve` (the hook, precreate and inject) uses it. `list`, `validate` and
+`show` always read the files: they report every per-file error, and a person waits for
+them, not a container. A request the cache cannot answer completely (an unknown name, a
+conflict, an invalid spec) falls back to a full load, so every error message is the
+registry's own and the cache never has to carry errors.
+
+The files stay the truth. The cache is keyed on the cdi-hook code (version, cache format
+and the size/mtime of the modules that decide what a spec means), the spec dirs in order,
+the trust and size settings, each dir's own stat (a file added or removed shows there)
+and each spec file's (st_ino, st_dev, size, mtime_ns, ctime_ns). ctime cannot be set
+from user space and moves on every write, chmod, chown and rename, so a changed file is
+seen on the very next start. Timestamps have a granularity (the kernel's coarse clock):
+a file rewritten twice within one tick with the same size would keep its signature, so a
+cache is not written while any file or dir changed less than FRESH_NS ago; the next start
+after that writes it.
+
+Trust: the cache holds pickled Spec objects, and unpickling runs whatever the file says.
+That is acceptable only because the file is as trusted as the specs themselves: it is
+read only when the reader is root, the directory and the file are root-owned and not
+writable by group or others (file mode 0600, dir 0700 when we create it), and it is opened
+without following a symlink. Anything else, or any error while reading, means "no cache":
+rebuilt from the files and written again (atomically, temp file + rename). Non-root callers
+never read or write it. Pickle of the model's frozen dataclasses loads several times
+faster than rebuilding them from JSON (and needs no re-validation).
+
+Layout, so a start reads only what the request needs (O(1) in the devices not asked for):
+    MAGIC | meta length (8 bytes LE) | meta (marshal) | specs (pickle) | buckets (marshal)
+meta = (key, listing, bucket table); offsets count from the end of the meta; a bucket maps the qualified names whose crc32 falls
+in it to (offset, length, device index) of their winning spec's pickle. A hit costs one
+stat per spec file (the floor while the files stay the truth), the meta, one bucket and
+the requested specs.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import stat
+import time
+import zlib
+
+from cdi_hook import __version__
+
+CACHE_DIR_ENV = "CDI_HOOK_CACHE_DIR"
+DEFAULT_CACHE_DIR = "/run/cdi-hook"
+CACHE_FORMAT = 1  # bump when the layout below changes
+MAGIC = b"CDIHKC%02d" % CACHE_FORMAT
+FRESH_NS = 2_000_000_000  # files changed more recently than this are not cached yet
+NAMES_PER_BUCKET = 32
+
+# Modules whose code decides what a spec file resolves to: a change to any of them (an
+# upgrade, a developer's edit) must not meet a cache built by the old code.
+_CODE_MODULES = ("cache.py", "registry.py", "plan.py", "spec/model.py", "spec/parse.py",
+                 "spec/validate.py", "spec/names.py", "spec/version.py")
+
+
+def cache_dir() -> str:
+    return os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR
+
+
+def resolve(names, spec_dirs=None):
+    """registry.resolve, answered from the cache when it is valid and covers every name."""
+    from cdi_hook import registry
+
+    wanted = list(dict.fromkeys(names))
+    if os.geteuid() != 0:
+        return registry.Registry.load(spec_dirs).resolve(wanted)
+    dirs = tuple(registry.DEFAULT_SPEC_DIRS if spec_dirs is None else spec_dirs)
+    try:
+        key = _key(dirs, registry)
+        listing = snapshot(dirs)
+    except Exception:  # e.g. a bad CDI_HOOK_MAX_SPEC_SIZE: the full load reports it
+        return registry.Registry.load(spec_dirs).resolve(wanted)
+    path = cache_path(key)
+    found = lookup(path, key, listing, wanted)
+    if found is not None:
+        return registry.plan_for(wanted, found)
+    loaded = registry.Registry.load(spec_dirs)
+    if is_settled(listing):
+        write(path, key, listing, loaded)
+    return loaded.resolve(wanted)
+
+
+def _key(dirs: tuple[str, ...], registry) -> tuple:
+    from cdi_hook.spec.parse import max_spec_size
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = []
+    for name in _CODE_MODULES:
+        st = os.stat(os.path.join(here, name))
+        code.append((name, st.st_size, st.st_mtime_ns))
+    require_trusted = not registry.insecure_specs_allowed()
+    return (CACHE_FORMAT, __version__, tuple(code), dirs, require_trusted, max_spec_size())
+
+
+def cache_path(key: tuple) -> str:
+    """One file per configuration (dirs, trust, size limit), so two set-ups never fight."""
+    tag = zlib.crc32(repr(key[3:]).encode())
+    return os.path.join(cache_dir(), f"registry-{tag:08x}.cache")
+
+
+# ---------------------------------------------------------------------------------------
+# What the spec dirs look like now
+
+
+def snapshot(dirs) -> tuple:
+    """Per dir: (dir, its signature, spec file names, their signatures), as cheap as it gets.
+
+    The registry sorts names; here listdir's order is kept (stable while a dir is unchanged):
+    a different order only means a rebuild, never a wrong answer.
+    """
+    from cdi_hook.spec.parse import is_spec_file_name
+
+    listing = []
+    for spec_dir in dirs:
+        try:
+            fd = os.open(spec_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as error:
+            listing.append((spec_dir, ("error", error.errno), (), ()))
+            continue
+        try:
+            st = os.fstat(fd)
+            dir_sig = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_uid, st.st_gid)
+            names = tuple(n for n in os.listdir(fd) if is_spec_file_name(n))
+            sigs = tuple(_file_sig(n, fd) for n in names)
+        except OSError as error:
+            listing.append((spec_dir, ("error", error.errno), (), ()))
+            continue
+        finally:
+            os.close(fd)
+        listing.append((spec_dir, dir_sig, names, sigs))
+    return tuple(listing)
+
+
+def _file_sig(name: str, dir_fd: int) -> tuple:
+    try:
+        st = os.stat(name, dir_fd=dir_fd)  # follows symlinks, as reading the spec does
+    except OSError as error:
+        return ("error", error.errno)
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def is_settled(listing: tuple, now_ns: int | None = None) -> bool:
+    """No dir or file changed within FRESH_NS: a later change is sure to move a timestamp."""
+    newest = 0
+    for _, dir_sig, _, sigs in listing:
+        if dir_sig[0] != "error":
+            newest = max(newest, dir_sig[2], dir_sig[3])
+        for sig in sigs:
+            if sig[0] != "error":
+                newest = max(newest, sig[3], sig[4])
+    return (time.time_ns() if now_ns is None else now_ns) - newest >= FRESH_NS
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
+def lookup(path: str, key: tuple, listing: tuple, wanted: list[str]):
+    """{name: (Spec, Device)} for every wanted name from a valid cache, else None."""
+    try:
+        fd = _open_trusted(path)
+    except OSError:
+        return None
+    try:
+        return _lookup(fd, key, listing, wanted)
+    except Exception:  # corrupt or foreign content: never fail a start over a cache
+        return None
+    finally:
+        os.close(fd)
+
+
+def _open_trusted(path: str) -> int:
+    directory = os.lstat(os.path.dirname(path))
+    if not _root_only(directory) or not stat.S_ISDIR(directory.st_mode):
+        raise PermissionError(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or not _root_only(st):
+        os.close(fd)
+        raise PermissionError(path)
+    return fd
+
+
+def _root_only(st: os.stat_result) -> bool:
+    return st.st_uid == 0 and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _lookup(fd: int, key: tuple, listing: tuple, wanted: list[str]):
+    header = os.pread(fd, 16, 0)
+    if header[:8] != MAGIC:
+        return None
+    meta_len = int.from_bytes(header[8:16], "little")
+    cached_key, cached_listing, buckets = marshal.loads(_pread(fd, meta_len, 16))
+    if cached_key != key or cached_listing != listing:
+        return None
+    base = 16 + meta_len
+    import pickle
+
+    found = {}
+    specs = {}
+    for name in wanted:
+        offset, length = buckets[zlib.crc32(name.encode()) % len(buckets)]
+        entry = marshal.loads(_pread(fd, length, base + offset)).get(name)
+        if entry is None:
+            return None
+        spec_offset, spec_length, device_index = entry
+        spec = specs.get(spec_offset)
+        if spec is None:
+            spec = specs[spec_offset] = pickle.loads(_pread(fd, spec_length, base + spec_offset))
+        found[name] = (spec, spec.devices[device_index])
+    return found
+
+
+def _pread(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise EOFError("cache file truncated")
+    return data
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+
+
+def write(path: str, key: tuple, listing: tuple, registry) -> bool:
+    """Write the cache for a loaded registry atomically; False (and no file) when it cannot."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        _ensure_dir(os.path.dirname(path))
+        data = encode(key, listing, registry)
+    except (OSError, ValueError):
+        return False
+    temp = os.path.join(os.path.dirname(path), f".registry-{os.getpid()}-{time.monotonic_ns()}.tmp")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, path)
+    except OSError:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        return False
+    return True
+
+
+def _ensure_dir(directory: str) -> None:
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or not _root_only(st):
+        raise PermissionError(f"{directory}: not a root-only directory")
+
+
+def encode(key: tuple, listing: tuple, registry) -> bytes:
+    import pickle
+
+    spec_blobs: list[bytes] = []
+    spec_index: dict[int, int] = {}  # id(spec) -> blob number
+    entries: dict[str, tuple[int, int]] = {}  # name -> (blob number, device index)
+    for name, (spec, device) in registry.devices.items():
+        if id(spec) not in spec_index:
+            spec_index[id(spec)] = len(spec_blobs)
+            spec_blobs.append(pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL))
+        device_index = next(i for i, d in enumerate(spec.devices) if d is device)
+        entries[name] = (spec_index[id(spec)], device_index)
+
+    bucket_count = max(1, len(entries) // NAMES_PER_BUCKET)
+    bucket_names: list[list[str]] = [[] for _ in range(bucket_count)]
+    for name in entries:
+        bucket_names[zlib.crc32(name.encode()) % bucket_count].append(name)
+
+    # Offsets count from the end of the meta, so the meta can hold them without depending
+    # on its own length: spec pickles first, then the buckets.
+    blob_offsets = []
+    position = 0
+    for blob in spec_blobs:
+        blob_offsets.append(position)
+        position += len(blob)
+    buckets, table = [], []
+    for names in bucket_names:
+        encoded = marshal.dumps({n: (blob_offsets[entries[n][0]], len(spec_blobs[entries[n][0]]), entries[n][1])
+                                 for n in names})
+        buckets.append(encoded)
+        table.append((position, len(encoded)))
+        position += len(encoded)
+    meta = marshal.dumps((key, listing, tuple(table)))
+    return b"".join([MAGIC, len(meta).to_bytes(8, "little"), meta, *spec_blobs, *buckets])
