@@ -452,3 +452,54 @@ def differential(env, name: str, ways: tuple[str, ...], findings: list) -> None:
     report = "\n".join(f"  {k}={v}" for k, v in sorted(reference.items()))
     assert not problems, "differences from Podman's native CDI:\n" + "\n".join(problems) + \
         "\npodman-native saw:\n" + report
+
+
+def test_additional_gids_without_native_reference(env, findings):
+    """additionalGids needs cdiVersion 0.7.0, which Podman 4.3 cannot read: no native reference.
+
+    The editors (precreate, inject --mode edits) must give exactly the spec's groups; the live
+    hook cannot (ALLOWED_DIFFERENCES) and must leave the groups as the runtime made them.
+    """
+    top, data, rootfs, podman = env
+    doc = spec("gids", {"grouped": {"deviceNodes": [{"path": "/dev/cdi-gids-null", "hostPath": "/dev/null"}],
+                                    "additionalGids": [44, 1000]}})
+    doc["cdiVersion"] = "0.7.0"
+    scenario = Scenario("gids", [doc], [f"{VENDOR}/gids=grouped"])
+    ways = ("podman-precreate", "runc-edits", "podman-hook", "runc-hook")
+    results, spec_files = {}, []
+    try:
+        spec_files = _install_specs(scenario)
+        for way in ways:
+            run = podman.run(way, scenario) if way.startswith("podman") else _run_bundle(way, scenario, top, rootfs)
+            assert run.returncode == 0, f"{way}: {run.stderr}"
+            results[way] = parse_probe(run.stdout)
+    finally:
+        for path in spec_files:
+            path.unlink(missing_ok=True)
+    groups = {way: results[way]["groups"].split() for way in ways}
+    assert groups["podman-precreate"] == ["44", "1000"], groups
+    assert groups["runc-edits"] == ["44", "1000"], groups
+    assert groups["podman-hook"] == [] and groups["runc-hook"] == [], groups
+    findings.append("gids: podman-hook, runc-hook: groups '' instead of '44 1000' [allowed: additionalGids "
+                    "is process set-up; a live hook runs after the process credentials are fixed]")
+    for way in ways:  # the device itself arrives every way
+        assert results[way]["node:/dev/cdi-gids-null"].startswith("character special file rdev=1:3"), results[way]
+
+
+def test_compare_flags_what_it_must():
+    """The comparator itself: a doubled mount or an editor's missing env is never 'allowed'."""
+    scenario = Scenario("self", [spec("self", {"d": {"env": ["X=1"], "deviceNodes": [{"path": "/dev/kvm"}]}})],
+                        [f"{VENDOR}/self=d"])
+    ctx = Context(scenario)
+    reference = {"env:X": "1", "mount:/opt/x#count": "1",
+                 "node:/dev/kvm": "character special file rdev=a:e8 mode=666 uid=0 gid=0 read=yes write=yes"}
+    doubled = {**reference, "mount:/opt/x#count": "2"}
+    assert compare(reference, doubled, "podman-hook", ctx)[0]
+    assert compare(reference, {**reference, "env:X": "<unset>"}, "podman-precreate", ctx)[0]
+    assert not compare(reference, {**reference, "env:X": "<unset>"}, "podman-hook", ctx)[0]
+    host_mode = stat.S_IMODE(os.stat("/dev/kvm").st_mode)
+    own_mode = reference["node:/dev/kvm"].replace("mode=666", f"mode={host_mode:o}")
+    if host_mode != 0o666:
+        assert not compare(reference, {**reference, "node:/dev/kvm": own_mode}, "runc-edits", ctx)[0]
+    # any other change of the node (owner here) stays a difference
+    assert compare(reference, {**reference, "node:/dev/kvm": own_mode.replace("uid=0", "uid=1")}, "runc-edits", ctx)[0]
