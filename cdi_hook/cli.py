@@ -105,16 +105,52 @@ def dispatch(args) -> int:
     raise AssertionError(command)
 
 
+def fast_hook_args(argv: list[str]):
+    """The hook's usual argv (`hook [--stage S] [--spec-dir D]...`) without argparse.
+
+    Every container start runs `cdi-hook hook`; argparse with its sub-parsers costs ~3 ms
+    there (argparse, gettext, locale, shutil). Anything unusual returns None and goes
+    through argparse, so help and error messages stay argparse's.
+    """
+    if not argv or argv[0] != "hook":
+        return None
+    stage, spec_dirs = "createRuntime", []
+    rest = list(argv[1:])
+    while rest:
+        option = rest.pop(0)
+        name, has_value, value = option.partition("=")
+        if name not in ("--stage", "--spec-dir"):
+            return None
+        if not has_value:
+            if not rest:
+                return None
+            value = rest.pop(0)
+        if name == "--stage":
+            if value not in STAGES:
+                return None
+            stage = value
+        else:
+            spec_dirs.append(value)
+    from types import SimpleNamespace
+
+    return SimpleNamespace(command="hook", stage=stage, spec_dir=spec_dirs or None, version=False)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = fast_hook_args(sys.argv[1:] if argv is None else argv)
+    if args is None:
+        args = build_parser().parse_args(argv)
+    return run(args)
+
+
+def run(args) -> int:
     if args.version:
         from cdi_hook import __version__
 
         print(__version__)
         return 0
     if not args.command:
-        parser.print_help(sys.stderr)
+        build_parser().print_help(sys.stderr)
         return 2
     try:
         return dispatch(args)

@@ -65,6 +65,15 @@ def _write(level: str, event: str, fields: dict) -> None:
     except OSError as error:
         warn(f"cannot open log file {path}: {error.strerror}")
         return
+    if level == "info" and "notes" not in fields:
+        # The plain "injected" line of every container start: importing structlog costs
+        # ~25 ms (it pulls in asyncio, logging, ssl), more than the rest of the hook's
+        # imports together. This writes the very line structlog's processors below would
+        # (same keys, order, timestamp and JSON; tests/test_cache.py compares the two);
+        # warnings, errors and debug notes still go through structlog.
+        with log_file:
+            log_file.write(render_line(level, event, fields))
+        return
     import structlog
 
     with log_file:
@@ -77,3 +86,18 @@ def _write(level: str, event: str, fields: dict) -> None:
             ],
         )
         getattr(logger, level)(event, **fields)
+
+
+def render_line(level: str, event: str, fields: dict, now_ns: int | None = None) -> str:
+    """structlog's add_log_level + TimeStamper(fmt="iso", utc=True) + JSONRenderer, by hand."""
+    import json
+
+    line = dict(fields, event=event, level=level, timestamp=iso_utc(time.time_ns() if now_ns is None else now_ns))
+    return json.dumps(line) + "\n"
+
+
+def iso_utc(ns: int) -> str:
+    """datetime.now(timezone.utc).isoformat() with Z, without importing datetime."""
+    seconds, micros = divmod(ns // 1000, 1_000_000)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{stamp}.{micros:06d}Z" if micros else f"{stamp}Z"
