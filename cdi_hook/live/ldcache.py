@@ -58,13 +58,41 @@ def library_dirs(mounted_files: list[str]) -> list[str]:
 
 
 def open_host_ldconfig() -> int | None:
-    """Before setns: an fd of the host's ldconfig (None when the host has none)."""
+    """Before setns: an fd of the host's statically linked ldconfig (None when there is none).
+
+    A dynamically linked one is never used: run chrooted into the rootfs, its loader would
+    come from the image, with the image's libc and /etc/ld.so.preload, as root.
+    """
     for path in HOST_LDCONFIG:
         try:
-            return os.open(path, os.O_PATH | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             continue
+        if is_static_elf(fd):
+            return fd
+        os.close(fd)
     return None
+
+
+def is_static_elf(fd: int) -> bool:
+    """Whether fd is an ELF executable without a program interpreter (PT_INTERP)."""
+    import struct
+
+    header = os.pread(fd, 64, 0)
+    if len(header) < 52 or header[:4] != b"\x7fELF" or header[4] not in (1, 2) or header[5] not in (1, 2):
+        return False
+    is_64, order = header[4] == 2, "<" if header[5] == 1 else ">"
+    if is_64:
+        phoff, = struct.unpack_from(order + "Q", header, 0x20)
+        phentsize, phnum = struct.unpack_from(order + "HH", header, 0x36)
+    else:
+        phoff, = struct.unpack_from(order + "I", header, 0x1C)
+        phentsize, phnum = struct.unpack_from(order + "HH", header, 0x2A)
+    table = os.pread(fd, phentsize * phnum, phoff)
+    if phentsize < 4 or len(table) < phentsize * phnum:
+        return False
+    pt_interp = 3
+    return all(struct.unpack_from(order + "I", table, i * phentsize)[0] != pt_interp for i in range(phnum))
 
 
 def update(rootfs: Rootfs, dirs: list[str], ldconfig_fd: int | None, notes: list[str]) -> None:
@@ -74,7 +102,8 @@ def update(rootfs: Rootfs, dirs: list[str], ldconfig_fd: int | None, notes: list
         notes.append("ldconfig skipped: rootfs has no etc/ld.so.conf or etc/ld.so.cache (not glibc)")
         return
     if ldconfig_fd is None:
-        raise HookError(STEP, "", f"host has no ldconfig ({' or '.join(HOST_LDCONFIG)})")
+        raise HookError(STEP, "", f"host has no statically linked ldconfig ({' or '.join(HOST_LDCONFIG)}); "
+                                  "a dynamic one would run the image's loader and libraries as root")
     _write_conf(rootfs, dirs)
     _keep_old_cache(rootfs)
     status, output = _run_chrooted(rootfs.root_fd, ldconfig_fd, ["ldconfig", "-X"])
