@@ -50,13 +50,19 @@ _FINDINGS_KEY = pytest.StashKey[list]()
 
 @pytest.fixture
 def findings(request) -> list:
-    """A list a test appends notable lines to (e.g. allowed differences it met); printed at the end."""
+    """Allowed differences a test met, as (scenario, way, key, reference, got, reason); printed at the end."""
     return request.config.stash.setdefault(_FINDINGS_KEY, [])
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    lines = config.stash.get(_FINDINGS_KEY, [])
-    if lines:
-        terminalreporter.section("allowed differences met")
-        for line in lines:
-            terminalreporter.write_line(line)
+    found = config.stash.get(_FINDINGS_KEY, [])
+    if not found:
+        return
+    terminalreporter.section("allowed differences met (reference -> got: ways)")
+    by_reason: dict[str, dict[tuple, list[str]]] = {}
+    for scenario, way, key, reference, got, reason in found:
+        by_reason.setdefault(reason, {}).setdefault((scenario, key, reference, got), []).append(way)
+    for reason, seen in by_reason.items():
+        terminalreporter.write_line(f"* {reason}")
+        for (scenario, key, reference, got), ways in seen.items():
+            terminalreporter.write_line(f"    {scenario} {key}: {reference!r} -> {got!r}: {', '.join(ways)}")

@@ -28,6 +28,7 @@ here are 0.5.0 (no additionalGids / intelRdt: those cannot be compared with Podm
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -311,12 +312,17 @@ def env(tmp_path_factory):
     (data / "file-rw.txt").write_text("the rw file\n")
     rootfs = make_rootfs(top / "rootfs")
     podman = Podman(top)
+    made_spec_dir = not os.path.isdir(NATIVE_SPEC_DIR)  # a fresh machine may have none yet
     try:
+        os.makedirs(NATIVE_SPEC_DIR, mode=0o755, exist_ok=True)
         podman.setup(rootfs)
         yield top, data, rootfs, podman
     finally:
         podman.cleanup()
         shutil.rmtree(top, ignore_errors=True)
+        if made_spec_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(NATIVE_SPEC_DIR)
 
 
 def _install_specs(scenario: Scenario) -> list[Path]:
@@ -388,8 +394,8 @@ def parse_probe(output: str) -> dict[str, str]:
     return seen
 
 
-def compare(reference: dict, got: dict, way: str, ctx: Context) -> tuple[list[str], list[str]]:
-    """(unexplained differences, allowed differences with their reason)."""
+def compare(reference: dict, got: dict, way: str, ctx: Context) -> tuple[list[str], list[tuple]]:
+    """(unexplained differences, allowed ones as (way, key, reference, got, reason))."""
     unexplained, allowed = [], []
     for key in sorted(set(reference) | set(got)):
         ref, value = reference.get(key), got.get(key)
@@ -401,7 +407,7 @@ def compare(reference: dict, got: dict, way: str, ctx: Context) -> tuple[list[st
         if rule is None:
             unexplained.append(line)
         else:
-            allowed.append(f"{line}  [allowed: {rule.reason}]")
+            allowed.append((way, key, ref, value, rule.reason))
     return unexplained, allowed
 
 
@@ -448,7 +454,7 @@ def differential(env, name: str, ways: tuple[str, ...], findings: list) -> None:
     for way in ways[1:]:
         unexplained, allowed = compare(reference, results[way], way, ctx)
         problems += unexplained
-        findings += [f"{name}: {line}" for line in allowed]
+        findings += [(name, *difference) for difference in allowed]
     report = "\n".join(f"  {k}={v}" for k, v in sorted(reference.items()))
     assert not problems, "differences from Podman's native CDI:\n" + "\n".join(problems) + \
         "\npodman-native saw:\n" + report
@@ -480,8 +486,9 @@ def test_additional_gids_without_native_reference(env, findings):
     assert groups["podman-precreate"] == ["44", "1000"], groups
     assert groups["runc-edits"] == ["44", "1000"], groups
     assert groups["podman-hook"] == [] and groups["runc-hook"] == [], groups
-    findings.append("gids: podman-hook, runc-hook: groups '' instead of '44 1000' [allowed: additionalGids "
-                    "is process set-up; a live hook runs after the process credentials are fixed]")
+    for way in ("podman-hook", "runc-hook"):
+        findings.append(("gids", way, "groups", "44 1000 (the spec's additionalGids)", "",
+                         "additionalGids is process set-up: a live hook runs after the runtime set the credentials"))
     for way in ways:  # the device itself arrives every way
         assert results[way]["node:/dev/cdi-gids-null"].startswith("character special file rdev=1:3"), results[way]
 
