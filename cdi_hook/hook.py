@@ -11,7 +11,7 @@ Imports are lazy: a container that asks for no device costs a JSON parse and not
 
 from __future__ import annotations
 
-from cdi_hook.errors import CdiError
+from cdi_hook.errors import CdiError, HookError
 
 INJECTION_STAGES = ("createRuntime", "prestart")
 APPLIED_ANNOTATION = "io.github.cdi-hook.applied"
@@ -171,7 +171,13 @@ def _allow_devices(pid: int, node_jobs) -> None:
 
     rules = [cgroups.DeviceRule("c" if node.type == "u" else node.type, node.major, node.minor,
                                 node.permissions or "rwm") for _, node in rules_by_origin]
-    cgroups.allow_devices(pid, rules)
+    try:
+        cgroups.allow_devices(pid, rules)
+    except HookError as error:
+        # cgroups speaks in numbers ("c 10:232"); the user asked for CDI names.
+        origins = ", ".join(dict.fromkeys(origin for origin, _ in rules_by_origin))
+        detail = str(error).removeprefix(f"{error.step} for {error.device}: " if error.device else f"{error.step}: ")
+        raise HookError(error.step, origins, f"{error.device}: {detail}" if error.device else detail) from None
 
 
 def _warn_unapplicable(plan, log) -> None:

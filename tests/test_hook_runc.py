@@ -243,7 +243,7 @@ def test_failing_ldconfig_is_reported_with_its_output(runc, tmp_path):
     bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "echo RAN", rootfs=rootfs)
     result = oci_env.run_container(bundle)
     assert result.returncode != 0 and "RAN" not in result.stdout
-    assert "ldconfig: exit status" in result.stderr and "ld.so.cache" in result.stderr, result.stderr
+    assert f"ldconfig for {ALL}: exit status" in result.stderr and "ld.so.cache" in result.stderr, result.stderr
     assert not (rootfs / "opt").exists() and not (rootfs / "etc" / "ld.so.conf.d").exists()
 
 

@@ -95,20 +95,22 @@ def is_static_elf(fd: int) -> bool:
     return all(struct.unpack_from(order + "I", table, i * phentsize)[0] != pt_interp for i in range(phnum))
 
 
-def update(rootfs: Rootfs, dirs: list[str], ldconfig_fd: int | None, notes: list[str]) -> None:
+def update(rootfs: Rootfs, dirs: list[str], ldconfig_fd: int | None, notes: list[str], device: str = "") -> None:
+    """device: the CDI names whose libraries these are, for the error message."""
     if not dirs:
         return
     if not (_exists(rootfs, "etc/ld.so.conf") or _exists(rootfs, "etc/ld.so.cache")):
         notes.append("ldconfig skipped: rootfs has no etc/ld.so.conf or etc/ld.so.cache (not glibc)")
         return
     if ldconfig_fd is None:
-        raise HookError(STEP, "", f"host has no statically linked ldconfig ({' or '.join(HOST_LDCONFIG)}); "
+        raise HookError(STEP, device, f"host has no statically linked ldconfig ({' or '.join(HOST_LDCONFIG)}); "
                                   "a dynamic one would run the image's loader and libraries as root")
     _write_conf(rootfs, dirs)
     _keep_old_cache(rootfs)
+    _remove_temp_cache_on_undo(rootfs)
     status, output = _run_chrooted(rootfs.root_fd, ldconfig_fd, ["ldconfig", "-X"])
     if status != "0":
-        raise HookError(STEP, "", f"{status}: {' '.join(output.split())[-2000:] or 'no output'}")
+        raise HookError(STEP, device, f"{status}: {' '.join(output.split())[-2000:] or 'no output'}")
     notes.append(f"ldconfig: cache updated for {', '.join(dirs)}")
 
 
@@ -142,6 +144,30 @@ def _keep_old_cache(rootfs: Rootfs) -> None:
             os.close(parent_fd)
 
     rootfs.on_undo(restore)
+
+
+def _remove_temp_cache_on_undo(rootfs: Rootfs) -> None:
+    """ldconfig writes ld.so.cache~ and renames it; when that fails the temp file stays behind."""
+    folder, name = posixpath.split(CACHE + "~")
+    parent_fd = rootfs.open_dir(folder)
+    try:
+        os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        return  # the image's own entry: not ours to remove
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(parent_fd)
+
+    def remove() -> None:
+        parent_fd = rootfs.open_path(folder)
+        try:
+            os.unlink(name, dir_fd=parent_fd)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(parent_fd)
+
+    rootfs.on_undo(remove)
 
 
 def _exists(rootfs: Rootfs, path: str) -> bool:

@@ -124,9 +124,10 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int
             raise HookError("open rootfs", "", f"{work.rootfs}: {error.strerror}") from None
         devices.create_nodes(rootfs, work.nodes, work.by_bind_mount, mounted, notes)
         mounts.apply(rootfs, work.mounts, mounted, notes)
-        mounted_files = [j.mount.container_path for j in work.mounts
-                         if j.options.bind and not j.source_is_dir]
-        ldcache.update(rootfs, ldcache.library_dirs(mounted_files), ldconfig_fd, notes)
+        file_jobs = [j for j in work.mounts if j.options.bind and not j.source_is_dir]
+        library_origins = dict.fromkeys(j.origin for j in file_jobs if ldcache.is_library_name(j.mount.container_path))
+        ldcache.update(rootfs, ldcache.library_dirs([j.mount.container_path for j in file_jobs]), ldconfig_fd,
+                       notes, device=", ".join(library_origins))
     except CdiError as error:
         problems = undo()
         send({"ok": False, "error": _one_line(str(error)) + _undo_note(problems)})

@@ -1,0 +1,178 @@
+"""Each step of the live injection fails in turn: nothing is left half-done.
+
+For every step (mknod, a bind mount, a typed mount, the read-only setattr, the propagation
+remount, ldconfig, the device cgroup write, a spec hook, and a spec hook after the network
+device moved) the hook exits non-zero with an error naming the step and the device, runc
+does not start the container, and the rootfs on disk is entry for entry what it was
+(paths, types, modes, owners, contents, link targets).
+
+Faults are real where the system offers one (a typed mount with a bad option, an ld.so.cache
+that is a directory, a parent cgroup that denies the device, a failing hook). Where it does
+not, the hook runs under a seccomp filter that makes one syscall fail with EIO: the filter is
+installed by a small wrapper (the hook entry's program) before it execs the unchanged hook,
+so the hook process itself is not patched in any way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+import hook_env
+import oci_env
+from conftest import require
+
+ALL = f"{hook_env.VENDOR}=all"
+SYSCALLS_X86_64 = {"mknodat": 259, "move_mount": 429, "mount_setattr": 442, "mount": 165}
+
+SECCOMP_WRAPPER = r'''
+import ctypes, errno, os, struct, sys
+# argv: wrapper.py SYSCALL_NR [SYSCALL_NR...] -- program args...
+split = sys.argv.index("--")
+numbers = [int(n) for n in sys.argv[1:split]]
+program = sys.argv[split + 1:]
+BPF_LD_W_ABS, BPF_JEQ_K, BPF_RET_K = 0x20, 0x15, 0x06
+ALLOW, ERRNO = 0x7FFF0000, 0x00050000
+code = [(BPF_LD_W_ABS, 0, 0, 0)]  # the syscall number
+for number in numbers:
+    code += [(BPF_JEQ_K, 0, 1, number), (BPF_RET_K, 0, 0, ERRNO | errno.EIO)]
+code.append((BPF_RET_K, 0, 0, ALLOW))
+raw = b"".join(struct.pack("HBBI", *insn) for insn in code)
+buffer = ctypes.create_string_buffer(raw)
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+prog = Prog(len(code), ctypes.addressof(buffer))
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:
+    sys.exit("cannot install the seccomp filter: " + os.strerror(ctypes.get_errno()))
+os.execv(program[0], program)
+'''
+
+
+def _with_failing_syscalls(bundle: Path, tmp_path: Path, names: list[str]) -> None:
+    """Rewrite the bundle's cdi-hook entry to run under a filter failing `names` with EIO."""
+    require(platform.machine() == "x86_64", "the seccomp fault filter knows x86_64 syscall numbers only")
+    wrapper = tmp_path / "seccomp_wrapper.py"
+    wrapper.write_text(SECCOMP_WRAPPER)
+    config = json.loads((bundle / "config.json").read_text())
+    for entries in config["hooks"].values():
+        for entry in entries:
+            numbers = [str(SYSCALLS_X86_64[n]) for n in names]
+            entry["args"] = [oci_env.PYTHON, "-I", str(wrapper), *numbers, "--", *entry["args"]]
+    (bundle / "config.json").write_text(json.dumps(config))
+
+
+def _spec(sources: dict, **edits) -> dict:
+    """Nodes and mounts in new folders (so undo must remove folders, too), then `edits`."""
+    container_edits = {
+        "deviceNodes": [{"path": "/cdi/nodes/kvm", "hostPath": "/dev/kvm"},
+                        {"path": "/cdi/nodes/zero", "hostPath": "/dev/zero"}],
+        "mounts": [{"hostPath": sources["file"], "containerPath": "/cdi/files/config.txt", "options": ["ro", "bind"]},
+                   {"hostPath": sources["dir"], "containerPath": "/cdi/dirs/data", "options": ["rbind", "rprivate"]},
+                   {"hostPath": sources["library"], "containerPath": "/cdi/lib/libz.so.1", "options": ["ro", "bind"]}],
+    }
+    for key, value in edits.items():
+        container_edits[key] = container_edits.get(key, []) + value
+    return {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR,
+            "devices": [{"name": "all", "containerEdits": container_edits}]}
+
+
+def _run_and_check(tmp_path: Path, bundle: Path, rootfs: Path, step: str, extra: str = "") -> str:
+    before = oci_env.tree_snapshot(rootfs)
+    mounts_before = oci_env.host_mount_points()
+    result = oci_env.run_container(bundle)
+    assert result.returncode != 0 and "RAN" not in result.stdout, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    line = next((x for x in result.stderr.splitlines() if x.startswith("cdi-hook")), result.stderr)
+    assert f"{step} for {ALL}" in line or (step in line and ALL in line), result.stderr
+    assert extra in result.stderr, result.stderr
+    after = oci_env.tree_snapshot(rootfs)
+    assert after == before, {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys()
+                             if before.get(k) != after.get(k)}
+    assert oci_env.new_host_mounts(mounts_before, oci_env.host_mount_points(), tmp_path) == []
+    return result.stderr
+
+
+def _bundle(tmp_path: Path, spec: dict, rootfs: Path | None = None, **kwargs):
+    rootfs = rootfs or hook_env.glibc_like_rootfs(tmp_path / "bundle" / "rootfs")
+    (rootfs / "etc" / "ld.so.cache").write_bytes(b"the image's own cache") if not (
+        rootfs / "etc" / "ld.so.cache").exists() else None
+    bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "echo RAN", rootfs=rootfs, **kwargs)
+    return bundle, rootfs
+
+
+@pytest.mark.parametrize("syscall,step", [("mknodat", "device node"), ("move_mount", "mount"),
+                                          ("mount_setattr", "mount"), ("mount", "mount")],
+                         ids=["mknod", "bind-mount", "read-only-setattr", "propagation-remount"])
+def test_a_failing_syscall_undoes_everything(runc, tmp_path, syscall, step):
+    bundle, rootfs = _bundle(tmp_path, _spec(hook_env.host_files(tmp_path)))
+    _with_failing_syscalls(bundle, tmp_path, [syscall])
+    _run_and_check(tmp_path, bundle, rootfs, step, "Input/output error")
+
+
+def test_a_typed_mount_with_a_bad_option_undoes_everything(runc, tmp_path):
+    spec = _spec(hook_env.host_files(tmp_path), mounts=[
+        {"hostPath": "tmpfs", "containerPath": "/cdi/tmp/scratch", "type": "tmpfs", "options": ["size=bogus"]}])
+    bundle, rootfs = _bundle(tmp_path, spec)
+    _run_and_check(tmp_path, bundle, rootfs, "mount", "/cdi/tmp/scratch")
+
+
+def test_a_failing_ldconfig_undoes_everything(runc, tmp_path):
+    rootfs = hook_env.glibc_like_rootfs(tmp_path / "bundle" / "rootfs")
+    (rootfs / "etc" / "ld.so.cache").mkdir()  # ldconfig cannot rename its new cache over it
+    (rootfs / "etc" / "ld.so.cache" / "image-file").write_text("kept\n")
+    bundle, rootfs = _bundle(tmp_path, _spec(hook_env.host_files(tmp_path)), rootfs=rootfs)
+    _run_and_check(tmp_path, bundle, rootfs, "ldconfig")
+
+
+def test_a_failing_spec_hook_undoes_everything(runc, tmp_path):
+    spec = _spec(hook_env.host_files(tmp_path), hooks=[
+        {"hookName": "createRuntime", "path": "/bin/sh", "args": ["sh", "-c", "echo broken >&2; exit 3"]}])
+    bundle, rootfs = _bundle(tmp_path, spec)
+    _run_and_check(tmp_path, bundle, rootfs, "spec hook", "broken")
+
+
+def test_a_refused_cgroup_write_undoes_everything(runc, tmp_path):
+    """cgroup v1: a parent devices cgroup that denies /dev/kvm makes the child's allow fail."""
+    devices = Path("/sys/fs/cgroup/devices")
+    require(devices.is_dir(), "needs the cgroup v1 devices controller")
+    parent_name = "cdi-fault-" + uuid.uuid4().hex[:8]
+    parent = devices / parent_name
+    parent.mkdir()
+    try:
+        (parent / "devices.deny").write_text("a")
+        for rule in ("c *:* m", "b *:* m", "c 1:* rwm", "c 5:* rwm", "c 136:* rwm", "c 10:200 rwm"):
+            (parent / "devices.allow").write_text(rule)  # runc's defaults, not 10:232 (kvm)
+        bundle, rootfs = _bundle(tmp_path, _spec(hook_env.host_files(tmp_path)))
+        config = json.loads((bundle / "config.json").read_text())
+        config["linux"]["cgroupsPath"] = f"/{parent_name}/{uuid.uuid4().hex[:8]}"
+        config["linux"]["resources"] = {"devices": [{"allow": False, "access": "rwm"}]}
+        (bundle / "config.json").write_text(json.dumps(config))
+        _run_and_check(tmp_path, bundle, rootfs, "device cgroup", "10:232")
+    finally:
+        for child in parent.iterdir():
+            if child.is_dir():
+                child.rmdir()
+        parent.rmdir()
+
+
+def test_a_failing_spec_hook_sends_the_network_device_home(runc, tmp_path):
+    name = "cdif" + uuid.uuid4().hex[:8]
+    subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name", name + "p"], check=True)
+    try:
+        spec = _spec(hook_env.host_files(tmp_path), hooks=[
+            {"hookName": "createRuntime", "path": "/bin/sh", "args": ["sh", "-c", "echo broken >&2; exit 3"]}])
+        spec["cdiVersion"] = "1.1.0"
+        spec["devices"][0]["containerEdits"]["netDevices"] = [{"hostInterfaceName": name, "name": "cdi0"}]
+        bundle, rootfs = _bundle(tmp_path, spec)
+        _run_and_check(tmp_path, bundle, rootfs, "spec hook", "broken")
+        shown = subprocess.run(["ip", "link", "show", name], capture_output=True, text=True)
+        assert shown.returncode == 0, f"{name} did not come back to the host: {shown.stderr}"
+    finally:
+        subprocess.run(["ip", "link", "del", name], capture_output=True)
