@@ -1,0 +1,78 @@
+"""A race: while the hook works, a path in the rootfs flips between a folder and a host link.
+
+CVE-2024-0132 was a time-of-check/time-of-use race: a hook checked a path in the rootfs,
+the image swapped it for a symlink to the host, and the hook mounted over a host path. Here a
+process swaps /mnt/race with a symlink to a host sentinel folder (renameat2 RENAME_EXCHANGE,
+atomically, in a tight loop) for the whole life of many containers whose spec puts nodes,
+bind mounts and a library under /mnt/race. Containers may start or be refused, whichever the
+race gives; the host sentinel never changes and no mount ever appears on the host.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hook_env
+import oci_env
+
+ALL = f"{hook_env.VENDOR}=all"
+BUDGET_S = 30  # wall time for the repeated containers
+MAX_RUNS = 60
+
+FLIPPER = r'''
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+RENAME_EXCHANGE, AT_FDCWD, SYS_renameat2 = 2, -100, 316
+a, b = sys.argv[1].encode(), sys.argv[2].encode()
+print("flipping", flush=True)
+flips = 0
+while True:
+    libc.syscall(SYS_renameat2, AT_FDCWD, a, AT_FDCWD, b, RENAME_EXCHANGE)
+    flips += 1
+'''
+
+
+def test_flipping_folder_never_lets_the_hook_reach_the_host(runc, tmp_path):
+    sentinel = tmp_path / "sentinel"
+    (sentinel / "lib").mkdir(parents=True)
+    (sentinel / "marker").write_text("host\n")
+    before = oci_env.tree_snapshot(sentinel)
+    mounts_before = oci_env.host_mount_points()
+
+    rootfs = hook_env.glibc_like_rootfs(tmp_path / "bundle" / "rootfs")
+    (rootfs / "mnt").mkdir(exist_ok=True)
+    (rootfs / "mnt" / "race").mkdir()
+    (rootfs / "mnt" / "race.alt").symlink_to(sentinel)  # absolute: the host folder, to the kernel
+    sources = hook_env.host_files(tmp_path)
+    spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "all", "containerEdits": {
+        "deviceNodes": [{"path": "/mnt/race/dev/zero", "hostPath": "/dev/zero"},
+                        {"path": "/mnt/race/kvm", "hostPath": "/dev/kvm"}],
+        "mounts": [{"hostPath": sources["dir"], "containerPath": "/mnt/race/target", "options": ["ro", "rbind"]},
+                   {"hostPath": sources["file"], "containerPath": "/mnt/race/config.txt", "options": ["ro", "bind"]},
+                   {"hostPath": sources["library"], "containerPath": "/mnt/race/lib/libz.so.1",
+                    "options": ["ro", "bind"]}]}}]}
+    bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "echo RAN", rootfs=rootfs)
+
+    flipper = subprocess.Popen([sys.executable, "-c", FLIPPER, str(rootfs / "mnt" / "race"),
+                                str(rootfs / "mnt" / "race.alt")], stdout=subprocess.PIPE, text=True)
+    outcomes = {"started": 0, "refused": 0}
+    try:
+        assert flipper.stdout.readline().strip() == "flipping"
+        deadline = time.monotonic() + BUDGET_S
+        runs = 0
+        while runs < MAX_RUNS and time.monotonic() < deadline:
+            runs += 1
+            result = oci_env.run_container(bundle)
+            assert "Traceback" not in result.stderr, result.stderr
+            outcomes["started" if result.returncode == 0 else "refused"] += 1
+            assert flipper.poll() is None, "the flipper stopped"
+            assert oci_env.tree_snapshot(sentinel) == before, f"run {runs}: a host path changed"
+            assert oci_env.new_host_mounts(mounts_before, oci_env.host_mount_points(), tmp_path) == []
+    finally:
+        flipper.kill()
+        flipper.wait()
+    assert runs >= 10, f"only {runs} containers in {BUDGET_S}s"
+    print(f"race: {runs} containers, {outcomes}")
