@@ -159,7 +159,9 @@ def cgroup2_namespace():
     """
     holder = subprocess.Popen(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         "mount -t cgroup2 none /sys/fs/cgroup && echo ready && exec sleep 3600"],
+         # A cgroup v2-only host (the QEMU guest of vm-tests/qemu) has cgroup2 there already.
+         "{ [ \"$(stat -f -c %T /sys/fs/cgroup)\" = cgroup2fs ] || mount -t cgroup2 none /sys/fs/cgroup; }"
+         " && echo ready && exec sleep 3600"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     try:
         if holder.stdout.readline().strip() != "ready":
