@@ -202,10 +202,12 @@ def bench_podman(ws: Workspace, runs: int) -> dict:
                                          f"cdi.k8s.io/bench={ws.device}", image, "true"],
     }
     try:
-        check = subprocess.run(ways["cdi-hook (--hooks-dir)"][:-1] + ["sh", "-c", "ls /dev/cdi-bench | wc -l"],
-                               capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        if check.stdout.split() != [str(len(HOST_NODES))]:
-            raise RuntimeError(f"podman + cdi-hook did not inject: {check.stdout!r} {check.stderr.strip()[-1000:]}")
+        for way in ("native CDI --device", "cdi-hook (--hooks-dir)"):
+            check = subprocess.run(ways[way][:-1] + ["sh", "-c", "ls /dev/cdi-bench | wc -l; ls /usr/lib/cdi-bench | wc -l"],
+                                   capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            if check.stdout.split() != [str(len(HOST_NODES)), str(LIBRARY_COUNT)]:
+                raise RuntimeError(f"podman {way} did not inject: {check.stdout!r} {check.stderr.strip()[-1000:]}")
+        ws.wait_until_settled()
         for argv in ways.values():
             timed(argv)
         times: dict[str, list[float]] = {name: [] for name in ways}
