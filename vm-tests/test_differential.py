@@ -120,8 +120,12 @@ class Allowed:
     check: Callable[[Context, str, str | None, str | None], bool]  # (ctx, key, reference, got)
 
 
+# What the runtimes themselves set in every container (Podman and runc's default spec alike).
+RUNTIME_ENV = {"TERM": "xterm"}
+
+
 def _env_not_applied(ctx, key, reference, got) -> bool:
-    return got == "<unset>"
+    return got == RUNTIME_ENV.get(key.split(":", 1)[1], "<unset>")
 
 
 def _host_mode_instead_of_0666(ctx, key, reference, got) -> bool:
@@ -148,6 +152,23 @@ ALLOWED_DIFFERENCES = (
             "CDI reference (fillMissingInfo copies the host node's permission bits)",
             _host_mode_instead_of_0666),
 )
+
+
+# Scenarios where the live hook (not the editors) does not do what native CDI does although a
+# live hook could: open questions for cdi_hook/live/devices.py, kept visible as strict xfails
+# (test_live_hook_gap); the editors are still compared with Podman for these scenarios.
+LIVE_HOOK_GAPS = {
+    "same-destination":
+        "cdi_hook/hook.py _start_rootfs_work mounts every plan mount, so a destination named twice "
+        "(spec-level and device-level) gets two stacked mounts; the reference (and oci_edit._apply_mounts) "
+        "replaces the first, leaving one",
+    "over-runtime-node":
+        "cdi_hook/live/devices.py _create_node refuses a node path where the runtime already made "
+        "another device (/dev/full): the container fails to start; native CDI replaces the runtime's node",
+    "restyle-runtime-node":
+        "cdi_hook/live/devices.py _create_node leaves a node of the same type and rdev alone "
+        "(/dev/random): the spec's fileMode/uid/gid are not applied; native CDI creates it with them",
+}
 
 
 # ------------------------------------------------------------------ scenarios
@@ -226,6 +247,20 @@ def scenarios(data: Path) -> list[Scenario]:
                                                 "options": ["rbind"]}]}},
                  vendor="second." + VENDOR),
         ], [f"{VENDOR}/first=one", f"second.{VENDOR}/second=two"]),
+        Scenario("runtime-env", [spec("runtime-env", {   # a variable the runtime sets itself
+            "term": {"env": ["TERM=cdi-term"], "deviceNodes": [{"path": "/dev/cdi-env-null", "hostPath": "/dev/null"}]},
+        })], [f"{VENDOR}/runtime-env=term"]),
+        Scenario("same-destination", [spec("same-dest", {   # spec-level, then the device's: the later replaces it
+            "twice": {"mounts": [{"hostPath": f"{d}/data", "containerPath": "/srv/twice", "options": ["ro", "bind"]}]},
+        }, edits={"mounts": [{"hostPath": f"{d}/rw", "containerPath": "/srv/twice", "options": ["rw", "bind"]}]})],
+                 [f"{VENDOR}/same-dest=twice"]),
+        # Nodes at paths where every runtime creates a node itself (Podman's and runc's defaults).
+        Scenario("over-runtime-node", [spec("over", {   # another device than the runtime's
+            "full-is-zero": {"deviceNodes": [{"path": "/dev/full", "hostPath": "/dev/zero"}]},
+        })], [f"{VENDOR}/over=full-is-zero"]),
+        Scenario("restyle-runtime-node", [spec("restyle", {   # the same device, another owner and mode
+            "random": {"deviceNodes": [{"path": "/dev/random", "fileMode": 0o600, "uid": 12, "gid": 34}]},
+        })], [f"{VENDOR}/restyle=random"]),
         Scenario("user", [spec("user", {
             "as-user": {"deviceNodes": [{"path": "/dev/cdi-user-null", "hostPath": "/dev/null"},
                                         {"path": "/dev/kvm", "fileMode": 0o600},
@@ -414,18 +449,32 @@ def compare(reference: dict, got: dict, way: str, ctx: Context) -> tuple[list[st
 # ------------------------------------------------------------------ the test
 
 
-SCENARIO_NAMES = ["nodes", "owners", "mounts", "layers", "two-specs", "user"]
+SCENARIO_NAMES = ["nodes", "owners", "mounts", "layers", "two-specs", "runtime-env", "same-destination",
+                  "over-runtime-node", "restyle-runtime-node", "user"]
+
+
+def _without_live_hook_gaps(name: str, ways: tuple[str, ...]) -> tuple[str, ...]:
+    if name not in LIVE_HOOK_GAPS:
+        return ways
+    return tuple(way for way in ways if way not in LIVE_HOOK_WAYS)
 
 
 @pytest.mark.parametrize("name", SCENARIO_NAMES)
 def test_same_as_podman_native_cdi(env, name, findings):
-    differential(env, name, WAYS, findings)
+    differential(env, name, _without_live_hook_gaps(name, WAYS), findings)
 
 
 @pytest.mark.parametrize("name", SCENARIO_NAMES)
 def test_crun_same_as_podman_native_cdi(env, name, findings):
     require_programs("crun", "unshare", "mountpoint")
-    differential(env, name, CRUN_WAYS, findings)
+    differential(env, name, _without_live_hook_gaps(name, CRUN_WAYS), findings)
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason))
+                                  for name, reason in LIVE_HOOK_GAPS.items()])
+def test_live_hook_gap(env, name, findings):
+    """Known, open gaps of the live hook: strict xfail, so fixing one makes this fail until listed no more."""
+    differential(env, name, ("podman-native", "podman-hook", "runc-hook"), findings)
 
 
 def differential(env, name: str, ways: tuple[str, ...], findings: list) -> None:
