@@ -28,7 +28,7 @@ faster than rebuilding them from JSON (and needs no re-validation).
 Layout, so a start reads only what the request needs (O(1) in the devices not asked for):
     MAGIC | meta length (8 bytes LE) | meta (marshal) | specs (pickle) | buckets (marshal)
 meta = (key, listing, bucket table); offsets count from the end of the meta; a bucket maps the qualified names whose crc32 falls
-in it to (offset, length, device index) of their winning spec's pickle. A hit costs one
+in it to (offset, length, crc32, device index) of their winning spec's pickle. A hit costs one
 stat per spec file (the floor while the files stay the truth), the meta, one bucket and
 the requested specs.
 """
@@ -45,7 +45,7 @@ from cdi_hook import __version__
 
 CACHE_DIR_ENV = "CDI_HOOK_CACHE_DIR"
 DEFAULT_CACHE_DIR = "/run/cdi-hook"
-CACHE_FORMAT = 1  # bump when the layout below changes
+CACHE_FORMAT = 2  # bump when the layout below changes
 MAGIC = b"CDIHKC%02d" % CACHE_FORMAT
 FRESH_NS = 2_000_000_000  # files changed more recently than this are not cached yet
 NAMES_PER_BUCKET = 32
@@ -193,7 +193,10 @@ def _lookup(fd: int, key: tuple, listing: tuple, wanted: list[str]):
     if header[:8] != MAGIC:
         return None
     meta_len = int.from_bytes(header[8:16], "little")
-    cached_key, cached_listing, buckets = marshal.loads(_pread(fd, meta_len, 16))
+    meta = os.pread(fd, meta_len, 16)
+    if len(meta) != meta_len:
+        return None
+    cached_key, cached_listing, buckets = marshal.loads(meta)
     if cached_key != key or cached_listing != listing:
         return None
     base = 16 + meta_len
@@ -202,22 +205,24 @@ def _lookup(fd: int, key: tuple, listing: tuple, wanted: list[str]):
     found = {}
     specs = {}
     for name in wanted:
-        offset, length = buckets[zlib.crc32(name.encode()) % len(buckets)]
-        entry = marshal.loads(_pread(fd, length, base + offset)).get(name)
+        offset, length, crc = buckets[zlib.crc32(name.encode()) % len(buckets)]
+        entry = marshal.loads(_pread(fd, length, base + offset, crc)).get(name)
         if entry is None:
             return None
-        spec_offset, spec_length, device_index = entry
+        spec_offset, spec_length, spec_crc, device_index = entry
         spec = specs.get(spec_offset)
         if spec is None:
-            spec = specs[spec_offset] = pickle.loads(_pread(fd, spec_length, base + spec_offset))
+            spec = specs[spec_offset] = pickle.loads(_pread(fd, spec_length, base + spec_offset, spec_crc))
         found[name] = (spec, spec.devices[device_index])
     return found
 
 
-def _pread(fd: int, length: int, offset: int) -> bytes:
+def _pread(fd: int, length: int, offset: int, crc: int) -> bytes:
+    """A part of the file, checked: the meta's key proves the file is ours and current, the
+    CRCs that the parts it points to were not damaged since (a disk error, a stray write)."""
     data = os.pread(fd, length, offset)
-    if len(data) != length:
-        raise EOFError("cache file truncated")
+    if len(data) != length or zlib.crc32(data) != crc:
+        raise ValueError("cache file damaged")
     return data
 
 
@@ -285,16 +290,17 @@ def encode(key: tuple, listing: tuple, registry) -> bytes:
     # Offsets count from the end of the meta, so the meta can hold them without depending
     # on its own length: spec pickles first, then the buckets.
     blob_offsets = []
+    blob_crcs = [zlib.crc32(blob) for blob in spec_blobs]
     position = 0
     for blob in spec_blobs:
         blob_offsets.append(position)
         position += len(blob)
     buckets, table = [], []
     for names in bucket_names:
-        encoded = marshal.dumps({n: (blob_offsets[entries[n][0]], len(spec_blobs[entries[n][0]]), entries[n][1])
-                                 for n in names})
+        encoded = marshal.dumps({n: (blob_offsets[blob], len(spec_blobs[blob]), blob_crcs[blob], device_index)
+                                 for n in names for blob, device_index in [entries[n]]})
         buckets.append(encoded)
-        table.append((position, len(encoded)))
+        table.append((position, len(encoded), zlib.crc32(encoded)))
         position += len(encoded)
     meta = marshal.dumps((key, listing, tuple(table)))
     return b"".join([MAGIC, len(meta).to_bytes(8, "little"), meta, *spec_blobs, *buckets])
