@@ -188,14 +188,21 @@ def test_fresh_files_are_not_cached_yet(cached, monkeypatch):
 
 
 def test_is_settled_looks_at_files_and_dirs():
+    from array import array
+
     old, new = 1_000_000_000_000, 5_000_000_000_000
-    listing = (("/d", (1, 2, old, old, 0o40755, 0, 0), ("a.json",), ((3, 1, 10, old, old),)),)
+    listing = (("/d", (1, 2, old, old, 0o40755, 0, 0), "a.json", array("q", (3, 1, 10, old, old)).tobytes()),)
     assert cache.is_settled(listing, now_ns=new)
     assert not cache.is_settled(listing, now_ns=old + cache.FRESH_NS - 1)
-    touched = (("/d", (1, 2, old, new - 1, 0o40755, 0, 0), (), ()),)
+    written = (("/d", (1, 2, old, old, 0o40755, 0, 0), "a.json\0b.json",
+                array("q", (3, 1, 10, old, old, 4, 1, 10, old, new - 1)).tobytes()),)
+    assert not cache.is_settled(written, now_ns=new)
+    touched = (("/d", (1, 2, old, new - 1, 0o40755, 0, 0), "", b""),)
     assert not cache.is_settled(touched, now_ns=new)
-    missing = (("/d", ("error", 2), (), ()),)
+    missing = (("/d", ("error", 2), "", b""),)
     assert cache.is_settled(missing, now_ns=new)
+    refused = (("/d", (1, 2, old, old, 0o40755, 0, 0), "a.json", array("q", (-1, 13, 0, 0, 0)).tobytes()),)
+    assert cache.is_settled(refused, now_ns=new)
 
 
 def test_settings_that_change_the_answer_get_their_own_cache(cached, monkeypatch):
