@@ -43,7 +43,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import require_programs
+from conftest import require, require_programs
 from oci_env import make_bundle, make_rootfs, run_container
 
 REPO = Path(__file__).resolve().parent.parent
@@ -204,11 +204,12 @@ def spec(cls: str, devices: dict[str, dict], edits: dict | None = None, vendor: 
     return doc
 
 
-def scenarios(data: Path) -> list[Scenario]:
+def scenarios(data: Path, kvm: str = "/dev/kvm") -> list[Scenario]:
+    """kvm: /dev/kvm, or a stand-in node c 10:232 where the host has none (a QEMU guest without KVM)."""
     d = str(data)
     return [
         Scenario("nodes", [spec("nodes", {
-            "kvm": {"deviceNodes": [{"path": "/dev/kvm"}]},                                    # path only
+            "kvm": {"deviceNodes": [{"path": kvm}]},                                    # path only
             "zero-elsewhere": {"deviceNodes": [{"path": "/dev/cdi/zero", "hostPath": "/dev/zero"}]},
             "loop-typed": {"deviceNodes": [{"path": "/dev/loop0", "type": "b", "major": 7, "minor": 0}]},
         })], [f"{VENDOR}/nodes=kvm", f"{VENDOR}/nodes=zero-elsewhere", f"{VENDOR}/nodes=loop-typed"]),
@@ -216,7 +217,7 @@ def scenarios(data: Path) -> list[Scenario]:
             "owned": {"deviceNodes": [
                 {"path": "/dev/loop1", "fileMode": 0o640, "uid": 1000, "gid": 44, "permissions": "r"},
                 {"path": "/dev/cdi-null", "hostPath": "/dev/null", "fileMode": 0o600, "uid": 12, "gid": 34},
-                {"path": "/dev/kvm", "fileMode": 0o660, "permissions": "rw"},
+                {"path": kvm, "fileMode": 0o660, "permissions": "rw"},
             ]},
         })], [f"{VENDOR}/owners=owned"]),
         Scenario("mounts", [spec("mounts", {
@@ -231,7 +232,7 @@ def scenarios(data: Path) -> list[Scenario]:
         })], [f"{VENDOR}/mounts=data"]),
         Scenario("layers", [spec("layers", {
             "dev": {"env": ["LAYER=device", "DEV_ONLY=2"],
-                    "deviceNodes": [{"path": "/dev/kvm", "fileMode": 0o660, "gid": 44}],
+                    "deviceNodes": [{"path": kvm, "fileMode": 0o660, "gid": 44}],
                     "mounts": [{"hostPath": f"{d}/data", "containerPath": "/srv/dev", "options": ["ro", "bind"]}]},
         }, edits={"env": ["LAYER=spec", "SPEC_ONLY=1"],
                   "deviceNodes": [{"path": "/dev/cdi-spec-zero", "hostPath": "/dev/zero"}],
@@ -242,7 +243,7 @@ def scenarios(data: Path) -> list[Scenario]:
             spec("first", {"one": {"env": ["FIRST=1"], "deviceNodes": [{"path": "/dev/loop1", "fileMode": 0o660}],
                                    "mounts": [{"hostPath": f"{d}/file.txt", "containerPath": "/opt/first-file",
                                                "options": ["ro", "bind"]}]}}),
-            spec("second", {"two": {"env": ["SECOND=2"], "deviceNodes": [{"path": "/dev/kvm", "fileMode": 0o666}],
+            spec("second", {"two": {"env": ["SECOND=2"], "deviceNodes": [{"path": kvm, "fileMode": 0o666}],
                                     "mounts": [{"hostPath": f"{d}/rw", "containerPath": "/opt/second-dir",
                                                 "options": ["rbind"]}]}},
                  vendor="second." + VENDOR),
@@ -263,7 +264,7 @@ def scenarios(data: Path) -> list[Scenario]:
         })], [f"{VENDOR}/restyle=random"]),
         Scenario("user", [spec("user", {
             "as-user": {"deviceNodes": [{"path": "/dev/cdi-user-null", "hostPath": "/dev/null"},
-                                        {"path": "/dev/kvm", "fileMode": 0o600},
+                                        {"path": kvm, "fileMode": 0o600},
                                         {"path": "/dev/loop1", "fileMode": 0o640, "gid": 44}],
                         "mounts": [{"hostPath": f"{d}/file.txt", "containerPath": "/etc/user-file",
                                     "options": ["ro", "bind"]}]},
@@ -346,13 +347,24 @@ def env(tmp_path_factory):
     (data / "file.txt").write_text("the file\n")
     (data / "file-rw.txt").write_text("the rw file\n")
     rootfs = make_rootfs(top / "rootfs")
+    if not os.path.exists("/dev/loop1"):
+        subprocess.run(["modprobe", "loop"], capture_output=True)  # creates /dev/loop0..7
+    require(os.path.exists("/dev/loop0") and os.path.exists("/dev/loop1"), "needs /dev/loop0 and /dev/loop1")
+    kvm = "/dev/kvm"
+    if not os.path.exists(kvm):
+        # A host without KVM (a TCG guest): a root-only node of the same number, which opens
+        # nowhere (ENODEV) but is still created, owned, moded and allowed the same way by all.
+        kvm = f"/dev/cdi-difftest-{RUN_ID}-kvm"
+        os.mknod(kvm, 0o600 | stat.S_IFCHR, os.makedev(10, 232))
     podman = Podman(top)
     made_spec_dir = not os.path.isdir(NATIVE_SPEC_DIR)  # a fresh machine may have none yet
     try:
         os.makedirs(NATIVE_SPEC_DIR, mode=0o755, exist_ok=True)
         podman.setup(rootfs)
-        yield top, data, rootfs, podman
+        yield top, data, rootfs, podman, kvm
     finally:
+        if kvm != "/dev/kvm":
+            os.unlink(kvm)
         podman.cleanup()
         shutil.rmtree(top, ignore_errors=True)
         if made_spec_dir:
@@ -478,8 +490,8 @@ def test_live_hook_gap(env, name, findings):
 
 
 def differential(env, name: str, ways: tuple[str, ...], findings: list) -> None:
-    top, data, rootfs, podman = env
-    scenario = next(s for s in scenarios(data) if s.name == name)
+    top, data, rootfs, podman, kvm = env
+    scenario = next(s for s in scenarios(data, kvm) if s.name == name)
     results, failures = {}, []
     spec_files = []
     try:
@@ -515,7 +527,7 @@ def test_additional_gids_without_native_reference(env, findings):
     The editors (precreate, inject --mode edits) must give exactly the spec's groups; the live
     hook cannot (ALLOWED_DIFFERENCES) and must leave the groups as the runtime made them.
     """
-    top, data, rootfs, podman = env
+    top, data, rootfs, podman, kvm = env
     doc = spec("gids", {"grouped": {"deviceNodes": [{"path": "/dev/cdi-gids-null", "hostPath": "/dev/null"}],
                                     "additionalGids": [44, 1000]}})
     doc["cdiVersion"] = "0.7.0"
@@ -542,20 +554,20 @@ def test_additional_gids_without_native_reference(env, findings):
         assert results[way]["node:/dev/cdi-gids-null"].startswith("character special file rdev=1:3"), results[way]
 
 
-def test_compare_flags_what_it_must():
+def test_compare_flags_what_it_must(tmp_path):
     """The comparator itself: a doubled mount or an editor's missing env is never 'allowed'."""
-    scenario = Scenario("self", [spec("self", {"d": {"env": ["X=1"], "deviceNodes": [{"path": "/dev/kvm"}]}})],
+    host_node = tmp_path / "node"
+    host_node.touch(mode=0o600)
+    scenario = Scenario("self", [spec("self", {"d": {"env": ["X=1"],
+                                                     "deviceNodes": [{"path": "/dev/x", "hostPath": str(host_node)}]}})],
                         [f"{VENDOR}/self=d"])
     ctx = Context(scenario)
     reference = {"env:X": "1", "mount:/opt/x#count": "1",
-                 "node:/dev/kvm": "character special file rdev=a:e8 mode=666 uid=0 gid=0 read=yes write=yes"}
-    doubled = {**reference, "mount:/opt/x#count": "2"}
-    assert compare(reference, doubled, "podman-hook", ctx)[0]
+                 "node:/dev/x": "character special file rdev=a:e8 mode=666 uid=0 gid=0 read=yes write=yes"}
+    assert compare(reference, {**reference, "mount:/opt/x#count": "2"}, "podman-hook", ctx)[0]
     assert compare(reference, {**reference, "env:X": "<unset>"}, "podman-precreate", ctx)[0]
     assert not compare(reference, {**reference, "env:X": "<unset>"}, "podman-hook", ctx)[0]
-    host_mode = stat.S_IMODE(os.stat("/dev/kvm").st_mode)
-    own_mode = reference["node:/dev/kvm"].replace("mode=666", f"mode={host_mode:o}")
-    if host_mode != 0o666:
-        assert not compare(reference, {**reference, "node:/dev/kvm": own_mode}, "runc-edits", ctx)[0]
+    own_mode = reference["node:/dev/x"].replace("mode=666", "mode=600")
+    assert not compare(reference, {**reference, "node:/dev/x": own_mode}, "runc-edits", ctx)[0]
     # any other change of the node (owner here) stays a difference
-    assert compare(reference, {**reference, "node:/dev/kvm": own_mode.replace("uid=0", "uid=1")}, "runc-edits", ctx)[0]
+    assert compare(reference, {**reference, "node:/dev/x": own_mode.replace("uid=0", "uid=1")}, "runc-edits", ctx)[0]
