@@ -64,7 +64,8 @@ def mutated(draw, seeds: list[bytes]) -> bytes:
             data[where] = draw(st.integers(0, 255))
         elif action == "insert":
             data[where:where] = draw(st.binary(min_size=1, max_size=8) | st.sampled_from(
-                [b"{", b"}", b"[", b"]", b'"', b":", b",", b"*a", b"&a ", b"\n- ", b"\x00", b"\\u0000", b"..", b"/"]))
+                [b"{", b"}", b"[", b"]", b'"', b":", b",", b"*a", b"&a ", b"\n- ", b"\x00", b"\\u0000", b"..", b"/", b"9" * 4400, b"2001-02-30", b"!!python/name:os.system ",
+                 b"!!binary AAAA"]))
         elif action == "delete" and data:
             del data[where:where + draw(st.integers(1, 16))]
         elif action == "duplicate" and data:

@@ -128,6 +128,8 @@ def decode_document(data: bytes, path: str):
         raise SpecError(path, "", "not valid UTF-8") from None
     except RecursionError:
         raise SpecError(path, "", "nested too deeply") from None
+    except ValueError as error:  # e.g. an integer past Python's 4300-digit conversion limit
+        raise SpecError(path, "", f"invalid JSON: {' '.join(str(error).split())}") from None
 
 
 _yaml_loader = None
@@ -266,6 +268,8 @@ def _decode_yaml(data: bytes, path: str):
         raise SpecError(path, "", "not valid UTF-8") from None
     except RecursionError:
         raise SpecError(path, "", "nested too deeply") from None
+    except ValueError as error:  # a scalar its constructor refuses: a 5000-digit integer, 2001-02-30
+        raise SpecError(path, "", f"invalid YAML value: {' '.join(str(error).split())}") from None
     finally:
         loader.dispose()
 
