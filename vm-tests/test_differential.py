@@ -155,7 +155,7 @@ ALLOWED_DIFFERENCES = (
 
 
 # Scenarios where the live hook (not the editors) does not do what native CDI does although a
-# live hook could: open questions for cdi_hook/live/devices.py, kept visible as strict xfails
+# live hook could: open questions for cdi_hook/hook.py and cdi_hook/live/devices.py, kept as strict xfails
 # (test_live_hook_gap); the editors are still compared with Podman for these scenarios.
 LIVE_HOOK_GAPS = {
     "same-destination":
