@@ -9,7 +9,6 @@ huge counts of devices, nodes and mounts, deep JSON and YAML nesting, a YAML ali
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path

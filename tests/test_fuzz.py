@@ -53,6 +53,12 @@ def _spec_pipeline(data: bytes, path: str) -> None:
         _one_line(problem)
 
 
+# Fragments that once broke a parser or are known to stress one: structure, aliases, NUL,
+# an integer past Python's 4300-digit limit, an impossible date, YAML tags.
+SPLICES = [b"{", b"}", b"[", b"]", b'"', b":", b",", b"*a", b"&a ", b"\n- ", b"\x00", b"\\u0000", b"..", b"/",
+           b"9" * 4400, b"2001-02-30", b"!!python/name:os.system ", b"!!binary AAAA"]
+
+
 @st.composite
 def mutated(draw, seeds: list[bytes]) -> bytes:
     """A seed with a few byte-level edits: replace, insert, delete, duplicate a slice."""
@@ -63,9 +69,7 @@ def mutated(draw, seeds: list[bytes]) -> bytes:
         if action == "replace" and data:
             data[where] = draw(st.integers(0, 255))
         elif action == "insert":
-            data[where:where] = draw(st.binary(min_size=1, max_size=8) | st.sampled_from(
-                [b"{", b"}", b"[", b"]", b'"', b":", b",", b"*a", b"&a ", b"\n- ", b"\x00", b"\\u0000", b"..", b"/", b"9" * 4400, b"2001-02-30", b"!!python/name:os.system ",
-                 b"!!binary AAAA"]))
+            data[where:where] = draw(st.binary(min_size=1, max_size=8) | st.sampled_from(SPLICES))
         elif action == "delete" and data:
             del data[where:where + draw(st.integers(1, 16))]
         elif action == "duplicate" and data:
