@@ -1,6 +1,6 @@
 """cdi-hook benchmarks: what the hook costs a container start. Run as root: `bench/run`.
 
-    bench/run [--runs 20] [--sizes 1,100,1000,10000] [--only runc,podman,scale,memory] [--out FILE]
+    bench/run [--runs 20] [--sizes 1,100,1000,10000] [--only runc,podman,scale,memory] [--out FILE] [--nice N]
 
 1. runc: `runc run` of a busybox container that runs `true`, three ways interleaved run by
    run: no hook; a no-op Python hook (the same interpreter as the hook, reading its stdin);
@@ -104,6 +104,27 @@ class Workspace:
                    "options": ["ro", "nosuid", "nodev", "bind"]} for lib in sorted(self.driver.iterdir())]
         return {"cdiVersion": "0.5.0", "kind": f"{self.vendor}/gpu",
                 "devices": [{"name": "gpu0", "containerEdits": {"deviceNodes": nodes, "mounts": mounts}}]}
+
+    def measured(self, argv: list[str], results: Path) -> list[str]:
+        """argv run by a wrapper that appends "<wall ms> <ru_maxrss KiB>" of it to results.
+
+        The wrapper is a bare interpreter (-I -S, ~9 MiB): a child's ru_maxrss includes the
+        memory it had before exec, which after a fork is the wrapper's, so it must stay small.
+        """
+        wrapper = self.root / "measure.py"
+        if not wrapper.exists():
+            wrapper.write_text(
+                "import os, sys, time\n"
+                "started = time.perf_counter()\n"
+                "pid = os.fork()\n"
+                "if pid == 0:\n"
+                "    os.execv(sys.argv[2], sys.argv[2:])\n"
+                "_, status, usage = os.wait4(pid, 0)\n"
+                "elapsed = (time.perf_counter() - started) * 1000\n"
+                "with open(sys.argv[1], 'a') as out:\n"
+                "    out.write(f'{elapsed:.3f} {usage.ru_maxrss}\\n')\n"
+                "sys.exit(os.waitstatus_to_exitcode(status))\n")
+        return [PYTHON, "-I", "-S", str(wrapper), str(results)] + argv
 
     def wait_until_settled(self) -> None:
         """The cache is written only once the spec files are older than cdi_hook.cache.FRESH_NS."""
@@ -227,19 +248,19 @@ def bench_podman(ws: Workspace, runs: int) -> dict:
 
 
 def run_hook(ws: Workspace, state: bytes, env: dict[str, str], stage: str) -> tuple[float, int]:
-    """(wall ms, ru_maxrss KiB) of one hook process fed an OCI state."""
-    read_state, write_state = os.pipe()
-    started = time.perf_counter()
-    pid = os.posix_spawn(PYTHON, HOOK_ARGV + ["--stage", stage], env,
-                         file_actions=[(os.POSIX_SPAWN_DUP2, read_state, 0)])
-    os.close(read_state)
-    os.write(write_state, state)
-    os.close(write_state)
-    _, status, usage = os.wait4(pid, 0)
-    elapsed = (time.perf_counter() - started) * 1000
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"hook failed at {stage} (exit {os.waitstatus_to_exitcode(status)}); see {ws.log}")
-    return elapsed, usage.ru_maxrss
+    """(wall ms, ru_maxrss KiB) of one hook process fed an OCI state, as the wrapper saw them.
+
+    Through the small wrapper, not spawned from here: a child's ru_maxrss counts the memory
+    it had before exec, and a child of this process would start with this process's.
+    """
+    results = ws.root / "run_hook.txt"
+    results.unlink(missing_ok=True)
+    result = subprocess.run(ws.measured(HOOK_ARGV + ["--stage", stage], results), input=state, env=env,
+                            capture_output=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"hook failed at {stage} (exit {result.returncode}): {result.stderr.decode()[-2000:]}")
+    elapsed, maxrss = results.read_text().split()
+    return float(elapsed), int(maxrss)
 
 
 def bench_scale(ws: Workspace, sizes: list[int], runs: int, cold_runs: int) -> dict:
@@ -270,23 +291,13 @@ def bench_scale(ws: Workspace, sizes: list[int], runs: int, cold_runs: int) -> d
 
 def bench_memory(ws: Workspace, runs: int) -> list[int]:
     """ru_maxrss of the hook injecting the GPU-like spec at createRuntime under runc."""
-    wrapper = ws.root / "maxrss.py"
-    wrapper.write_text(
-        "import os, sys\n"
-        "pid = os.fork()\n"
-        "if pid == 0:\n"
-        "    os.execv(sys.argv[2], sys.argv[2:])\n"
-        "_, status, usage = os.wait4(pid, 0)\n"
-        "with open(sys.argv[1], 'a') as out:\n"
-        "    out.write(f'{usage.ru_maxrss}\\n')\n"
-        "sys.exit(os.waitstatus_to_exitcode(status))\n")
     results = ws.root / "maxrss.txt"
-    entry = ws.hook_entry([PYTHON, "-I", str(wrapper), str(results)])
+    entry = ws.hook_entry(ws.measured([], results))
     bundle = make_bundle(ws.root / "b-mem", ["true"], rootfs=ws.rootfs,
                          annotations={"cdi.k8s.io/bench": ws.device}, hooks={"createRuntime": [entry]})
     for _ in range(runs):
         runc_run(bundle)
-    return [int(line) for line in results.read_text().split()]
+    return [int(line.split()[1]) for line in results.read_text().splitlines()]
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,7 +321,12 @@ def report(args, results: dict) -> str:
     lines = [f"## cdi-hook benchmarks, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              f"Command: `{shlex.join(['bench/run'] + sys.argv[1:])}` (as root)  ",
              f"Machine: {machine()}  ",
-             "Times in ms: median (min / max); overhead = median minus the no-hook median.", ""]
+             "Times in ms: median (min / max); overhead = median minus the no-hook median."]
+    if results.get("load"):
+        lines[-1] += "  "
+        lines.append(f"1-minute load average before and after each benchmark: "
+                     f"{', '.join(f'{value:.2f}' for value in results['load'])} ({os.cpu_count()} CPUs)")
+    lines.append("")
     verdicts = []
     if "runc" in results:
         t = results["runc"]
@@ -348,7 +364,7 @@ def report(args, results: dict) -> str:
     if "memory" in results:
         rss = results["memory"]
         peak = max(rss) / 1024
-        lines += ["### 4. peak memory of the hook (ru_maxrss of the hook and its reaped children)", "",
+        lines += ["### 4. peak memory of the hook (ru_maxrss of the hook process and the children it reaped)", "",
                   f"GPU-like injection under runc, {len(rss)} runs: min {min(rss) / 1024:.1f}, "
                   f"median {statistics.median(rss) / 1024:.1f}, max {peak:.1f} MiB", ""]
         verdicts.append(("memory: peak RSS of the hook (MiB)", peak, TARGETS["memory_mib"]))
@@ -365,6 +381,9 @@ def main() -> int:
     parser.add_argument("--sizes", default="1,100,1000,10000", help="spec file counts for the scale benchmark")
     parser.add_argument("--only", default="runc,podman,scale,memory", help="comma-separated benchmarks to run")
     parser.add_argument("--out", help="also write the report to this file")
+    parser.add_argument("--nice", type=int, default=0,
+                        help="niceness increment for the bench and everything it starts (e.g. -10 on a "
+                             "machine shared with other work; shown in the report's command line)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench: run as root (runc, podman, device nodes)", file=sys.stderr)
@@ -373,18 +392,24 @@ def main() -> int:
     unknown = only - {"runc", "podman", "scale", "memory"}
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
-    results = {}
+    if args.nice:
+        os.nice(args.nice)
+    results: dict = {"load": [os.getloadavg()[0]]}
     with tempfile.TemporaryDirectory(prefix="cdi-bench-") as tmp:
         ws = Workspace(Path(tmp))
         if "runc" in only:
             results["runc"] = bench_runc(ws, args.runs)
+            results["load"].append(os.getloadavg()[0])
         if "podman" in only:
             results["podman"] = bench_podman(ws, args.runs)
+            results["load"].append(os.getloadavg()[0])
         if "scale" in only:
             sizes = [int(s) for s in args.sizes.split(",") if s]
             results["scale"] = bench_scale(ws, sizes, args.runs, args.cold_runs)
+            results["load"].append(os.getloadavg()[0])
         if "memory" in only:
             results["memory"] = bench_memory(ws, max(3, args.runs // 4))
+            results["load"].append(os.getloadavg()[0])
     text = report(args, results)
     print(text, end="")
     if args.out:
