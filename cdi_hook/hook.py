@@ -11,6 +11,8 @@ Imports are lazy: a container that asks for no device costs a JSON parse and not
 
 from __future__ import annotations
 
+import posixpath
+
 from cdi_hook.errors import CdiError, HookError
 
 INJECTION_STAGES = ("createRuntime", "prestart")
@@ -130,8 +132,14 @@ def _node_jobs(plan, config):
 def _start_rootfs_work(pid: int, config, node_jobs, plan, log):
     from cdi_hook.live import mounts
 
-    mount_jobs = []
+    # A destination named twice (spec-level and device-level, say): the later one replaces the
+    # earlier, as the CDI reference does when it edits config.json; never two stacked mounts.
+    last_for_destination = {}
     for origin, mount in plan.each("mounts"):
+        last_for_destination.pop(posixpath.normpath("/" + mount.container_path), None)
+        last_for_destination[posixpath.normpath("/" + mount.container_path)] = (origin, mount)
+    mount_jobs = []
+    for origin, mount in last_for_destination.values():
         options = mounts.parse_options(mount)
         if options.ignored:
             log.warning(f"{origin}: mount {mount.container_path}: options {','.join(options.ignored)} "

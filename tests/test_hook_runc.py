@@ -307,3 +307,46 @@ def test_hook_at_two_stages_applies_once(runc, tmp_path):
     assert any("mknod c 10:232" in note for note in first["notes"])
     assert any("/dev/kvm: already present" in note for note in second["notes"])
     assert any("already mounted" in note for note in second["notes"])
+
+
+def _image_node(rootfs: Path, rel: str, rdev: int, mode: int, uid: int, gid: int) -> Path:
+    path = rootfs / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mknod(path, stat.S_IFCHR | 0o600, rdev)
+    os.chown(path, uid, gid)
+    os.chmod(path, mode)
+    return path
+
+
+def test_nodes_already_in_the_image_are_replaced_or_restyled_as_native_cdi_does(runc, tmp_path):
+    """Another device at the path is replaced; the same device gets the spec's mode and owner."""
+    rootfs = hook_env.glibc_like_rootfs(tmp_path / "bundle" / "rootfs")
+    _image_node(rootfs, "opt/dev/other", os.makedev(1, 7), 0o644, 0, 0)   # /dev/full where the spec wants zero
+    _image_node(rootfs, "opt/dev/same", os.makedev(1, 3), 0o666, 0, 0)    # /dev/null, restyled
+    spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "all", "containerEdits": {
+        "deviceNodes": [{"path": "/opt/dev/other", "hostPath": "/dev/zero"},
+                        {"path": "/opt/dev/same", "hostPath": "/dev/null", "fileMode": 0o640, "uid": 12, "gid": 34}]}}]}
+    script = "stat -c 'STAT %n %t:%T %a %u:%g' /opt/dev/other /opt/dev/same"
+    bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], script, rootfs=rootfs)
+    result = oci_env.run_container(bundle)
+    assert result.returncode == 0, result.stderr
+    seen = _stat_lines(result.stdout)
+    assert seen["/opt/dev/other"] == "1:5 666 0:0"
+    assert seen["/opt/dev/same"] == "1:3 640 12:34"
+
+
+def test_replaced_and_restyled_image_nodes_are_put_back_when_the_hook_fails(runc, tmp_path):
+    rootfs = hook_env.glibc_like_rootfs(tmp_path / "bundle" / "rootfs")
+    other = _image_node(rootfs, "opt/dev/other", os.makedev(1, 7), 0o644, 5, 6)
+    same = _image_node(rootfs, "opt/dev/same", os.makedev(1, 3), 0o666, 7, 8)
+    before = {p: os.lstat(p) for p in (other, same)}
+    spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "all", "containerEdits": {
+        "deviceNodes": [{"path": "/opt/dev/other", "hostPath": "/dev/zero"},
+                        {"path": "/opt/dev/same", "hostPath": "/dev/null", "fileMode": 0o600, "uid": 1, "gid": 2}],
+        "hooks": [{"hookName": "createRuntime", "path": "/bin/false"}]}}]}
+    bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "echo SHOULD-NOT-RUN", rootfs=rootfs)
+    result = oci_env.run_container(bundle)
+    assert result.returncode != 0 and "SHOULD-NOT-RUN" not in result.stdout
+    for path, old in before.items():
+        now = os.lstat(path)
+        assert (now.st_mode, now.st_rdev, now.st_uid, now.st_gid) == (old.st_mode, old.st_rdev, old.st_uid, old.st_gid), path

@@ -154,23 +154,6 @@ ALLOWED_DIFFERENCES = (
 )
 
 
-# Scenarios where the live hook (not the editors) does not do what native CDI does although a
-# live hook could: open questions for cdi_hook/hook.py and cdi_hook/live/devices.py, kept as strict xfails
-# (test_live_hook_gap); the editors are still compared with Podman for these scenarios.
-LIVE_HOOK_GAPS = {
-    "same-destination":
-        "cdi_hook/hook.py _start_rootfs_work mounts every plan mount, so a destination named twice "
-        "(spec-level and device-level) gets two stacked mounts; the reference (and oci_edit._apply_mounts) "
-        "replaces the first, leaving one",
-    "over-runtime-node":
-        "cdi_hook/live/devices.py _create_node refuses a node path where the runtime already made "
-        "another device (/dev/full): the container fails to start; native CDI replaces the runtime's node",
-    "restyle-runtime-node":
-        "cdi_hook/live/devices.py _create_node leaves a node of the same type and rdev alone "
-        "(/dev/random): the spec's fileMode/uid/gid are not applied; native CDI creates it with them",
-}
-
-
 # ------------------------------------------------------------------ scenarios
 
 
@@ -465,28 +448,15 @@ SCENARIO_NAMES = ["nodes", "owners", "mounts", "layers", "two-specs", "runtime-e
                   "over-runtime-node", "restyle-runtime-node", "user"]
 
 
-def _without_live_hook_gaps(name: str, ways: tuple[str, ...]) -> tuple[str, ...]:
-    if name not in LIVE_HOOK_GAPS:
-        return ways
-    return tuple(way for way in ways if way not in LIVE_HOOK_WAYS)
-
-
 @pytest.mark.parametrize("name", SCENARIO_NAMES)
 def test_same_as_podman_native_cdi(env, name, findings):
-    differential(env, name, _without_live_hook_gaps(name, WAYS), findings)
+    differential(env, name, WAYS, findings)
 
 
 @pytest.mark.parametrize("name", SCENARIO_NAMES)
 def test_crun_same_as_podman_native_cdi(env, name, findings):
     require_programs("crun", "unshare", "mountpoint")
-    differential(env, name, _without_live_hook_gaps(name, CRUN_WAYS), findings)
-
-
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason))
-                                  for name, reason in LIVE_HOOK_GAPS.items()])
-def test_live_hook_gap(env, name, findings):
-    """Known, open gaps of the live hook: strict xfail, so fixing one makes this fail until listed no more."""
-    differential(env, name, ("podman-native", "podman-hook", "runc-hook"), findings)
+    differential(env, name, CRUN_WAYS, findings)
 
 
 def differential(env, name: str, ways: tuple[str, ...], findings: list) -> None:
