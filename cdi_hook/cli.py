@@ -159,3 +159,8 @@ def run(args) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`cdi-hook list | head -1`): not worth a traceback. Point
+        # stdout at /dev/null so the interpreter's final flush cannot raise it again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

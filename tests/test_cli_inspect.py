@@ -197,3 +197,21 @@ def test_command_line_entry_point(spec_dir):
                           capture_output=True, text=True, env=env)
     assert done.returncode == 1
     assert done.stderr == f"{spec_dir}/bad.json: the document is not a mapping of spec fields\n"
+
+
+def test_closed_stdout_is_no_traceback(tmp_path):
+    """`cdi-hook list | head -1`: the reader goes away; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    spec_dir = tmp_path / "cdi"
+    spec_dir.mkdir()
+    for i in range(200):
+        (spec_dir / f"v{i}.json").write_text(
+            '{"cdiVersion": "0.3.0", "kind": "vendor.com/c%d", "devices": [{"name": "d", '
+            '"containerEdits": {"env": ["A=1"]}}]}' % i)
+    result = subprocess.run(f"{sys.executable} -m cdi_hook list --spec-dir {spec_dir} | head -1",
+                            shell=True, capture_output=True, text=True,
+                            env={"CDI_HOOK_INSECURE_SPECS": "1", "PATH": "/usr/bin:/bin"})
+    assert result.stdout.startswith("DEVICE")
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
