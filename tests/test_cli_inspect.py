@@ -206,7 +206,7 @@ def test_closed_stdout_is_no_traceback(tmp_path):
 
     spec_dir = tmp_path / "cdi"
     spec_dir.mkdir()
-    for i in range(200):
+    for i in range(2000):  # well over a pipe buffer of output, so the write really fails
         (spec_dir / f"v{i}.json").write_text(
             '{"cdiVersion": "0.3.0", "kind": "vendor.com/c%d", "devices": [{"name": "d", '
             '"containerEdits": {"env": ["A=1"]}}]}' % i)
