@@ -216,15 +216,18 @@ def test_settings_that_change_the_answer_get_their_own_cache(cached, monkeypatch
     assert len(cache_files(cached)) == 3  # default (4 MiB), 10 and 1000000
 
 
-def test_a_lookup_unpickles_only_the_requested_spec(cached, monkeypatch):
+def test_a_lookup_decodes_only_the_requested_spec(cached, monkeypatch):
     for index in range(50):
         write_spec(cached, f"s{index}.json", spec(f"vendor{index}.com/gpu", ("gpu0", "gpu1")))
     registry.resolve(["vendor7.com/gpu=gpu1"], [str(cached)])
-    import pickle
-
     loads = []
-    original = pickle.loads
-    monkeypatch.setattr(pickle, "loads", lambda data: loads.append(1) or original(data))
+    original = cache.decode
+    def counting(data):  # decode recurses: count only the specs (class number 0)
+        if type(data) is list and data[0] == 0:
+            loads.append(1)
+        return original(data)
+
+    monkeypatch.setattr(cache, "decode", counting)
     counter = LoadCounter(monkeypatch)
     plan = registry.resolve(["vendor31.com/gpu=gpu0", "vendor31.com/gpu=gpu1"], [str(cached)])
     assert counter.calls == 0 and len(loads) == 1
@@ -239,6 +242,28 @@ def test_write_leaves_no_temp_files_and_replaces_atomically(cached):
     registry.resolve(["vendor.com/gpu=gpu9"], [str(cached)])
     files = cache_files(cached)
     assert len(files) == 1 and not files[0].name.startswith(".")
+
+
+def test_plain_data_round_trip_covers_every_model_field():
+    from cdi_hook.spec.model import (ContainerEdits, Device, DeviceNode, Hook, IntelRdt, Mount, NetDevice,
+                                     Spec)
+
+    edits = ContainerEdits(
+        env=("A=1",), device_nodes=(DeviceNode("/dev/x", "/dev/null", "c", 1, 3, 0o666, "rw", 0, 44),),
+        mounts=(Mount("/h", "/c", ("ro", "bind"), "bind"),), hooks=(Hook("createContainer", "/bin/true", ("true",), ("E=1",), 5),),
+        additional_gids=(44,), intel_rdt=IntelRdt("clos", "L3:0=f", "MB:0=50", ("L2:0=3",), True),
+        net_devices=(NetDevice("eth9", "net0"),))
+    original = Spec("0.7.0", "v.com/c", (Device("d", edits, (("k", "v"),)),), edits, (("a", "b"),), "/etc/cdi/x.json")
+    import marshal
+
+    assert cache.decode(marshal.loads(marshal.dumps(cache.plain(original)))) == original
+
+
+def test_a_cache_can_only_make_model_objects():
+    with pytest.raises(ValueError):
+        cache.plain(object())
+    with pytest.raises(IndexError):
+        cache.decode([99, "x"])
 
 
 # ---------------------------------------------------------------------------------------
