@@ -61,8 +61,11 @@ _CODE_MODULES = ("cache.py", "registry.py", "plan.py", "spec/model.py", "spec/pa
                  "spec/validate.py", "spec/names.py", "spec/version.py")
 
 
-def cache_dir() -> str:
-    return os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR
+def cache_dir() -> str | None:
+    """$CDI_HOOK_CACHE_DIR or /run/cdi-hook; None (no cache) for a relative path, which
+    would depend on the directory the runtime happens to start the hook in."""
+    directory = os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR
+    return directory if os.path.isabs(directory) else None
 
 
 def resolve(names, spec_dirs=None):
@@ -70,7 +73,7 @@ def resolve(names, spec_dirs=None):
     from cdi_hook import registry
 
     wanted = list(dict.fromkeys(names))
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 or cache_dir() is None:
         return registry.Registry.load(spec_dirs).resolve(wanted)
     dirs = tuple(registry.DEFAULT_SPEC_DIRS if spec_dirs is None else spec_dirs)
     try:

@@ -180,6 +180,14 @@ def test_non_root_never_reads_or_writes(cached, monkeypatch):
     assert cache_files(cached) == []
 
 
+def test_a_relative_cache_dir_is_not_used(cached, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(cache.CACHE_DIR_ENV, "relative-cache")
+    write_spec(cached, "a.json", spec())
+    assert registry.resolve(["vendor.com/gpu=gpu0"], [str(cached)]).devices == ("vendor.com/gpu=gpu0",)
+    assert not (tmp_path / "relative-cache").exists()
+
+
 def test_fresh_files_are_not_cached_yet(cached, monkeypatch):
     monkeypatch.setattr(cache, "FRESH_NS", 60_000_000_000)
     write_spec(cached, "a.json", spec())
