@@ -41,10 +41,10 @@ from __future__ import annotations
 
 import marshal
 import os
-from array import array
 import stat
 import time
 import zlib
+from array import array
 
 from cdi_hook import __version__
 
@@ -86,6 +86,8 @@ def resolve(names, spec_dirs=None):
     found = lookup(path, key, listing, wanted)
     if found is not None:
         return registry.plan_for(wanted, found)
+    # The snapshot was taken before the files are read: a file that changes in between
+    # differs from it at the next start, so a cache can be too old (rebuilt), never wrong.
     loaded = registry.Registry.load(spec_dirs)
     if is_settled(listing):
         write(path, key, listing, loaded)
