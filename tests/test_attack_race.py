@@ -1,10 +1,11 @@
 """A race: while the hook works, a path in the rootfs flips between a folder and a host link.
 
 CVE-2024-0132 was a time-of-check/time-of-use race: a hook checked a path in the rootfs,
-the image swapped it for a symlink to the host, and the hook mounted over a host path. Here a
-process swaps /mnt/race, and another /etc/ld.so.conf.d, with a symlink to a host sentinel folder (renameat2 RENAME_EXCHANGE,
-atomically, in a tight loop) for the whole life of many containers whose spec puts nodes,
-bind mounts and a library under /mnt/race. Containers may start or be refused, whichever the
+the image swapped it for a symlink to the host, and the hook mounted over a host path. Here
+two processes swap /mnt/race and /etc/ld.so.conf.d each with a symlink to a host sentinel
+folder (renameat2 RENAME_EXCHANGE, atomically, in a tight loop) for the whole life of many
+containers whose spec puts nodes, bind mounts and a library (so a conf file and ldconfig)
+under them. Containers may start or be refused, whichever the
 race gives; the host sentinel never changes and no mount ever appears on the host.
 """
 
