@@ -176,3 +176,24 @@ def test_a_failing_spec_hook_sends_the_network_device_home(runc, tmp_path):
         assert shown.returncode == 0, f"{name} did not come back to the host: {shown.stderr}"
     finally:
         subprocess.run(["ip", "link", "del", name], capture_output=True)
+
+
+@pytest.mark.parametrize("cache", ["symlink-to-host", "odd-owner-and-mode", "absent"])
+def test_undo_puts_the_image_cache_back_as_it_was(runc, tmp_path, cache):
+    """ldconfig succeeded and replaced etc/ld.so.cache; a later step fails: the image's cache
+    comes back exactly (a symlink as the same symlink, a file with its owner and mode)."""
+    host_file = tmp_path / "host-cache"
+    host_file.write_bytes(b"host file, never written")
+    rootfs = hook_env.glibc_like_rootfs(tmp_path / "bundle" / "rootfs")
+    image_cache = rootfs / "etc" / "ld.so.cache"
+    if cache == "symlink-to-host":
+        image_cache.symlink_to(host_file)
+    elif cache == "odd-owner-and-mode":
+        image_cache.write_bytes(b"the image's own cache")
+        os.chown(image_cache, 1234, 4321)
+        os.chmod(image_cache, 0o600)
+    spec = _spec(hook_env.host_files(tmp_path), hooks=[
+        {"hookName": "createRuntime", "path": "/bin/sh", "args": ["sh", "-c", "echo broken >&2; exit 3"]}])
+    bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "echo RAN", rootfs=rootfs)
+    _run_and_check(tmp_path, bundle, rootfs, "spec hook", "broken")
+    assert host_file.read_bytes() == b"host file, never written"

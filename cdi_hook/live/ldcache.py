@@ -115,31 +115,44 @@ def update(rootfs: Rootfs, dirs: list[str], ldconfig_fd: int | None, notes: list
 
 
 def _keep_old_cache(rootfs: Rootfs) -> None:
-    """Remember the image's ld.so.cache so that undo can put it back (ldconfig replaces it)."""
+    """Remember the image's ld.so.cache so that undo can put it back as it was (ldconfig
+    replaces it with a new file): its content, or the symlink it was, with owner and mode."""
+    folder, name = posixpath.split(CACHE)
+    parent_fd = rootfs.open_dir(folder)
+    old: bytes | str | None = None  # None: no cache before us, undo removes the one ldconfig made
     try:
-        fd = rootfs.open_path(CACHE, os.O_RDONLY | os.O_NOFOLLOW)
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            old = os.readlink(name, dir_fd=parent_fd)
+        elif stat.S_ISREG(st.st_mode) and st.st_size <= MAX_CACHE_BACKUP:
+            with os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd), "rb") as f:
+                old = f.read(MAX_CACHE_BACKUP + 1)
+            if len(old) > MAX_CACHE_BACKUP:
+                return
+        else:
+            return  # a directory or something odd: ldconfig will say so; too big: left as ldconfig makes it
     except FileNotFoundError:
-        old = None  # none before us: undo removes the one ldconfig made
-    except OSError:
-        return  # a symlink or something odd: left as ldconfig makes it
-    else:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            return  # not a file: ldconfig will say so
-        with os.fdopen(fd, "rb") as cache:
-            old = cache.read(MAX_CACHE_BACKUP + 1)
-        if len(old) > MAX_CACHE_BACKUP:
-            return
+        st = None
+    finally:
+        os.close(parent_fd)
 
     def restore() -> None:
-        parent_fd = rootfs.open_dir(posixpath.dirname(CACHE))
+        parent_fd = rootfs.open_dir(folder)
         try:
+            try:
+                os.unlink(name, dir_fd=parent_fd)
+            except FileNotFoundError:
+                pass
             if old is None:
-                os.unlink(posixpath.basename(CACHE), dir_fd=parent_fd)
                 return
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-            with os.fdopen(os.open(posixpath.basename(CACHE), flags, 0o644, dir_fd=parent_fd), "wb") as cache:
-                cache.write(old)
+            if isinstance(old, str):
+                os.symlink(old, name, dir_fd=parent_fd)
+            else:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                with os.fdopen(os.open(name, flags, 0o600, dir_fd=parent_fd), "wb") as f:
+                    f.write(old)
+                    os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=parent_fd, follow_symlinks=False)
         finally:
             os.close(parent_fd)
 
