@@ -197,3 +197,17 @@ def test_undo_puts_the_image_cache_back_as_it_was(runc, tmp_path, cache):
     bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "echo RAN", rootfs=rootfs)
     _run_and_check(tmp_path, bundle, rootfs, "spec hook", "broken")
     assert host_file.read_bytes() == b"host file, never written"
+
+
+def test_undo_puts_an_existing_conf_file_back(runc, tmp_path):
+    """The image already has etc/ld.so.conf.d/00-cdi-hook.conf (its own, or a leftover): the
+    hook rewrites it, a later step fails, and the image's file is back as it was."""
+    rootfs = hook_env.glibc_like_rootfs(tmp_path / "bundle" / "rootfs")
+    conf = rootfs / "etc" / "ld.so.conf.d" / "00-cdi-hook.conf"
+    conf.parent.mkdir()
+    conf.write_text("/the/image/own/folder\n")
+    os.chmod(conf, 0o640)
+    spec = _spec(hook_env.host_files(tmp_path), hooks=[
+        {"hookName": "createRuntime", "path": "/bin/sh", "args": ["sh", "-c", "echo broken >&2; exit 3"]}])
+    bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "echo RAN", rootfs=rootfs)
+    _run_and_check(tmp_path, bundle, rootfs, "spec hook", "broken")

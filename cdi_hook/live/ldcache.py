@@ -19,6 +19,7 @@ loader cache to update: skipped with a note, not an error.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import re
@@ -35,6 +36,7 @@ CONF_DIR = "etc/ld.so.conf.d"
 CONF_NAME = "00-cdi-hook.conf"
 CACHE = "etc/ld.so.cache"
 MAX_CACHE_BACKUP = 64 << 20
+MAX_CONF_BACKUP = 1 << 20
 HOST_LDCONFIG = ("/sbin/ldconfig", "/usr/sbin/ldconfig")
 TIMEOUT_S = 30
 CPU_LIMIT_S = 20
@@ -105,6 +107,7 @@ def update(rootfs: Rootfs, dirs: list[str], ldconfig_fd: int | None, notes: list
     if ldconfig_fd is None:
         raise HookError(STEP, device, f"host has no statically linked ldconfig ({' or '.join(HOST_LDCONFIG)}); "
                                   "a dynamic one would run the image's loader and libraries as root")
+    _check_temp_cache(rootfs, device)
     _write_conf(rootfs, dirs)
     _keep_old_cache(rootfs)
     _remove_temp_cache_on_undo(rootfs)
@@ -203,13 +206,62 @@ def _write_conf(rootfs: Rootfs, dirs: list[str]) -> None:
             fd = os.open(CONF_NAME, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
             rootfs.remember(dir_fd, CONF_NAME, is_dir=False)
         except FileExistsError:
-            fd = os.open(CONF_NAME, flags | os.O_TRUNC, dir_fd=dir_fd)  # ELOOP for a symlink
+            fd = _open_image_file(dir_fd, CONF_NAME)
+            old = os.pread(fd, MAX_CONF_BACKUP + 1, 0)
+            if len(old) <= MAX_CONF_BACKUP:
+                rootfs.on_undo(lambda: _rewrite(rootfs, CONF_DIR, CONF_NAME, old))
+            os.ftruncate(fd, 0)
         with os.fdopen(fd, "w") as conf:
             conf.write(text)
     except OSError as error:
         raise HookError(STEP, "", f"{CONF_DIR}/{CONF_NAME} in the rootfs: {error.strerror}") from None
     finally:
         os.close(dir_fd)
+
+
+def _open_image_file(dir_fd: int, name: str) -> int:
+    """Open an existing file of the image for rewriting, only when it is a regular file.
+
+    The image may hold any inode under that name: a symlink (O_NOFOLLOW: ELOOP), a fifo
+    (O_NONBLOCK: no hang) or a device node, which the hook, root in the host's device
+    cgroup, must never open for writing: a block device there could be a host disk.
+    """
+    if not stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+        raise OSError(errno.EPERM, "exists and is not a regular file", name)
+    fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped between the two looks
+        os.close(fd)
+        raise OSError(errno.EPERM, "exists and is not a regular file", name)
+    return fd
+
+
+def _rewrite(rootfs: Rootfs, folder: str, name: str, content: bytes) -> None:
+    """Undo: put content back into the image's own file (same inode: owner and mode stay)."""
+    dir_fd = rootfs.open_path(folder)
+    try:
+        fd = _open_image_file(dir_fd, name)
+    finally:
+        os.close(dir_fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, content, 0)
+    finally:
+        os.close(fd)
+
+
+def _check_temp_cache(rootfs: Rootfs, device: str) -> None:
+    """ldconfig opens etc/ld.so.cache~ for writing (O_TRUNC, following no symlink but any
+    device node): an image's non-file there is refused before ldconfig runs."""
+    folder, name = posixpath.split(CACHE + "~")
+    dir_fd = rootfs.open_path(folder)
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    finally:
+        os.close(dir_fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise HookError(STEP, device, f"{CACHE}~ in the rootfs exists and is not a regular file; refusing to run ldconfig")
 
 
 def _run_chrooted(root_fd: int, program_fd: int, argv: list[str]) -> tuple[str, str]:
