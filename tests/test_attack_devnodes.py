@@ -64,3 +64,18 @@ def test_fifo_as_conf_file_does_not_hang_the_hook(runc, tmp_path):
     bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "echo RAN", rootfs=rootfs)
     result = oci_env.run_container(bundle, timeout=30)
     assert result.returncode != 0 and "not a regular file" in result.stderr, result.stderr
+
+
+def test_ldconfig_runs_on_a_nodev_view(runc, tmp_path):
+    """Defence in depth: ldconfig sees the rootfs through a nodev clone, so no device node of
+    the image (say a library symlink to a host disk) can be opened by it."""
+    sources = hook_env.host_files(tmp_path)
+    spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "all", "containerEdits": {
+        "mounts": [{"hostPath": sources["library"], "containerPath": "/opt/lib/libz.so.1", "options": ["ro", "bind"]}]}}]}
+    bundle, log_file = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "echo RAN",
+                                                 extra_env={"CDI_HOOK_LOG_LEVEL": "debug"})
+    result = oci_env.run_container(bundle)
+    assert result.returncode == 0 and "RAN" in result.stdout, result.stderr
+    [line] = hook_env.log_lines(log_file)
+    assert any(note.startswith("ldconfig: cache updated") for note in line["notes"]), line
+    assert not any("no nodev view" in note for note in line["notes"]), line

@@ -6,13 +6,16 @@ CDI specs (NVIDIA's among them) list each library as its own file mount; a spec 
 a whole folder on the search path can say so with its own hook.
 
 How: a conf file etc/ld.so.conf.d/00-cdi-hook.conf (00: ahead of the image's own folders)
-lists the container-side folders, written through an fd of the in-root resolved directory
-and refusing a symlink as the file itself; then the host's ldconfig (static on glibc
-distributions, opened on the host before entering the container) runs chrooted into the
-rootfs fd, so /etc, ld.so.conf.d and ld.so.cache resolve inside the rootfs whatever symlinks
-the image holds. It runs with an empty environment, no_new_privs, a bounding set of only the
-file capabilities it needs, CPU and memory limits, and -X (no symlink updates, so a rw folder
-mounted from the host is never written to).
+lists the container-side folders, written through an fd of the in-root resolved directory,
+and only as a regular file (a symlink, fifo or device node there is refused: the hook never
+opens an image's device node, which could be a host disk); then the host's ldconfig (static,
+opened on the host before entering the container) runs chrooted into a nodev clone of the
+rootfs mounts, so /etc, ld.so.conf.d and ld.so.cache resolve inside the rootfs whatever
+symlinks the image holds and no device node of the image can be opened by it (a non-file
+etc/ld.so.cache~, which it opens for writing, is refused before it runs). It runs with an
+empty environment, no_new_privs, a bounding set of only the file capabilities it needs, CPU
+and memory limits, and -X (no symlink updates, so a rw folder mounted from the host is never
+written to). Undo puts the image's conf file and ld.so.cache back exactly as they were.
 A rootfs without etc/ld.so.conf and etc/ld.so.cache (no /etc, musl, distroless) has no glibc
 loader cache to update: skipped with a note, not an error.
 """
@@ -111,7 +114,13 @@ def update(rootfs: Rootfs, dirs: list[str], ldconfig_fd: int | None, notes: list
     _write_conf(rootfs, dirs)
     _keep_old_cache(rootfs)
     _remove_temp_cache_on_undo(rootfs)
-    status, output = _run_chrooted(rootfs.root_fd, ldconfig_fd, ["ldconfig", "-X"])
+    view_fd = _nodev_view(rootfs.root_fd, notes)
+    try:
+        status, output = _run_chrooted(view_fd if view_fd is not None else rootfs.root_fd, ldconfig_fd,
+                                       ["ldconfig", "-X"])
+    finally:
+        if view_fd is not None:
+            os.close(view_fd)
     if status != "0":
         raise HookError(STEP, device, f"{status}: {' '.join(output.split())[-2000:] or 'no output'}")
     notes.append(f"ldconfig: cache updated for {', '.join(dirs)}")
@@ -217,6 +226,30 @@ def _write_conf(rootfs: Rootfs, dirs: list[str]) -> None:
         raise HookError(STEP, "", f"{CONF_DIR}/{CONF_NAME} in the rootfs: {error.strerror}") from None
     finally:
         os.close(dir_fd)
+
+
+def _nodev_view(root_fd: int, notes: list[str]) -> int | None:
+    """A detached clone of the rootfs mounts, all nodev, for ldconfig to run in.
+
+    ldconfig runs as root in the host's device cgroup; whatever device node the image holds
+    (or names through a symlink), it cannot be opened there, while writes still land in the
+    rootfs's own filesystem. None (and a note) where the kernel refuses the clone: the
+    regular-file checks before ldconfig runs still hold.
+    """
+    from cdi_hook.live import syscalls as sc
+
+    try:
+        view = sc.open_tree(root_fd, "", sc.OPEN_TREE_CLONE | sc.AT_RECURSIVE | sc.AT_EMPTY_PATH)
+    except OSError as error:
+        notes.append(f"ldconfig: no nodev view of the rootfs ({error.strerror})")
+        return None
+    try:
+        sc.mount_setattr(view, sc.MOUNT_ATTR_NODEV, recursive=True)
+    except OSError as error:
+        os.close(view)
+        notes.append(f"ldconfig: no nodev view of the rootfs ({error.strerror})")
+        return None
+    return view
 
 
 def _open_image_file(dir_fd: int, name: str) -> int:
