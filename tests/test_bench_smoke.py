@@ -20,12 +20,12 @@ def test_report_names_every_benchmark_and_target():
     scale = {1: {"warm": [(40.0, 15000)], "cold": [(45.0, 15000)]},
              10000: {"warm": [(46.0, 16000)], "cold": [(3000.0, 260000)]}}
     text = bench.report(None, {"runc": runc, "podman": podman, "scale": scale, "memory": [15000, 16384]})
-    assert "| cdi-hook | 26.0 (25.0 / 27.0) | +15.0 |" in text
-    assert "| runc: cdi-hook overhead / no-op Python hook overhead | 1.50 | <= 1.5 | yes |" in text
-    assert "| podman: cdi-hook / native --device | 1.09 | <= 1.25 | yes |" in text
+    assert "| cdi-hook | 26.0 (25.0 / 27.0) | +15.0 | +15.0 |" in text
+    assert "| runc: cdi-hook overhead / no-op Python hook overhead | 1.50 | 1.50 | <= 1.5 | yes |" in text
+    assert "| podman: cdi-hook / native --device | 1.09 | 1.09 | <= 1.25 | yes |" in text
     assert "| 10,000 | 46.0 (46.0 / 46.0) | 3000.0 (3000.0 / 3000.0) | 15.6 / 253.9 |" in text
-    assert "| scale: warm hook at 10,000 specs / at 1 | 1.15 | <= 1.2 | yes |" in text
-    assert "| memory: peak RSS of the hook (MiB) | 16.00 | <= 40 | yes |" in text
+    assert "| scale: warm hook at 10,000 specs / at 1 | 1.15 | 1.15 | <= 1.2 | yes |" in text
+    assert "| memory: peak RSS of the hook (MiB) | 16.00 | 16.00 | <= 40 | yes |" in text
 
 
 def test_bench_run_end_to_end_with_tiny_counts(runc):
