@@ -55,17 +55,16 @@ def devices_to_apply(state, config) -> list[str]:
 
 
 def apply_plan(stage: str, plan, state, config, log) -> None:
-    from cdi_hook.live import spechooks
-
     # One invocation injects, at prestart or createRuntime, whichever the runtime was given:
     # it runs the spec's hooks of both stages (prestart first, as runtimes order them).
     hook_stages = ("prestart", "createRuntime") if stage in INJECTION_STAGES else (stage,)
-    stage_hooks = [hook for name in hook_stages for hook in spechooks.hooks_for_stage(plan.each("hooks"), name)]
+    stage_hooks = [(origin, hook) for name in hook_stages for origin, hook in plan.each("hooks")
+                   if hook.hook_name == name]
     if stage not in INJECTION_STAGES:
         if stage == "poststop":
             _return_net_devices(state, config, plan, log)
             _release_rdt(state, plan, log)
-        spechooks.run_hooks(stage_hooks, state.raw)
+        _run_spec_hooks(stage_hooks, state)
         return
 
     if not state.pid:
@@ -93,7 +92,7 @@ def apply_plan(stage: str, plan, state, config, log) -> None:
 
             netdev.move_into_container(state.pid, net_devices)
             moved_net_devices = True
-        spechooks.run_hooks(stage_hooks, state.raw)
+        _run_spec_hooks(stage_hooks, state)
         committed = True
     finally:
         if moved_net_devices and not committed:
@@ -101,6 +100,13 @@ def apply_plan(stage: str, plan, state, config, log) -> None:
         if worker is not None:
             for problem in worker.finish(commit=committed):
                 log.warning(f"undo: {problem}")
+
+
+def _run_spec_hooks(stage_hooks, state) -> None:
+    if stage_hooks:  # spechooks imports subprocess (~2 ms): only when a spec has hooks to run
+        from cdi_hook.live import spechooks
+
+        spechooks.run_hooks(stage_hooks, state.raw)
 
 
 def _return_net_devices(state, config, plan, log) -> None:
