@@ -365,7 +365,8 @@ def report(args, results: dict) -> str:
         noop, hook = t["no-op Python hook"], t["cdi-hook"]
         verdicts.append(("runc: cdi-hook overhead / no-op Python hook overhead", paired(hook) / paired(noop),
                          (min(hook) - min(none)) / (min(noop) - min(none)), TARGETS["runc"]))
-        lines += ["", f"cdi-hook: {len(HOST_NODES)} device nodes, {LIBRARY_COUNT} library mounts, ldconfig."]
+        lines += ["", f"cdi-hook: {len(HOST_NODES)} device nodes, {LIBRARY_COUNT} library mounts, ldconfig. Both hooks "
+                  "run the same interpreter (a venv without the dev install's editable-finder .pth, as in production)."]
         if logged:
             lines[-1] += (f" Its own log line's duration_ms (from the request known to the end: registry, resolve, "
                           f"worker, nodes, mounts, ldconfig, device cgroup): {fmt(logged)}; the rest of its "
