@@ -1,8 +1,8 @@
 """Each step of the live injection fails in turn: nothing is left half-done.
 
 For every step (mknod, a bind mount, a typed mount, the read-only setattr, the propagation
-remount, ldconfig, the device cgroup write, a spec hook, and a spec hook after the network
-device moved) the hook exits non-zero with an error naming the step and the device, runc
+remount, ldconfig, the device cgroup write (v1) or device program replacement (v2), a spec
+hook, and a spec hook after the network device moved) the hook exits non-zero with an error naming the step and the device, runc
 does not start the container, and the rootfs on disk is entry for entry what it was
 (paths, types, modes, owners, contents, link targets).
 
@@ -29,7 +29,7 @@ import oci_env
 from conftest import require
 
 ALL = f"{hook_env.VENDOR}=all"
-SYSCALLS_X86_64 = {"mknodat": 259, "move_mount": 429, "mount_setattr": 442, "mount": 165}
+SYSCALLS_X86_64 = {"mknodat": 259, "move_mount": 429, "mount_setattr": 442, "mount": 165, "bpf": 321}
 
 SECCOMP_WRAPPER = r'''
 import ctypes, errno, os, struct, sys
@@ -83,10 +83,10 @@ def _spec(sources: dict, **edits) -> dict:
             "devices": [{"name": "all", "containerEdits": container_edits}]}
 
 
-def _run_and_check(tmp_path: Path, bundle: Path, rootfs: Path, step: str, extra: str = "") -> str:
+def _run_and_check(tmp_path: Path, bundle: Path, rootfs: Path, step: str, extra: str = "", run=None) -> str:
     before = oci_env.tree_snapshot(rootfs)
     mounts_before = oci_env.host_mount_points()
-    result = oci_env.run_container(bundle)
+    result = (run or oci_env.run_container)(bundle)
     assert result.returncode != 0 and "RAN" not in result.stdout, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     line = next((x for x in result.stderr.splitlines() if x.startswith("cdi-hook")), result.stderr)
@@ -211,3 +211,20 @@ def test_undo_puts_an_existing_conf_file_back(runc, tmp_path):
         {"hookName": "createRuntime", "path": "/bin/sh", "args": ["sh", "-c", "echo broken >&2; exit 3"]}])
     bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "echo RAN", rootfs=rootfs)
     _run_and_check(tmp_path, bundle, rootfs, "spec hook", "broken")
+
+
+def test_a_failing_device_program_load_undoes_everything_cgroup_v2(runc, tmp_path):
+    """cgroup v2: the bpf() calls that read and replace runc's device program fail (EIO)."""
+    bundle, rootfs = _bundle(tmp_path, _spec(hook_env.host_files(tmp_path)))
+    _with_failing_syscalls(bundle, tmp_path, ["bpf"])
+    with oci_env.cgroup2_namespace() as namespace:
+        def run_v2(bundle: Path) -> subprocess.CompletedProcess:
+            cid = "cdi-fault-v2-" + uuid.uuid4().hex[:8]
+            command = namespace.enter + ["runc"]
+            try:
+                return subprocess.run(command + ["run", "--bundle", str(bundle), cid], capture_output=True,
+                                      text=True, timeout=120, stdin=subprocess.DEVNULL)
+            finally:
+                subprocess.run(command + ["delete", "--force", cid], capture_output=True)
+
+        _run_and_check(tmp_path, bundle, rootfs, "device cgroup", "Input/output error", run=run_v2)
