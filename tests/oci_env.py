@@ -29,6 +29,11 @@ def hook_entry(spec_dirs: list[str], stage: str = "createRuntime", extra_env: di
         "CDI_SPEC_DIRS": ":".join(spec_dirs),
         "CDI_HOOK_INSECURE_SPECS": "1",  # tmp_path specs are not under a root-only tree
     }
+    # The session's private cache dir and log (tests/conftest.py), so tests leave nothing
+    # in /run/cdi-hook or /var/log; a test's own log_file wins.
+    for name in ("CDI_HOOK_CACHE_DIR", "CDI_HOOK_LOG"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
     if log_file:
         env["CDI_HOOK_LOG"] = log_file
     env.update(extra_env or {})
