@@ -26,7 +26,8 @@ Two modes, one at a time (installing one removes the other's files):
 
 Every file matches only containers with an annotation key matching ^cdi\\.k8s\\.io/ and
 runs the installed interpreter isolated (-I: no PYTHON* variables, no user site, no cwd on
-sys.path; argv[0] is its full path too) with an explicit environment: PATH, plus CDI_SPEC_DIRS when it is set at install.
+sys.path; argv[0] is its full path too) with an explicit environment: PATH, plus CDI_SPEC_DIRS
+and cdi-hook's other settings (CARRIED_SETTINGS) that are set while installing.
 """
 
 from __future__ import annotations
@@ -61,10 +62,18 @@ def interpreter() -> str:
     return os.path.abspath(sys.executable)
 
 
+# cdi-hook's own settings that `install` carries into the hooks' env when they are set while
+# installing (the runtime gives a hook no other environment). CDI_HOOK_INSECURE_SPECS is
+# deliberately not one of them: it belongs in test set-ups, never in an installed hook.
+CARRIED_SETTINGS = ("CDI_HOOK_LOG", "CDI_HOOK_LOG_LEVEL", "CDI_HOOK_CACHE_DIR", "CDI_HOOK_MAX_SPEC_SIZE",
+                    "CDI_HOOK_RESCTRL")
+
+
 def _hook_env(spec_dirs: list[str] | None) -> list[str]:
     env = [f"PATH={HOOK_PATH_ENV}"]
     if spec_dirs:
         env.append("CDI_SPEC_DIRS=" + ":".join(spec_dirs))
+    env += [f"{name}={os.environ[name]}" for name in CARRIED_SETTINGS if os.environ.get(name)]
     return env
 
 

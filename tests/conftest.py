@@ -38,24 +38,11 @@ def require_program(name: str) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache_and_log(tmp_path_factory):
-    """The registry cache and the hook's log go to a session temp dir, not /run or /var/log.
+    """cdi-hook's cache and log go to a session temp dir, never /run/cdi-hook or /var/log."""
+    import oci_env
 
-    Set in os.environ, so in-process calls and every hook entry tests/oci_env.py builds use
-    it; tests that need their own set it themselves. The dir is 0700 and root's, as the
-    cache's trust rules want.
-    """
-    saved = {name: os.environ.get(name) for name in ("CDI_HOOK_CACHE_DIR", "CDI_HOOK_LOG")}
-    top = tmp_path_factory.mktemp("cdi-hook-state")
-    os.chmod(top, 0o700)
-    (top / "cache").mkdir(mode=0o700)
-    os.environ["CDI_HOOK_CACHE_DIR"] = str(top / "cache")
-    os.environ["CDI_HOOK_LOG"] = str(top / "cdi-hook.log")
-    yield top
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with oci_env.private_cache_and_log(tmp_path_factory.mktemp("cdi-hook-state")) as top:
+        yield top
 
 
 @pytest.fixture

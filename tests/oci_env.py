@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -238,3 +239,24 @@ def new_host_mounts(before: list[str], after: list[str], mine: Path) -> list[str
     (its tmp dir), or anywhere outside the dirs concurrent tests mount in."""
     seen = set(before)
     return [m for m in after if m not in seen and (m.startswith(str(mine)) or not m.startswith(_OTHER_TESTS_MOUNT))]
+
+
+@contextmanager
+def private_cache_and_log(top: Path):
+    """Point cdi-hook's cache and log at top (made 0700, as the cache's trust rules want)
+    through os.environ, for in-process calls, hook entries and `cdi-hook install` alike;
+    the previous values come back afterwards."""
+    names = ("CDI_HOOK_CACHE_DIR", "CDI_HOOK_LOG")
+    saved = {name: os.environ.get(name) for name in names}
+    os.chmod(top, 0o700)
+    (top / "cache").mkdir(mode=0o700, exist_ok=True)
+    os.environ["CDI_HOOK_CACHE_DIR"] = str(top / "cache")
+    os.environ["CDI_HOOK_LOG"] = str(top / "cdi-hook.log")
+    try:
+        yield top
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -16,6 +16,16 @@ import pytest
 
 from cdi_hook.install import ALL_FILES, hook_definitions, render
 
+
+@pytest.fixture(autouse=True)
+def no_carried_settings(monkeypatch):
+    """The session's private cache/log settings (conftest) would be carried into the files."""
+    from cdi_hook.install import CARRIED_SETTINGS
+
+    for name in CARRIED_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+
+
 REPO = Path(__file__).resolve().parent.parent
 OCI_STAGES = {"prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop"}
 EXTENSION_STAGES = {"precreate"}  # Podman's; CRI-O knows none

@@ -14,6 +14,16 @@ from cdi_hook.cli import main
 from cdi_hook.oci_edit import APPLIED_ANNOTATION, INJECT_ANNOTATION
 from oci_env import make_bundle, run_container, write_spec
 
+
+@pytest.fixture(autouse=True)
+def no_carried_settings(monkeypatch):
+    """The session's private cache/log settings (conftest) would be carried into the files."""
+    from cdi_hook.install import CARRIED_SETTINGS
+
+    for name in CARRIED_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+
+
 SPEC = {
     "cdiVersion": "0.6.0",
     "kind": "vendor.com/class",

@@ -13,6 +13,16 @@ from cdi_hook import install
 from cdi_hook.cli import main
 from cdi_hook.errors import CdiError
 
+
+@pytest.fixture(autouse=True)
+def no_carried_settings(monkeypatch):
+    """The session's private cache/log settings (conftest) would be carried into the files."""
+    from cdi_hook.install import CARRIED_SETTINGS
+
+    for name in CARRIED_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+
+
 HOOK_FILES = sorted(install.HOOK_FILES.values())
 
 
@@ -136,3 +146,14 @@ def test_installed_hook_command_runs_isolated(tmp_path):
     result = subprocess.run(argv, executable=hook["path"], env=env, cwd="/", capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "precreate" in result.stdout
+
+
+def test_settings_set_while_installing_are_carried_but_never_insecure_specs(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDI_HOOK_LOG", "/var/log/other.log")
+    monkeypatch.setenv("CDI_HOOK_CACHE_DIR", "/run/other-cache")
+    monkeypatch.setenv("CDI_HOOK_INSECURE_SPECS", "1")
+    from cdi_hook.install import live_hook_entry
+
+    env = live_hook_entry("createRuntime", "/usr/bin/python3", None)["env"]
+    assert "CDI_HOOK_LOG=/var/log/other.log" in env and "CDI_HOOK_CACHE_DIR=/run/other-cache" in env
+    assert not any(item.startswith("CDI_HOOK_INSECURE_SPECS") for item in env)

@@ -48,6 +48,15 @@ def pytest_runtest_makereport(item, call):
 _FINDINGS_KEY = pytest.StashKey[list]()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_and_log(tmp_path_factory):
+    """cdi-hook's cache and log go to a session temp dir, never /run/cdi-hook or /var/log."""
+    import oci_env
+
+    with oci_env.private_cache_and_log(tmp_path_factory.mktemp("cdi-hook-state")) as top:
+        yield top
+
+
 @pytest.fixture
 def findings(request) -> list:
     """Allowed differences a test met, as (scenario, way, key, reference, got, reason); printed at the end."""
