@@ -350,3 +350,41 @@ def test_replaced_and_restyled_image_nodes_are_put_back_when_the_hook_fails(runc
     for path, old in before.items():
         now = os.lstat(path)
         assert (now.st_mode, now.st_rdev, now.st_uid, now.st_gid) == (old.st_mode, old.st_rdev, old.st_uid, old.st_gid), path
+
+
+def test_user_namespace_mounts_ldconfig_and_ownership(runc):
+    """A mapped user namespace: file/dir/library bind mounts work (ro refuses writes), the
+    ld cache lists the library, and what cdi-hook creates is owned by the container's root."""
+    tmp_path = Path(tempfile.mkdtemp(prefix="cdi-hook-userns-"))
+    try:
+        sources = hook_env.host_files(tmp_path)
+        spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "all", "containerEdits": {
+            "mounts": [
+                {"hostPath": sources["file"], "containerPath": "/etc/cdi/config.txt", "options": ["ro", "bind"]},
+                {"hostPath": sources["dir"], "containerPath": "/mnt/cdi-dir", "options": ["rw", "rbind"]},
+                {"hostPath": sources["library"], "containerPath": hook_env.LIB_DIR_IN_CONTAINER + "/libz.so.1",
+                 "options": ["ro", "bind"]}]}}]}
+        script = "\n".join([
+            "cat /etc/cdi/config.txt /mnt/cdi-dir/hello",
+            "(echo x > /etc/cdi/config.txt) 2>/dev/null && echo RO-WRITABLE || echo RO-REFUSED",
+            f"stat -c 'OWNER %n %u:%g' /etc/cdi /etc/ld.so.conf.d/00-cdi-hook.conf {hook_env.LIB_DIR_IN_CONTAINER}",
+        ])
+        mapping = [{"containerID": 0, "hostID": 200000, "size": 65536}]
+        namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network", "cgroup", "user")]
+        bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], script, namespaces=namespaces,
+                                              extra_linux={"uidMappings": mapping, "gidMappings": mapping})
+        rootfs = bundle / "rootfs"
+        for entry in [tmp_path, *rootfs.rglob("*")]:  # the image belongs to the container's root
+            os.lchown(entry, 200000, 200000) if entry != tmp_path else entry.chmod(0o755)
+        os.lchown(rootfs, 200000, 200000)
+        result = oci_env.run_container(bundle)
+        assert result.returncode == 0, result.stderr
+        assert "read-only config" in result.stdout and "hello from the host" in result.stdout
+        assert "RO-REFUSED" in result.stdout
+        owners = [line.split()[2] for line in result.stdout.splitlines() if line.startswith("OWNER ")]
+        assert owners == ["0:0", "0:0", "0:0"], result.stdout  # container root, not nobody
+        cache = subprocess.run(["ldconfig", "-C", str(rootfs / "etc" / "ld.so.cache"), "-p"],
+                               capture_output=True, text=True).stdout
+        assert f"{hook_env.LIB_DIR_IN_CONTAINER}/libz.so.1" in cache
+    finally:
+        shutil.rmtree(tmp_path)

@@ -123,6 +123,12 @@ def update(rootfs: Rootfs, dirs: list[str], ldconfig_fd: int | None, notes: list
             os.close(view_fd)
     if status != "0":
         raise HookError(STEP, device, f"{status}: {' '.join(output.split())[-2000:] or 'no output'}")
+    folder, name = posixpath.split(CACHE)
+    cache_dir_fd = rootfs.open_dir(folder)
+    try:
+        rootfs.give_to_container(cache_dir_fd, name)  # ldconfig, as host root, made a new file
+    finally:
+        os.close(cache_dir_fd)
     notes.append(f"ldconfig: cache updated for {', '.join(dirs)}")
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
-from typing import Callable
+from collections.abc import Callable
 
 from cdi_hook.live import syscalls
 
@@ -26,9 +26,11 @@ class Rootfs:
 
     def __init__(self, root_fd: int, creator_ids: tuple[int, int] | None = None):
         self.root_fd = root_fd
-        # Host uid/gid of the container's root when it has a user namespace: a filesystem the
-        # runtime mounted inside that namespace (its /dev tmpfs) refuses files from an owner it
-        # cannot map (EOVERFLOW), so such entries are created under these fs ids instead.
+        # Host uid/gid of the container's root when it has a user namespace. What cdi-hook
+        # creates is given to them (else the container sees nobody:nogroup and its root cannot
+        # change it), and a filesystem the runtime mounted inside that namespace (its /dev
+        # tmpfs) refuses files from an owner it cannot map (EOVERFLOW), so such entries are
+        # created under these fs ids in the first place.
         self.creator_ids = creator_ids
         self._created: list[tuple[int, str, bool]] = []  # (parent fd, name, is_dir), creation order
         self._restores: list[tuple[int, Callable[[], None]]] = []  # (position in _created, action)
@@ -50,6 +52,13 @@ class Rootfs:
             finally:
                 syscalls.setfsgid(old_gid)
                 syscalls.setfsuid(old_uid)
+            return
+        self.give_to_container(parent_fd, name)
+
+    def give_to_container(self, parent_fd: int, name: str) -> None:
+        """With a user namespace: the entry we made belongs to the container's root."""
+        if self.creator_ids is not None:
+            os.chown(name, *self.creator_ids, dir_fd=parent_fd, follow_symlinks=False)
 
     def close(self) -> None:
         self.forget()
@@ -107,8 +116,10 @@ class Rootfs:
         return fd
 
     def remember(self, parent_fd: int, name: str, is_dir: bool) -> None:
-        """Record an entry the caller created itself (takes a dup of parent_fd) so undo removes it."""
+        """Record an entry the caller created itself (takes a dup of parent_fd) so undo removes
+        it, and give it to the container's root as _create does."""
         self._created.append((os.dup(parent_fd), name, is_dir))
+        self.give_to_container(parent_fd, name)
 
     def on_undo(self, action: Callable[[], None]) -> None:
         """Run action on undo, in order with the removals (e.g. put back a file we rewrote)."""
