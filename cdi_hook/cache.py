@@ -23,7 +23,7 @@ it), and it is opened without following a symlink. Anything else, or any error w
 reading, means "no cache": rebuilt from the files and written again (atomically, temp
 file + rename). Non-root callers never read or write it.
 
-Format: marshal only, no pickle. A spec is stored as plain data (a model dataclass as a
+Format: marshal only, no pickle. A spec is stored as plain data (a model record as a
 list [class number, field values...], tuples and scalars as themselves) and rebuilt by
 calling the model's own constructors from a fixed list: loading can never run code or
 make an object of another class, and it skips pickle's import (~1 ms) too. Rebuilding
@@ -330,13 +330,11 @@ def _model_classes() -> tuple:
 
 def plain(value):
     """A model object as marshal-able data: [class number, field values...]; tuples stay tuples."""
-    if isinstance(value, tuple):
-        return tuple(plain(item) for item in value)
     classes = _model_classes()
-    if type(value) in classes:
-        from dataclasses import fields
-
-        return [classes.index(type(value))] + [plain(getattr(value, f.name)) for f in fields(value)]
+    if type(value) in classes:  # before the tuple case: model records are namedtuples
+        return [classes.index(type(value))] + [plain(item) for item in value]
+    if type(value) is tuple:
+        return tuple(plain(item) for item in value)
     if value is None or type(value) in (str, int, bool):
         return value
     raise ValueError(f"cannot cache a {type(value).__name__}")

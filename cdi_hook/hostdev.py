@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import replace
 
 from cdi_hook.errors import CdiError
 from cdi_hook.spec.model import DeviceNode
@@ -34,7 +33,7 @@ def complete_node(node: DeviceNode, origin: str = "") -> DeviceNode:
     missing, is not a device node, or has another type than the spec says.
     """
     host_path = node.host_path or node.path
-    node = replace(node, host_path=host_path)
+    node = node._replace(host_path=host_path)
     if is_fully_specified(node) and node.file_mode is not None:
         return node
     who = f"{origin}: " if origin else ""
@@ -63,4 +62,4 @@ def complete_node(node: DeviceNode, origin: str = "") -> DeviceNode:
         changes["minor"] = os.minor(st.st_rdev)
     if node.file_mode is None:
         changes["file_mode"] = stat.S_IMODE(st.st_mode)
-    return replace(node, **changes)
+    return node._replace(**changes)

@@ -8,43 +8,33 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 from cdi_hook.errors import CdiError
 
 MAX_STATE_SIZE = 1 << 20
 MAX_CONFIG_SIZE = 16 << 20
 
+# Records are namedtuples, as in spec/model.py: no dataclasses import on the hot path.
+# The {} defaults are shared between instances; nothing mutates a State's or a Config's dicts.
 
-@dataclass(frozen=True)
-class State:
-    id: str
-    bundle: str
-    pid: int | None = None  # absent (or 0) once the container is gone, e.g. at poststop
-    status: str = ""
-    annotations: dict[str, str] = field(default_factory=dict)
-    root: str | None = None  # crun's extra key: the rootfs path
-    raw: bytes = b""  # exactly what came on stdin, handed on to the spec's hooks
+State = namedtuple(
+    "State",
+    # pid: absent (or 0) once the container is gone, e.g. at poststop; root: crun's extra
+    # key, the rootfs path; raw: exactly what came on stdin, handed on to the spec's hooks
+    ["id", "bundle", "pid", "status", "annotations", "root", "raw"],
+    defaults=(None, "", {}, None, b""),
+)
 
+IdMapping = namedtuple("IdMapping", ["container_id", "host_id", "size"])
 
-@dataclass(frozen=True)
-class IdMapping:
-    container_id: int
-    host_id: int
-    size: int
-
-
-@dataclass(frozen=True)
-class Config:
-    path: str
-    rootfs: str  # absolute
-    annotations: dict[str, str] = field(default_factory=dict)
-    user_namespace: bool = False
-    uid_mappings: tuple[IdMapping, ...] = ()
-    gid_mappings: tuple[IdMapping, ...] = ()
-    process_uid: int = 0
-    process_gid: int = 0
-    raw: dict = field(default_factory=dict, compare=False, repr=False)
+Config = namedtuple(
+    "Config",
+    # rootfs: absolute; uid/gid_mappings: tuples of IdMapping; raw: the whole config.json document
+    ["path", "rootfs", "annotations", "user_namespace", "uid_mappings", "gid_mappings", "process_uid",
+     "process_gid", "raw"],
+    defaults=({}, False, (), (), 0, 0, {}),
+)
 
 
 def parse_state(data: bytes) -> State:

@@ -11,23 +11,20 @@ for spec-level edits) and its spec file, so every error can name the device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
+from collections import namedtuple
+from collections.abc import Iterator
 
 from cdi_hook.spec.model import ContainerEdits
 
-
-@dataclass(frozen=True)
-class PlanPart:
-    origin: str  # "vendor.com/class=name" or "vendor.com/class (spec-level)"
-    spec_path: str
-    edits: ContainerEdits
+# origin: "vendor.com/class=name" or "vendor.com/class (spec-level)"; edits: ContainerEdits.
+# Records are namedtuples, as in spec/model.py (no dataclasses import on the hot path).
+PlanPart = namedtuple("PlanPart", ["origin", "spec_path", "edits"])
 
 
-@dataclass(frozen=True)
-class Plan:
-    devices: tuple[str, ...]  # the qualified names requested, in request order, no repeats
-    parts: tuple[PlanPart, ...]
+class Plan(namedtuple("Plan", ["devices", "parts"])):
+    """devices: the qualified names requested, in request order, no repeats; parts: PlanParts."""
+
+    __slots__ = ()
 
     def each(self, edit_field: str) -> Iterator[tuple[str, object]]:
         """(origin, item) for every item of one ContainerEdits field, in plan order.

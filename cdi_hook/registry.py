@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass, field
 
 from cdi_hook.errors import CdiError, ResolveError
 from cdi_hook.plan import Plan, PlanPart
@@ -51,14 +50,14 @@ def _refusal(path: str, what: str, problem: str) -> str:
             f"(set {INSECURE_ENV}=1 to skip this check in test set-ups)")
 
 
-@dataclass
 class SpecFileResult:
     """What loading one spec file gave: a valid Spec, or the errors (and the kind if known)."""
 
-    path: str
-    spec: Spec | None
-    errors: list[str]
-    kind: str | None = None
+    def __init__(self, path: str, spec: Spec | None, errors: list[str], kind: str | None = None):
+        self.path = path
+        self.spec = spec
+        self.errors = errors
+        self.kind = kind
 
 
 def load_spec_file(path: str, *, require_trusted: bool = False, max_size: int | None = None) -> SpecFileResult:
@@ -82,14 +81,14 @@ def load_spec_file(path: str, *, require_trusted: bool = False, max_size: int | 
     return SpecFileResult(path, spec, [], spec.kind)
 
 
-@dataclass
 class Registry:
-    spec_dirs: tuple[str, ...]
-    specs: list[Spec] = field(default_factory=list)  # valid specs, in scan order
-    devices: dict[str, tuple[Spec, Device]] = field(default_factory=dict)  # qualified name -> winner
-    errors: dict[str, list[str]] = field(default_factory=dict)  # file or dir -> error lines
-    conflicts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # unavailable name -> files
-    invalid_kinds: dict[str, list[str]] = field(default_factory=dict)  # kind -> invalid spec files
+    def __init__(self, spec_dirs: tuple[str, ...]):
+        self.spec_dirs = spec_dirs
+        self.specs: list[Spec] = []  # valid specs, in scan order
+        self.devices: dict[str, tuple[Spec, Device]] = {}  # qualified name -> winner
+        self.errors: dict[str, list[str]] = {}  # file or dir -> error lines
+        self.conflicts: dict[str, tuple[str, ...]] = {}  # unavailable name -> files
+        self.invalid_kinds: dict[str, list[str]] = {}  # kind -> invalid spec files
 
     @classmethod
     def load(cls, spec_dirs=None, *, insecure: bool | None = None, max_size: int | None = None) -> Registry:

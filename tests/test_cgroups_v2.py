@@ -37,7 +37,7 @@ def assert_refused(container, path, mode):
 def allow_inside(namespace, pid: int, rules: list[DeviceRule]) -> subprocess.CompletedProcess:
     """allow_devices run as the hook runs it: a fresh process in runc's mount namespace."""
     code = ("import sys; from cdi_hook.live.cgroups import DeviceRule, allow_devices; "
-            f"allow_devices({pid}, [DeviceRule(*r) for r in {[tuple(vars(r).values()) for r in rules]!r}])")
+            f"allow_devices({pid}, [DeviceRule(*r) for r in {[tuple(r) for r in rules]!r}])")
     return subprocess.run(namespace.enter + [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); " + code],
                           capture_output=True, text=True, timeout=60)
 

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import struct
 import sys
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from collections import namedtuple
+from collections.abc import Iterable, Sequence
 
 # --- instruction encoding ---------------------------------------------------------------
 
@@ -41,15 +40,10 @@ R0, R1, R2, R3, R4, R5 = range(6)
 _INSN = struct.Struct("<BBhi" if sys.byteorder == "little" else ">BBhi")
 
 
-@dataclass(frozen=True)
-class Insn:
+class Insn(namedtuple("Insn", ["code", "dst", "src", "off", "imm"], defaults=(0, 0, 0, 0))):
     """One struct bpf_insn."""
 
-    code: int
-    dst: int = 0
-    src: int = 0
-    off: int = 0
-    imm: int = 0
+    __slots__ = ()
 
     def encode(self) -> bytes:
         # The two 4-bit register fields share one byte; C bitfield order follows endianness.
@@ -84,14 +78,8 @@ _HEADER_LEN = 8               # marker, length, four context loads (six instruct
 _BLOCK_LEN = 8                # ... then one block of this size per allowed device
 
 
-@dataclass(frozen=True, order=True)
-class DeviceAllow:
-    """One device the prologue allows, in the kernel's numbers (DEV_*, ACC_* bit mask)."""
-
-    dev_type: int
-    major: int
-    minor: int
-    access: int
+# One device the prologue allows, in the kernel's numbers (DEV_*, ACC_* bit mask); sorts by its fields.
+DeviceAllow = namedtuple("DeviceAllow", ["dev_type", "major", "minor", "access"])
 
 
 def merge_allows(allows: Iterable[DeviceAllow]) -> list[DeviceAllow]:
@@ -217,9 +205,10 @@ _libc.syscall.restype = ctypes.c_long
 
 
 def _bpf(cmd: int, attr: ctypes.Array) -> int:
-    nr = _NR_BPF.get(platform.machine())
+    machine = os.uname().machine  # what platform.machine() says, without importing it (~2 ms)
+    nr = _NR_BPF.get(machine)
     if nr is None:
-        raise OSError(f"bpf(2): unknown syscall number on {platform.machine()}")
+        raise OSError(f"bpf(2): unknown syscall number on {machine}")
     result = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
     if result < 0:
         err = ctypes.get_errno()
@@ -260,13 +249,7 @@ def prog_get_fd_by_id(prog_id: int) -> int:
     return _bpf(BPF_PROG_GET_FD_BY_ID, _attr("I", prog_id))
 
 
-@dataclass(frozen=True)
-class ProgInfo:
-    prog_type: int
-    prog_id: int
-    name: str
-    gpl_compatible: bool
-    insns: list[Insn]
+ProgInfo = namedtuple("ProgInfo", ["prog_type", "prog_id", "name", "gpl_compatible", "insns"])  # insns: list[Insn]
 
 
 # struct bpf_prog_info up to and including the gpl_compatible bitfield word.

@@ -15,8 +15,8 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-from dataclasses import dataclass
-from typing import Sequence
+from collections import namedtuple
+from collections.abc import Sequence
 
 from cdi_hook.errors import HookError
 
@@ -31,15 +31,11 @@ MAX_MAJOR = (1 << 12) - 1
 MAX_MINOR = (1 << 20) - 1
 
 
-@dataclass(frozen=True)
-class DeviceRule:
+class DeviceRule(namedtuple("DeviceRule", ["type", "major", "minor", "access"], defaults=("",))):
     """Allow one device: type 'b' or 'c' ('u' counts as 'c', 'p' needs no rule), access
     a subset of "rwm" ("" meaning all of it)."""
 
-    type: str
-    major: int
-    minor: int
-    access: str = ""
+    __slots__ = ()
 
     @property
     def permissions(self) -> str:
@@ -220,12 +216,7 @@ def _read_memberships(pid: int, rules: Sequence[DeviceRule]) -> dict[str, str]:
     return memberships
 
 
-@dataclass(frozen=True)
-class _Mount:
-    root: str
-    mount_point: str
-    fstype: str
-    super_options: str
+_Mount = namedtuple("_Mount", ["root", "mount_point", "fstype", "super_options"])
 
 
 def _unescape(field: str) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from dataclasses import dataclass
 
 from cdi_hook.errors import HookError
 from cdi_hook.live import syscalls
@@ -32,13 +31,13 @@ DEFAULT_FILE_MODE = 0o666  # runc's default when neither the spec nor the host g
 _S_IFMT = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}
 
 
-@dataclass
 class NodeJob:
-    origin: str
-    node: DeviceNode  # completed (hostdev.complete_node): type, major, minor, host_path set
-    uid: int
-    gid: int
-    host_tree_fd: int | None = None  # detached clone of the host node, for the bind-mount way
+    def __init__(self, origin: str, node: DeviceNode, uid: int, gid: int):
+        self.origin = origin
+        self.node = node  # completed (hostdev.complete_node): type, major, minor, host_path set
+        self.uid = uid
+        self.gid = gid
+        self.host_tree_fd: int | None = None  # detached clone of the host node, for the bind-mount way
 
 
 def default_owner(process_uid: int, process_gid: int, node: DeviceNode) -> tuple[int, int]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass, field
 
 from cdi_hook.errors import HookError
 from cdi_hook.live import syscalls as sc
@@ -54,16 +53,16 @@ _PROPAGATION = {
 }
 
 
-@dataclass
 class MountOptions:
-    bind: bool
-    recursive: bool = False
-    attr_set: int = 0  # mount_setattr, for bind mounts
-    attr_clr: int = 0
-    ms_flags: int = 0  # mount(2), for typed mounts
-    propagation: int = 0
-    data: list[str] = field(default_factory=list)  # typed mounts: handed to the filesystem
-    ignored: list[str] = field(default_factory=list)  # bind mounts: data options have no meaning
+    def __init__(self, bind: bool, recursive: bool = False):
+        self.bind = bind
+        self.recursive = recursive
+        self.attr_set = 0  # mount_setattr, for bind mounts
+        self.attr_clr = 0
+        self.ms_flags = 0  # mount(2), for typed mounts
+        self.propagation = 0
+        self.data: list[str] = []  # typed mounts: handed to the filesystem
+        self.ignored: list[str] = []  # bind mounts: data options have no meaning
 
 
 def parse_options(mount: Mount) -> MountOptions:
@@ -101,13 +100,13 @@ def parse_options(mount: Mount) -> MountOptions:
     return options
 
 
-@dataclass
 class MountJob:
-    origin: str
-    mount: Mount
-    options: MountOptions
-    tree_fd: int | None = None  # detached clone of the host source (bind mounts)
-    source_is_dir: bool = True
+    def __init__(self, origin: str, mount: Mount, options: MountOptions):
+        self.origin = origin
+        self.mount = mount
+        self.options = options
+        self.tree_fd: int | None = None  # detached clone of the host source (bind mounts)
+        self.source_is_dir = True
 
 
 def clone_sources(jobs: list[MountJob]) -> None:

@@ -13,21 +13,20 @@ from __future__ import annotations
 
 import json
 import os
-import traceback
-from dataclasses import dataclass, field
 
 from cdi_hook.errors import CdiError, HookError
 from cdi_hook.live import devices, ldcache, mounts, syscalls
 from cdi_hook.live.rootfs import Rootfs
 
 
-@dataclass
 class RootfsWork:
-    rootfs: str
-    nodes: list[devices.NodeJob] = field(default_factory=list)
-    mounts: list[mounts.MountJob] = field(default_factory=list)
-    by_bind_mount: bool = False  # the container has a user namespace
-    creator_ids: tuple[int, int] | None = None  # host uid/gid of the container's root (user namespace)
+    def __init__(self, rootfs: str, nodes: list[devices.NodeJob], mounts: list[mounts.MountJob],
+                 by_bind_mount: bool = False, creator_ids: tuple[int, int] | None = None):
+        self.rootfs = rootfs
+        self.nodes = nodes
+        self.mounts = mounts
+        self.by_bind_mount = by_bind_mount  # the container has a user namespace
+        self.creator_ids = creator_ids  # host uid/gid of the container's root (user namespace)
 
 
 class Worker:
@@ -133,6 +132,8 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int
         send({"ok": False, "error": _one_line(str(error)) + _undo_note(problems)})
         return 1
     except BaseException as error:  # noqa: BLE001 - a bug must still undo and report, not hang the hook
+        import traceback  # only for a bug: ~1 ms a start otherwise
+
         problems = undo()
         send({"ok": False, "error": f"inject: internal error: {error!r} at "
               f"{traceback.extract_tb(error.__traceback__)[-1].name}" + _undo_note(problems)})

@@ -2,68 +2,47 @@
 
 Attribute names are the snake_case of the JSON field names; `None` means the field was
 absent, which the spec often distinguishes from zero (major, fileMode, uid, gid, timeout).
-Objects are frozen so a parsed spec can be shared by the registry, the plan and caches.
+Objects are immutable so a parsed spec can be shared by the registry, the plan and caches.
+
+Records are namedtuples, not dataclasses: every container start imports this module, and
+dataclasses (with inspect, ast, dis, tokenize) plus building the classes cost ~10 ms there.
+Being tuples, they compare equal to plain tuples of the same values; nothing here relies on
+that (and truthiness is always true: every record has fields). Copy with `_replace(...)`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import namedtuple
+
+DeviceNode = namedtuple(
+    "DeviceNode",
+    # type: b, c, u, p or "" (take it from the host node); permissions: subset of "rwm", "" means rwm
+    ["path", "host_path", "type", "major", "minor", "file_mode", "permissions", "uid", "gid"],
+    defaults=(None, "", None, None, None, "", None, None),
+)
+
+Mount = namedtuple("Mount", ["host_path", "container_path", "options", "type"], defaults=((), ""))
+
+Hook = namedtuple("Hook", ["hook_name", "path", "args", "env", "timeout"], defaults=((), (), None))
+
+IntelRdt = namedtuple(
+    "IntelRdt",
+    ["clos_id", "l3_cache_schema", "mem_bw_schema", "schemata", "enable_monitoring"],
+    defaults=("", "", "", (), False),
+)
+
+NetDevice = namedtuple("NetDevice", ["host_interface_name", "name"])
 
 
-@dataclass(frozen=True)
-class DeviceNode:
-    path: str
-    host_path: str | None = None
-    type: str = ""  # b, c, u, p or "" (take it from the host node)
-    major: int | None = None
-    minor: int | None = None
-    file_mode: int | None = None
-    permissions: str = ""  # subset of "rwm"; "" means rwm for the cgroup rule
-    uid: int | None = None
-    gid: int | None = None
+class ContainerEdits(namedtuple(
+    "ContainerEdits",
+    ["env", "device_nodes", "mounts", "hooks", "additional_gids", "intel_rdt", "net_devices"],
+    defaults=((), (), (), (), (), None, ()),
+)):
+    """Tuples of strings (env), DeviceNode, Mount, Hook, ints (additional_gids), NetDevice;
+    intel_rdt an IntelRdt or None."""
 
-
-@dataclass(frozen=True)
-class Mount:
-    host_path: str
-    container_path: str
-    options: tuple[str, ...] = ()
-    type: str = ""
-
-
-@dataclass(frozen=True)
-class Hook:
-    hook_name: str
-    path: str
-    args: tuple[str, ...] = ()
-    env: tuple[str, ...] = ()
-    timeout: int | None = None
-
-
-@dataclass(frozen=True)
-class IntelRdt:
-    clos_id: str = ""
-    l3_cache_schema: str = ""
-    mem_bw_schema: str = ""
-    schemata: tuple[str, ...] = ()
-    enable_monitoring: bool = False
-
-
-@dataclass(frozen=True)
-class NetDevice:
-    host_interface_name: str
-    name: str
-
-
-@dataclass(frozen=True)
-class ContainerEdits:
-    env: tuple[str, ...] = ()
-    device_nodes: tuple[DeviceNode, ...] = ()
-    mounts: tuple[Mount, ...] = ()
-    hooks: tuple[Hook, ...] = ()
-    additional_gids: tuple[int, ...] = ()
-    intel_rdt: IntelRdt | None = None
-    net_devices: tuple[NetDevice, ...] = ()
+    __slots__ = ()
 
     def is_empty(self) -> bool:
         return not (
@@ -77,21 +56,18 @@ class ContainerEdits:
         )
 
 
-@dataclass(frozen=True)
-class Device:
-    name: str
-    container_edits: ContainerEdits
-    annotations: tuple[tuple[str, str], ...] = ()
+# annotations: tuple of (key, value) pairs
+Device = namedtuple("Device", ["name", "container_edits", "annotations"], defaults=((),))
 
 
-@dataclass(frozen=True)
-class Spec:
-    cdi_version: str
-    kind: str  # vendor/class
-    devices: tuple[Device, ...]
-    container_edits: ContainerEdits = field(default_factory=ContainerEdits)
-    annotations: tuple[tuple[str, str], ...] = ()
-    path: str = ""  # the file it came from, for messages
+class Spec(namedtuple(
+    "Spec",
+    ["cdi_version", "kind", "devices", "container_edits", "annotations", "path"],
+    defaults=(ContainerEdits(), (), ""),
+)):
+    """kind is vendor/class; devices a tuple of Device; path the file it came from, for messages."""
+
+    __slots__ = ()
 
     @property
     def vendor(self) -> str:

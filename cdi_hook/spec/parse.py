@@ -17,7 +17,6 @@ import json
 import os
 import re
 import stat
-from dataclasses import replace
 
 from cdi_hook.errors import CdiError, SpecError
 from cdi_hook.spec.model import ContainerEdits, Device, DeviceNode, Hook, IntelRdt, Mount, NetDevice, Spec
@@ -474,7 +473,7 @@ def build_spec(document, path: str) -> Spec:
         raise SpecError(path, error.path, error.message) from None
     except RecursionError:
         raise SpecError(path, "", "nested too deeply") from None
-    return replace(spec, path=path)
+    return spec._replace(path=path)
 
 
 def parse_spec_bytes(data: bytes, path: str) -> Spec:
@@ -514,7 +513,7 @@ def to_cdi_data(obj):
             continue
         if json_name == "annotations":
             out[json_name] = dict(value)
-        elif isinstance(value, tuple):
+        elif type(value) is tuple:  # a list field; model records are namedtuples, not lists
             out[json_name] = [to_cdi_data(item) for item in value]
         else:
             out[json_name] = to_cdi_data(value)
