@@ -106,3 +106,23 @@ def test_only_a_static_ldconfig_is_run(monkeypatch):
     fd = ldcache.open_host_ldconfig()
     assert fd is not None and os.path.samestat(os.fstat(fd), os.stat("/sbin/ldconfig"))
     os.close(fd)
+
+
+def test_ldconfig_runner_confinement():
+    """What _confine leaves a program: no_new_privs and a bounding set of the three capabilities ldconfig needs."""
+    require_root()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ldcache._confine()
+            with open("/proc/self/status") as status:
+                os.write(write_end, status.read().encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as reader:
+        status = dict(line.split(":\t", 1) for line in reader.read().splitlines() if ":\t" in line)
+    os.waitpid(pid, 0)
+    assert status["NoNewPrivs"].strip() == "1"
+    assert int(status["CapBnd"], 16) == (1 << 1) | (1 << 2) | (1 << 3)  # DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER
