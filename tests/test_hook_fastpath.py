@@ -78,3 +78,17 @@ def test_poststop_runs_only_that_stage_spec_hooks(tmp_path):
                             env={"CDI_HOOK_INSECURE_SPECS": "1", "CDI_HOOK_LOG": str(tmp_path / "log")})
     assert result.returncode == 0, result.stderr
     assert marker.read_bytes() == state
+
+
+def test_injection_path_imports_no_heavy_stdlib_modules():
+    """Every module a createRuntime injection loads, and none of the stdlib modules that cost
+    a container start milliseconds each (dataclasses pulls inspect, ast, dis, tokenize)."""
+    heavy = ("dataclasses", "inspect", "typing", "platform", "traceback", "prctl", "pickle", "subprocess",
+             "argparse", "yaml", "structlog", "pyroute2")
+    probe = ("import sys\n"
+             "import cdi_hook.cli, cdi_hook.hook, cdi_hook.oci, cdi_hook.request, cdi_hook.log, cdi_hook.registry\n"
+             "import cdi_hook.cache, cdi_hook.hostdev, cdi_hook.live.worker, cdi_hook.live.cgroups, cdi_hook.live.bpf\n"
+             f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-I", "-c", probe], cwd=oci_env.REPO, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [], out
