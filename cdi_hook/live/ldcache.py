@@ -304,6 +304,10 @@ def _check_temp_cache(rootfs: Rootfs, device: str) -> None:
 
 def _run_chrooted(root_fd: int, program_fd: int, argv: list[str]) -> tuple[str, str]:
     """Run program chrooted into root_fd, confined; ("0" or how it ended, its output)."""
+    # python-prctl is imported here, only for starts that run ldconfig, and before the fork:
+    # after the chroot the module could no longer be found (nor should the image provide it).
+    import prctl
+
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # grandchild: never returns
@@ -315,7 +319,7 @@ def _run_chrooted(root_fd: int, program_fd: int, argv: list[str]) -> tuple[str, 
             os.dup2(null_read, 0)
             os.fchdir(root_fd)
             os.chroot(".")
-            _confine()
+            _confine(prctl)
             os.closerange(3, program_fd)
             os.closerange(program_fd + 1, 65536)
             os.execve(program_fd, argv, {})
@@ -328,10 +332,11 @@ def _run_chrooted(root_fd: int, program_fd: int, argv: list[str]) -> tuple[str, 
     return status, output.decode("utf-8", "replace")
 
 
-def _confine() -> None:
-    # ctypes prctl(2), not python-prctl: its import cost ~1.5 ms of every start with libraries.
-    sc.limit_bounding_set({sc.CAP_DAC_OVERRIDE, sc.CAP_DAC_READ_SEARCH, sc.CAP_FOWNER})
-    sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+def _confine(prctl) -> None:
+    """In the forked child just before exec: ldconfig keeps only the capabilities it needs to
+    read and write the image's files, can never gain privileges, and has CPU/memory bounds."""
+    prctl.capbset.limit(prctl.CAP_DAC_OVERRIDE, prctl.CAP_DAC_READ_SEARCH, prctl.CAP_FOWNER)
+    prctl.set_no_new_privs(True)
     resource.setrlimit(resource.RLIMIT_CPU, (CPU_LIMIT_S, CPU_LIMIT_S))
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

@@ -57,12 +57,6 @@ MS_STRICTATIME = 1 << 24
 
 MNT_DETACH = 2
 
-PR_CAPBSET_DROP = 24
-PR_SET_NO_NEW_PRIVS = 38
-CAP_DAC_OVERRIDE = 1
-CAP_DAC_READ_SEARCH = 2
-CAP_FOWNER = 3
-
 MOUNT_ATTR_RDONLY = 0x01
 MOUNT_ATTR_NOSUID = 0x02
 MOUNT_ATTR_NODEV = 0x04
@@ -131,24 +125,6 @@ def mount_setattr(fd: int, attr_set: int, attr_clr: int = 0, propagation: int = 
 def fd_path(fd: int) -> str:
     """The magic link through which path-based calls reach what fd refers to."""
     return f"/proc/self/fd/{fd}"
-
-
-def prctl(option: int, arg: int) -> None:
-    _check(_libc.prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)),
-           "prctl")
-
-
-def limit_bounding_set(keep: set[int]) -> None:
-    """Drop every capability but `keep` from the bounding set, up to the kernel's last one."""
-    for cap in range(64):
-        if cap in keep:
-            continue
-        try:
-            prctl(PR_CAPBSET_DROP, cap)
-        except OSError as error:
-            if error.errno == errno.EINVAL:  # past the kernel's last capability
-                return
-            raise
 
 
 def setfsuid(uid: int) -> int:
