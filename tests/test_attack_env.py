@@ -115,7 +115,9 @@ def test_ldconfig_runner_confinement():
     pid = os.fork()
     if pid == 0:
         try:
-            ldcache._confine()
+            import prctl
+
+            ldcache._confine(prctl)
             with open("/proc/self/status") as status:
                 os.write(write_end, status.read().encode())
         finally:
