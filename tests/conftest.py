@@ -1,9 +1,5 @@
-"""Shared fixtures.
-
-Tests that need root, real namespaces or a runtime call `require(...)`: outside CI a
-missing prerequisite skips the test (a developer's laptop); under CI=true it fails, so a
-CI machine that lost runc can never turn the end-to-end suite into silent skips.
-"""
+"""Shared fixtures; the CI rules (require, skips fail under CI, private cache and log) are
+in ci_rules.py, shared with vm-tests/."""
 
 from __future__ import annotations
 
@@ -15,15 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def require(condition: bool, why: str) -> None:
-    if condition:
-        return
-    if IN_CI:
-        pytest.fail(f"prerequisite missing in CI: {why}")
-    pytest.skip(why)
+from ci_rules import IN_CI, private_cache_and_log, pytest_runtest_makereport, require  # noqa: E402,F401
 
 
 def require_root() -> None:
@@ -36,15 +24,6 @@ def require_program(name: str) -> str:
     return path
 
 
-@pytest.fixture(scope="session", autouse=True)
-def private_cache_and_log(tmp_path_factory):
-    """cdi-hook's cache and log go to a session temp dir, never /run/cdi-hook or /var/log."""
-    import oci_env
-
-    with oci_env.private_cache_and_log(tmp_path_factory.mktemp("cdi-hook-state")) as top:
-        yield top
-
-
 @pytest.fixture
 def root_only():
     require_root()
@@ -55,14 +34,3 @@ def runc(root_only):
     require_program("runc")
     require(os.path.exists("/bin/busybox"), "needs busybox-static (/bin/busybox)")
     return shutil.which("runc")
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    """Under CI a skip is a failure: CI must prove what it claims to test."""
-    outcome = yield
-    report = outcome.get_result()
-    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
-        report.outcome = "failed"
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
-        report.longrepr = f"skipped under CI (not allowed): {reason}"

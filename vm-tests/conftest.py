@@ -16,15 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # oci_env: rootfs, bundles, runc runs
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def require(condition: bool, why: str) -> None:
-    if condition:
-        return
-    if IN_CI:
-        pytest.fail(f"prerequisite missing in CI: {why}")
-    pytest.skip(why)
+from ci_rules import IN_CI, private_cache_and_log, pytest_runtest_makereport, require  # noqa: E402,F401
 
 
 def require_programs(*names: str) -> None:
@@ -34,27 +26,7 @@ def require_programs(*names: str) -> None:
     require(os.path.exists("/bin/busybox"), "needs busybox-static (/bin/busybox)")
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    """Under CI a skip is a failure: CI must prove what it claims to test."""
-    outcome = yield
-    report = outcome.get_result()
-    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
-        report.outcome = "failed"
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
-        report.longrepr = f"skipped under CI (not allowed): {reason}"
-
-
 _FINDINGS_KEY = pytest.StashKey[list]()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def private_cache_and_log(tmp_path_factory):
-    """cdi-hook's cache and log go to a session temp dir, never /run/cdi-hook or /var/log."""
-    import oci_env
-
-    with oci_env.private_cache_and_log(tmp_path_factory.mktemp("cdi-hook-state")) as top:
-        yield top
 
 
 @pytest.fixture
