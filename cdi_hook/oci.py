@@ -37,16 +37,22 @@ Config = namedtuple(
 )
 
 
-def parse_state(data: bytes) -> State:
-    if len(data) > MAX_STATE_SIZE:
-        raise CdiError(f"OCI state on stdin: larger than {MAX_STATE_SIZE} bytes")
+def json_object(data: bytes, where: str, max_size: int) -> dict:
+    """data as a JSON object, or one CdiError line naming where it came from."""
+    if len(data) > max_size:
+        raise CdiError(f"{where}: larger than {max_size} bytes")
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as error:
-        raise CdiError(f"OCI state on stdin: not valid JSON ({error})") from None
+        raise CdiError(f"{where}: not valid JSON ({error})") from None
     if not isinstance(doc, dict):
-        raise CdiError("OCI state on stdin: not a JSON object")
+        raise CdiError(f"{where}: not a JSON object")
+    return doc
+
+
+def parse_state(data: bytes) -> State:
     where = "OCI state on stdin"
+    doc = json_object(data, where, MAX_STATE_SIZE)
     container_id = _string(doc, "id", where, required=True)
     bundle = _string(doc, "bundle", where, required=True)
     if not os.path.isabs(bundle):
@@ -72,15 +78,7 @@ def read_config(bundle: str) -> Config:
             data = f.read(MAX_CONFIG_SIZE + 1)
     except OSError as error:
         raise CdiError(f"{path}: cannot read: {error.strerror}") from None
-    if len(data) > MAX_CONFIG_SIZE:
-        raise CdiError(f"{path}: larger than {MAX_CONFIG_SIZE} bytes")
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise CdiError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(doc, dict):
-        raise CdiError(f"{path}: not a JSON object")
-    return parse_config(doc, bundle, path)
+    return parse_config(json_object(data, path, MAX_CONFIG_SIZE), bundle, path)
 
 
 def parse_config(doc: dict, bundle: str, path: str) -> Config:

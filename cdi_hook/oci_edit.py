@@ -321,13 +321,9 @@ def _requested(config: dict) -> list[str]:
 
 
 def _parse_config(raw: bytes, where: str) -> dict:
-    try:
-        config = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise CdiError(f"{where}: not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise CdiError(f"{where}: the top level is not a JSON object")
-    return config
+    from cdi_hook.oci import MAX_CONFIG_SIZE, json_object
+
+    return json_object(raw, where, MAX_CONFIG_SIZE)
 
 
 def cmd_precreate(spec_dirs, stdin, stdout) -> int:
