@@ -227,17 +227,16 @@ def release(origin: str, rdt: IntelRdt, *, container_id: str = "") -> None:
     name = group_name(rdt, container_id, origin)
     group = root if name == "/" else root / name
     if rdt.enable_monitoring:
-        mon = group / "mon_groups" / (container_id or name.strip("/") or "default")
-        try:
-            mon.rmdir()
-        except FileNotFoundError:
-            pass
-        except OSError as error:
-            raise HookError(STEP, origin, f"removing MON group {mon}: {os.strerror(error.errno or errno.EIO)}") from None
+        _remove_group(group / "mon_groups" / (container_id or name.strip("/") or "default"), "MON group", origin)
     if not rdt.clos_id and group != root:
-        try:
-            group.rmdir()
-        except FileNotFoundError:
-            pass
-        except OSError as error:
-            raise HookError(STEP, origin, f"removing resctrl group {group}: {os.strerror(error.errno or errno.EIO)}") from None
+        _remove_group(group, "resctrl group", origin)
+
+
+def _remove_group(path, what: str, origin: str) -> None:
+    """rmdir a resctrl group (the kernel moves its tasks back); gone already is fine."""
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        raise HookError(STEP, origin, f"removing {what} {path}: {os.strerror(error.errno or errno.EIO)}") from None
