@@ -15,6 +15,7 @@ from cdi_hook.errors import HookError
 from cdi_hook.live import cgroups
 from cdi_hook.live.cgroups import DeviceRule, allow_devices
 from conftest import require
+from ci_rules import require_cgroup_v1
 from oci_env import detached_container, host_device_entries, make_bundle, open_in_container
 
 NODES = ["/dev/kvm", "/dev/loop0", "/dev/loop1", "/dev/loop2"]
@@ -34,8 +35,8 @@ def assert_refused(container, path, mode):
 
 def require_v1_devices():
     require(all(os.path.exists(node) for node in NODES), f"needs host nodes {NODES}")
-    require(not cgroups._is_unified(cgroups.DEFAULT_CGROUP_ROOT)
-            and os.path.isdir("/sys/fs/cgroup/devices"), "needs a cgroup v1 devices hierarchy")
+    require_cgroup_v1()
+    require(not cgroups._is_unified(cgroups.DEFAULT_CGROUP_ROOT), "needs runc in cgroup v1 mode")
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from pathlib import Path
 import hook_env
 import oci_env
 from conftest import require
+from ci_rules import require_cgroup_v1
 
 CROWD = 50
 LONG_RUN_CONTAINERS = int(os.environ.get("CDI_LONG_RUN_CONTAINERS", "500"))
@@ -160,7 +161,7 @@ def _sizes(root: Path) -> dict[str, int]:
 
 
 def test_long_run_leaks_nothing(runc, tmp_path):
-    require(Path("/sys/fs/cgroup/devices").is_dir(), "needs the cgroup v1 devices controller (runc's v1 mode)")
+    require_cgroup_v1()
     require_bpftool()
     bundle, log_file, cache_dir = _long_run_bundle(tmp_path)
     prefix = f"cdi-long-{uuid.uuid4().hex[:6]}-"

@@ -27,6 +27,7 @@ import pytest
 import hook_env
 import oci_env
 from conftest import require
+from ci_rules import require_cgroup_v1
 
 ALL = f"{hook_env.VENDOR}=all"
 SYSCALLS_X86_64 = {"mknodat": 259, "move_mount": 429, "mount_setattr": 442, "mount": 165, "bpf": 321}
@@ -141,7 +142,7 @@ def test_a_failing_spec_hook_undoes_everything(runc, tmp_path):
 def test_a_refused_cgroup_write_undoes_everything(runc, tmp_path):
     """cgroup v1: a parent devices cgroup that denies /dev/kvm makes the child's allow fail."""
     devices = Path("/sys/fs/cgroup/devices")
-    require(devices.is_dir(), "needs the cgroup v1 devices controller")
+    require_cgroup_v1()
     parent_name = "cdi-fault-" + uuid.uuid4().hex[:8]
     parent = devices / parent_name
     parent.mkdir()

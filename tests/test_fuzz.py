@@ -26,10 +26,11 @@ from cdi_hook.request import requested_devices
 from cdi_hook.spec import names
 from cdi_hook.spec.parse import build_spec, decode_document
 from cdi_hook.spec.validate import validate_spec
+from ci_rules import TIME_FACTOR
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 FUZZ_EXAMPLES = int(os.environ.get("CDI_FUZZ_EXAMPLES", "500"))
-FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=2000, database=None,
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=2000 * TIME_FACTOR, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 SPEC_FILES = sorted(p for p in CORPUS.iterdir() if p.suffix in (".json", ".yaml"))

@@ -80,7 +80,7 @@ for a in "$@"; do
     while read -r id parent dev root target opts rest; do
       [ "$target" = "$p" ] || continue
       n=$((n+1))
-      echo "mount:$p#$n=root=$root dev=$dev opts=$opts fs=$(echo "$rest" | sed 's/.* - //' | cut -d' ' -f1,2)"
+      echo "mount:$p#$n=root=$root dev=$dev opts=$opts fs=$(echo " $rest" | sed 's/.* - //' | cut -d' ' -f1,2)"
     done < /proc/self/mountinfo
     echo "mount:$p#count=$n"
     if [ -d "$p" ]; then echo "content:$p=dir $(ls -A "$p" | tr '\n' ' ')"
