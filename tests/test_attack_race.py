@@ -17,6 +17,7 @@ import time
 
 import hook_env
 import oci_env
+from ci_rules import TIME_FACTOR
 
 ALL = f"{hook_env.VENDOR}=all"
 BUDGET_S = 30 * TIME_FACTOR  # wall time for the repeated containers
@@ -24,7 +25,6 @@ MAX_RUNS = 60
 
 FLIPPER = r'''
 import ctypes, os, sys
-from ci_rules import TIME_FACTOR
 libc = ctypes.CDLL(None, use_errno=True)
 RENAME_EXCHANGE, AT_FDCWD, SYS_renameat2 = 2, -100, 316
 a, b = sys.argv[1].encode(), sys.argv[2].encode()
