@@ -388,3 +388,30 @@ def test_user_namespace_mounts_ldconfig_and_ownership(runc):
         assert f"{hook_env.LIB_DIR_IN_CONTAINER}/libz.so.1" in cache
     finally:
         shutil.rmtree(tmp_path)
+
+
+def test_bind_mounts_never_propagate_back_to_a_shared_host_source(runc, tmp_path):
+    """systemd makes the host's mounts shared. A bind mount in the container must not stay a
+    peer of its host source, or a mount nested under it (here a second spec mount) would
+    appear on the host too (found in the QEMU guest, a systemd host)."""
+    src = tmp_path / "shared-src"
+    (src / "nested").mkdir(parents=True)
+    (src / "nested" / "n.txt").write_text("under\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "o.txt").write_text("over\n")
+    subprocess.run(["mount", "--bind", str(src), str(src)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(src)], check=True)
+        before = oci_env.host_mount_points()
+        spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "all", "containerEdits": {
+            "mounts": [{"hostPath": str(src), "containerPath": "/opt/data", "options": ["rbind"]},
+                       {"hostPath": str(other), "containerPath": "/opt/data/nested", "options": ["ro", "bind"]}]}}]}
+        bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "cat /opt/data/nested/o.txt")
+        result = oci_env.run_container(bundle)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "over\n"
+        assert oci_env.host_mount_points() == before
+        assert (src / "nested" / "n.txt").read_text() == "under\n"  # nothing mounted over it on the host
+    finally:
+        subprocess.run(["umount", "-R", str(src)], check=False)

@@ -60,6 +60,8 @@ def clone_host_nodes(jobs: list[NodeJob]) -> None:
             try:
                 job.host_tree_fd = syscalls.open_tree(-100, job.node.host_path,
                                                       syscalls.OPEN_TREE_CLONE | syscalls.AT_SYMLINK_NOFOLLOW)
+                # Not a peer of a shared host mount (see mounts.clone_sources).
+                syscalls.mount_setattr(job.host_tree_fd, 0, 0, propagation=syscalls.MS_SLAVE)
             except OSError:
                 job.host_tree_fd = None
 

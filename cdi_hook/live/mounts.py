@@ -2,8 +2,9 @@
 
 Bind mounts (type "bind", or an empty type, or a "bind"/"rbind" option) use the new mount
 API: the host source is cloned with open_tree while the worker is still in the host's mount
-namespace, its flags (ro, nosuid, nodev, noexec, atime) are set on the detached clone with
-mount_setattr, so a read-only bind is never writable even for an instant, and it is attached
+namespace, its flags (ro, nosuid, nodev, noexec, atime) and slave propagation are set on the
+detached clone with mount_setattr, so a read-only bind is never writable even for an
+instant and nothing mounted under it ever reaches the host, and it is attached
 with move_mount onto an fd of the mount point. Other types (tmpfs, ...) are mounted with
 mount(2) through /proc/self/fd/N of the mount point; options that are no flags go to the
 filesystem as data. Propagation options are applied last, to the new mount.
@@ -120,9 +121,11 @@ def clone_sources(jobs: list[MountJob]) -> None:
             flags = sc.OPEN_TREE_CLONE | (sc.AT_RECURSIVE if job.options.recursive else 0)
             job.tree_fd = sc.open_tree(-100, host, flags)
             job.source_is_dir = stat.S_ISDIR(os.fstat(job.tree_fd).st_mode)
-            if job.options.attr_set or job.options.attr_clr:
-                sc.mount_setattr(job.tree_fd, job.options.attr_set, job.options.attr_clr,
-                                 recursive=job.options.recursive)
+            # A clone of a shared host mount joins its peer group: anything later mounted
+            # under it in the container would propagate back to the host. As a slave it
+            # still sees the host's new mounts, as a runc bind mount does, but sends none.
+            sc.mount_setattr(job.tree_fd, job.options.attr_set, job.options.attr_clr,
+                             propagation=sc.MS_SLAVE, recursive=job.options.recursive)
         except OSError as error:
             raise HookError(STEP, job.origin, f"host source {host}: {error.strerror}") from None
 
