@@ -195,6 +195,18 @@ def open_in_container(container: "DetachedContainer", path: str, mode: str = "r"
     return container.exec(["sh", "-c", f"exec 3{redirect} {path}"])
 
 
+def assert_opens(container: "DetachedContainer", path: str, mode: str) -> None:
+    result = open_in_container(container, path, mode)
+    assert result.returncode == 0, f"{path} ({mode}): {result.stderr.strip()}"
+
+
+def assert_refused(container: "DetachedContainer", path: str, mode: str) -> None:
+    """Refused by the device cgroup (v1 rules or the v2 BPF program): EPERM on open."""
+    result = open_in_container(container, path, mode)
+    assert result.returncode != 0 and "Operation not permitted" in result.stderr, \
+        f"{path} ({mode}) should be refused by the device cgroup: rc={result.returncode} {result.stderr!r}"
+
+
 def tree_snapshot(root: Path) -> dict[str, tuple]:
     """Every entry under root (root included): type, mode, owner, and content, symlink target or rdev.
 

@@ -16,21 +16,10 @@ from cdi_hook.live import cgroups
 from cdi_hook.live.cgroups import DeviceRule, allow_devices
 from conftest import require
 from ci_rules import require_cgroup_v1
-from oci_env import detached_container, host_device_entries, make_bundle, open_in_container
+from oci_env import assert_opens, assert_refused, detached_container, host_device_entries, make_bundle
 
 NODES = ["/dev/kvm", "/dev/loop0", "/dev/loop1", "/dev/loop2"]
 RULES = [DeviceRule("c", 10, 232, "rwm"), DeviceRule("b", 7, 0, "rw"), DeviceRule("b", 7, 2, "r")]
-
-
-def assert_opens(container, path, mode):
-    result = open_in_container(container, path, mode)
-    assert result.returncode == 0, f"{path} ({mode}): {result.stderr.strip()}"
-
-
-def assert_refused(container, path, mode):
-    result = open_in_container(container, path, mode)
-    assert result.returncode != 0 and "Operation not permitted" in result.stderr, \
-        f"{path} ({mode}) should be refused by the device cgroup: rc={result.returncode} {result.stderr!r}"
 
 
 def require_v1_devices():

@@ -18,20 +18,10 @@ import pytest
 from cdi_hook.live import bpf
 from cdi_hook.live.cgroups import DeviceRule, allow_devices_v2
 from conftest import require, require_program
-from oci_env import REPO, cgroup2_namespace, detached_container, host_device_entries, make_bundle, open_in_container
+from oci_env import (REPO, assert_opens, assert_refused, cgroup2_namespace, detached_container, host_device_entries,
+                     make_bundle)
 
 NODES = ["/dev/kvm", "/dev/loop0", "/dev/loop1", "/dev/loop2"]
-
-
-def assert_opens(container, path, mode):
-    result = open_in_container(container, path, mode)
-    assert result.returncode == 0, f"{path} ({mode}): {result.stderr.strip()}"
-
-
-def assert_refused(container, path, mode):
-    result = open_in_container(container, path, mode)
-    assert result.returncode != 0 and "Operation not permitted" in result.stderr, \
-        f"{path} ({mode}) should be refused by the BPF program: rc={result.returncode} {result.stderr!r}"
 
 
 def allow_inside(namespace, pid: int, rules: list[DeviceRule]) -> subprocess.CompletedProcess:
