@@ -11,6 +11,7 @@ Imports are lazy: a container that asks for no device costs a JSON parse and not
 
 from __future__ import annotations
 
+import os
 import posixpath
 
 from cdi_hook.errors import CdiError, HookError
@@ -71,10 +72,13 @@ def apply_plan(stage: str, plan, state, config, log) -> None:
         raise CdiError(f"OCI state on stdin: pid: missing, needed at {stage} to reach the container")
     from cdi_hook import oci
 
-    oci.check_container_process(state.pid, config.rootfs)
-    _warn_unapplicable(plan, log)
-    node_jobs = _node_jobs(plan, config)
-    worker = _start_rootfs_work(state.pid, config, node_jobs, plan, log)
+    pidfd = oci.check_container_process(state.pid, config.rootfs)
+    try:
+        _warn_unapplicable(plan, log)
+        node_jobs = _node_jobs(plan, config)
+        worker = _start_rootfs_work(pidfd, config, node_jobs, plan, log)
+    finally:
+        os.close(pidfd)
     committed = False
     net_devices = list(plan.each("net_devices"))
     moved_net_devices = False
@@ -135,7 +139,7 @@ def _node_jobs(plan, config):
     return jobs
 
 
-def _start_rootfs_work(pid: int, config, node_jobs, plan, log):
+def _start_rootfs_work(pidfd: int, config, node_jobs, plan, log):
     from cdi_hook.live import mounts
 
     # A destination named twice (spec-level and device-level, say): the later one replaces the
@@ -157,7 +161,7 @@ def _start_rootfs_work(pid: int, config, node_jobs, plan, log):
 
     work = worker.RootfsWork(config.rootfs, node_jobs, mount_jobs, by_bind_mount=config.user_namespace,
                              creator_ids=_host_ids_of_container_root(config))
-    handle = worker.start(pid, work)
+    handle = worker.start(pidfd, work)
     report = handle.wait_report()
     for note in report.get("notes", []):
         log.note(note)

@@ -155,8 +155,9 @@ def _mappings(linux: dict, key: str, path: str) -> tuple[IdMapping, ...]:
     return tuple(mappings)
 
 
-def check_container_process(pid: int, rootfs: str) -> None:
-    """Refuse a state whose pid is not a process of the container this config.json describes.
+def check_container_process(pid: int, rootfs: str) -> int:
+    """Refuse a state whose pid is not a process of the container this config.json describes;
+    return a pidfd of that very process (the caller closes it).
 
     Every later step acts on /proc/<pid> (its mount namespace, its cgroup, its network
     namespace), so a dead pid, a host process or another container's process must be refused
@@ -164,30 +165,49 @@ def check_container_process(pid: int, rootfs: str) -> None:
     root the bundle's rootfs is the same inode the host sees: /proc/<pid>/root is the rootfs
     itself once the runtime pivoted, or holds it at the host path before (runc and crun run
     createRuntime/prestart hooks before pivot_root).
+
+    The pidfd is opened before the checks and the process is seen alive through it after
+    them: so the checks looked at the process the pidfd holds, not at a process that reused
+    a dead one's number, and the worker enters the namespace through the pidfd, not the number.
     """
     where = f"OCI state on stdin: pid {pid}"
     try:
+        pidfd = os.pidfd_open(pid)
         proc_fd = os.open(f"/proc/{pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         raise CdiError(f"{where}: no such process (the container is gone or the state is stale)") from None
     try:
-        try:
-            theirs = os.stat("ns/mnt", dir_fd=proc_fd)
-            ours = os.stat("/proc/self/ns/mnt")
-            host_rootfs = os.stat(rootfs)
-        except OSError as error:
-            raise CdiError(f"{where}: cannot inspect ({error.strerror}: {error.filename})") from None
-        if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
-            raise CdiError(f"{where}: shares the hook's mount namespace, so it is no container process")
-        wanted = (host_rootfs.st_dev, host_rootfs.st_ino)
-        for seen_as in ("root", "root" + rootfs):
-            try:
-                st = os.stat(seen_as, dir_fd=proc_fd)
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) == wanted:
-                return
-        raise CdiError(f"{where}: its root holds no {rootfs} (config.json root.path), "
-                       "so it is not this container's process")
+        _check_process_root(proc_fd, rootfs, where)
+        import signal
+
+        signal.pidfd_send_signal(pidfd, 0)  # still the process we checked
+    except ProcessLookupError:
+        os.close(pidfd)
+        raise CdiError(f"{where}: the process ended while cdi-hook checked it") from None
+    except BaseException:
+        os.close(pidfd)
+        raise
     finally:
         os.close(proc_fd)
+    return pidfd
+
+
+def _check_process_root(proc_fd: int, rootfs: str, where: str) -> None:
+    try:
+        theirs = os.stat("ns/mnt", dir_fd=proc_fd)
+        ours = os.stat("/proc/self/ns/mnt")
+        host_rootfs = os.stat(rootfs)
+    except OSError as error:
+        raise CdiError(f"{where}: cannot inspect ({error.strerror}: {error.filename})") from None
+    if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+        raise CdiError(f"{where}: shares the hook's mount namespace, so it is no container process")
+    wanted = (host_rootfs.st_dev, host_rootfs.st_ino)
+    for seen_as in ("root", "root" + rootfs):
+        try:
+            st = os.stat(seen_as, dir_fd=proc_fd)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == wanted:
+            return
+    raise CdiError(f"{where}: its root holds no {rootfs} (config.json root.path), "
+                   "so it is not this container's process")

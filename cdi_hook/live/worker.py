@@ -2,10 +2,10 @@
 
 The hook process itself never changes namespace: it forks a worker that clones host-side
 sources (device nodes, bind sources, the host's ldconfig) while still in the host's mount
-namespace, then setns()'s into /proc/<pid>/ns/mnt, opens the rootfs (the path as the
-container's namespace sees it: for runc at createRuntime/prestart the rootfs is not yet
-pivoted, so the bundle's rootfs path is right) and creates nodes, mounts and the loader
-cache there. It reports one JSON line on a pipe, then waits for the hook's verdict: commit
+namespace, then setns()'s into the container process's mount namespace (through its pidfd),
+opens the rootfs (the path as the container's namespace sees it: for runc at
+createRuntime/prestart the rootfs is not yet pivoted, so the bundle's rootfs path is
+right) and creates nodes, mounts and the loader cache there. It reports one JSON line on a pipe, then waits for the hook's verdict: commit
 keeps everything; anything else (a later step failed, the hook died) undoes what it made.
 """
 
@@ -72,12 +72,10 @@ class Worker:
         os.waitpid(self.pid, 0)
 
 
-def start(container_pid: int, work: RootfsWork) -> Worker:
-    try:
-        ns_fd = os.open(f"/proc/{container_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as error:
-        raise HookError("enter container", "", f"/proc/{container_pid}/ns/mnt: {error.strerror} "
-                                               "(is the container process running?)") from None
+def start(container_pidfd: int, work: RootfsWork) -> Worker:
+    """Fork the worker; it enters the mount namespace of the process container_pidfd holds
+    (a pidfd, not a pid number, which a new process could have taken over)."""
+    ns_fd = os.dup(container_pidfd)
     report_r, report_w = os.pipe()
     verdict_r, verdict_w = os.pipe()
     pid = os.fork()
@@ -116,7 +114,8 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int
         try:
             syscalls.setns(ns_fd, syscalls.CLONE_NEWNS)
         except OSError as error:
-            raise HookError("enter container", "", f"setns into its mount namespace: {error.strerror}") from None
+            raise HookError("enter container", "", f"setns into its mount namespace: {error.strerror} "
+                                                   "(is the container process running?)") from None
         try:
             rootfs = Rootfs.open(work.rootfs, work.creator_ids)
         except OSError as error:
