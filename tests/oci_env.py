@@ -207,6 +207,19 @@ def assert_refused(container: "DetachedContainer", path: str, mode: str) -> None
         f"{path} ({mode}) should be refused by the device cgroup: rc={result.returncode} {result.stderr!r}"
 
 
+def assert_rules_enforced(container: "DetachedContainer") -> None:
+    """After allowing c 10:232 rwm, b 7:0 rw and b 7:2 r (the cgroup tests' rules): exactly
+    those opens work, loop1 stays refused, and the runtime's own rules are kept."""
+    assert_opens(container, "/dev/kvm", "rw")
+    assert_opens(container, "/dev/loop0", "r")
+    assert_opens(container, "/dev/loop0", "w")
+    assert_refused(container, "/dev/loop1", "r")   # not requested
+    assert_opens(container, "/dev/loop2", "r")     # read-only rule ...
+    assert_refused(container, "/dev/loop2", "w")   # ... refuses a write open
+    assert_opens(container, "/dev/null", "rw")     # runc's own rules kept
+    assert_opens(container, "/dev/zero", "r")
+
+
 def tree_snapshot(root: Path) -> dict[str, tuple]:
     """Every entry under root (root included): type, mode, owner, and content, symlink target or rdev.
 
