@@ -10,8 +10,7 @@ import os
 import sys
 
 from cdi_hook.errors import CdiError
-
-STAGES = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
+from cdi_hook.spec import HOOK_STAGES as STAGES
 
 
 def _spec_dirs(args) -> list[str] | None:

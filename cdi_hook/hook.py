@@ -17,7 +17,6 @@ import posixpath
 from cdi_hook.errors import CdiError, HookError
 
 INJECTION_STAGES = ("createRuntime", "prestart")
-APPLIED_ANNOTATION = "io.github.cdi-hook.applied"
 
 
 def run(stage: str, spec_dirs: list[str] | None, stdin) -> int:
@@ -49,7 +48,7 @@ def devices_to_apply(state, config) -> list[str]:
     annotation_maps = (state.annotations, config.annotations)
     if not any(key.startswith("cdi.k8s.io/") for m in annotation_maps for key in m):
         return []
-    from cdi_hook.request import requested_devices
+    from cdi_hook.request import APPLIED_ANNOTATION, requested_devices
 
     applied = {name.strip() for m in annotation_maps for name in m.get(APPLIED_ANNOTATION, "").split(",")}
     return [name for name in requested_devices(*annotation_maps) if name not in applied]

@@ -42,11 +42,11 @@ import tempfile
 from cdi_hook.errors import CdiError
 from cdi_hook.hostdev import complete_node
 from cdi_hook.plan import Plan
+from cdi_hook.request import APPLIED_ANNOTATION, annotation_value, requested_devices
+from cdi_hook.spec import HOOK_STAGES as OCI_HOOK_STAGES
 from cdi_hook.spec.model import DeviceNode, Hook, IntelRdt, Mount
 
-APPLIED_ANNOTATION = "io.github.cdi-hook.applied"
 INJECT_ANNOTATION = "cdi.k8s.io/cdi-hook"  # the key `inject --mode hook` requests devices under
-OCI_HOOK_STAGES = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
 NO_PERMISSIONS = "none"  # CDI: an explicit empty cgroup access
 
 
@@ -312,8 +312,6 @@ def mark_applied(config: dict, names) -> None:
 
 
 def _requested(config: dict) -> list[str]:
-    from cdi_hook.request import requested_devices
-
     return requested_devices(_annotations(config))
 
 
@@ -381,7 +379,6 @@ def _unique(names) -> list[str]:
 def add_hook_request(config: dict, names: list[str], spec_dirs) -> dict:
     """A copy of config that asks the live hook for names: the annotation plus hook entries."""
     from cdi_hook.install import LIVE_HOOK_STAGES, live_hook_entry
-    from cdi_hook.request import annotation_value
 
     edited = copy.deepcopy(config)
     annotations = _object(edited, "annotations", "annotations")

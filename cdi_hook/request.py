@@ -13,6 +13,9 @@ from cdi_hook.errors import CdiError
 from cdi_hook.spec.names import parse_qualified_name, quote
 
 ANNOTATION_PREFIX = "cdi.k8s.io/"
+# Written by the config.json editors (precreate, inject --mode edits): the devices they
+# applied, which the live hook then skips, so a device is applied once when both run.
+APPLIED_ANNOTATION = "io.github.cdi-hook.applied"
 MAX_KEY_NAME_LENGTH = 63
 _KEY_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?")
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import re
 
 from cdi_hook.errors import SpecError
+from cdi_hook.spec import HOOK_STAGES as HOOK_NAMES
 from cdi_hook.spec import version as versions
 from cdi_hook.spec.model import ContainerEdits, Spec
 from cdi_hook.spec.names import device_name_problem, kind_problem, quote
 
-HOOK_NAMES = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
 NODE_TYPES = ("b", "c", "u", "p")
 _HOOK_NAME_SET = frozenset(HOOK_NAMES)
 _NODE_TYPE_SET = frozenset(NODE_TYPES) | {""}
