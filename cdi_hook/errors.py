@@ -31,4 +31,5 @@ class HookError(CdiError):
     def __init__(self, step: str, device: str, message: str):
         self.step = step
         self.device = device
+        self.detail = message
         super().__init__(f"{step} for {device}: {message}" if device else f"{step}: {message}")

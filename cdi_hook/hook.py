@@ -193,8 +193,7 @@ def _allow_devices(pid: int, node_jobs) -> None:
     except HookError as error:
         # cgroups speaks in numbers ("c 10:232"); the user asked for CDI names.
         origins = ", ".join(dict.fromkeys(origin for origin, _ in rules_by_origin))
-        detail = str(error).removeprefix(f"{error.step} for {error.device}: " if error.device else f"{error.step}: ")
-        raise HookError(error.step, origins, f"{error.device}: {detail}" if error.device else detail) from None
+        raise HookError(error.step, origins, f"{error.device}: {error.detail}" if error.device else error.detail) from None
 
 
 def _warn_unapplicable(plan, log) -> None:

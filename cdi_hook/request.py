@@ -54,12 +54,12 @@ def requested_devices(*annotation_maps) -> list[str]:
     Maps may be None (a config.json without annotations). Other annotations are ignored.
     """
     names: dict[str, None] = {}
-    for annotations in annotation_maps:
-        if not annotations:
+    for annotation_map in annotation_maps:
+        if not annotation_map:
             continue
-        if not isinstance(annotations, dict):
+        if not isinstance(annotation_map, dict):
             raise CdiError("annotations must be a mapping of strings")
-        for key, value in annotations.items():
+        for key, value in annotation_map.items():
             if isinstance(key, str) and key.startswith(ANNOTATION_PREFIX):
                 for name in parse_annotation(key, value):
                     names.setdefault(name, None)

@@ -167,7 +167,6 @@ def test_long_run_leaks_nothing(runc, tmp_path):
     prefix = f"cdi-long-{uuid.uuid4().hex[:6]}-"
     mounts_before = oci_env.host_mount_points()
     programs_before = _bpf_device_programs()
-    runc_state_before = sorted(os.listdir("/run/runc")) if os.path.isdir("/run/runc") else []
 
     def run(n: int) -> None:
         result = oci_env.run_container(bundle, container_id=f"{prefix}{n}")

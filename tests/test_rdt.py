@@ -7,6 +7,9 @@ in for it and the tests check what the hook writes and what it refuses.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from cdi_hook.errors import HookError
@@ -152,3 +155,50 @@ def test_schemata_comparison_is_by_value():
     assert rdt.schemata_mismatch(["MB:1=70"], "MB:0=20;1=70") is None
     assert rdt.schemata_mismatch(["MB:1=70"], "MB:0=20;1=7") == "MB:1 is 7 in the group, the spec wants 70"
     assert rdt.schemata_mismatch(["L2:0=f"], "L3:0=f") == "L2:0 is unset in the group, the spec wants 15"
+
+
+def _failing_writes(monkeypatch, fail_when):
+    """Make rdt's own writes fail (EINVAL, as the kernel answers a bad pid) where fail_when(path)."""
+    real_open = open
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if "w" in mode and fail_when(str(path)):
+            raise OSError(22, "Invalid argument", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(rdt, "open", fake_open, raising=False)
+    # resctrl's rmdir removes a group with its files (the kernel's own); a plain dir would not
+    monkeypatch.setattr(type(Path()), "rmdir", lambda path: shutil.rmtree(path))
+
+
+@pytest.mark.parametrize("failing", ["gold/tasks", "mon_groups/ctr-1/tasks"])
+def test_failed_write_half_way_removes_what_it_created(resctrl, monkeypatch, failing):
+    _failing_writes(monkeypatch, lambda path: path.endswith(failing))
+    with pytest.raises(HookError) as raised:
+        rdt.apply(4242, ORIGIN, IntelRdt(clos_id="gold", l3_cache_schema="L3:0=f0", enable_monitoring=True),
+                  container_id="ctr-1")
+    message = str(raised.value)
+    assert message.startswith("intel RDT for vendor.com/rdt=fast: writing pid 4242 to ")
+    assert failing in message and "\n" not in message
+    assert not (resctrl / "gold").exists()  # the group made for this container is gone, MON group too
+
+
+def test_undo_failure_is_named_in_the_same_line(resctrl, monkeypatch):
+    _failing_writes(monkeypatch, lambda path: path.endswith("gold/tasks"))
+    def refuse_rmdir(path):
+        raise OSError(16, "Device or resource busy", str(path))
+
+    monkeypatch.setattr(type(resctrl), "rmdir", refuse_rmdir)
+    with pytest.raises(HookError, match=r"^intel RDT for vendor.com/rdt=fast: writing pid 4242 .*; undo failed too: "
+                                        r"intel RDT for vendor.com/rdt=fast: removing resctrl group .*gold: "
+                                        r"Device or resource busy$"):
+        rdt.apply(4242, ORIGIN, IntelRdt(clos_id="gold", l3_cache_schema="L3:0=f0"))
+
+
+def test_existing_mon_group_is_not_removed_on_failure(resctrl, monkeypatch):
+    group = resctrl / "gold"
+    (group / "mon_groups" / "ctr-1").mkdir(parents=True)
+    _failing_writes(monkeypatch, lambda path: path.endswith("mon_groups/ctr-1/tasks"))
+    with pytest.raises(HookError):
+        rdt.apply(4242, ORIGIN, IntelRdt(clos_id="gold", enable_monitoring=True), container_id="ctr-1")
+    assert (group / "mon_groups" / "ctr-1").is_dir()  # not ours: left as it was

@@ -178,41 +178,45 @@ def apply(container_pid: int, origin: str, rdt: IntelRdt, *, container_id: str =
             raise HookError(STEP, origin, f"creating resctrl group {group}: {os.strerror(error.errno or errno.EIO)}"
                                           f"{_last_cmd_status(root)}") from None
         created = True
+    made: list[tuple[Path, str]] = [(group, "resctrl group")] if created else []
     try:
         if created and lines:
             _write(group / "schemata", "\n".join(lines) + "\n", root, "the schemata", origin)
         _write(group / "tasks", f"{container_pid}\n", root, f"pid {container_pid}", origin)
         if rdt.enable_monitoring:
-            _join_mon_group(group, container_id or name.strip("/") or "default", container_pid, root, origin)
-    except HookError:
-        if created:
-            _remove_group(group)
+            _join_mon_group(group, mon_group_name(rdt, container_id, name), container_pid, root, origin, made)
+    except HookError as error:
+        # Undo newest first (a MON group lives inside its CTRL group). A group we cannot
+        # remove is named in the same one-line error: the failure that stopped us stays first.
+        problems = []
+        for path, what in reversed(made):
+            try:
+                _remove_group(path, what, origin)
+            except HookError as undo_error:
+                problems.append(str(undo_error))
+        if problems:
+            raise HookError(STEP, origin, f"{error.detail}; undo failed too: {'; '.join(problems)}") from None
         raise
 
 
-def _join_mon_group(group: Path, name: str, container_pid: int, root: Path, origin: str) -> None:
+def mon_group_name(rdt: IntelRdt, container_id: str, group: str) -> str:
+    """The MON group is named after the container; its CTRL group's name when the id is unknown."""
+    return container_id or group.strip("/") or "default"
+
+
+def _join_mon_group(group: Path, name: str, container_pid: int, root: Path, origin: str,
+                    made: list[tuple[Path, str]]) -> None:
     mon = group / "mon_groups" / name
     try:
         # resctrl itself makes mon_groups/ in every CTRL_MON group; only a test tree lacks it
         mon.parent.mkdir(exist_ok=True)
-        mon.mkdir(exist_ok=True)
+        if not mon.is_dir():
+            mon.mkdir()
+            made.append((mon, "MON group"))
     except OSError as error:
         raise HookError(STEP, origin, f"creating MON group {mon}: {os.strerror(error.errno or errno.EIO)}"
                                       f"{_last_cmd_status(root)}") from None
     _write(mon / "tasks", f"{container_pid}\n", root, f"pid {container_pid}", origin)
-
-
-def _remove_group(group: Path) -> None:
-    """Best effort: rmdir is how resctrl deletes a group (its tasks go back to the parent)."""
-    for sub in (group / "mon_groups").glob("*") if (group / "mon_groups").is_dir() else ():
-        try:
-            sub.rmdir()
-        except OSError:
-            pass
-    try:
-        group.rmdir()
-    except OSError:
-        pass
 
 
 def release(origin: str, rdt: IntelRdt, *, container_id: str = "") -> None:
@@ -227,7 +231,7 @@ def release(origin: str, rdt: IntelRdt, *, container_id: str = "") -> None:
     name = group_name(rdt, container_id, origin)
     group = root if name == "/" else root / name
     if rdt.enable_monitoring:
-        _remove_group(group / "mon_groups" / (container_id or name.strip("/") or "default"), "MON group", origin)
+        _remove_group(group / "mon_groups" / mon_group_name(rdt, container_id, name), "MON group", origin)
     if not rdt.clos_id and group != root:
         _remove_group(group, "resctrl group", origin)
 

@@ -7,7 +7,6 @@ architectures added since Linux 5.x); the mount-API calls need Linux >= 5.12.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 
 _libc = ctypes.CDLL(None, use_errno=True)
