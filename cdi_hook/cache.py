@@ -1,6 +1,6 @@
 """The compiled registry cache: resolve a request without parsing unchanged spec files again.
 
-Only `registry.resolve` (the hook, precreate and inject) uses it. `list`, `validate` and
+Only `plan.resolve` (the hook, precreate and inject) uses it, through `select`. `list`, `validate` and
 `show` always read the files: they report every per-file error, and a person waits for
 them, not a container. A request the cache cannot answer completely (an unknown name, a
 conflict, an invalid spec) falls back to a full load, so every error message is the
@@ -57,8 +57,8 @@ NAMES_PER_BUCKET = 32
 
 # Modules whose code decides what a spec file resolves to: a change to any of them (an
 # upgrade, a developer's edit) must not meet a cache built by the old code.
-_CODE_MODULES = ("cache.py", "registry.py", "plan.py", "spec/model.py", "spec/parse.py",
-                 "spec/validate.py", "spec/names.py", "spec/version.py")
+_CODE_MODULES = ("cache.py", "registry.py", "spec/model.py", "spec/parse.py",
+                 "spec/validate.py", "spec/names.py", "spec/version.py", "spec/rules.py")
 
 
 def cache_dir() -> str | None:
@@ -68,30 +68,31 @@ def cache_dir() -> str | None:
     return directory if os.path.isabs(directory) else None
 
 
-def resolve(names, spec_dirs=None):
-    """registry.resolve, answered from the cache when it is valid and covers every name."""
+def select(names, spec_dirs=None):
+    """Registry.load(spec_dirs).select(names), answered from the cache when it is valid and
+    covers every name: the same Selection, the same errors."""
     from cdi_hook import registry
 
     wanted = list(dict.fromkeys(names))
     if os.geteuid() != 0 or cache_dir() is None:
-        return registry.Registry.load(spec_dirs).resolve(wanted)
+        return registry.Registry.load(spec_dirs).select(wanted)
     dirs = tuple(registry.DEFAULT_SPEC_DIRS if spec_dirs is None else spec_dirs)
     try:
         key = _key(dirs, registry)
         listing = snapshot(dirs)
     except Exception:  # a bad CDI_HOOK_MAX_SPEC_SIZE (the full load reports it), an
         # inode number past int64 (no cache then, just the files)
-        return registry.Registry.load(spec_dirs).resolve(wanted)
+        return registry.Registry.load(spec_dirs).select(wanted)
     path = cache_path(key)
     found = lookup(path, key, listing, wanted)
     if found is not None:
-        return registry.plan_for(wanted, found)
+        return registry.select(wanted, found)
     # The snapshot was taken before the files are read: a file that changes in between
     # differs from it at the next start, so a cache can be too old (rebuilt), never wrong.
     loaded = registry.Registry.load(spec_dirs)
     if is_settled(listing):
         write(path, key, listing, loaded)
-    return loaded.resolve(wanted)
+    return loaded.select(wanted)
 
 
 def _key(dirs: tuple[str, ...], registry) -> tuple:

@@ -1,4 +1,4 @@
-"""Command line: argument parsing and exit codes only; each command lives in its own module.
+"""Command line: argument parsing and exit codes only; each command lives in cdi_hook/commands/.
 
 Modules are imported only for the command that runs, so `cdi-hook hook` on a container
 that asks for no device pays for little more than the interpreter.
@@ -82,23 +82,23 @@ def build_parser():
 def dispatch(args) -> int:
     command = args.command
     if command in ("list", "validate", "show"):
-        from cdi_hook import inspect as commands
+        from cdi_hook.commands import specs
 
-        return getattr(commands, "cmd_" + command)(args, _spec_dirs(args))
+        return getattr(specs, "cmd_" + command)(args, _spec_dirs(args))
     if command == "hook":
-        from cdi_hook import hook
+        from cdi_hook.commands import hook
 
         return hook.run(args.stage, _spec_dirs(args), sys.stdin.buffer)
     if command == "precreate":
-        from cdi_hook import oci_edit
+        from cdi_hook.commands import edit
 
-        return oci_edit.cmd_precreate(_spec_dirs(args), sys.stdin.buffer, sys.stdout.buffer)
+        return edit.cmd_precreate(_spec_dirs(args), sys.stdin.buffer, sys.stdout.buffer)
     if command == "inject":
-        from cdi_hook import oci_edit
+        from cdi_hook.commands import edit
 
-        return oci_edit.cmd_inject(args, _spec_dirs(args))
+        return edit.cmd_inject(args, _spec_dirs(args))
     if command in ("install", "uninstall"):
-        from cdi_hook import install
+        from cdi_hook.commands import install
 
         return getattr(install, "cmd_" + command)(args)
     raise AssertionError(command)

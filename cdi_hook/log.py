@@ -4,7 +4,8 @@ The hook collects what it did in a ContainerLog and writes it once, at the end, 
 structlog to $CDI_HOOK_LOG (default /var/log/cdi-hook.log). structlog is imported only at
 that moment, and only when the line will be written at the configured level
 ($CDI_HOOK_LOG_LEVEL, default info), so a container that asks for no device pays nothing.
-With level debug the line also carries the step-by-step notes. A log file that cannot be
+With level debug the line also carries the step-by-step notes and each step's duration
+(`steps_ms`: resolve, worker, nodes, mounts, ldconfig, device cgroup, rdt, netdev, spec hooks). A log file that cannot be
 written never fails a container: one warning on stderr instead.
 """
 
@@ -34,6 +35,14 @@ class ContainerLog:
         self.fields: dict = {"container": container_id, "stage": stage, "devices": devices}
         self.warnings: list[str] = []
         self.notes: list[str] = []
+        self.steps_ms: dict[str, float] = {}  # step -> duration, logged at debug level
+
+    def step(self, name: str) -> _Step:
+        """`with log.step("mounts"):` records how long the step took."""
+        return _Step(self, name)
+
+    def record_step(self, name: str, ms: float) -> None:
+        self.steps_ms[name] = round(self.steps_ms.get(name, 0.0) + ms, 2)
 
     def warning(self, message: str) -> None:
         """A warning shown on stderr now and kept for the log line."""
@@ -53,9 +62,23 @@ class ContainerLog:
             fields["warnings"] = self.warnings
         if error:
             fields["error"] = error
-        if configured_level() <= LEVELS["debug"] and self.notes:
-            fields["notes"] = self.notes
+        if configured_level() <= LEVELS["debug"]:
+            if self.steps_ms:
+                fields["steps_ms"] = self.steps_ms
+            if self.notes:
+                fields["notes"] = self.notes
         _write(level, "cdi-hook injected" if not error else "cdi-hook failed", fields)
+
+
+class _Step:
+    def __init__(self, log: ContainerLog, name: str):
+        self.log, self.name = log, name
+
+    def __enter__(self) -> None:
+        self.started = time.monotonic()
+
+    def __exit__(self, *exc) -> None:
+        self.log.record_step(self.name, (time.monotonic() - self.started) * 1000)
 
 
 def _write(level: str, event: str, fields: dict) -> None:
@@ -65,7 +88,7 @@ def _write(level: str, event: str, fields: dict) -> None:
     except OSError as error:
         warn(f"cannot open log file {path}: {error.strerror}")
         return
-    if level == "info" and "notes" not in fields:
+    if level == "info" and "notes" not in fields and "steps_ms" not in fields:
         # The plain "injected" line of every container start: importing structlog costs
         # ~25 ms (it pulls in asyncio, logging, ssl), more than the rest of the hook's
         # imports together. This writes the very line structlog's processors below would
@@ -74,18 +97,25 @@ def _write(level: str, event: str, fields: dict) -> None:
         with log_file:
             log_file.write(render_line(level, event, fields))
         return
+    with log_file:
+        getattr(structlog_logger(log_file), level)(event, **fields)
+
+
+_PROCESSORS = None
+
+
+def structlog_logger(log_file):
+    """A structlog logger writing JSON lines to log_file; the processors are built once."""
+    global _PROCESSORS
     import structlog
 
-    with log_file:
-        logger = structlog.wrap_logger(
-            structlog.WriteLogger(log_file),
-            processors=[
-                structlog.processors.add_log_level,
-                structlog.processors.TimeStamper(fmt="iso", utc=True),
-                structlog.processors.JSONRenderer(sort_keys=False),
-            ],
-        )
-        getattr(logger, level)(event, **fields)
+    if _PROCESSORS is None:
+        _PROCESSORS = [
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(sort_keys=False),
+        ]
+    return structlog.wrap_logger(structlog.WriteLogger(log_file), processors=_PROCESSORS)
 
 
 def render_line(level: str, event: str, fields: dict, now_ns: int | None = None) -> str:

@@ -73,12 +73,20 @@ def parse_state(data: bytes) -> State:
 
 def read_config(bundle: str) -> Config:
     path = os.path.join(bundle, "config.json")
+    _, doc = read_config_file(path)
+    return parse_config(doc, bundle, path)
+
+
+def read_config_file(path: str) -> tuple[bytes, dict]:
+    """(the bytes, the JSON object) of a config.json; one CdiError line naming it otherwise."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_CONFIG_SIZE + 1)
+    except FileNotFoundError:
+        raise CdiError(f"{path}: cannot read: no such file") from None
     except OSError as error:
         raise CdiError(f"{path}: cannot read: {error.strerror}") from None
-    return parse_config(json_object(data, path, MAX_CONFIG_SIZE), bundle, path)
+    return data, json_object(data, path, MAX_CONFIG_SIZE)
 
 
 def parse_config(doc: dict, bundle: str, path: str) -> Config:

@@ -1,52 +1,188 @@
-"""The plan: what a list of requested devices does to a container, as pure data.
+"""The plan: everything the requested devices do to one container, decided once.
 
-The single meeting point of the project: the live hook and the config.json editors both
-take a Plan, so they can never disagree about what a device means.
+The single meeting point of the project. Resolving names gives a Selection (which spec
+edits apply, in which order: registry.py); `build` turns it into a Plan in which nothing
+is left to decide. The config.json editor (config_editor.py) and the live injector
+(live/inject.py) are plain executors of a Plan: they never re-decide what a device means.
 
-A plan is an ordered list of parts. For each requested device in request order: its
-spec's spec-level edits once (the first time that spec is met), then the device's own
-edits. Each part keeps its origin (the qualified device name, or "vendor/class (spec)"
-for spec-level edits) and its spec file, so every error can name the device.
+What is decided here, following the CDI reference library (pkg/cdi ContainerEdits.Apply,
+applied once to the merged edits, as Cache.InjectDevices does):
+
+  nodes        completed from the host node (hostdev.complete_node: type, major, minor,
+               fileMode, by lstat); owner = the spec's uid/gid, else the container
+               process's when it is > 0, else None (the runtime's default: root)
+  device_rules one per b/c node, access "" -> "rwm", "none" -> "" (no access at all)
+  mounts       a destination named again replaces the earlier mount (exact string, as the
+               reference's RemoveMount); then a stable sort by depth of the cleaned
+               destination, so parents are mounted before children; a destination that
+               is the root itself is refused
+  env          a variable named again replaces the earlier value, in its place
+  hooks        grouped by stage, in plan order
+  gids         additionalGids without 0 and without repeats
+  intel_rdt    the last device that sets one wins (a container has one RDT group)
+  net_devices  each host interface once; two devices asking for one host interface, or
+               for one container-side name, are refused
+
+Every item keeps its origin (the qualified device name, or "vendor/class (spec-level)"),
+so every error can name the device.
 """
 
 from __future__ import annotations
 
+import posixpath
 from collections import namedtuple
-from collections.abc import Iterator
 
-from cdi_hook.spec.model import ContainerEdits
+from cdi_hook.errors import CdiError
+from cdi_hook.spec import HOOK_STAGES
+from cdi_hook.spec.rules import NO_PERMISSIONS, is_interface_name_template, mount_destination_problem
 
-# origin: "vendor.com/class=name" or "vendor.com/class (spec-level)"; edits: ContainerEdits.
-# Records are namedtuples, as in spec/model.py (no dataclasses import on the hot path).
-PlanPart = namedtuple("PlanPart", ["origin", "spec_path", "edits"])
+# origin: "vendor.com/class=name" or "vendor.com/class (spec-level)". node: a completed
+# DeviceNode; uid/gid: the owner to give it, None for the runtime's default (root).
+PlannedNode = namedtuple("PlannedNode", ["origin", "node", "uid", "gid"])
+# One device cgroup rule; access: a subset of "rwm", "" for a node the container may not open.
+DeviceRule = namedtuple("DeviceRule", ["origin", "type", "major", "minor", "access"])
 
 
-class Plan(namedtuple("Plan", ["devices", "parts"])):
-    """devices: the qualified names requested, in request order, no repeats; parts: PlanParts."""
+class Plan(namedtuple("Plan", ["devices", "nodes", "device_rules", "mounts", "env", "hooks",
+                               "additional_gids", "intel_rdt", "net_devices"])):
+    """devices: the qualified names, request order. Every other field is a tuple of
+    (origin, item) pairs, or PlannedNode / DeviceRule records; hooks is a tuple of
+    (stage, ((origin, Hook), ...)) in HOOK_STAGES order; intel_rdt is (origin, IntelRdt) or None."""
 
     __slots__ = ()
 
-    def each(self, edit_field: str) -> Iterator[tuple[str, object]]:
-        """(origin, item) for every item of one ContainerEdits field, in plan order.
+    def hooks_at(self, *stages: str) -> list:
+        """(origin, Hook) for the given stages, in the order the stages are given."""
+        by_stage = dict(self.hooks)
+        return [item for stage in stages for item in by_stage.get(stage, ())]
 
-        edit_field is an attribute name of ContainerEdits: "device_nodes", "mounts", ...
-        """
-        for part in self.parts:
-            for item in getattr(part.edits, edit_field):
-                yield part.origin, item
+    def is_empty(self) -> bool:
+        return not any(self[1:7]) and self.intel_rdt is None and not self.net_devices
 
-    def merged(self) -> ContainerEdits:
-        """All parts' edits concatenated in plan order (intelRdt: the last one wins)."""
-        rdt = None
-        for part in self.parts:
-            if part.edits.intel_rdt is not None:
-                rdt = part.edits.intel_rdt
-        return ContainerEdits(
-            env=tuple(e for _, e in self.each("env")),
-            device_nodes=tuple(n for _, n in self.each("device_nodes")),
-            mounts=tuple(m for _, m in self.each("mounts")),
-            hooks=tuple(h for _, h in self.each("hooks")),
-            additional_gids=tuple(g for _, g in self.each("additional_gids")),
-            intel_rdt=rdt,
-            net_devices=tuple(d for _, d in self.each("net_devices")),
-        )
+
+def resolve(names, spec_dirs=None, *, process_uid: int = 0, process_gid: int = 0) -> Plan:
+    """The Plan for requested names against the spec dirs (through the compiled cache).
+
+    ResolveError (a CdiError) names every unknown device; CdiError names the device and the
+    host node when a node cannot be completed.
+    """
+    from cdi_hook import cache
+
+    return build(cache.select(names, spec_dirs), process_uid=process_uid, process_gid=process_gid)
+
+
+def build(selection, *, process_uid: int = 0, process_gid: int = 0, stat_host: bool = True) -> Plan:
+    """Decide everything about a registry.Selection for a container whose process runs as
+    process_uid:process_gid. stat_host=False takes device nodes as the spec gives them
+    (fully specified ones, in tests); otherwise they are completed from the host."""
+    nodes, rules = _nodes(selection, process_uid, process_gid, stat_host)
+    return Plan(
+        devices=tuple(selection.devices),
+        nodes=nodes,
+        device_rules=rules,
+        mounts=_mounts(selection),
+        env=_env(selection),
+        hooks=_hooks(selection),
+        additional_gids=_gids(selection),
+        intel_rdt=_last(selection, "intel_rdt"),
+        net_devices=_net_devices(selection),
+    )
+
+
+def _nodes(selection, process_uid: int, process_gid: int, stat_host: bool):
+    from cdi_hook.hostdev import complete_node
+
+    nodes: list[PlannedNode] = []
+    rules: list[DeviceRule] = []
+    for origin, node in selection.each("device_nodes"):
+        if stat_host:
+            node = complete_node(node, origin)
+        elif not node.host_path:
+            node = node._replace(host_path=node.path)
+        uid = node.uid if node.uid is not None else (process_uid if process_uid > 0 else None)
+        gid = node.gid if node.gid is not None else (process_gid if process_gid > 0 else None)
+        # A path named again replaces the earlier node (the reference's RemoveDevice + AddDevice).
+        nodes = [planned for planned in nodes if planned.node.path != node.path]
+        nodes.append(PlannedNode(origin, node, uid, gid))
+        if node.type in ("b", "c"):
+            rules.append(DeviceRule(origin, node.type, node.major or 0, node.minor or 0, cgroup_access(node)))
+    return tuple(nodes), tuple(rules)
+
+
+def cgroup_access(node) -> str:
+    if node.permissions == "":
+        return "rwm"
+    if node.permissions == NO_PERMISSIONS:
+        return ""
+    return node.permissions
+
+
+def mount_depth(destination: str) -> int:
+    """The number of "/" in the destination cleaned like Go's filepath.Clean (the sort key)."""
+    cleaned = posixpath.normpath(destination) if destination else "."
+    if cleaned.startswith("//"):  # POSIX normpath keeps a leading "//", Go does not
+        cleaned = "/" + cleaned.lstrip("/")
+    return cleaned.count("/")
+
+
+def _mounts(selection) -> tuple:
+    planned: list[tuple] = []
+    for origin, mount in selection.each("mounts"):
+        problem = mount_destination_problem(mount.container_path)
+        if problem:
+            raise CdiError(f"{origin}: mount {mount.host_path} on {mount.container_path!r}: {problem}")
+        for i, (_, earlier) in enumerate(planned):
+            if earlier.container_path == mount.container_path:
+                del planned[i]
+                break
+        planned.append((origin, mount))
+    planned.sort(key=lambda item: mount_depth(item[1].container_path))  # stable
+    return tuple(planned)
+
+
+def _env(selection) -> tuple:
+    merged: dict[str, tuple[str, str]] = {}  # name -> (origin, NAME=VALUE); keeps first position
+    for origin, variable in selection.each("env"):
+        merged[variable.split("=", 1)[0]] = (origin, variable)
+    return tuple(merged.values())
+
+
+def _hooks(selection) -> tuple:
+    by_stage: dict[str, list] = {}
+    for origin, hook in selection.each("hooks"):
+        if hook.hook_name not in HOOK_STAGES:
+            raise CdiError(f"{origin}: unknown hookName {hook.hook_name!r}")
+        by_stage.setdefault(hook.hook_name, []).append((origin, hook))
+    return tuple((stage, tuple(by_stage[stage])) for stage in HOOK_STAGES if stage in by_stage)
+
+
+def _gids(selection) -> tuple:
+    seen: dict[int, str] = {}
+    for origin, gid in selection.each("additional_gids"):
+        if gid != 0 and gid not in seen:  # the reference skips gid 0
+            seen[gid] = origin
+    return tuple((origin, gid) for gid, origin in seen.items())
+
+
+def _last(selection, field: str):
+    found = None
+    for part in selection.parts:
+        value = getattr(part.edits, field)
+        if value is not None:
+            found = (part.origin, value)
+    return found
+
+
+def _net_devices(selection) -> tuple:
+    host_names: dict[str, str] = {}
+    inner_names: dict[str, str] = {}
+    planned = []
+    for origin, device in selection.each("net_devices"):
+        host, inner = device.host_interface_name, device.name or device.host_interface_name
+        if host in host_names:
+            raise CdiError(f"{origin}: host interface {host!r} is also requested by {host_names[host]}")
+        if inner in inner_names and not is_interface_name_template(inner):
+            raise CdiError(f"{origin}: container interface name {inner!r} is also used by {inner_names[inner]}")
+        host_names[host] = inner_names[inner] = origin
+        planned.append((origin, device))
+    return tuple(planned)

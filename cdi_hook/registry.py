@@ -1,4 +1,7 @@
-"""Spec dirs -> validated specs -> an index of devices by qualified name. Pure: reads only.
+"""Spec dirs -> validated specs -> an index of devices by qualified name -> a Selection.
+
+Pure: reads spec files, writes nothing (the compiled cache, cache.py, sits on top of this
+module and is the only writer).
 
 Dirs are scanned in order; a later dir has higher priority, so the same device in two
 dirs resolves to the later dir's definition. The same device twice at one priority is a
@@ -17,14 +20,51 @@ from __future__ import annotations
 import os
 import stat
 
+from collections import namedtuple
+
 from cdi_hook.errors import CdiError, ResolveError
-from cdi_hook.plan import Plan, PlanPart
-from cdi_hook.spec.model import Device, Spec
+from cdi_hook.spec.model import ContainerEdits, Device, Spec
 from cdi_hook.spec.names import is_qualified_name, quote
 from cdi_hook.spec.parse import build_spec, decode_document, is_spec_file_name, read_spec_bytes
 from cdi_hook.spec.validate import validate_spec
 
 DEFAULT_SPEC_DIRS = ("/etc/cdi", "/var/run/cdi")
+
+# origin: "vendor.com/class=name" or "vendor.com/class (spec-level)"; edits: ContainerEdits.
+EditsPart = namedtuple("EditsPart", ["origin", "spec_path", "edits"])
+
+
+class Selection(namedtuple("Selection", ["devices", "parts"])):
+    """Which spec edits a request applies, in order, before anything is decided (plan.build).
+
+    devices: the qualified names requested, in request order, no repeats; parts: for each
+    device, its spec's spec-level edits once (the first time that spec is met), then the
+    device's own edits.
+    """
+
+    __slots__ = ()
+
+    def each(self, edit_field: str):
+        """(origin, item) for every item of one ContainerEdits field ("mounts", ...), in order."""
+        for part in self.parts:
+            for item in getattr(part.edits, edit_field):
+                yield part.origin, item
+
+    def merged(self) -> ContainerEdits:
+        """All parts' edits concatenated, as `cdi-hook show` prints them (intelRdt: the last wins)."""
+        rdt = None
+        for part in self.parts:
+            if part.edits.intel_rdt is not None:
+                rdt = part.edits.intel_rdt
+        return ContainerEdits(
+            env=tuple(e for _, e in self.each("env")),
+            device_nodes=tuple(n for _, n in self.each("device_nodes")),
+            mounts=tuple(m for _, m in self.each("mounts")),
+            hooks=tuple(h for _, h in self.each("hooks")),
+            additional_gids=tuple(g for _, g in self.each("additional_gids")),
+            intel_rdt=rdt,
+            net_devices=tuple(d for _, d in self.each("net_devices")),
+        )
 INSECURE_ENV = "CDI_HOOK_INSECURE_SPECS"
 
 
@@ -145,8 +185,8 @@ class Registry:
             self.conflicts[qualified] = paths
             self.devices.pop(qualified, None)
 
-    def resolve(self, names) -> Plan:
-        """The Plan for the requested qualified names (request order, repeats once).
+    def select(self, names) -> Selection:
+        """The Selection for the requested qualified names (request order, repeats once).
 
         Spec-level edits come once per spec, the first time one of its devices is met, then
         the device's own. Any unknown name fails the whole request: ResolveError lists them all.
@@ -155,7 +195,7 @@ class Registry:
         missing = [name for name in wanted if name not in self.devices]
         if missing:
             raise ResolveError(self._unresolved_message(missing))
-        return plan_for(wanted, self.devices)
+        return select(wanted, self.devices)
 
     def _unresolved_message(self, missing: list[str]) -> str:
         details = []
@@ -182,28 +222,15 @@ class Registry:
         return [line for lines in self.errors.values() for line in lines]
 
 
-def plan_for(wanted: list[str], devices) -> Plan:
-    """The Plan for known, distinct names; devices maps each to its (Spec, Device)."""
-    parts: list[PlanPart] = []
+def select(wanted: list[str], devices) -> Selection:
+    """The Selection for known, distinct names; devices maps each to its (Spec, Device)."""
+    parts: list[EditsPart] = []
     specs_met: set[str] = set()
     for name in wanted:
         spec, device = devices[name]
         if spec.path not in specs_met:
             specs_met.add(spec.path)
             if not spec.container_edits.is_empty():
-                parts.append(PlanPart(f"{spec.kind} (spec-level)", spec.path, spec.container_edits))
-        parts.append(PlanPart(name, spec.path, device.container_edits))
-    return Plan(tuple(wanted), tuple(parts))
-
-
-def resolve(names, spec_dirs=None) -> Plan:
-    """Resolve names against the spec dirs in one go (the hook's, precreate's and inject's call).
-
-    Goes through the compiled cache (cdi_hook.cache), which answers only while every spec
-    file is unchanged and falls back to Registry.load otherwise: same Plan, same errors.
-    """
-    from cdi_hook import cache
-
-    return cache.resolve(names, spec_dirs)
-
-
+                parts.append(EditsPart(f"{spec.kind} (spec-level)", spec.path, spec.container_edits))
+        parts.append(EditsPart(name, spec.path, device.container_edits))
+    return Selection(tuple(wanted), tuple(parts))

@@ -97,3 +97,20 @@ def build_annotations(plugin_name: str, device_id: str, devices, annotations: di
         raise CdiError(f"annotation {quote(key)} is already set")
     out[key] = annotation_value(devices)
     return out
+
+
+def applied_devices(*annotation_maps) -> list[str]:
+    """The names the APPLIED_ANNOTATION of the maps lists (a config.json editor applied them)."""
+    names: dict[str, None] = {}
+    for annotation_map in annotation_maps:
+        value = annotation_map.get(APPLIED_ANNOTATION) if isinstance(annotation_map, dict) else None
+        if isinstance(value, str):
+            names.update((name.strip(), None) for name in value.split(",") if name.strip())
+    return list(names)
+
+
+def pending_devices(*annotation_maps) -> list[str]:
+    """Requested names minus those an editor already applied: each device is applied once,
+    by whichever path (precreate, inject --mode edits, the live hook) meets it first."""
+    applied = set(applied_devices(*annotation_maps))
+    return [name for name in requested_devices(*annotation_maps) if name not in applied]

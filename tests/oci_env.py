@@ -25,27 +25,19 @@ PYTHON = sys.executable
 
 def hook_entry(spec_dirs: list[str], stage: str = "createRuntime", extra_env: dict | None = None,
                log_file: str | None = None) -> dict:
-    env = {
-        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-        "CDI_SPEC_DIRS": ":".join(spec_dirs),
-        "CDI_HOOK_INSECURE_SPECS": "1",  # tmp_path specs are not under a root-only tree
-    }
+    """The entry install writes (cdi_hook.hook_entry), with the tests' private settings."""
+    from cdi_hook.hook_entry import hook_entry as build
+
+    settings = {"CDI_HOOK_INSECURE_SPECS": "1"}  # tmp_path specs are not under a root-only tree
     # The session's private cache dir and log (tests/conftest.py), so tests leave nothing
     # in /run/cdi-hook or /var/log; a test's own log_file wins.
     for name in ("CDI_HOOK_CACHE_DIR", "CDI_HOOK_LOG"):
         if os.environ.get(name):
-            env[name] = os.environ[name]
+            settings[name] = os.environ[name]
     if log_file:
-        env["CDI_HOOK_LOG"] = log_file
-    env.update(extra_env or {})
-    return {
-        "path": PYTHON,
-        # argv[0] must be the full path: CPython finds its venv (pyvenv.cfg) from argv[0],
-        # and a bare "python3" resolves through PATH to the system interpreter, without cdi_hook.
-        "args": [PYTHON, "-I", "-m", "cdi_hook", "hook", "--stage", stage],
-        "env": [f"{k}={v}" for k, v in env.items()],
-        "timeout": 60,
-    }
+        settings["CDI_HOOK_LOG"] = log_file
+    settings.update(extra_env or {})
+    return build("hook", "--stage", stage, python=PYTHON, spec_dirs=spec_dirs, settings=settings)
 
 
 def make_rootfs(path: Path) -> Path:

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from cdi_hook import cache, cli, log, registry
+from cdi_hook import cache, cli, log
 from cdi_hook.errors import ResolveError
 from cdi_hook.registry import Registry
 from oci_env import write_spec
@@ -69,38 +69,38 @@ def test_hit_gives_the_same_plan_without_loading(cached, monkeypatch):
     write_spec(cached, "a.json", spec(devices=("gpu0", "gpu1")))
     write_spec(cached, "b.json", spec("other.com/nic", ("nic0",)))
     names = ["vendor.com/gpu=gpu1", "other.com/nic=nic0", "vendor.com/gpu=gpu0"]
-    expected = Registry.load([str(cached)]).resolve(names)
-    first = registry.resolve(names, [str(cached)])
+    expected = Registry.load([str(cached)]).select(names)
+    first = cache.select(names, [str(cached)])
     assert first == expected
     [cache_file] = cache_files(cached)
     st = cache_file.stat()
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
     assert stat.S_IMODE(cache_file.parent.stat().st_mode) == 0o700
     counter = LoadCounter(monkeypatch)
-    assert registry.resolve(names, [str(cached)]) == expected
+    assert cache.select(names, [str(cached)]) == expected
     assert counter.calls == 0
 
 
 def test_changed_file_is_seen_on_the_next_start_even_with_the_same_size(cached):
     path = write_spec(cached, "a.json", spec(path_tag="1"))
-    assert registry.resolve(["vendor.com/gpu=gpu0"], [str(cached)]).parts[-1].edits.env == ("DEV_gpu0=1",)
+    assert cache.select(["vendor.com/gpu=gpu0"], [str(cached)]).parts[-1].edits.env == ("DEV_gpu0=1",)
     tick()
     size = path.stat().st_size
     write_spec(cached, "a.json", spec(path_tag="2"))
     assert path.stat().st_size == size
-    assert registry.resolve(["vendor.com/gpu=gpu0"], [str(cached)]).parts[-1].edits.env == ("DEV_gpu0=2",)
+    assert cache.select(["vendor.com/gpu=gpu0"], [str(cached)]).parts[-1].edits.env == ("DEV_gpu0=2",)
 
 
 def test_added_and_removed_files_are_seen(cached):
     write_spec(cached, "a.json", spec())
-    registry.resolve(["vendor.com/gpu=gpu0"], [str(cached)])
+    cache.select(["vendor.com/gpu=gpu0"], [str(cached)])
     tick()
     write_spec(cached, "b.json", spec("other.com/nic", ("nic0",)))
-    assert registry.resolve(["other.com/nic=nic0"], [str(cached)]).devices == ("other.com/nic=nic0",)
-    registry.resolve(["vendor.com/gpu=gpu0"], [str(cached)])  # the cache now knows b.json
+    assert cache.select(["other.com/nic=nic0"], [str(cached)]).devices == ("other.com/nic=nic0",)
+    cache.select(["vendor.com/gpu=gpu0"], [str(cached)])  # the cache now knows b.json
     (cached / "b.json").unlink()
     with pytest.raises(ResolveError, match="other.com/nic=nic0"):
-        registry.resolve(["other.com/nic=nic0"], [str(cached)])
+        cache.select(["other.com/nic=nic0"], [str(cached)])
 
 
 def test_a_new_definition_in_a_later_dir_wins_at_once(cached, tmp_path):
@@ -108,9 +108,9 @@ def test_a_new_definition_in_a_later_dir_wins_at_once(cached, tmp_path):
     later.mkdir(mode=0o755)
     write_spec(cached, "a.json", spec(path_tag="early"))
     dirs = [str(cached), str(later)]
-    assert registry.resolve(["vendor.com/gpu=gpu0"], dirs).parts[-1].edits.env == ("DEV_gpu0=early",)
+    assert cache.select(["vendor.com/gpu=gpu0"], dirs).parts[-1].edits.env == ("DEV_gpu0=early",)
     write_spec(later, "a.json", spec(path_tag="late"))
-    assert registry.resolve(["vendor.com/gpu=gpu0"], dirs).parts[-1].edits.env == ("DEV_gpu0=late",)
+    assert cache.select(["vendor.com/gpu=gpu0"], dirs).parts[-1].edits.env == ("DEV_gpu0=late",)
 
 
 def test_errors_stay_the_registrys_own(cached):
@@ -120,9 +120,9 @@ def test_errors_stay_the_registrys_own(cached):
     for _ in range(2):  # without and with a cache file
         for names in (["vendor.com/gpu=gpu0"], ["nosuch.com/x=y"], ["broken.com/x=a"]):
             with pytest.raises(ResolveError) as from_cache:
-                registry.resolve(names, [str(cached)])
+                cache.select(names, [str(cached)])
             with pytest.raises(ResolveError) as from_files:
-                Registry.load([str(cached)]).resolve(names)
+                Registry.load([str(cached)]).select(names)
             assert str(from_cache.value) == str(from_files.value)
     assert cache_files(cached)
 
@@ -130,17 +130,17 @@ def test_errors_stay_the_registrys_own(cached):
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "other magic", "flipped"])
 def test_corrupt_cache_is_ignored_and_rebuilt(cached, monkeypatch, damage):
     write_spec(cached, "a.json", spec(devices=("gpu0", "gpu1")))
-    expected = Registry.load([str(cached)]).resolve(["vendor.com/gpu=gpu1"])
-    registry.resolve(["vendor.com/gpu=gpu1"], [str(cached)])
+    expected = Registry.load([str(cached)]).select(["vendor.com/gpu=gpu1"])
+    cache.select(["vendor.com/gpu=gpu1"], [str(cached)])
     [cache_file] = cache_files(cached)
     data = cache_file.read_bytes()
     damaged = {"garbage": os.urandom(len(data)), "truncated": data[: len(data) // 2], "empty": b"",
                "other magic": b"XXXXXXXX" + data[8:],
                "flipped": data[:-40] + bytes(b ^ 0xFF for b in data[-40:])}[damage]
     cache_file.write_bytes(damaged)
-    assert registry.resolve(["vendor.com/gpu=gpu1"], [str(cached)]) == expected
+    assert cache.select(["vendor.com/gpu=gpu1"], [str(cached)]) == expected
     counter = LoadCounter(monkeypatch)  # rebuilt: the next start is a hit again
-    assert registry.resolve(["vendor.com/gpu=gpu1"], [str(cached)]) == expected
+    assert cache.select(["vendor.com/gpu=gpu1"], [str(cached)]) == expected
     assert counter.calls == 0
 
 
@@ -148,7 +148,7 @@ def test_corrupt_cache_is_ignored_and_rebuilt(cached, monkeypatch, damage):
                                      "dir world-writable", "dir not root-owned", "file is a symlink"])
 def test_untrusted_cache_is_not_used(cached, monkeypatch, problem):
     write_spec(cached, "a.json", spec())
-    registry.resolve(["vendor.com/gpu=gpu0"], [str(cached)])
+    cache.select(["vendor.com/gpu=gpu0"], [str(cached)])
     [cache_file] = cache_files(cached)
     directory = cache_file.parent
     if problem == "file not root-owned":
@@ -166,7 +166,7 @@ def test_untrusted_cache_is_not_used(cached, monkeypatch, problem):
         cache_file.rename(target)
         cache_file.symlink_to(target)
     counter = LoadCounter(monkeypatch)
-    registry.resolve(["vendor.com/gpu=gpu0"], [str(cached)])
+    cache.select(["vendor.com/gpu=gpu0"], [str(cached)])
     assert counter.calls == 1
     if problem.startswith("dir"):  # not written into a directory others could change
         assert not list(directory.glob(".registry-*"))
@@ -176,7 +176,7 @@ def test_non_root_never_reads_or_writes(cached, monkeypatch):
     write_spec(cached, "a.json", spec())
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setenv("CDI_HOOK_INSECURE_SPECS", "1")
-    assert registry.resolve(["vendor.com/gpu=gpu0"], [str(cached)]).devices == ("vendor.com/gpu=gpu0",)
+    assert cache.select(["vendor.com/gpu=gpu0"], [str(cached)]).devices == ("vendor.com/gpu=gpu0",)
     assert cache_files(cached) == []
 
 
@@ -184,14 +184,14 @@ def test_a_relative_cache_dir_is_not_used(cached, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(cache.CACHE_DIR_ENV, "relative-cache")
     write_spec(cached, "a.json", spec())
-    assert registry.resolve(["vendor.com/gpu=gpu0"], [str(cached)]).devices == ("vendor.com/gpu=gpu0",)
+    assert cache.select(["vendor.com/gpu=gpu0"], [str(cached)]).devices == ("vendor.com/gpu=gpu0",)
     assert not (tmp_path / "relative-cache").exists()
 
 
 def test_fresh_files_are_not_cached_yet(cached, monkeypatch):
     monkeypatch.setattr(cache, "FRESH_NS", 60_000_000_000)
     write_spec(cached, "a.json", spec())
-    registry.resolve(["vendor.com/gpu=gpu0"], [str(cached)])
+    cache.select(["vendor.com/gpu=gpu0"], [str(cached)])
     assert cache_files(cached) == []
 
 
@@ -215,19 +215,19 @@ def test_is_settled_looks_at_files_and_dirs():
 
 def test_settings_that_change_the_answer_get_their_own_cache(cached, monkeypatch):
     write_spec(cached, "a.json", spec())
-    registry.resolve(["vendor.com/gpu=gpu0"], [str(cached)])
+    cache.select(["vendor.com/gpu=gpu0"], [str(cached)])
     monkeypatch.setenv("CDI_HOOK_MAX_SPEC_SIZE", "10")
     with pytest.raises(ResolveError):  # the 10-byte limit makes a.json invalid
-        registry.resolve(["vendor.com/gpu=gpu0"], [str(cached)])
+        cache.select(["vendor.com/gpu=gpu0"], [str(cached)])
     monkeypatch.setenv("CDI_HOOK_MAX_SPEC_SIZE", "1000000")
-    registry.resolve(["vendor.com/gpu=gpu0"], [str(cached)])
+    cache.select(["vendor.com/gpu=gpu0"], [str(cached)])
     assert len(cache_files(cached)) == 3  # default (4 MiB), 10 and 1000000
 
 
 def test_a_lookup_decodes_only_the_requested_spec(cached, monkeypatch):
     for index in range(50):
         write_spec(cached, f"s{index}.json", spec(f"vendor{index}.com/gpu", ("gpu0", "gpu1")))
-    registry.resolve(["vendor7.com/gpu=gpu1"], [str(cached)])
+    cache.select(["vendor7.com/gpu=gpu1"], [str(cached)])
     loads = []
     original = cache.decode
     def counting(data):  # decode recurses: count only the specs (class number 0)
@@ -237,17 +237,17 @@ def test_a_lookup_decodes_only_the_requested_spec(cached, monkeypatch):
 
     monkeypatch.setattr(cache, "decode", counting)
     counter = LoadCounter(monkeypatch)
-    plan = registry.resolve(["vendor31.com/gpu=gpu0", "vendor31.com/gpu=gpu1"], [str(cached)])
+    plan = cache.select(["vendor31.com/gpu=gpu0", "vendor31.com/gpu=gpu1"], [str(cached)])
     assert counter.calls == 0 and len(loads) == 1
-    assert plan == Registry.load([str(cached)]).resolve(["vendor31.com/gpu=gpu0", "vendor31.com/gpu=gpu1"])
+    assert plan == Registry.load([str(cached)]).select(["vendor31.com/gpu=gpu0", "vendor31.com/gpu=gpu1"])
 
 
 def test_write_leaves_no_temp_files_and_replaces_atomically(cached):
     write_spec(cached, "a.json", spec())
-    registry.resolve(["vendor.com/gpu=gpu0"], [str(cached)])
+    cache.select(["vendor.com/gpu=gpu0"], [str(cached)])
     tick()
     write_spec(cached, "a.json", spec(devices=("gpu0", "gpu9")))
-    registry.resolve(["vendor.com/gpu=gpu9"], [str(cached)])
+    cache.select(["vendor.com/gpu=gpu9"], [str(cached)])
     files = cache_files(cached)
     assert len(files) == 1 and not files[0].name.startswith(".")
 

@@ -10,7 +10,7 @@ import oci_env
 
 PROBE = """
 import io, sys
-from cdi_hook import hook
+from cdi_hook.commands import hook
 code = hook.run("createRuntime", [sys.argv[1]], io.BytesIO(sys.argv[2].encode()))
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("cdi_hook", "yaml", "structlog", "pyroute2"))
 print(code, " ".join(loaded))
@@ -30,7 +30,7 @@ def test_no_device_requested_exits_at_once_importing_little(tmp_path):
     out = subprocess.run([sys.executable, "-I", "-c", PROBE, str(tmp_path / "cdi"), state], cwd=oci_env.REPO,
                          capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "0"
-    assert set(out[1:]) <= {"cdi_hook", "cdi_hook.hook", "cdi_hook.errors", "cdi_hook.oci"}, out
+    assert set(out[1:]) <= {"cdi_hook", "cdi_hook.commands", "cdi_hook.commands.hook", "cdi_hook.errors", "cdi_hook.oci"}, out
 
 
 def _cli(stdin: bytes, *extra):
@@ -86,8 +86,9 @@ def test_injection_path_imports_no_heavy_stdlib_modules():
     heavy = ("dataclasses", "inspect", "typing", "platform", "traceback", "prctl", "pickle", "subprocess",
              "argparse", "yaml", "structlog", "pyroute2")
     probe = ("import sys\n"
-             "import cdi_hook.cli, cdi_hook.hook, cdi_hook.oci, cdi_hook.request, cdi_hook.log, cdi_hook.registry\n"
-             "import cdi_hook.cache, cdi_hook.hostdev, cdi_hook.live.worker, cdi_hook.live.cgroups, cdi_hook.live.bpf\n"
+             "import cdi_hook.cli, cdi_hook.commands.hook, cdi_hook.oci, cdi_hook.request, cdi_hook.log, cdi_hook.registry\n"
+             "import cdi_hook.cache, cdi_hook.plan, cdi_hook.hostdev, cdi_hook.live.inject, cdi_hook.live.worker\n"
+             "import cdi_hook.live.cgroups, cdi_hook.live.bpf\n"
              f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-I", "-c", probe], cwd=oci_env.REPO, capture_output=True, text=True,
                          check=True).stdout.split()

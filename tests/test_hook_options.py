@@ -1,13 +1,11 @@
-"""Pure pieces of the live hook: mount options, library detection, owners, spec-hook selection."""
+"""Pure pieces of the live hook: mount options, library detection."""
 
 from __future__ import annotations
 
 import pytest
 
 from cdi_hook.live import ldcache, mounts, syscalls as sc
-from cdi_hook.live.devices import default_owner
-from cdi_hook.live.spechooks import hooks_for_stage
-from cdi_hook.spec.model import DeviceNode, Hook, Mount
+from cdi_hook.spec.model import Mount
 
 
 def opts(options, type_=""):
@@ -49,14 +47,3 @@ def test_library_names(name, is_lib):
 
 def test_library_dirs_once_in_order():
     assert ldcache.library_dirs(["/a/libx.so.1", "/b/bin", "/b//liby.so", "/a/libz.so"]) == ["/a", "/b"]
-
-
-def test_default_owner_follows_cdi():
-    assert default_owner(1000, 44, DeviceNode("/dev/x")) == (1000, 44)
-    assert default_owner(0, 0, DeviceNode("/dev/x")) == (0, 0)
-    assert default_owner(1000, 44, DeviceNode("/dev/x", uid=0, gid=5)) == (0, 5)
-
-
-def test_hooks_for_stage_keeps_plan_order():
-    a, b, c = Hook("createRuntime", "/a"), Hook("poststop", "/b"), Hook("createRuntime", "/c")
-    assert hooks_for_stage([("x", a), ("y", b), ("z", c)], "createRuntime") == [("x", a), ("z", c)]

@@ -307,6 +307,10 @@ def test_hook_at_two_stages_applies_once(runc, tmp_path):
     assert any("mknod c 10:232" in note for note in first["notes"])
     assert any("/dev/kvm: already present" in note for note in second["notes"])
     assert any("already mounted" in note for note in second["notes"])
+    # At debug level each step's duration is logged, so a user sees where a start goes.
+    steps = first["steps_ms"]
+    assert {"resolve", "worker", "nodes", "mounts", "ldconfig", "device cgroup", "spec hooks"} <= set(steps), steps
+    assert all(isinstance(ms, float) and 0 <= ms < 30_000 for ms in steps.values()), steps
 
 
 def _image_node(rootfs: Path, rel: str, rdev: int, mode: int, uid: int, gid: int) -> Path:

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from cdi_hook.install import ALL_FILES, hook_definitions, render
+from cdi_hook.commands.install import ALL_FILES, hook_definitions, render
 
 
 @pytest.fixture(autouse=True)
 def no_carried_settings(monkeypatch):
     """The session's private cache/log settings (conftest) would be carried into the files."""
-    from cdi_hook.install import CARRIED_SETTINGS
+    from cdi_hook.hook_entry import CARRIED_SETTINGS
 
     for name in CARRIED_SETTINGS:
         monkeypatch.delenv(name, raising=False)

@@ -9,16 +9,17 @@ import sys
 
 import pytest
 
-from cdi_hook import oci_edit
+from cdi_hook.commands import edit
 from cdi_hook.cli import main
-from cdi_hook.oci_edit import APPLIED_ANNOTATION, INJECT_ANNOTATION
+from cdi_hook.commands.edit import INJECT_ANNOTATION
+from cdi_hook.request import APPLIED_ANNOTATION
 from oci_env import make_bundle, run_container, write_spec
 
 
 @pytest.fixture(autouse=True)
 def no_carried_settings(monkeypatch):
     """The session's private cache/log settings (conftest) would be carried into the files."""
-    from cdi_hook.install import CARRIED_SETTINGS
+    from cdi_hook.hook_entry import CARRIED_SETTINGS
 
     for name in CARRIED_SETTINGS:
         monkeypatch.delenv(name, raising=False)
@@ -127,7 +128,7 @@ def test_hook_mode_adds_annotation_and_live_hook_entries(bundle, spec_dir):
 
 def test_hook_mode_without_spec_dirs_sets_no_spec_dir_env(bundle, spec_dir, monkeypatch):
     monkeypatch.delenv("CDI_SPEC_DIRS", raising=False)
-    edited = oci_edit.add_hook_request(CONFIG, ["vendor.com/class=zero"], None)
+    edited = edit.add_hook_request(CONFIG, ["vendor.com/class=zero"], None)
     assert edited["hooks"]["createRuntime"][0]["env"] == ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from cdi_hook import install
+from cdi_hook.commands import install
 from cdi_hook.cli import main
 from cdi_hook.errors import CdiError
 
@@ -17,7 +17,7 @@ from cdi_hook.errors import CdiError
 @pytest.fixture(autouse=True)
 def no_carried_settings(monkeypatch):
     """The session's private cache/log settings (conftest) would be carried into the files."""
-    from cdi_hook.install import CARRIED_SETTINGS
+    from cdi_hook.hook_entry import CARRIED_SETTINGS
 
     for name in CARRIED_SETTINGS:
         monkeypatch.delenv(name, raising=False)
@@ -152,7 +152,7 @@ def test_settings_set_while_installing_are_carried_but_never_insecure_specs(tmp_
     monkeypatch.setenv("CDI_HOOK_LOG", "/var/log/other.log")
     monkeypatch.setenv("CDI_HOOK_CACHE_DIR", "/run/other-cache")
     monkeypatch.setenv("CDI_HOOK_INSECURE_SPECS", "1")
-    from cdi_hook.install import live_hook_entry
+    from cdi_hook.hook_entry import live_hook_entry
 
     env = live_hook_entry("createRuntime", "/usr/bin/python3", None)["env"]
     assert "CDI_HOOK_LOG=/var/log/other.log" in env and "CDI_HOOK_CACHE_DIR=/run/other-cache" in env

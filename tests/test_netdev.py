@@ -25,6 +25,7 @@ from oci_env import REPO, detached_container, make_bundle
 
 from cdi_hook.errors import HookError
 from cdi_hook.live import netdev
+from cdi_hook.spec import rules
 from cdi_hook.spec.model import NetDevice
 
 CLONE_NEWNET = 0x40000000
@@ -279,11 +280,11 @@ def test_return_to_host_refuses_to_overwrite_a_host_name(runc, tmp_path, runtime
 
 
 @pytest.mark.parametrize("name, problem", [
-    ("", "empty"), ("a" * 16, "longer than 15"), ("a/b", "not a valid"), ("a b", "not a valid"),
+    ("", "required"), ("a" * 16, "longer than 15"), ("a/b", "not a valid"), ("a b", "not a valid"),
     ("..", "not a valid"), ("a%s", "only once"), ("eth%d", None), ("eth0", None),
 ])
 def test_interface_name_rules(name, problem):
-    found = netdev.interface_name_problem(name)
+    found = rules.interface_name_problem(name)
     assert (found is None) if problem is None else (problem in found)
 
 

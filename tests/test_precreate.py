@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from cdi_hook.errors import CdiError
-from cdi_hook.oci_edit import APPLIED_ANNOTATION, cmd_precreate
+from cdi_hook.commands.edit import cmd_precreate
+from cdi_hook.request import APPLIED_ANNOTATION
 from oci_env import write_spec
 
 SPEC = {

@@ -8,8 +8,8 @@ import os
 import pytest
 
 from cdi_hook.errors import ResolveError
-from cdi_hook.plan import PlanPart
-from cdi_hook.registry import DEFAULT_SPEC_DIRS, Registry, resolve
+from cdi_hook.plan import resolve
+from cdi_hook.registry import DEFAULT_SPEC_DIRS, EditsPart, Registry
 from cdi_hook.spec.model import ContainerEdits
 
 
@@ -114,7 +114,7 @@ def test_same_priority_duplicates_conflict(tmp_path):
     assert len(registry.errors[second]) == 1 and first in registry.errors[second][0]
     assert "acme.com/gpu=gpu1" in registry.errors[first][0]
     with pytest.raises(ResolveError, match="defined twice at the same priority"):
-        registry.resolve(["acme.com/gpu=gpu1"])
+        registry.select(["acme.com/gpu=gpu1"])
 
 
 def test_higher_priority_definition_settles_a_lower_conflict(tmp_path):
@@ -140,22 +140,22 @@ def test_resolve_builds_the_plan_in_request_order(tmp_path):
     gpu = write(d, "gpu.json", spec(devices=("gpu0", "gpu1"), spec_env=["GPU_SPEC=1"]))
     nic = write(d, "nic.json", spec(kind="acme.com/nic", devices=("eth",), spec_env=["NIC_SPEC=1"]))
     bare = write(d, "bare.json", spec(kind="bare.com/x", devices=("x",)))
-    plan = Registry.load([str(d)]).resolve(
+    plan = Registry.load([str(d)]).select(
         ["acme.com/gpu=gpu1", "acme.com/nic=eth", "bare.com/x=x", "acme.com/gpu=gpu0", "acme.com/gpu=gpu1"])
     assert plan.devices == ("acme.com/gpu=gpu1", "acme.com/nic=eth", "bare.com/x=x", "acme.com/gpu=gpu0")
     assert plan.parts == (
-        PlanPart("acme.com/gpu (spec-level)", gpu, ContainerEdits(env=("GPU_SPEC=1",))),
-        PlanPart("acme.com/gpu=gpu1", gpu, ContainerEdits(env=("DEV=gpu1",))),
-        PlanPart("acme.com/nic (spec-level)", nic, ContainerEdits(env=("NIC_SPEC=1",))),
-        PlanPart("acme.com/nic=eth", nic, ContainerEdits(env=("DEV=eth",))),
-        PlanPart("bare.com/x=x", bare, ContainerEdits(env=("DEV=x",))),
-        PlanPart("acme.com/gpu=gpu0", gpu, ContainerEdits(env=("DEV=gpu0",))),
+        EditsPart("acme.com/gpu (spec-level)", gpu, ContainerEdits(env=("GPU_SPEC=1",))),
+        EditsPart("acme.com/gpu=gpu1", gpu, ContainerEdits(env=("DEV=gpu1",))),
+        EditsPart("acme.com/nic (spec-level)", nic, ContainerEdits(env=("NIC_SPEC=1",))),
+        EditsPart("acme.com/nic=eth", nic, ContainerEdits(env=("DEV=eth",))),
+        EditsPart("bare.com/x=x", bare, ContainerEdits(env=("DEV=x",))),
+        EditsPart("acme.com/gpu=gpu0", gpu, ContainerEdits(env=("DEV=gpu0",))),
     )
     assert plan.merged().env == ("GPU_SPEC=1", "DEV=gpu1", "NIC_SPEC=1", "DEV=eth", "DEV=x", "DEV=gpu0")
 
 
 def test_resolve_nothing_is_an_empty_plan(tmp_path):
-    plan = Registry.load([str(tmp_path)]).resolve([])
+    plan = Registry.load([str(tmp_path)]).select([])
     assert plan.devices == () and plan.parts == ()
 
 
@@ -163,7 +163,7 @@ def test_unknown_names_fail_the_whole_request_listing_all(tmp_path):
     d1, d2 = tmp_path / "one", tmp_path / "two"
     write(d1, "a.json", spec())
     with pytest.raises(ResolveError) as error:
-        Registry.load([str(d1), str(d2)]).resolve(["acme.com/gpu=gpu0", "acme.com/gpu=gpu9", "x.com/y=z", "junk"])
+        Registry.load([str(d1), str(d2)]).select(["acme.com/gpu=gpu0", "acme.com/gpu=gpu9", "x.com/y=z", "junk"])
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith('unresolvable CDI devices: acme.com/gpu=gpu9, x.com/y=z, "junk"')
@@ -181,7 +181,7 @@ def test_unknown_name_mentions_an_invalid_spec_of_its_kind(tmp_path):
     assert "run `cdi-hook validate`" in str(error.value)
 
 
-def test_module_level_resolve(tmp_path):
+def test_plan_resolve_goes_through_the_registry(tmp_path):
     d = tmp_path / "cdi"
     write(d, "a.json", spec())
     assert resolve(["acme.com/gpu=gpu0"], [str(d)]).devices == ("acme.com/gpu=gpu0",)
@@ -229,7 +229,7 @@ def test_root_refuses_untrusted_spec_files(root_only, tmp_path, change, problem)
     assert line.startswith(f"{bad}: refused: the spec file is {problem}")
     assert "CDI_HOOK_INSECURE_SPECS=1" in line
     with pytest.raises(ResolveError, match="have errors"):
-        registry.resolve(["acme.com/gpu=gpu0"])
+        registry.select(["acme.com/gpu=gpu0"])
 
 
 def test_root_accepts_root_group_writable(root_only, tmp_path):

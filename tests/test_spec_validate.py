@@ -77,7 +77,7 @@ E = "devices[0].containerEdits"
     ({"intelRdt": {"closID": ""}}, {"intelRdt": {"closID": ".."}}, f"{E}.intelRdt.closID", "resctrl"),
     ({"intelRdt": {"closID": "a" * 255}}, {"intelRdt": {"closID": "a" * 256}}, f"{E}.intelRdt.closID", "255 bytes"),
     ({"intelRdt": {"closID": "group"}}, {"intelRdt": {"closID": "a\nb"}}, f"{E}.intelRdt.closID", "newline"),
-    ({"intelRdt": {"closID": "group"}}, {"intelRdt": {"closID": "/"}}, f"{E}.intelRdt.closID", "resctrl"),
+    ({"intelRdt": {"closID": "/"}}, {"intelRdt": {"closID": "/a"}}, f"{E}.intelRdt.closID", "resctrl"),  # "/" = root
     ({"intelRdt": {"closID": "group"}}, {"intelRdt": {"closID": "."}}, f"{E}.intelRdt.closID", "resctrl"),
     # net devices: both names, valid interface names, no repeats in one edits block
     ({"netDevices": [{"hostInterfaceName": "eth1", "name": "net0"}, {"hostInterfaceName": "eth2", "name": "net1"}]},

@@ -34,17 +34,10 @@ _S_IFMT = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_
 class NodeJob:
     def __init__(self, origin: str, node: DeviceNode, uid: int, gid: int):
         self.origin = origin
-        self.node = node  # completed (hostdev.complete_node): type, major, minor, host_path set
-        self.uid = uid
+        self.node = node  # completed by the plan: type, major, minor, host_path set
+        self.uid = uid  # the owner the plan decided
         self.gid = gid
         self.host_tree_fd: int | None = None  # detached clone of the host node, for the bind-mount way
-
-
-def default_owner(process_uid: int, process_gid: int, node: DeviceNode) -> tuple[int, int]:
-    """CDI: an absent uid/gid means the container process's, when that is not root; else 0."""
-    uid = node.uid if node.uid is not None else (process_uid if process_uid > 0 else 0)
-    gid = node.gid if node.gid is not None else (process_gid if process_gid > 0 else 0)
-    return uid, gid
 
 
 def clone_host_nodes(jobs: list[NodeJob]) -> None:

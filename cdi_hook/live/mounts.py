@@ -131,8 +131,9 @@ def clone_sources(jobs: list[MountJob]) -> None:
 
 
 def apply(rootfs: Rootfs, jobs: list[MountJob], mounted_fds: list[int], notes: list[str] | None = None) -> None:
-    """Mount every job in the rootfs, parents before children; new mounts go to mounted_fds."""
-    for job in sorted(jobs, key=lambda j: _depth(j.mount.container_path)):
+    """Mount every job in the rootfs in the plan's order (parents before children: the plan
+    sorts by depth); new mounts go to mounted_fds."""
+    for job in jobs:
         where = job.mount.container_path
         try:
             note = _apply_one(rootfs, job, mounted_fds)
@@ -184,7 +185,3 @@ def unmount_all(mounted_fds: list[int]) -> list[str]:
         finally:
             os.close(fd)
     return problems
-
-
-def _depth(path: str) -> int:
-    return len([p for p in path.split("/") if p not in ("", ".")])

@@ -30,20 +30,18 @@ pyroute2 is imported inside the functions: only specs with network devices pay f
 from __future__ import annotations
 
 import errno
-import logging
 import os
 from collections import namedtuple
 
 from cdi_hook.errors import HookError
 from cdi_hook.spec.model import NetDevice
+from cdi_hook.spec.rules import interface_name_problem, is_interface_name_template
 
 STEP = "network device"
-log = logging.getLogger(__name__)
 
 IFA_F_PERMANENT = 0x80  # linux/if_addr.h
 RT_SCOPE_UNIVERSE = 0  # linux/rtnetlink.h: global scope
 IFF_UP = 0x1  # linux/if.h
-IFNAMSIZ = 16
 
 
 # Records are namedtuples, as in spec/model.py: no dataclasses import (~9 ms) for a start.
@@ -59,23 +57,6 @@ LinkState = namedtuple("LinkState", ["index", "name", "mtu", "up", "addresses"])
 def container_name(device: NetDevice) -> str:
     """The spec's `name`; the runtime spec falls back to the host name when it is empty."""
     return device.name or device.host_interface_name
-
-
-def is_name_template(name: str) -> bool:
-    return "%d" in name
-
-
-def interface_name_problem(name: str) -> str | None:
-    """Why the kernel would refuse `name` (net/core/dev.c dev_valid_name), or None."""
-    if not name:
-        return "the name is empty"
-    if len(name.encode()) >= IFNAMSIZ:
-        return f"'{name}' is longer than {IFNAMSIZ - 1} bytes"
-    if name in (".", "..") or any(c == "/" or c == ":" or c.isspace() for c in name):
-        return f"'{name}' is not a valid interface name (no '/', ':', spaces, '.' or '..')"
-    if name.count("%") > 1 or ("%" in name and not is_name_template(name)):
-        return f"'{name}' may contain '%' only once, as the template '%d'"
-    return None
 
 
 # --- netlink helpers -------------------------------------------------------------------
@@ -207,26 +188,18 @@ def move_into_container(container_pid: int, items: list[tuple[str, NetDevice]]) 
 
 def _check_all(host, inner, items) -> list[tuple[str, NetDevice, LinkState]]:
     """Every refusal that can be known before anything moves."""
-    seen_host: dict[str, str] = {}
-    seen_inner: dict[str, str] = {}
     plan = []
     for origin, device in items:
         hname, cname = device.host_interface_name, container_name(device)
-        for name in (hname, cname):
-            problem = interface_name_problem(name)
-            if problem and not (name == hname and is_name_template(name)):
-                raise HookError(STEP, origin, problem)
-        if is_name_template(hname):
-            raise HookError(STEP, origin, f"host interface name '{hname}' cannot be a template")
-        if hname in seen_host:
-            raise HookError(STEP, origin, f"host interface '{hname}' is also requested by {seen_host[hname]}")
-        if cname in seen_inner and not is_name_template(cname):
-            raise HookError(STEP, origin, f"container interface name '{cname}' is also used by {seen_inner[cname]}")
-        seen_host[hname], seen_inner[cname] = origin, origin
+        # The same rules validation applied; the plan already refused two devices asking
+        # for one host interface or one container-side name.
+        problem = interface_name_problem(hname, template_allowed=False) or interface_name_problem(cname)
+        if problem:
+            raise HookError(STEP, origin, problem)
         link = _find_link(host, hname)
         if link is None:
             raise HookError(STEP, origin, f"host interface '{hname}' does not exist in the runtime's network namespace")
-        if not is_name_template(cname) and _find_link(inner, cname) is not None:
+        if not is_interface_name_template(cname) and _find_link(inner, cname) is not None:
             raise HookError(STEP, origin, f"an interface named '{cname}' already exists in the container")
         plan.append((origin, device, _link_state(host, link)))
     return plan
@@ -269,7 +242,6 @@ def _move_one(host, inner, netns_fd: int, origin: str, device: NetDevice, state:
         _configure(inner, inner_index, state, up=True)
     except Exception as error:
         raise HookError(STEP, origin, f"configuring '{cname}' inside the container: {_why(error)}") from None
-    log.info("moved %s into the container as %s (%d addresses)", state.name, cname, len(state.addresses))
 
 
 def _message(error: HookError) -> str:
@@ -280,7 +252,7 @@ def _message(error: HookError) -> str:
 
 
 def _moved_index(inner, cname: str, before: set[int]) -> int:
-    if not is_name_template(cname):
+    if not is_interface_name_template(cname):
         return inner.link("get", ifname=cname)[0]["index"]
     new = [link["index"] for link in inner.link("dump") if link["index"] not in before]
     if len(new) != 1:
@@ -350,7 +322,7 @@ def return_to_host(state, config, items: list[tuple[str, NetDevice]]) -> list[st
     """Bring interfaces still in the container's namespace back under their host names.
 
     `state` and `config` are the OCI state and config.json, as dicts or as cdi_hook.oci's
-    State and Config. Returns one note per interface (also logged). Tries every interface, then raises one
+    State and Config. Returns one note per interface (for the hook's debug log). Tries every interface, then raises one
     HookError naming those that could not be returned; at poststop the caller reports it as
     a warning, since the container is already gone.
     """
@@ -358,9 +330,7 @@ def return_to_host(state, config, items: list[tuple[str, NetDevice]]) -> list[st
         return []
     netns_fd, where = container_netns(state, config)
     if netns_fd is None:
-        note = f"network namespace not found: {where}; {GONE_NOTE}"
-        log.info(note)
-        return [note]
+        return [f"network namespace not found: {where}; {GONE_NOTE}"]
     from pyroute2 import IPRoute
 
     notes, failures = [], []
@@ -375,8 +345,6 @@ def return_to_host(state, config, items: list[tuple[str, NetDevice]]) -> list[st
     finally:
         os.close(host_fd)
         os.close(netns_fd)
-    for note in notes:
-        log.info(note)
     if failures:
         raise HookError(STEP, "", "at poststop: " + "; ".join(failures))
     return notes
@@ -384,7 +352,7 @@ def return_to_host(state, config, items: list[tuple[str, NetDevice]]) -> list[st
 
 def _return_one(host, inner, host_fd: int, netns_fd: int, device: NetDevice) -> tuple[bool, str]:
     hname, cname = device.host_interface_name, container_name(device)
-    if is_name_template(cname):
+    if is_interface_name_template(cname):
         return False, (f"'{hname}' was named by the kernel from the template '{cname}' and cannot be "
                        "found again; it stays in the container's namespace")
     try:

@@ -16,11 +16,6 @@ STEP = "spec hook"
 OUTPUT_LIMIT = 2000
 
 
-def hooks_for_stage(hooks, stage: str) -> list[tuple[str, Hook]]:
-    """(origin, hook) pairs whose hookName is stage, in plan order."""
-    return [(origin, hook) for origin, hook in hooks if hook.hook_name == stage]
-
-
 def run_hooks(hooks: list[tuple[str, Hook]], state: bytes) -> None:
     for origin, hook in hooks:
         run_hook(origin, hook, state)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from cdi_hook.errors import CdiError, HookError
 from cdi_hook.live import devices, ldcache, mounts, syscalls
@@ -96,6 +97,7 @@ def start(container_pidfd: int, work: RootfsWork) -> Worker:
 def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int:
     mounted: list[int] = []
     notes: list[str] = []
+    steps_ms: dict[str, float] = {}
     rootfs = None
 
     def send(doc: dict) -> None:
@@ -120,12 +122,16 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int
             rootfs = Rootfs.open(work.rootfs, work.creator_ids)
         except OSError as error:
             raise HookError("open rootfs", "", f"{work.rootfs}: {error.strerror}") from None
+        started = time.monotonic()
         devices.create_nodes(rootfs, work.nodes, work.by_bind_mount, mounted, notes)
+        started = _timed(steps_ms, "nodes", started)
         mounts.apply(rootfs, work.mounts, mounted, notes)
+        started = _timed(steps_ms, "mounts", started)
         file_jobs = [j for j in work.mounts if j.options.bind and not j.source_is_dir]
         library_origins = dict.fromkeys(j.origin for j in file_jobs if ldcache.is_library_name(j.mount.container_path))
         ldcache.update(rootfs, ldcache.library_dirs([j.mount.container_path for j in file_jobs]), ldconfig_fd,
                        notes, device=", ".join(library_origins))
+        _timed(steps_ms, "ldconfig", started)
     except CdiError as error:
         problems = undo()
         send({"ok": False, "error": _one_line(str(error)) + _undo_note(problems)})
@@ -137,7 +143,7 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int
         send({"ok": False, "error": f"inject: internal error: {error!r} at "
               f"{traceback.extract_tb(error.__traceback__)[-1].name}" + _undo_note(problems)})
         return 1
-    send({"ok": True, "notes": notes})
+    send({"ok": True, "notes": notes, "steps_ms": steps_ms})
     verdict = os.read(verdict_fd, 1)
     if verdict == b"c":
         for fd in mounted:
@@ -147,6 +153,12 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int
         return 0
     send({"ok": True, "problems": undo()})
     return 0
+
+
+def _timed(steps_ms: dict, step: str, started: float) -> float:
+    now = time.monotonic()
+    steps_ms[step] = round((now - started) * 1000, 2)
+    return now
 
 
 def _one_line(text: str) -> str:

@@ -19,6 +19,13 @@ NODE_TYPES = ("b", "c", "u", "p")
 _HOOK_NAME_SET = frozenset(HOOK_NAMES)
 _NODE_TYPE_SET = frozenset(NODE_TYPES) | {""}
 _PERMISSION_CHARS = frozenset("rwm")
+# CDI (reference main, pkg/cdi.NoPermissions): a device node the container gets with no
+# cgroup access at all; "" still means "rwm". No version rule (specs-go/version.go).
+NO_PERMISSIONS = "none"
+# closID "/" is the root CLOS (runtime-spec #1289, reference library v1.1.0): the
+# container joins the resctrl root group, which always exists. No version rule either:
+# it needs only what intelRdt needs (0.7.0).
+ROOT_CLOS_ID = "/"
 
 # Annotation keys as Kubernetes (and the reference library) accept them: [prefix/]name.
 _ANNOTATION_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?")
@@ -41,14 +48,18 @@ def interface_name_problem(name: str) -> str | None:
 
 
 def clos_id_problem(clos_id: str) -> str | None:
-    """Why closID cannot name a resctrl group: the CDI rule (a valid Linux file name) made strict.
+    """Why closID cannot name a resctrl group: the CDI rule (a valid Linux file name, or "/"
+    for the root CLOS) made strict.
 
-    The live hook creates the directory <resctrl>/<closID>, so it must be exactly one path
-    component: no '/', newline or NUL, not '.' or '..', at most NAME_MAX bytes.
+    The live hook creates the directory <resctrl>/<closID>, so anything but "/" must be
+    exactly one path component: no '/', newline or NUL, not '.' or '..', at most NAME_MAX bytes.
     """
+    if clos_id == ROOT_CLOS_ID:
+        return None
     if clos_id in (".", "..") or any(c in "/\n\0" for c in clos_id) or len(clos_id.encode()) > NAME_MAX:
         return (f"{quote(clos_id)} is not a valid resctrl group name "
-                f"(one path component: no '/', newline or NUL, not '.' or '..', at most {NAME_MAX} bytes)")
+                f"(\"/\" for the root group, else one path component: no '/', newline or NUL, "
+                f"not '.' or '..', at most {NAME_MAX} bytes)")
     return None
 
 
@@ -112,8 +123,9 @@ class _Checker:
                 self.need(f"{where}.hostPath", versions.NODE_HOST_PATH, "hostPath on a device node")
             if node.type not in _NODE_TYPE_SET:
                 self.error(f"{where}.type", f"{quote(node.type)} is not one of b, c, u, p")
-            if not _PERMISSION_CHARS.issuperset(node.permissions):
-                self.error(f"{where}.permissions", f"{quote(node.permissions)} is not a combination of r, w, m")
+            if node.permissions != NO_PERMISSIONS and not _PERMISSION_CHARS.issuperset(node.permissions):
+                self.error(f"{where}.permissions",
+                           f"{quote(node.permissions)} is not a combination of r, w, m (or \"none\" for no access)")
         for i, mount in enumerate(edits.mounts):
             where = f"{prefix}mounts[{i}]"
             if not mount.host_path:

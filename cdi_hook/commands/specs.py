@@ -72,7 +72,7 @@ def cmd_validate(args, spec_dirs) -> int:
 
 def cmd_show(args, spec_dirs) -> int:
     """The merged edits the named devices would apply, in CDI field names."""
-    plan = Registry.load(spec_dirs).resolve(args.names)
-    data = {"devices": list(plan.devices), "containerEdits": to_cdi_data(plan.merged())}
+    selection = Registry.load(spec_dirs).select(args.names)
+    data = {"devices": list(selection.devices), "containerEdits": to_cdi_data(selection.merged())}
     print(_dump(data, getattr(args, "format", "json")))
     return 0

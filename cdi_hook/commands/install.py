@@ -27,7 +27,7 @@ Two modes, one at a time (installing one removes the other's files):
 Every file matches only containers with an annotation key matching ^cdi\\.k8s\\.io/ and
 runs the installed interpreter isolated (-I: no PYTHON* variables, no user site, no cwd on
 sys.path; argv[0] is its full path too) with an explicit environment: PATH, plus CDI_SPEC_DIRS
-and cdi-hook's other settings (CARRIED_SETTINGS) that are set while installing.
+and cdi-hook's other settings (hook_entry.CARRIED_SETTINGS) that are set while installing.
 """
 
 from __future__ import annotations
@@ -38,60 +38,17 @@ import subprocess
 import sys
 
 from cdi_hook.errors import CdiError
+from cdi_hook.files import write_file_atomic
+from cdi_hook.hook_entry import LIVE_HOOK_STAGES, interpreter, is_cdi_hook_argv, live_hook_entry, precreate_entry
 
 DEFAULT_HOOKS_DIR = "/usr/share/containers/oci/hooks.d"
 PODMAN_HOOKS_DIR = DEFAULT_HOOKS_DIR
 CRIO_HOOKS_DIR = DEFAULT_HOOKS_DIR
 
-LIVE_HOOK_STAGES = ("createRuntime", "poststart", "poststop")
 PRECREATE_FILE = "cdi-hook-precreate.json"
 HOOK_FILES = {stage: f"cdi-hook-{stage}.json" for stage in LIVE_HOOK_STAGES}
 ALL_FILES = (PRECREATE_FILE, *HOOK_FILES.values())
-
-HOOK_PATH_ENV = "/usr/sbin:/usr/bin:/sbin:/bin"
-HOOK_TIMEOUT_S = 60
 REQUEST_ANNOTATION_KEY = r"^cdi\.k8s\.io/"
-
-
-def interpreter() -> str:
-    """The absolute path of the running interpreter.
-
-    Made absolute but NOT symlink-resolved: a venv's bin/python is a symlink to the system
-    python, and resolving it would lose the venv (and with it the installed cdi_hook).
-    """
-    return os.path.abspath(sys.executable)
-
-
-# cdi-hook's own settings that `install` carries into the hooks' env when they are set while
-# installing (the runtime gives a hook no other environment). CDI_HOOK_INSECURE_SPECS is
-# deliberately not one of them: it belongs in test set-ups, never in an installed hook.
-CARRIED_SETTINGS = ("CDI_HOOK_LOG", "CDI_HOOK_LOG_LEVEL", "CDI_HOOK_CACHE_DIR", "CDI_HOOK_MAX_SPEC_SIZE",
-                    "CDI_HOOK_RESCTRL")
-
-
-def _hook_env(spec_dirs: list[str] | None) -> list[str]:
-    env = [f"PATH={HOOK_PATH_ENV}"]
-    if spec_dirs:
-        env.append("CDI_SPEC_DIRS=" + ":".join(spec_dirs))
-    env += [f"{name}={os.environ[name]}" for name in CARRIED_SETTINGS if os.environ.get(name)]
-    return env
-
-
-def _argv(python: str, *command: str) -> list[str]:
-    # argv[0] is the full path, not "python3": CPython locates its venv (pyvenv.cfg) from
-    # argv[0], and a bare name resolves through PATH to the system interpreter instead.
-    return [python, "-I", "-m", "cdi_hook", *command]
-
-
-def live_hook_entry(stage: str, python: str, spec_dirs: list[str] | None) -> dict:
-    """An OCI hook entry that runs `cdi-hook hook --stage STAGE` (also used by inject)."""
-    python = os.path.abspath(python)
-    return {
-        "path": python,
-        "args": _argv(python, "hook", "--stage", stage),
-        "env": _hook_env(spec_dirs),
-        "timeout": HOOK_TIMEOUT_S,
-    }
 
 
 def _definition(hook: dict, stages: list[str]) -> dict:
@@ -106,10 +63,7 @@ def _definition(hook: dict, stages: list[str]) -> dict:
 def hook_definitions(mode: str, python: str, spec_dirs: list[str] | None) -> dict[str, dict]:
     """file name -> oci-hooks 1.0.0 definition, for one mode."""
     if mode == "precreate":
-        python = os.path.abspath(python)
-        hook = {"path": python, "args": _argv(python, "precreate"), "env": _hook_env(spec_dirs),
-                "timeout": HOOK_TIMEOUT_S}
-        return {PRECREATE_FILE: _definition(hook, ["precreate"])}
+        return {PRECREATE_FILE: _definition(precreate_entry(python, spec_dirs), ["precreate"])}
     if mode == "hook":
         return {HOOK_FILES[stage]: _definition(live_hook_entry(stage, python, spec_dirs), [stage])
                 for stage in LIVE_HOOK_STAGES}
@@ -139,7 +93,7 @@ def is_ours(path: str) -> bool:
         args = definition["hook"]["args"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return isinstance(args, list) and args[1:4] == ["-I", "-m", "cdi_hook"]
+    return is_cdi_hook_argv(args)
 
 
 def _spec_dirs_from_env() -> list[str] | None:
@@ -177,8 +131,6 @@ def install(hooks_dir: str, mode: str, *, python: str | None = None, spec_dirs: 
             os.makedirs(hooks_dir, mode=0o755, exist_ok=True)
         except OSError as error:
             raise CdiError(f"cannot create hooks dir {hooks_dir}: {error.strerror}") from None
-    from cdi_hook.oci_edit import write_file_atomic
-
     for name, definition in definitions.items():
         target = os.path.join(hooks_dir, name)
         data = render(definition)

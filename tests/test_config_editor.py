@@ -1,4 +1,5 @@
-"""apply_plan: every CDI edit rule, as the reference library applies it to an OCI spec."""
+"""plan.build + config_editor.apply_plan: every CDI edit rule, as the reference library
+applies it to an OCI spec (its ContainerEdits.Apply does both: decide and write)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,26 @@ import os
 import pytest
 
 from cdi_hook.errors import CdiError
-from cdi_hook.oci_edit import APPLIED_ANNOTATION, apply_plan, mount_depth
-from cdi_hook.plan import Plan, PlanPart
+from cdi_hook import config_editor, plan
+from cdi_hook.plan import mount_depth
+from cdi_hook.registry import EditsPart, Selection
+from cdi_hook.request import APPLIED_ANNOTATION
 from cdi_hook.spec.model import ContainerEdits, DeviceNode, Hook, IntelRdt, Mount, NetDevice
 
 
-def plan_of(*parts: tuple[str, ContainerEdits]) -> Plan:
+def plan_of(*parts: tuple[str, ContainerEdits]) -> Selection:
     devices = tuple(dict.fromkeys(origin for origin, _ in parts if "=" in origin))
-    return Plan(devices=devices, parts=tuple(PlanPart(origin, "/etc/cdi/test.json", edits) for origin, edits in parts))
+    return Selection(devices, tuple(EditsPart(origin, "/etc/cdi/test.json", edits) for origin, edits in parts))
 
 
-def one(**edits) -> Plan:
+def apply_plan(config: dict, selection: Selection, stat_host: bool = True) -> dict:
+    """What the editor commands do: decide (plan.build, for this config's process user), then write."""
+    uid, gid = config_editor.process_ids(config)
+    decided = plan.build(selection, process_uid=uid, process_gid=gid, stat_host=stat_host)
+    return config_editor.apply_plan(config, decided)
+
+
+def one(**edits) -> Selection:
     return plan_of(("vendor.com/class=dev0", ContainerEdits(**edits)))
 
 
@@ -305,4 +315,4 @@ def test_marker_merges_with_existing_value():
 
 def test_empty_plan_changes_nothing():
     config = base_config()
-    assert apply_plan(config, Plan(devices=(), parts=()), stat_host=False) == config
+    assert apply_plan(config, Selection((), ()), stat_host=False) == config

@@ -1,0 +1,126 @@
+"""`cdi-hook precreate` and `cdi-hook inject`: the commands that edit a config.json.
+
+  * precreate: Podman's precreate filter (oci-hooks(5) extension stage): the proposed
+    config.json on stdin, the edited one on stdout.
+  * inject --bundle DIR: rewrites a bundle's config.json for manual runc use, either with
+    the edits themselves (--mode edits, through config_editor) or with the annotation and
+    hook entries that let the live hook do the work (--mode hook).
+
+Both resolve requests into a Plan (plan.resolve) and hand it to the config_editor.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+from cdi_hook import config_editor, oci
+from cdi_hook.errors import CdiError
+from cdi_hook.files import write_file_atomic
+from cdi_hook.request import annotation_value, applied_devices, pending_devices
+
+INJECT_ANNOTATION = "cdi.k8s.io/cdi-hook"  # the key `inject --mode hook` requests devices under
+
+
+def _plan_for(config: dict, names: list[str], spec_dirs):
+    from cdi_hook import plan
+
+    uid, gid = config_editor.process_ids(config)
+    return plan.resolve(names, spec_dirs, process_uid=uid, process_gid=gid)
+
+
+def cmd_precreate(spec_dirs, stdin, stdout) -> int:
+    """Podman's precreate filter: config.json on stdin, the edited config.json on stdout.
+
+    With no device requested (or all already applied), the input goes back byte for byte.
+    On error nothing is written to stdout: the CdiError reaches the CLI, which prints one
+    line on stderr and exits non-zero, and Podman refuses to create the container.
+    """
+    raw = stdin.read()
+    config = oci.json_object(raw, "precreate: config.json on stdin", oci.MAX_CONFIG_SIZE)
+    pending = pending_devices(config_editor.annotations_of(config))
+    if not pending:
+        stdout.write(raw)
+        stdout.flush()
+        return 0
+    edited = config_editor.apply_plan(config, _plan_for(config, pending, spec_dirs))
+    stdout.write(json.dumps(edited, separators=(",", ":")).encode())
+    stdout.flush()
+    return 0
+
+
+def read_bundle_config(bundle: str) -> tuple[str, bytes, dict]:
+    """(path, raw bytes, parsed) of a bundle's config.json; CdiError if it is not usable."""
+    path = os.path.join(bundle, "config.json")
+    raw, config = oci.read_config_file(path)
+    root = config.get("root")
+    if not isinstance(root, dict) or not isinstance(root.get("path"), str) or not root["path"]:
+        raise CdiError(f"{path}: root.path is missing; not an OCI runtime config")
+    return path, raw, config
+
+
+def add_hook_request(config: dict, names: list[str], spec_dirs) -> dict:
+    """A copy of config that asks the live hook for names: the annotation plus hook entries."""
+    from cdi_hook.hook_entry import LIVE_HOOK_STAGES, live_hook_entry
+
+    edited = copy.deepcopy(config)
+    annotations = config_editor.annotations_of(edited)
+    edited["annotations"] = annotations
+    current = annotations.get(INJECT_ANNOTATION, "")
+    listed = [n.strip() for n in current.split(",") if n.strip()] if isinstance(current, str) else []
+    annotations[INJECT_ANNOTATION] = annotation_value(dict.fromkeys(listed + names))
+    hooks = edited.get("hooks")
+    if hooks is None:
+        hooks = edited["hooks"] = {}
+    if not isinstance(hooks, dict):
+        raise CdiError("config.json: hooks is not a JSON object")
+    for stage in LIVE_HOOK_STAGES:
+        entry = live_hook_entry(stage, spec_dirs=spec_dirs)
+        entries = hooks.get(stage)
+        if entries is None:
+            entries = hooks[stage] = []
+        if not isinstance(entries, list):
+            raise CdiError(f"config.json: hooks.{stage} is not a JSON array")
+        if not any(_same_hook(existing, entry) for existing in entries):
+            entries.append(entry)
+    return edited
+
+
+def _same_hook(existing, entry: dict) -> bool:
+    return isinstance(existing, dict) and existing.get("path") == entry["path"] and existing.get("args") == entry["args"]
+
+
+def cmd_inject(args, spec_dirs) -> int:
+    """Edit a bundle's config.json so that runc gives the container the named devices.
+
+    Everything is decided before anything is written: an invalid bundle or an unknown
+    device leaves config.json as it was. The first inject keeps the pristine config as
+    config.json.orig; later injects leave that backup alone, so it always holds the
+    config from before cdi-hook touched it.
+    """
+    path, raw, config = read_bundle_config(args.bundle)
+    names = list(dict.fromkeys(args.device))
+    if args.mode == "edits":
+        already = set(applied_devices(config_editor.annotations_of(config)))
+        pending = [name for name in names if name not in already]
+        if not pending:
+            print(f"{path}: already has {', '.join(names)}; nothing to do")
+            return 0
+        edited = config_editor.apply_plan(config, _plan_for(config, pending, spec_dirs))
+    else:
+        _plan_for(config, names, spec_dirs)  # refuse unknown devices now, not at container start
+        edited = add_hook_request(config, names, spec_dirs)
+
+    st = os.stat(path)
+    mode = st.st_mode & 0o7777
+    backup = path + ".orig"
+    try:
+        if not os.path.lexists(backup):
+            write_file_atomic(backup, raw, mode, (st.st_uid, st.st_gid))
+        write_file_atomic(path, (json.dumps(edited, indent=2) + "\n").encode(), mode, (st.st_uid, st.st_gid))
+    except OSError as error:
+        raise CdiError(f"{path}: cannot write: {error.strerror}") from None
+    how = "edits" if args.mode == "edits" else "live hook entries"
+    print(f"{path}: injected {', '.join(names)} ({how}); original kept in {backup}")
+    return 0

@@ -1,0 +1,67 @@
+"""The one builder of an OCI hook entry that runs cdi-hook: hooks.d files (install),
+config.json hooks (inject --mode hook) and the tests all take their entries from here.
+
+The entry runs the interpreter by its full path, isolated (-I: no PYTHON* variables, no
+user site, no current directory on sys.path), with an explicit environment: PATH, the
+spec dirs when given, and the settings passed in. A runtime gives a hook no other
+environment, and nothing of the container's reaches it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+HOOK_PATH_ENV = "/usr/sbin:/usr/bin:/sbin:/bin"
+HOOK_TIMEOUT_S = 60
+LIVE_HOOK_STAGES = ("createRuntime", "poststart", "poststop")
+
+# cdi-hook's own settings that `install` and `inject --mode hook` carry into the entry's env
+# when they are set at that time. CDI_HOOK_INSECURE_SPECS is deliberately not one of them:
+# it belongs in test set-ups, never in an installed hook.
+CARRIED_SETTINGS = ("CDI_HOOK_LOG", "CDI_HOOK_LOG_LEVEL", "CDI_HOOK_CACHE_DIR", "CDI_HOOK_MAX_SPEC_SIZE",
+                    "CDI_HOOK_RESCTRL")
+
+
+def interpreter() -> str:
+    """The absolute path of the running interpreter.
+
+    Made absolute but NOT symlink-resolved: a venv's bin/python is a symlink to the system
+    python, and resolving it would lose the venv (and with it the installed cdi_hook).
+    """
+    return os.path.abspath(sys.executable)
+
+
+def carried_settings() -> dict[str, str]:
+    return {name: os.environ[name] for name in CARRIED_SETTINGS if os.environ.get(name)}
+
+
+def argv(python: str, *command: str) -> list[str]:
+    # argv[0] is the full path, not "python3": CPython locates its venv (pyvenv.cfg) from
+    # argv[0], and a bare name resolves through PATH to the system interpreter instead.
+    return [python, "-I", "-m", "cdi_hook", *command]
+
+
+def is_cdi_hook_argv(args) -> bool:
+    """Whether an entry's args run cdi-hook the way argv() writes them."""
+    return isinstance(args, list) and args[1:4] == ["-I", "-m", "cdi_hook"]
+
+
+def hook_entry(*command: str, python: str | None = None, spec_dirs=None, settings: dict | None = None,
+               timeout: int = HOOK_TIMEOUT_S) -> dict:
+    """{"path", "args", "env", "timeout"} running `cdi-hook COMMAND...`."""
+    python = os.path.abspath(python or interpreter())
+    env = [f"PATH={HOOK_PATH_ENV}"]
+    if spec_dirs:
+        env.append("CDI_SPEC_DIRS=" + ":".join(spec_dirs))
+    env += [f"{name}={value}" for name, value in (settings or {}).items()]
+    return {"path": python, "args": argv(python, *command), "env": env, "timeout": timeout}
+
+
+def live_hook_entry(stage: str, python: str | None = None, spec_dirs=None) -> dict:
+    """The entry that runs `cdi-hook hook --stage STAGE` with the carried settings."""
+    return hook_entry("hook", "--stage", stage, python=python, spec_dirs=spec_dirs, settings=carried_settings())
+
+
+def precreate_entry(python: str | None = None, spec_dirs=None) -> dict:
+    return hook_entry("precreate", python=python, spec_dirs=spec_dirs, settings=carried_settings())

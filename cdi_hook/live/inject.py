@@ -1,0 +1,187 @@
+"""The live injector: carry out a Plan on a container the runtime is creating.
+
+An executor of plan.Plan, like config_editor.py; it decides nothing about what a device
+means. At createRuntime (or prestart, whichever the runtime was given): the rootfs work in
+a worker inside the container's mount namespace (nodes, mounts, ld cache), the device
+cgroup, network devices, RDT, then the spec's prestart and createRuntime hooks. At other
+stages only the spec's hooks of that stage (and at poststop the network devices go home
+and the RDT monitoring group goes). Any failure undoes the rootfs work and reaches the
+CLI as one line naming the step and the device.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cdi_hook.errors import CdiError, HookError
+
+INJECTION_STAGES = ("createRuntime", "prestart")
+
+
+def run_stage(stage: str, plan, state, config, log) -> None:
+    if stage not in INJECTION_STAGES:
+        if stage == "poststop":
+            _return_net_devices(state, config, plan, log)
+            _release_rdt(state, plan, log)
+        with log.step("spec hooks"):
+            _run_spec_hooks(plan.hooks_at(stage), state)
+        return
+    inject(stage, plan, state, config, log)
+
+
+def inject(stage: str, plan, state, config, log) -> None:
+    if not state.pid:
+        raise CdiError(f"OCI state on stdin: pid: missing, needed at {stage} to reach the container")
+    from cdi_hook import oci
+
+    pidfd = oci.check_container_process(state.pid, config.rootfs)
+    try:
+        _warn_unapplicable(plan, log)
+        with log.step("worker"):
+            worker = _start_rootfs_work(pidfd, config, plan, log)
+    finally:
+        os.close(pidfd)
+    committed = False
+    moved_net_devices = False
+    try:
+        with log.step("device cgroup"):
+            _allow_devices(state.pid, plan)
+        if plan.intel_rdt:
+            from cdi_hook.live import rdt
+
+            with log.step("rdt"):
+                rdt.apply(state.pid, *plan.intel_rdt, container_id=state.id)
+        # Interfaces move last before the spec hooks: a moved veth dies with a container that
+        # never starts, so everything that can fail on its own comes first.
+        if plan.net_devices:
+            from cdi_hook.live import netdev
+
+            with log.step("netdev"):
+                netdev.move_into_container(state.pid, list(plan.net_devices))
+            moved_net_devices = True
+        # One invocation injects, at prestart or createRuntime, whichever the runtime was
+        # given: it runs the spec's hooks of both stages (prestart first, as runtimes order them).
+        with log.step("spec hooks"):
+            _run_spec_hooks(plan.hooks_at("prestart", "createRuntime"), state)
+        committed = True
+    finally:
+        if moved_net_devices and not committed:
+            _return_net_devices(state, config, plan, log)
+        if worker is not None:
+            for problem in worker.finish(commit=committed):
+                log.warning(f"undo: {problem}")
+
+
+def _run_spec_hooks(hooks, state) -> None:
+    if hooks:  # spechooks imports subprocess (~2 ms): only when a spec has hooks to run
+        from cdi_hook.live import spechooks
+
+        spechooks.run_hooks(hooks, state.raw)
+
+
+def _return_net_devices(state, config, plan, log) -> None:
+    """At poststop the container is gone already: a device that cannot go home is a warning."""
+    if not plan.net_devices:
+        return
+    from cdi_hook.live import netdev
+
+    try:
+        for note in netdev.return_to_host(state, config, list(plan.net_devices)):
+            log.note(note)
+    except CdiError as error:
+        log.warning(str(error))
+
+
+def node_jobs(plan) -> list:
+    """The worker's device node jobs, in plan order. The plan's None owner is the runtime's
+    default: the container's root."""
+    from cdi_hook.live.devices import NodeJob
+
+    return [NodeJob(p.origin, p.node, 0 if p.uid is None else p.uid, 0 if p.gid is None else p.gid)
+            for p in plan.nodes]
+
+
+def mount_jobs(plan) -> list:
+    """The worker's mount jobs, in plan order (parents before children)."""
+    from cdi_hook.live import mounts
+
+    return [mounts.MountJob(origin, mount, mounts.parse_options(mount)) for origin, mount in plan.mounts]
+
+
+def cgroup_rules(plan) -> list:
+    """The device cgroup rules to add. A planned rule with no access ("none") allows nothing,
+    so it adds nothing: the runtime's deny stays."""
+    from cdi_hook.live import cgroups
+
+    return [cgroups.DeviceRule(r.type, r.major, r.minor, r.access) for r in plan.device_rules if r.access]
+
+
+def _start_rootfs_work(pidfd: int, config, plan, log):
+    nodes, mounts = node_jobs(plan), mount_jobs(plan)
+    for job in mounts:
+        if job.options.ignored:
+            log.warning(f"{job.origin}: mount {job.mount.container_path}: options {','.join(job.options.ignored)} "
+                        "mean nothing for a bind mount; ignored")
+    if not nodes and not mounts:
+        return None
+    from cdi_hook.live import worker
+
+    work = worker.RootfsWork(config.rootfs, nodes, mounts, by_bind_mount=config.user_namespace,
+                             creator_ids=_host_ids_of_container_root(config))
+    handle = worker.start(pidfd, work)
+    report = handle.wait_report()
+    for note in report.get("notes", []):
+        log.note(note)
+    for step, ms in report.get("steps_ms", {}).items():
+        log.record_step(step, ms)
+    return handle
+
+
+def _host_ids_of_container_root(config) -> tuple[int, int] | None:
+    if not config.user_namespace:
+        return None
+
+    def host_id(mappings) -> int:
+        for m in mappings:
+            if m.container_id <= 0 < m.container_id + m.size:
+                return m.host_id - m.container_id
+        return 0  # no mapping given: the runtime maps our root, nothing better to use
+
+    return host_id(config.uid_mappings), host_id(config.gid_mappings)
+
+
+def _allow_devices(pid: int, plan) -> None:
+    rules = cgroup_rules(plan)
+    if not rules:
+        return
+    from cdi_hook.live import cgroups
+
+    try:
+        cgroups.allow_devices(pid, rules)
+    except HookError as error:
+        # cgroups speaks in numbers ("c 10:232"); the user asked for CDI names.
+        origins = ", ".join(dict.fromkeys(rule.origin for rule in plan.device_rules if rule.access))
+        raise HookError(error.step, origins, f"{error.device}: {error.detail}" if error.device else error.detail) from None
+
+
+def _warn_unapplicable(plan, log) -> None:
+    """env and additionalGids belong to config.json; a live hook is too late for them."""
+    for items, what in ((plan.env, "environment variables"), (plan.additional_gids, "additional GIDs")):
+        by_origin: dict[str, list[str]] = {}
+        for origin, item in items:
+            by_origin.setdefault(origin, []).append(str(item).split("=", 1)[0])
+        for origin, names in by_origin.items():
+            log.warning(f"{origin}: {what} {', '.join(names)} cannot be applied by a live hook; "
+                        "use `cdi-hook precreate` or `cdi-hook inject --mode edits` for them")
+
+
+def _release_rdt(state, plan, log) -> None:
+    """At poststop the container's MON group (and a group named after it) goes; failures only warn."""
+    if not plan.intel_rdt:
+        return
+    from cdi_hook.live import rdt
+
+    try:
+        rdt.release(*plan.intel_rdt, container_id=state.id)
+    except CdiError as error:
+        log.warning(str(error))

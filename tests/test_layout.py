@@ -1,0 +1,97 @@
+"""The layout shows the flow, and imports run one way: no cycles, counting imports inside
+functions (the lazy ones on the hot path are imports too).
+
+    request -> registry (+ cache) -> plan -> config_editor | live -> commands -> cli
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "cdi_hook"
+
+# Each module may import only modules of a lower layer (or of its own layer, as long as
+# the graph stays acyclic). Modules not listed sit in the layer of their package.
+LAYERS = [
+    {"cdi_hook", "cdi_hook.errors", "cdi_hook.spec", "cdi_hook.files", "cdi_hook.hook_entry", "cdi_hook.log"},
+    {"cdi_hook.spec.*", "cdi_hook.oci", "cdi_hook.request"},
+    {"cdi_hook.registry"},
+    {"cdi_hook.cache"},
+    {"cdi_hook.hostdev", "cdi_hook.plan"},
+    {"cdi_hook.config_editor", "cdi_hook.live", "cdi_hook.live.*"},
+    {"cdi_hook.commands", "cdi_hook.commands.*"},
+    {"cdi_hook.cli", "cdi_hook.__main__"},
+]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imports_of(name: str) -> set[str]:
+    """Every cdi_hook module `name` imports, wherever the import statement is."""
+    found = set()
+    tree = ast.parse(MODULES[name].read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("cdi_hook"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cdi_hook"):
+            for alias in node.names:
+                submodule = f"{node.module}.{alias.name}"
+                found.add(submodule if submodule in MODULES else node.module)
+    found.discard(name)
+    return found
+
+
+GRAPH = {name: imports_of(name) for name in MODULES}
+
+
+def layer_of(name: str) -> int:
+    for rank, layer in enumerate(LAYERS):
+        if name in layer or any(p.endswith(".*") and name.startswith(p[:-1]) for p in layer):
+            return rank
+    raise AssertionError(f"{name} is in no layer of tests/test_layout.py: place it")
+
+
+def test_every_import_goes_down_or_sideways():
+    upward = [f"{name} (layer {layer_of(name)}) imports {target} (layer {layer_of(target)})"
+              for name, targets in GRAPH.items() for target in targets if layer_of(target) > layer_of(name)]
+    assert upward == []
+
+
+def test_no_import_cycles():
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for target in sorted(GRAPH[name]):
+            if state.get(target) == 1:
+                cycles.append(" -> ".join(path[path.index(target):] + [target]))
+            elif target not in state:
+                visit(target, path + [target])
+        state[name] = 2
+
+    for name in sorted(GRAPH):
+        if name not in state:
+            visit(name, [name])
+    assert cycles == []
+
+
+def test_the_checker_sees_lazy_imports():
+    # commands/hook.py imports plan and the live injector inside its function only.
+    assert {"cdi_hook.plan", "cdi_hook.live.inject"} <= GRAPH["cdi_hook.commands.hook"]
+
+
+def test_no_module_shadows_the_standard_library():
+    import sys
+
+    shadowing = [name for name in MODULES if name.rsplit(".", 1)[-1] in sys.stdlib_module_names]
+    assert shadowing == []
