@@ -11,7 +11,8 @@ applied once to the merged edits, as Cache.InjectDevices does):
   nodes        completed from the host node (hostdev.complete_node: type, major, minor,
                fileMode, by lstat); owner = the spec's uid/gid, else the container
                process's when it is > 0, else None (the runtime's default: root)
-  device_rules one per b/c node, access "" -> "rwm", "none" -> "" (no access at all)
+  device_rules one per b/c node (and per "u" node, as "c"), access "" -> "rwm", "none" -> ""
+               (no access at all)
   mounts       a destination named again replaces the earlier mount (exact string, as the
                reference's RemoveMount); then a stable sort by depth of the cleaned
                destination, so parents are mounted before children; a destination that
@@ -104,8 +105,12 @@ def _nodes(selection, process_uid: int, process_gid: int, stat_host: bool):
         # A path named again replaces the earlier node (the reference's RemoveDevice + AddDevice).
         nodes = [planned for planned in nodes if planned.node.path != node.path]
         nodes.append(PlannedNode(origin, node, uid, gid))
-        if node.type in ("b", "c"):
-            rules.append(DeviceRule(origin, node.type, node.major or 0, node.minor or 0, cgroup_access(node)))
+        if node.type in ("b", "c", "u"):
+            # "u" (unbuffered) is a character device to the kernel and its device cgroup. The
+            # reference writes rules for b and c only, leaving a "u" node unopenable under
+            # runc's default deny; cdi-hook allows it as "c" in both paths (README).
+            rule_type = "c" if node.type == "u" else node.type
+            rules.append(DeviceRule(origin, rule_type, node.major or 0, node.minor or 0, cgroup_access(node)))
     return tuple(nodes), tuple(rules)
 
 

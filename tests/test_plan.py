@@ -41,9 +41,10 @@ def test_plan_refuses_a_mount_on_the_root(destination):
 def test_plan_node_rules_follow_permissions():
     nodes = (DeviceNode("/dev/a", type="c", major=1, minor=3), DeviceNode("/dev/b", type="b", major=7, minor=0,
              permissions="r"), DeviceNode("/dev/c", type="c", major=1, minor=5, permissions="none"),
-             DeviceNode("/dev/p", type="p"))
+             DeviceNode("/dev/p", type="p"), DeviceNode("/dev/u", type="u", major=4, minor=1))
     rules = [(r.type, r.major, r.minor, r.access) for r in _plan(ContainerEdits(device_nodes=nodes)).device_rules]
-    assert rules == [("c", 1, 3, "rwm"), ("b", 7, 0, "r"), ("c", 1, 5, "")]  # a fifo needs no rule
+    # a fifo needs no rule; an unbuffered "u" node is a character device to the cgroup
+    assert rules == [("c", 1, 3, "rwm"), ("b", 7, 0, "r"), ("c", 1, 5, ""), ("c", 4, 1, "rwm")]
 
 
 def test_plan_replaces_a_node_path_named_again_and_keeps_both_rules():

@@ -103,3 +103,27 @@ def test_mknod_through_ensure_with_rdev_check(tree, root_only):
     os.close(fd)
     assert created and stat.S_ISCHR(st.st_mode) and st.st_rdev == rdev
     assert stat.S_IMODE((root / "dev" / "null").lstat().st_mode) == 0o666
+
+
+def test_openat2_retries_the_kernels_eagain(tree, monkeypatch):
+    """RESOLVE_IN_ROOT answers EAGAIN for a ".." when a mount or rename happened anywhere
+    meanwhile (seen here while other containers started): it is retried, not a failure."""
+    import ctypes
+    import errno
+
+    root, _, rootfs = tree
+    (root / "dir").mkdir()
+    real = syscalls._syscall
+    refusals = []
+
+    def busy_system(number, *args):
+        if number == syscalls.SYS_OPENAT2 and len(refusals) < 3:
+            refusals.append(number)
+            ctypes.set_errno(errno.EAGAIN)
+            return -1
+        return real(number, *args)
+
+    monkeypatch.setattr(syscalls, "_syscall", busy_system)
+    fd = rootfs.open_dir("dir/../dir")
+    os.close(fd)
+    assert len(refusals) == 3

@@ -7,6 +7,7 @@ architectures added since Linux 5.x); the mount-API calls need Linux >= 5.12.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -99,9 +100,20 @@ def umount2(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(_bytes(target), flags), target)
 
 
+# openat2(2): with RESOLVE_IN_ROOT a ".." fails with EAGAIN when any rename or mount
+# happened on the system during the lookup (the kernel cannot then prove it stayed inside
+# the root); the man page says to retry. On a busy node containers mount all the time.
+OPENAT2_EAGAIN_TRIES = 64
+
+
 def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
     how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
-    return _check(_syscall(SYS_OPENAT2, dirfd, _bytes(path), ctypes.byref(how), ctypes.sizeof(how)), path)
+    raw_path = _bytes(path)
+    for _ in range(OPENAT2_EAGAIN_TRIES - 1):
+        result = _syscall(SYS_OPENAT2, dirfd, raw_path, ctypes.byref(how), ctypes.sizeof(how))
+        if result >= 0 or ctypes.get_errno() != errno.EAGAIN:
+            return _check(result, path)
+    return _check(_syscall(SYS_OPENAT2, dirfd, raw_path, ctypes.byref(how), ctypes.sizeof(how)), path)
 
 
 def open_tree(dirfd: int, path: str, flags: int) -> int:

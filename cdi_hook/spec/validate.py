@@ -124,8 +124,7 @@ class _Checker:
             if node.type not in _NODE_TYPE_SET:
                 self.error(f"{where}.type", f"{quote(node.type)} is not one of b, c, u, p")
             if node.permissions != NO_PERMISSIONS and not _PERMISSION_CHARS.issuperset(node.permissions):
-                self.error(f"{where}.permissions",
-                           f"{quote(node.permissions)} is not a combination of r, w, m (or \"none\" for no access)")
+                self.error(f"{where}.permissions", f"{quote(node.permissions)} is not a combination of r, w, m")
         for i, mount in enumerate(edits.mounts):
             where = f"{prefix}mounts[{i}]"
             if not mount.host_path:
