@@ -94,6 +94,18 @@ E = "devices[0].containerEdits"
      {"netDevices": [{"hostInterfaceName": "e" * 16, "name": "n"}]}, f"{E}.netDevices[0].hostInterfaceName", "longer"),
     ({"netDevices": [{"hostInterfaceName": "eth1", "name": "n"}]},
      {"netDevices": [{"hostInterfaceName": "eth1", "name": "../x"}]}, f"{E}.netDevices[0].name", "interface name"),
+    # the kernel picks the number of a "%d" name inside the container; a host interface is named exactly
+    ({"netDevices": [{"hostInterfaceName": "eth1", "name": "net%d"}, {"hostInterfaceName": "eth2", "name": "net%d"}]},
+     {"netDevices": [{"hostInterfaceName": "eth%d", "name": "n"}]}, f"{E}.netDevices[0].hostInterfaceName",
+     "cannot be a template"),
+    ({"netDevices": [{"hostInterfaceName": "eth1", "name": "n%d"}]},
+     {"netDevices": [{"hostInterfaceName": "eth1", "name": "n%s"}]}, f"{E}.netDevices[0].name", "only once"),
+    # a mount may not cover the container's root
+    ({"mounts": [{"hostPath": "/a", "containerPath": "/opt/x/.."}, {"hostPath": "/a", "containerPath": "/b"}]},
+     {"mounts": [{"hostPath": "/a", "containerPath": "/b/.."}]}, f"{E}.mounts[0].containerPath", "root directory"),
+    # "none": the node with no cgroup access (CDI reference main)
+    ({"deviceNodes": [{"path": "/dev/x", "permissions": "none"}]},
+     {"deviceNodes": [{"path": "/dev/x", "permissions": "nonE"}]}, f"{E}.deviceNodes[0].permissions", "r, w, m"),
 ])
 def test_edit_rules(edits_ok, edits_bad, field_path, fragment):
     assert_valid(base(edits=edits_ok))
@@ -259,3 +271,15 @@ def test_oldest_version_accepts_the_oldest_fields():
                          "hooks": [{"hookName": "createContainer", "path": "/bin/true", "timeout": 3}]},
                containerEdits={"env": ["S=1"]})
     assert_valid(doc)
+
+
+def test_validation_and_the_appliers_share_one_rule_each():
+    """The function validate reports with is the one the plan and the live injector apply."""
+    from cdi_hook import plan
+    from cdi_hook.live import netdev
+    from cdi_hook.spec import rules, validate
+
+    assert validate.interface_name_problem is netdev.interface_name_problem is rules.interface_name_problem
+    assert validate.mount_destination_problem is plan.mount_destination_problem is rules.mount_destination_problem
+    assert validate.permissions_problem is rules.permissions_problem
+    assert plan.NO_PERMISSIONS is rules.NO_PERMISSIONS

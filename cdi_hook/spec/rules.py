@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import posixpath
 
+from cdi_hook.spec.names import quote
+
 IFNAMSIZ = 16  # Linux interface names: at most 15 bytes (include/uapi/linux/if.h)
 PERMISSION_CHARS = frozenset("rwm")
 NO_PERMISSIONS = "none"  # CDI (reference main): a device node with no cgroup access
@@ -24,14 +26,14 @@ def interface_name_problem(name: str, *, template_allowed: bool = True) -> str |
     if not name:
         return "required"
     if len(name.encode()) >= IFNAMSIZ:
-        return f"{name!r} is longer than {IFNAMSIZ - 1} bytes"
+        return f"{quote(name)} is longer than {IFNAMSIZ - 1} bytes"
     if name in (".", "..") or any(c in "/:\0" or c.isspace() for c in name):
-        return f"{name!r} is not a valid interface name (no '/', ':', spaces; not '.' or '..')"
+        return f"{quote(name)} is not a valid interface name (no '/', ':', spaces; not '.' or '..')"
     if "%" in name:
         if not template_allowed:
-            return f"{name!r} cannot be a template: a host interface must be named exactly"
+            return f"{quote(name)} cannot be a template: a host interface must be named exactly"
         if name.count("%") > 1 or not is_interface_name_template(name):
-            return f"{name!r} may contain '%' only once, as the template '%d'"
+            return f"{quote(name)} may contain '%' only once, as the template '%d'"
     return None
 
 
@@ -54,4 +56,4 @@ def permissions_problem(permissions: str) -> str | None:
     """A device node's cgroup permissions: "" (all), a combination of r, w, m, or "none"."""
     if permissions == NO_PERMISSIONS or PERMISSION_CHARS.issuperset(permissions):
         return None
-    return f"{permissions!r} is not a combination of r, w, m (or \"none\")"
+    return f"{quote(permissions)} is not a combination of r, w, m"

@@ -14,14 +14,16 @@ from cdi_hook.spec import HOOK_STAGES as HOOK_NAMES
 from cdi_hook.spec import version as versions
 from cdi_hook.spec.model import ContainerEdits, Spec
 from cdi_hook.spec.names import device_name_problem, kind_problem, quote
+from cdi_hook.spec.rules import (
+    interface_name_problem,
+    is_interface_name_template,
+    mount_destination_problem,
+    permissions_problem,
+)
 
 NODE_TYPES = ("b", "c", "u", "p")
 _HOOK_NAME_SET = frozenset(HOOK_NAMES)
 _NODE_TYPE_SET = frozenset(NODE_TYPES) | {""}
-_PERMISSION_CHARS = frozenset("rwm")
-# CDI (reference main, pkg/cdi.NoPermissions): a device node the container gets with no
-# cgroup access at all; "" still means "rwm". No version rule (specs-go/version.go).
-NO_PERMISSIONS = "none"
 # closID "/" is the root CLOS (runtime-spec #1289, reference library v1.1.0): the
 # container joins the resctrl root group, which always exists. No version rule either:
 # it needs only what intelRdt needs (0.7.0).
@@ -32,19 +34,7 @@ _ANNOTATION_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*")
 MAX_ANNOTATIONS_SIZE = 256 * 1024
 
-IFNAMSIZ = 16  # Linux interface names: at most 15 bytes
 NAME_MAX = 255  # one path component, for the resctrl group directory named by closID
-
-
-def interface_name_problem(name: str) -> str | None:
-    """Why name cannot be a Linux network interface name (the kernel's dev_valid_name rules)."""
-    if not name:
-        return "required"
-    if len(name.encode()) >= IFNAMSIZ:
-        return f"{quote(name)} is longer than {IFNAMSIZ - 1} bytes"
-    if name in (".", "..") or any(c in "/:\0" or c.isspace() for c in name):
-        return f"{quote(name)} is not a valid interface name (no '/', ':', spaces; not '.' or '..')"
-    return None
 
 
 def clos_id_problem(clos_id: str) -> str | None:
@@ -123,14 +113,16 @@ class _Checker:
                 self.need(f"{where}.hostPath", versions.NODE_HOST_PATH, "hostPath on a device node")
             if node.type not in _NODE_TYPE_SET:
                 self.error(f"{where}.type", f"{quote(node.type)} is not one of b, c, u, p")
-            if node.permissions != NO_PERMISSIONS and not _PERMISSION_CHARS.issuperset(node.permissions):
-                self.error(f"{where}.permissions", f"{quote(node.permissions)} is not a combination of r, w, m")
+            problem = permissions_problem(node.permissions)
+            if problem:
+                self.error(f"{where}.permissions", problem)
         for i, mount in enumerate(edits.mounts):
             where = f"{prefix}mounts[{i}]"
             if not mount.host_path:
                 self.error(f"{where}.hostPath", "required")
-            if not mount.container_path:
-                self.error(f"{where}.containerPath", "required")
+            problem = mount_destination_problem(mount.container_path)
+            if problem:
+                self.error(f"{where}.containerPath", problem)
             if mount.type:
                 self.need(f"{where}.type", versions.MOUNT_TYPE, "a mount type")
         for i, hook in enumerate(edits.hooks):
@@ -169,10 +161,12 @@ class _Checker:
                 for attr, json_name, seen in (("host_interface_name", "hostInterfaceName", host_names),
                                               ("name", "name", names)):
                     value = getattr(device, attr)
-                    problem = interface_name_problem(value)
+                    # The same rule the live injector applies: a host interface is named
+                    # exactly, a container-side name may be a "%d" template.
+                    problem = interface_name_problem(value, template_allowed=json_name == "name")
                     if problem:
                         self.error(f"{where}.{json_name}", problem)
-                    elif value in seen:
+                    elif value in seen and not is_interface_name_template(value):
                         self.error(f"{where}.{json_name}",
                                    f"{quote(value)} repeats {prefix}netDevices[{seen[value]}].{json_name}")
                     else:
