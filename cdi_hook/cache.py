@@ -252,7 +252,12 @@ def write(path: str, key: tuple, listing: tuple, registry) -> bool:
         data = encode(key, listing, registry)
     except (OSError, ValueError):
         return False
-    temp = os.path.join(os.path.dirname(path), f".registry-{os.getpid()}-{time.monotonic_ns()}.tmp")
+    return _write_private(path, data)
+
+
+def _write_private(path: str, data: bytes) -> bool:
+    """Write a root-only 0600 file atomically (temp file + rename); False when it cannot."""
+    temp = os.path.join(os.path.dirname(path), f".cache-{os.getpid()}-{time.monotonic_ns()}.tmp")
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -348,3 +353,57 @@ def decode(data):
     if type(data) is tuple:
         return tuple(decode(item) for item in data)
     return data
+
+
+# ---------------------------------------------------------------------------------------
+# The policy file (policy.py), compiled the same way: a start with an unchanged policy
+# reads marshal data instead of importing a YAML parser.
+
+_POLICY_MODULES = ("cache.py", "policy.py", "attribution.py", "spec/names.py")
+
+
+def _policy_cache_path(signature: tuple) -> str:
+    return os.path.join(cache_dir(), f"policy-{zlib.crc32(signature[0].encode()):08x}.cache")
+
+
+def _policy_key(signature: tuple) -> tuple:
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = tuple((name, os.stat(os.path.join(here, name)).st_size, os.stat(os.path.join(here, name)).st_mtime_ns)
+                 for name in _POLICY_MODULES)
+    return (CACHE_FORMAT, __version__, code, signature)
+
+
+def load_policy(signature: tuple):
+    """The compiled policy (plain tuples: policy.py rebuilds it) for a file with this stat
+    signature, or None."""
+    if os.geteuid() != 0 or cache_dir() is None:
+        return None
+    try:
+        fd = _open_trusted(_policy_cache_path(signature))
+    except OSError:
+        return None
+    try:
+        data = os.pread(fd, 1 << 20, 0)
+        if data[:8] != b"CDIHKP%02d" % CACHE_FORMAT:
+            return None
+        key, plain_policy = marshal.loads(data[8:])
+        return plain_policy if key == _policy_key(signature) else None
+    except Exception:  # corrupt or foreign: read the file instead
+        return None
+    finally:
+        os.close(fd)
+
+
+def store_policy(signature: tuple, plain_policy: tuple, st: os.stat_result) -> bool:
+    """Keep the compiled policy, unless the file changed within FRESH_NS (timestamp granularity)."""
+    if os.geteuid() != 0 or cache_dir() is None:
+        return False
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < FRESH_NS:
+        return False
+    path = _policy_cache_path(signature)
+    try:
+        _ensure_dir(os.path.dirname(path))
+        data = b"CDIHKP%02d" % CACHE_FORMAT + marshal.dumps((_policy_key(signature), plain_policy))
+    except (OSError, ValueError):
+        return False
+    return _write_private(path, data)

@@ -70,6 +70,17 @@ def build_parser():
     p.add_argument("--mode", choices=("precreate", "hook"))
     p.add_argument("--dry-run", action="store_true")
 
+    p = sub.add_parser("policy", help="the request policy: `policy check [FILE]`")
+    policy_sub = p.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
+    check = policy_sub.add_parser("check", help="validate a policy file (default: $CDI_HOOK_POLICY or "
+                                                "/etc/cdi-hook/policy.yaml)")
+    check.add_argument("file", nargs="?", metavar="FILE")
+
+    p = sub.add_parser("explain", help="which devices a container asks for, who asked, and whether each is "
+                                       "honoured (a bundle, or an OCI state on stdin)")
+    p.add_argument("--bundle", metavar="DIR")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+
     p = sub.add_parser("uninstall", help="remove the hooks.d files install wrote")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--podman", action="store_true")
@@ -97,6 +108,10 @@ def dispatch(args) -> int:
         from cdi_hook.commands import edit
 
         return edit.cmd_inject(args, _spec_dirs(args))
+    if command in ("policy", "explain"):
+        from cdi_hook.commands import policy
+
+        return policy.cmd_explain(args) if command == "explain" else policy.cmd_policy_check(args)
     if command in ("install", "uninstall"):
         from cdi_hook.commands import install
 

@@ -20,7 +20,7 @@ LIVE_HOOK_STAGES = ("createRuntime", "poststart", "poststop")
 # when they are set at that time. CDI_HOOK_INSECURE_SPECS is deliberately not one of them:
 # it belongs in test set-ups, never in an installed hook.
 CARRIED_SETTINGS = ("CDI_HOOK_LOG", "CDI_HOOK_LOG_LEVEL", "CDI_HOOK_CACHE_DIR", "CDI_HOOK_MAX_SPEC_SIZE",
-                    "CDI_HOOK_RESCTRL")
+                    "CDI_HOOK_RESCTRL", "CDI_HOOK_POLICY", "CDI_HOOK_STATE_DIR")
 
 
 def interpreter() -> str:

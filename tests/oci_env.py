@@ -31,7 +31,7 @@ def hook_entry(spec_dirs: list[str], stage: str = "createRuntime", extra_env: di
     settings = {"CDI_HOOK_INSECURE_SPECS": "1"}  # tmp_path specs are not under a root-only tree
     # The session's private cache dir and log (tests/conftest.py), so tests leave nothing
     # in /run/cdi-hook or /var/log; a test's own log_file wins.
-    for name in ("CDI_HOOK_CACHE_DIR", "CDI_HOOK_LOG"):
+    for name in ("CDI_HOOK_CACHE_DIR", "CDI_HOOK_LOG", "CDI_HOOK_STATE_DIR", "CDI_HOOK_POLICY"):
         if os.environ.get(name):
             settings[name] = os.environ[name]
     if log_file:
@@ -263,12 +263,13 @@ def private_cache_and_log(top: Path):
     """Point cdi-hook's cache and log at top (made 0700, as the cache's trust rules want)
     through os.environ, for in-process calls, hook entries and `cdi-hook install` alike;
     the previous values come back afterwards."""
-    names = ("CDI_HOOK_CACHE_DIR", "CDI_HOOK_LOG")
+    names = ("CDI_HOOK_CACHE_DIR", "CDI_HOOK_LOG", "CDI_HOOK_STATE_DIR")
     saved = {name: os.environ.get(name) for name in names}
     os.chmod(top, 0o700)
     (top / "cache").mkdir(mode=0o700, exist_ok=True)
     os.environ["CDI_HOOK_CACHE_DIR"] = str(top / "cache")
     os.environ["CDI_HOOK_LOG"] = str(top / "cdi-hook.log")
+    os.environ["CDI_HOOK_STATE_DIR"] = str(top / "held")
     try:
         yield top
     finally:

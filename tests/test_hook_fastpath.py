@@ -87,7 +87,8 @@ def test_injection_path_imports_no_heavy_stdlib_modules():
              "argparse", "yaml", "structlog", "pyroute2")
     probe = ("import sys\n"
              "import cdi_hook.cli, cdi_hook.commands.hook, cdi_hook.oci, cdi_hook.request, cdi_hook.log, cdi_hook.registry\n"
-             "import cdi_hook.cache, cdi_hook.plan, cdi_hook.hostdev, cdi_hook.live.inject, cdi_hook.live.worker\n"
+             "import cdi_hook.cache, cdi_hook.plan, cdi_hook.policy, cdi_hook.attribution, cdi_hook.hostdev\n"
+             "import cdi_hook.live.inject, cdi_hook.live.worker, cdi_hook.live.holds\n"
              "import cdi_hook.live.cgroups, cdi_hook.live.bpf\n"
              f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-I", "-c", probe], cwd=oci_env.REPO, capture_output=True, text=True,

@@ -1,7 +1,7 @@
 """The layout shows the flow, and imports run one way: no cycles, counting imports inside
 functions (the lazy ones on the hot path are imports too).
 
-    request -> registry (+ cache) -> plan -> config_editor | live -> commands -> cli
+    request (+ attribution) -> registry (+ cache) -> plan, policy -> config_editor | live -> commands -> cli
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cdi_hook"
 # the graph stays acyclic). Modules not listed sit in the layer of their package.
 LAYERS = [
     {"cdi_hook", "cdi_hook.errors", "cdi_hook.spec", "cdi_hook.files", "cdi_hook.hook_entry", "cdi_hook.log"},
-    {"cdi_hook.spec.*", "cdi_hook.oci", "cdi_hook.request"},
+    {"cdi_hook.spec.*", "cdi_hook.oci", "cdi_hook.request", "cdi_hook.attribution"},
     {"cdi_hook.registry"},
     {"cdi_hook.cache"},
-    {"cdi_hook.hostdev", "cdi_hook.plan"},
+    {"cdi_hook.hostdev", "cdi_hook.plan", "cdi_hook.policy"},
     {"cdi_hook.config_editor", "cdi_hook.live", "cdi_hook.live.*"},
     {"cdi_hook.commands", "cdi_hook.commands.*"},
     {"cdi_hook.cli", "cdi_hook.__main__"},

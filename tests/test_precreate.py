@@ -153,3 +153,17 @@ def test_host_device_missing_is_one_line(tmp_path, monkeypatch):
     assert result.returncode != 0 and result.stdout == b""
     assert "/dev/cdi-hook-missing" in result.stderr.decode() and result.stderr.decode().count("\n") == 1
     assert not os.path.exists("/dev/cdi-hook-missing")
+
+
+def test_a_pod_authors_request_through_the_runc_wrapper_is_refused(spec_dir):
+    """runc-cdi on containerd: the config carries containerd's keys and a passed-through pod
+    annotation; by default nobody can tell it from the kubelet's, so it is refused."""
+    import runtime_shapes as shapes
+
+    annotations = shapes.containerd(pod_annotations={"cdi.k8s.io/x": "vendor.com/class=null"},
+                                    pod_passthrough=("cdi.k8s.io/*",), namespace="team", pod="web")
+    out = io.BytesIO()
+    with pytest.raises(CdiError, match=r"^refused CDI request in pod team/web: vendor.com/class=null \(asked by "
+                                       r"unknown through cdi.k8s.io/x: containerd does not mark"):
+        cmd_precreate([spec_dir], io.BytesIO(config_bytes(annotations)), out)
+    assert out.getvalue() == b""

@@ -7,6 +7,8 @@
     hook entries that let the live hook do the work (--mode hook).
 
 Both resolve requests into a Plan (plan.resolve) and hand it to the config_editor.
+precreate first attributes and authorizes every request (policy.py), as the live hook
+does; inject is the administrator's own command.
 """
 
 from __future__ import annotations
@@ -39,15 +41,32 @@ def cmd_precreate(spec_dirs, stdin, stdout) -> int:
     """
     raw = stdin.read()
     config = oci.json_object(raw, "precreate: config.json on stdin", oci.MAX_CONFIG_SIZE)
-    pending = pending_devices(config_editor.annotations_of(config))
+    annotations = config_editor.annotations_of(config)
+    pending = pending_devices(annotations)
     if not pending:
         stdout.write(raw)
         stdout.flush()
         return 0
+    from cdi_hook import policy
+
+    rules = policy.load()
+    policy.authorize(rules, annotations, pending)  # refused: CdiError, nothing written
+    _refuse_exclusive(rules, pending)
     edited = config_editor.apply_plan(config, _plan_for(config, pending, spec_dirs))
     stdout.write(json.dumps(edited, separators=(",", ":")).encode())
     stdout.flush()
     return 0
+
+
+def _refuse_exclusive(rules, names) -> None:
+    """An exclusive device is held from createRuntime to poststop, which only the live hook
+    sees; an edited config.json would give it away with no hold."""
+    from cdi_hook import policy
+
+    exclusive = policy.exclusive_devices(rules, names)
+    if exclusive:
+        raise CdiError(f"{', '.join(exclusive)}: exclusive in the policy {rules.path}; exclusive devices are given "
+                       "by the live hook only (cdi-hook install --mode hook, or inject --mode hook)")
 
 
 def read_bundle_config(bundle: str) -> tuple[str, bytes, dict]:
@@ -107,6 +126,9 @@ def cmd_inject(args, spec_dirs) -> int:
         if not pending:
             print(f"{path}: already has {', '.join(names)}; nothing to do")
             return 0
+        from cdi_hook import policy
+
+        _refuse_exclusive(policy.load(), pending)
         edited = config_editor.apply_plan(config, _plan_for(config, pending, spec_dirs))
     else:
         _plan_for(config, names, spec_dirs)  # refuse unknown devices now, not at container start

@@ -1,6 +1,8 @@
 """`cdi-hook hook`: the OCI hook. The OCI state on stdin; the bundle's config.json says
-which devices the container asks for; plan.resolve decides what they mean; the live
-injector (live/inject.py) carries the plan out at this stage.
+which devices the container asks for and who asked (attribution.py); the node's policy
+honours or refuses each request before anything on the host changes (policy.py);
+plan.resolve decides what the devices mean; the live injector (live/inject.py) carries the
+plan out at this stage.
 
 Imports are lazy: a container that asks for no device costs a JSON parse of the state and
 config.json, and nothing more. This is the hot path's one lazy boundary.
@@ -28,15 +30,51 @@ def run(stage: str, spec_dirs: list[str] | None, stdin) -> int:
 
     log = ContainerLog(state.id, stage, names)
     try:
-        from cdi_hook import plan
+        from cdi_hook import plan, policy
         from cdi_hook.live import inject
 
+        with log.step("policy"):
+            rules = policy.load()
+            # config.json's annotations are the runtime's own record; the state's repeat them
+            _, decisions = policy.authorize(rules, {**state.annotations, **config.annotations}, names)
+            log.fields["sources"] = {d.request.device: d.request.source for d in decisions}
         with log.step("resolve"):
             container_plan = plan.resolve(names, spec_dirs, process_uid=config.process_uid,
                                           process_gid=config.process_gid)
-        inject.run_stage(stage, container_plan, state, config, log)
+        exclusive = policy.exclusive_devices(rules, names)
+        if stage in inject.INJECTION_STAGES:
+            _inject_holding(exclusive, stage, container_plan, state, config, log)
+        else:
+            inject.run_stage(stage, container_plan, state, config, log)
+            if stage == "poststop" and exclusive:
+                from cdi_hook.live import holds
+
+                holds.release(exclusive, state.id)
     except CdiError as error:
         log.finish(error=str(error))
         raise
     log.finish()
     return 0
+
+
+def _inject_holding(exclusive: list[str], stage: str, container_plan, state, config, log) -> None:
+    """Inject with the policy's exclusive devices held; a failed start gives them back."""
+    from cdi_hook.live import inject
+
+    if not exclusive:
+        inject.run_stage(stage, container_plan, state, config, log)
+        return
+    from cdi_hook.errors import CdiError, HookError
+    from cdi_hook.live import holds
+
+    if not state.pid:
+        raise CdiError(f"OCI state on stdin: pid: missing, needed at {stage} to reach the container")
+    taken = holds.hold(exclusive, state.id, state.pid)
+    try:
+        inject.run_stage(stage, container_plan, state, config, log)
+    except BaseException:
+        try:
+            holds.release(taken, state.id)
+        except (OSError, HookError) as error:
+            log.warning(f"releasing exclusive devices: {error}")
+        raise

@@ -1,0 +1,187 @@
+"""Who asked for each device: the kubelet, a pod author, the local administrator, or unknown.
+
+A config.json says which runtime built it and, for a Kubernetes container, which of its
+annotations the kubelet sent. The rules below follow the runtimes' own sources (README,
+"Who may ask for a device"); where the source cannot be told, the answer is "unknown",
+which the default policy refuses (fail closed).
+
+CRI-O (internal/factory/container/container.go, SpecAddAnnotations): the pod's annotations
+are copied first, then CRI-O's own keys, among them `io.container.manager: cri-o`,
+`io.kubernetes.cri-o.ContainerType: container` and `io.kubernetes.cri-o.Annotations`, the
+JSON object of the annotations the kubelet sent for this container; then those kubelet
+annotations as top-level keys. A pod author cannot overwrite CRI-O's keys in an app
+container, so a `cdi.k8s.io/` key is the kubelet's exactly when the JSON object holds it
+with the same value; otherwise it came from the pod. Infra (sandbox) configs never get
+devices: a pod author can overwrite CRI-O's keys there, so they are told by the keys only
+CRI-O writes into them (a pod author can add keys, never remove CRI-O's).
+
+containerd (CRI plugin, DefaultCRIAnnotations / GetPassthroughAnnotations): writes
+`io.kubernetes.cri.container-type` (its own keys win every collision) and passes through
+the pod and container annotations its `pod_annotations` / `container_annotations` settings
+allow, unmarked. Which one a `cdi.k8s.io/` key came from cannot be told from config.json:
+"unknown", unless the node's policy states that containerd passes `cdi.k8s.io/*` through
+`container_annotations` only (then it is the kubelet's).
+
+Podman writes `io.container.manager: libpod` (and a few `io.kubernetes.cri-o.*` keys of its
+own): its annotations come from whoever runs podman, the administrator. A config with no
+Kubernetes keys at all (runc bundles, Docker) is the administrator's too. Any other config
+with `io.kubernetes.` keys is a Kubernetes container of a runtime cdi-hook does not know:
+"unknown".
+"""
+
+from __future__ import annotations
+
+import json
+from collections import namedtuple
+
+from cdi_hook.request import ANNOTATION_PREFIX, parse_annotation
+
+KUBELET, POD, ADMIN, UNKNOWN = "kubelet", "pod", "admin", "unknown"
+SOURCES = (KUBELET, POD, ADMIN, UNKNOWN)
+
+MANAGER = "io.container.manager"
+CRIO_CONTAINER_TYPE = "io.kubernetes.cri-o.ContainerType"
+CRIO_KUBELET_ANNOTATIONS = "io.kubernetes.cri-o.Annotations"
+CRIO_POD_NAMESPACE = "io.kubernetes.pod.namespace"  # the kubelet's labels, copied last: they win
+CRIO_POD_NAME = "io.kubernetes.pod.name"
+# Written by CRI-O into infra (pod sandbox) configs only (server/sandbox_run_linux.go).
+CRIO_SANDBOX_ONLY = ("io.kubernetes.cri-o.KubeName", "io.kubernetes.cri-o.HostNetwork",
+                     "io.kubernetes.cri-o.NamespaceOptions", "io.kubernetes.cri-o.PortMappings",
+                     "io.kubernetes.cri-o.ShmPath", "io.kubernetes.cri-o.HostnamePath", "io.kubernetes.cri-o.CNIResult")
+CONTAINERD_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+CONTAINERD_POD_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
+CONTAINERD_POD_NAME = "io.kubernetes.cri.sandbox-name"
+
+# runtime: "cri-o", "containerd", "podman", "oci" (no Kubernetes keys) or "kubernetes"
+# (an unknown runtime's Kubernetes container); namespace/pod: "" outside Kubernetes;
+# refusal: why no request of this container can be attributed at all (a sandbox, a
+# broken kubelet annotation), or "".
+Container = namedtuple("Container", ["runtime", "namespace", "pod", "refusal"])
+# device: the qualified name; key: the annotation that asked for it; why: how the source was told
+Request = namedtuple("Request", ["device", "key", "source", "why"])
+
+
+def classify(annotations: dict) -> Container:
+    """Which runtime built this config.json, and for which pod."""
+    if CONTAINERD_CONTAINER_TYPE in annotations:
+        # Checked first: containerd's own keys beat any passed-through annotation, so a pod
+        # author cannot make a containerd config look like another runtime's.
+        container = Container("containerd", _text(annotations.get(CONTAINERD_POD_NAMESPACE)),
+                              _text(annotations.get(CONTAINERD_POD_NAME)), "")
+        kind = annotations[CONTAINERD_CONTAINER_TYPE]
+        if kind != "container":
+            return container._replace(refusal=f"{CONTAINERD_CONTAINER_TYPE} is {_show(kind)}, not \"container\" "
+                                              "(a pod sandbox gets no devices)")
+        return container
+    manager = annotations.get(MANAGER)
+    if manager == "cri-o" or (CRIO_CONTAINER_TYPE in annotations and manager != "libpod"):
+        container = Container("cri-o", _text(annotations.get(CRIO_POD_NAMESPACE)),
+                              _text(annotations.get(CRIO_POD_NAME)), "")
+        kind = annotations.get(CRIO_CONTAINER_TYPE)
+        sandbox_keys = sorted(key for key in CRIO_SANDBOX_ONLY if key in annotations)
+        if sandbox_keys:
+            # A pod author can overwrite CRI-O's keys in an infra config (even the JSON of
+            # "kubelet" annotations, which there holds the pod's); keys only infra configs
+            # carry cannot be removed by anyone but CRI-O.
+            return container._replace(refusal=f"{sandbox_keys[0]} is set: a CRI-O pod sandbox (infra) config, "
+                                              "which gets no devices")
+        if manager != "cri-o" or kind != "container":
+            return container._replace(refusal=f"{MANAGER} is {_show(manager)} and {CRIO_CONTAINER_TYPE} is "
+                                              f"{_show(kind)}; CRI-O writes \"cri-o\" and \"container\" for an app "
+                                              "container (a pod sandbox gets no devices)")
+        return container
+    if manager == "libpod":
+        return Container("podman", "", "", "")
+    if any(isinstance(key, str) and key.startswith("io.kubernetes.") for key in annotations):
+        return Container("kubernetes", _text(annotations.get(CRIO_POD_NAMESPACE)),
+                         _text(annotations.get(CRIO_POD_NAME)), "")
+    return Container("oci", "", "", "")
+
+
+def attribute(annotations: dict, names, *, containerd_kubelet_only: bool = False) -> tuple[Container, list[Request]]:
+    """The container and one Request per requested name (in `names`' order).
+
+    annotations: the config.json's annotations; names: the devices still to apply.
+    containerd_kubelet_only: the node's policy says containerd passes cdi.k8s.io/* through
+    its container_annotations only.
+    """
+    container = classify(annotations)
+    key_of = _request_keys(annotations)
+    requests = []
+    kubelet_sent = None
+    for name in names:
+        key = key_of.get(name, "")
+        if container.refusal:
+            source, why = UNKNOWN, container.refusal
+        elif container.runtime in ("oci", "podman"):
+            source, why = ADMIN, ("no Kubernetes annotations: a runc bundle or Docker" if container.runtime == "oci"
+                                  else "Podman (io.container.manager: libpod): whoever runs podman")
+        elif container.runtime == "cri-o":
+            if kubelet_sent is None:
+                kubelet_sent = _kubelet_annotations(annotations)
+            if isinstance(kubelet_sent, str):
+                source, why = UNKNOWN, kubelet_sent
+            elif key and kubelet_sent.get(key) == annotations.get(key):
+                source, why = KUBELET, f"{key} is among the kubelet's annotations ({CRIO_KUBELET_ANNOTATIONS})"
+            else:
+                source, why = POD, f"{key} is not among the kubelet's annotations ({CRIO_KUBELET_ANNOTATIONS}): " \
+                                   "a pod annotation"
+        elif container.runtime == "containerd":
+            if containerd_kubelet_only:
+                source, why = KUBELET, ("the policy says containerd passes cdi.k8s.io/* through its "
+                                        "container_annotations only")
+            else:
+                source, why = UNKNOWN, ("containerd does not mark whether an annotation came from the pod or the "
+                                        "kubelet; set containerd.cdiAnnotations: container in the policy once its "
+                                        "pod_annotations no longer pass cdi.k8s.io/*")
+        else:
+            source, why = UNKNOWN, "a Kubernetes container of a runtime cdi-hook cannot attribute requests for"
+        requests.append(Request(name, key, source, why))
+    return container, requests
+
+
+def _request_keys(annotations: dict) -> dict[str, str]:
+    """Device name -> the first cdi.k8s.io/ key naming it."""
+    keys: dict[str, str] = {}
+    for key, value in annotations.items():
+        if isinstance(key, str) and key.startswith(ANNOTATION_PREFIX):
+            for name in parse_annotation(key, value):
+                keys.setdefault(name, key)
+    return keys
+
+
+def _kubelet_annotations(annotations: dict):
+    """CRI-O's JSON object of the kubelet's annotations, or a string saying why it is unusable.
+
+    CRI-O writes it with Go's json.Marshal of a map: one object, string values, no key
+    twice ("null" for none). Anything else did not come from CRI-O: refuse, never guess.
+    """
+    raw = annotations.get(CRIO_KUBELET_ANNOTATIONS)
+    if raw is None:
+        return f"{CRIO_KUBELET_ANNOTATIONS} is missing; CRI-O always writes it"
+    if not isinstance(raw, str):
+        return f"{CRIO_KUBELET_ANNOTATIONS} is not a string"
+
+    def strict_object(pairs):
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            raise ValueError("a key appears twice")
+        return obj
+
+    try:
+        decoded = json.loads(raw, object_pairs_hook=strict_object)
+    except (ValueError, RecursionError) as error:
+        return f"{CRIO_KUBELET_ANNOTATIONS} is not valid JSON ({' '.join(str(error).split())[:120]})"
+    if decoded is None:
+        return {}
+    if not isinstance(decoded, dict) or not all(isinstance(v, str) for v in decoded.values()):
+        return f"{CRIO_KUBELET_ANNOTATIONS} is not a JSON object of strings"
+    return decoded
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _show(value) -> str:
+    return "absent" if value is None else json.dumps(value)[:80]
