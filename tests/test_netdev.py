@@ -140,7 +140,8 @@ def test_veth_moved_keeps_address_mtu_and_is_up_and_carries_traffic(runc, tmp_pa
     ip("link", "set", peer, "mtu", "1400", "up", netns=far)
 
     with detached_container(container_bundle(tmp_path, net_raw=True)) as container:
-        in_netns(runtime_ns, netdev.move_into_container, container.pid, [(ORIGIN, NetDevice(end, "data0"))])
+        items = [(ORIGIN, NetDevice(end, "data0"))]
+        in_netns(runtime_ns, netdev.move_into_container, container.pid, items, container.id)
 
         shown = container.exec(["ip", "addr", "show", "data0"])
         assert shown.returncode == 0, shown.stderr
@@ -162,7 +163,8 @@ def test_macvlan_moved_into_container(runc, tmp_path, netns, runtime_ns):
     ip("addr", "add", "192.0.2.17/28", "dev", macvlan, netns=runtime_ns)
 
     with detached_container(container_bundle(tmp_path)) as container:
-        in_netns(runtime_ns, netdev.move_into_container, container.pid, [(ORIGIN, NetDevice(macvlan, "mv0"))])
+        items = [(ORIGIN, NetDevice(macvlan, "mv0"))]
+        in_netns(runtime_ns, netdev.move_into_container, container.pid, items, container.id)
         shown = container.exec(["ip", "addr", "show", "mv0"])
         assert shown.returncode == 0, shown.stderr
         assert "inet 192.0.2.17/28" in shown.stdout
@@ -174,7 +176,8 @@ def test_missing_host_interface_refused(runc, tmp_path, runtime_ns):
     with detached_container(container_bundle(tmp_path)) as container:
         with pytest.raises(ChildError, match="HookError: network device for vendor.com/net=a: host interface "
                                              "'cdtnothere' does not exist in the runtime's network namespace"):
-            in_netns(runtime_ns, netdev.move_into_container, container.pid, [(ORIGIN, NetDevice("cdtnothere", "x0"))])
+            in_netns(runtime_ns, netdev.move_into_container, container.pid, [(ORIGIN, NetDevice("cdtnothere", "x0"))],
+                     container.id)
 
 
 def test_name_clash_inside_refused_and_nothing_moved(runc, tmp_path, runtime_ns):
@@ -183,7 +186,7 @@ def test_name_clash_inside_refused_and_nothing_moved(runc, tmp_path, runtime_ns)
     with detached_container(container_bundle(tmp_path)) as container:
         items = [(ORIGIN, NetDevice(first, "data0")), ("vendor.com/net=b", NetDevice(second, "lo"))]
         with pytest.raises(ChildError, match="vendor.com/net=b: an interface named 'lo' already exists in the container"):
-            in_netns(runtime_ns, netdev.move_into_container, container.pid, items)
+            in_netns(runtime_ns, netdev.move_into_container, container.pid, items, container.id)
         assert {first, second} <= link_names(runtime_ns)  # checked before anything moved
         assert "data0" not in container.exec(["ip", "link"]).stdout
 
@@ -197,7 +200,7 @@ def test_partial_failure_moves_back_what_was_moved(runc, tmp_path, runtime_ns):
     with detached_container(container_bundle(tmp_path)) as container:
         items = [(ORIGIN, NetDevice(end, "data0")), ("vendor.com/net=br", NetDevice(bridge, "br0"))]
         with pytest.raises(ChildError, match=f"vendor.com/net=br: moving '{bridge}' into the container as 'br0'"):
-            in_netns(runtime_ns, netdev.move_into_container, container.pid, items)
+            in_netns(runtime_ns, netdev.move_into_container, container.pid, items, container.id)
         assert "data0" not in container.exec(["ip", "link"]).stdout
     shown = ip("addr", "show", end, netns=runtime_ns)
     assert "inet 192.0.2.33/24" in shown and "mtu 1300" in shown and "UP" in shown.split(">")[0]
@@ -211,7 +214,7 @@ def test_container_sharing_the_runtime_netns_refused(runc, tmp_path):
     try:
         with detached_container(container_bundle(tmp_path, namespaces=no_network)) as container:
             with pytest.raises(HookError, match="the container shares the runtime's network namespace"):
-                netdev.move_into_container(container.pid, [(ORIGIN, NetDevice(tag + "a", "data0"))])
+                netdev.move_into_container(container.pid, [(ORIGIN, NetDevice(tag + "a", "data0"))], container.id)
         assert tag + "a" in link_names()
     finally:
         ip("link", "del", tag + "a", check=False)
@@ -222,16 +225,16 @@ def test_return_to_host_while_container_lives(runc, tmp_path, runtime_ns):
     ip("addr", "add", "192.0.2.49/24", "dev", end, netns=runtime_ns)
     with detached_container(container_bundle(tmp_path)) as container:
         items = [(ORIGIN, NetDevice(end, "data0"))]
-        in_netns(runtime_ns, netdev.move_into_container, container.pid, items)
+        in_netns(runtime_ns, netdev.move_into_container, container.pid, items, container.id)
         state = {"pid": container.pid, "status": "running", "id": container.id}
         config = {"linux": {"namespaces": DEFAULT_NAMESPACES}}
         notes = in_netns(runtime_ns, netdev.return_to_host, state, config, items)
         assert notes == [f"{ORIGIN}: 'data0' returned to the host as '{end}' (down, without addresses)"]
         assert end in link_names(runtime_ns)
         assert "data0" not in container.exec(["ip", "link"]).stdout
-        # a second call finds nothing left to return, and says so
+        # the record went with the first call: a second one returns nothing, and says so
         again = in_netns(runtime_ns, netdev.return_to_host, state, config, items)
-        assert "no longer in the container's namespace" in again[0]
+        assert again == [f"{ORIGIN}: no record of moving '{end}' into this namespace; nothing to return"]
     shown = ip("addr", "show", end, netns=runtime_ns)
     assert "192.0.2.49" not in shown and "UP" not in shown.split(">")[0]
 
@@ -243,10 +246,10 @@ def test_return_to_host_from_persistent_netns_path_after_container_is_gone(runc,
     end, _ = veth_pair(runtime_ns)
     items = [(ORIGIN, NetDevice(end, "data0"))]
     with detached_container(container_bundle(tmp_path, namespaces=namespaces)) as container:
-        in_netns(runtime_ns, netdev.move_into_container, container.pid, items)
-        pid = container.pid
+        in_netns(runtime_ns, netdev.move_into_container, container.pid, items, container.id)
+        pid, cid = container.pid, container.id
     assert "data0" in link_names(persistent)  # the container is gone, its namespace is not
-    state = {"pid": pid, "status": "stopped"}
+    state = {"pid": pid, "status": "stopped", "id": cid}
     notes = in_netns(runtime_ns, netdev.return_to_host, state, {"linux": {"namespaces": namespaces}}, items)
     assert notes == [f"{ORIGIN}: 'data0' returned to the host as '{end}' (down, without addresses)"]
     assert end in link_names(runtime_ns)
@@ -257,22 +260,24 @@ def test_return_to_host_when_namespace_is_gone_is_not_an_error(runc, tmp_path, r
     end, peer = veth_pair(runtime_ns)
     items = [(ORIGIN, NetDevice(end, "data0"))]
     with detached_container(container_bundle(tmp_path)) as container:
-        in_netns(runtime_ns, netdev.move_into_container, container.pid, items)
-        pid = container.pid
+        in_netns(runtime_ns, netdev.move_into_container, container.pid, items, container.id)
+        pid, record = container.pid, os.path.join(netdev.record_dir(), container.id + ".json")
+        assert os.path.exists(record)
     # the namespace died with the container: the kernel destroyed the veth, and so its peer
     assert peer not in link_names(runtime_ns)
-    notes = in_netns(runtime_ns, netdev.return_to_host, {"pid": pid, "status": "stopped"},
+    notes = in_netns(runtime_ns, netdev.return_to_host, {"pid": pid, "status": "stopped", "id": container.id},
                      {"linux": {"namespaces": DEFAULT_NAMESPACES}}, items)
     assert len(notes) == 1 and "network namespace not found" in notes[0] and "destroyed virtual ones" in notes[0]
+    assert not os.path.exists(record)  # the record goes all the same
 
 
 def test_return_to_host_refuses_to_overwrite_a_host_name(runc, tmp_path, runtime_ns):
     end, _ = veth_pair(runtime_ns)
     items = [(ORIGIN, NetDevice(end, "data0"))]
     with detached_container(container_bundle(tmp_path)) as container:
-        in_netns(runtime_ns, netdev.move_into_container, container.pid, items)
+        in_netns(runtime_ns, netdev.move_into_container, container.pid, items, container.id)
         ip("link", "add", end, "type", "veth", "peer", "name", end[:-1] + "z", netns=runtime_ns)  # name taken
-        state = {"pid": container.pid, "status": "running"}
+        state = {"pid": container.pid, "status": "running", "id": container.id}
         with pytest.raises(ChildError, match=f"HookError: network device: at poststop: {ORIGIN}: 'data0' cannot "
                                              f"return: the host already has an interface named '{end}'"):
             in_netns(runtime_ns, netdev.return_to_host, state, {"linux": {"namespaces": DEFAULT_NAMESPACES}}, items)
@@ -290,7 +295,7 @@ def test_interface_name_rules(name, problem):
 
 def test_no_items_does_nothing_and_imports_nothing():
     # pyroute2 is heavy: a hook run for a spec without network devices must not load it
-    code = ("import sys; from cdi_hook.live import netdev; netdev.move_into_container(1, []); "
+    code = ("import sys; from cdi_hook.live import netdev; netdev.move_into_container(1, [], 'x'); "
             "assert netdev.return_to_host({}, {}, []) == []; assert 'pyroute2' not in sys.modules")
     result = subprocess.run([sys.executable, "-I", "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -300,11 +305,13 @@ def test_name_template_lets_the_kernel_choose(runc, tmp_path, runtime_ns):
     end, _ = veth_pair(runtime_ns)
     items = [(ORIGIN, NetDevice(end, "lo%d"))]  # "lo" exists inside; a template may still be used
     with detached_container(container_bundle(tmp_path)) as container:
-        in_netns(runtime_ns, netdev.move_into_container, container.pid, items)
+        in_netns(runtime_ns, netdev.move_into_container, container.pid, items, container.id)
         assert re.search(r"^\d+: lo0[@:]", container.exec(["ip", "link"]).stdout, re.M)
-        state = {"pid": container.pid, "status": "running"}
-        with pytest.raises(ChildError, match="named by the kernel from the template 'lo%d'"):
-            in_netns(runtime_ns, netdev.return_to_host, state, {"linux": {"namespaces": DEFAULT_NAMESPACES}}, items)
+        # the record knows it by its index: it goes home under its host name
+        state = {"pid": container.pid, "status": "running", "id": container.id}
+        notes = in_netns(runtime_ns, netdev.return_to_host, state, {"linux": {"namespaces": DEFAULT_NAMESPACES}}, items)
+        assert notes == [f"{ORIGIN}: 'lo0' returned to the host as '{end}' (down, without addresses)"]
+        assert end in link_names(runtime_ns)
 
 
 def _move_without_prechecks(container_pid, items):
@@ -312,7 +319,7 @@ def _move_without_prechecks(container_pid, items):
     netdev._check_all = lambda host, inner, items: [
         (origin, device, netdev._link_state(host, netdev._find_link(host, device.host_interface_name)))
         for origin, device in items]
-    netdev.move_into_container(container_pid, items)
+    netdev.move_into_container(container_pid, items, "cdi-test-no-prechecks")
 
 
 def test_rename_refused_after_move_is_undone(runc, tmp_path, runtime_ns):
@@ -371,3 +378,36 @@ def test_hook_moves_spec_net_device_and_poststop_returns_it(runc, tmp_path, netn
         assert "data0" not in link_names(persistent)
     finally:
         ip("link", "del", tag + "a", check=False)
+
+
+def test_without_a_record_nothing_is_returned(runc, tmp_path, runtime_ns):
+    """An interface under the expected name but never recorded (the container's own, or a
+    record lost) stays where it is, with a warning naming it."""
+    end, _ = veth_pair(runtime_ns)
+    items = [(ORIGIN, NetDevice(end, "data0"))]
+    with detached_container(container_bundle(tmp_path)) as container:
+        in_netns(runtime_ns, netdev.move_into_container, container.pid, items, container.id)
+        os.unlink(os.path.join(netdev.record_dir(), container.id + ".json"))
+        state = {"pid": container.pid, "status": "running", "id": container.id}
+        with pytest.raises(ChildError, match=f"network device: at poststop: {ORIGIN}: '{end}' is not returned: "
+                                             "there is no record of moving it into this namespace"):
+            in_netns(runtime_ns, netdev.return_to_host, state, {"linux": {"namespaces": DEFAULT_NAMESPACES}}, items)
+        assert "data0" in container.exec(["ip", "link"]).stdout
+        assert end not in link_names(runtime_ns)
+
+
+def test_record_dir_must_be_private(runc, tmp_path, runtime_ns, monkeypatch):
+    """A record dir others may write is refused, and then nothing moves: without a record
+    poststop could not tell the interface from one the container made."""
+    top = tmp_path / "state"
+    (top / "netdev").mkdir(parents=True, mode=0o700)
+    os.chmod(top / "netdev", 0o777)
+    monkeypatch.setenv("CDI_HOOK_STATE_DIR", str(top / "held"))
+    end, _ = veth_pair(runtime_ns)
+    with detached_container(container_bundle(tmp_path)) as container:
+        with pytest.raises(ChildError, match=f"network device for {ORIGIN}: recording the moved interfaces in "
+                                             f"{top}/netdev: .* is not a private directory"):
+            in_netns(runtime_ns, netdev.move_into_container, container.pid, [(ORIGIN, NetDevice(end, "data0"))],
+                     container.id)
+        assert "data0" not in container.exec(["ip", "link"]).stdout
+    assert end in link_names(runtime_ns)  # moved back

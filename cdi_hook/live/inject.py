@@ -57,7 +57,7 @@ def inject(stage: str, plan, state, config, log) -> None:
             from cdi_hook.live import netdev
 
             with log.step("netdev"):
-                netdev.move_into_container(state.pid, list(plan.net_devices))
+                netdev.move_into_container(state.pid, list(plan.net_devices), state.id)
             moved_net_devices = True
         # One invocation injects, at prestart or createRuntime, whichever the runtime was
         # given: it runs the spec's hooks of both stages (prestart first, as runtimes order them).

@@ -18,11 +18,20 @@ The namespace is held open by a file descriptor for the whole operation, so the 
 dying half-way cannot make a reused pid point us at somebody else's namespace.
 
 At poststop (`return_to_host`) an interface still in the container's namespace goes back
-to the runtime's namespace under its host name. It comes back down and without addresses:
-whatever the container configured on it is not trusted on the host, the host's owner
-configures it again. Where the namespace is already gone, the kernel has done the rest
-(network_namespaces(7)): physical interfaces were moved back to the initial namespace under
-their container-side names, virtual ones (veth, macvlan, ...) were destroyed with it.
+to the runtime's namespace under its host name. It comes back down, without addresses and
+without alternative names: whatever the container configured on it is not trusted on the
+host, the host's owner configures it again. Where the namespace is already gone, the kernel
+has done the rest (network_namespaces(7)): physical interfaces were moved back to the
+initial namespace under their container-side names, virtual ones (veth, macvlan, ...) were
+destroyed with it.
+
+The container owns its namespace in between, and with CAP_NET_ADMIN it can rename the
+interface it got and make its own under the expected name. So poststop never looks an
+interface up by name: createRuntime records, per container, what each moved interface is
+inside (see _identity), and poststop sends home only an interface that still matches its
+record. A record lives in a root-only dir beside the exclusive-device holds
+($CDI_HOOK_STATE_DIR/../netdev, by default /run/cdi-hook/netdev: gone at reboot like the
+containers), one file per container id, removed at poststop.
 
 pyroute2 is imported inside the functions: only specs with network devices pay for it.
 """
@@ -157,8 +166,11 @@ class _Moved:
         self.inner_index = inner_index
 
 
-def move_into_container(container_pid: int, items: list[tuple[str, NetDevice]]) -> None:
-    """Move each (origin, NetDevice) from this namespace into the container's; all or none."""
+def move_into_container(container_pid: int, items: list[tuple[str, NetDevice]], container_id: str) -> None:
+    """Move each (origin, NetDevice) from this namespace into the container's; all or none.
+
+    What moved is recorded under container_id, for return_to_host; no record, no move.
+    """
     if not items:
         return
     from pyroute2 import IPRoute
@@ -179,7 +191,7 @@ def move_into_container(container_pid: int, items: list[tuple[str, NetDevice]]) 
         try:
             with IPRoute() as host, IPRoute(netns=netns_fd, flags=0) as inner:
                 plan = _check_all(host, inner, items)
-                _move_all(host, inner, netns_fd, plan)
+                _move_all(host, inner, netns_fd, plan, container_id)
         except NetlinkError as error:  # a refusal outside a single device's steps
             raise HookError(STEP, first_origin, f"netlink: {_why(error)}") from None
     finally:
@@ -205,11 +217,17 @@ def _check_all(host, inner, items) -> list[tuple[str, NetDevice, LinkState]]:
     return plan
 
 
-def _move_all(host, inner, netns_fd: int, plan) -> None:
+def _move_all(host, inner, netns_fd: int, plan, container_id: str) -> None:
     moved: list[_Moved] = []
     try:
         for origin, device, state in plan:
             _move_one(host, inner, netns_fd, origin, device, state, moved)
+        try:
+            _save_record(container_id, netns_fd, inner, moved)
+        except Exception as error:  # without the record poststop could not send them home
+            origins = ", ".join(item.origin for item in moved)
+            raise HookError(STEP, origins, f"recording the moved interfaces in {record_dir()}: "
+                                           f"{_why(error)}") from None
     except HookError as error:
         undone = _move_back(host, inner, moved)
         if undone:
@@ -319,68 +337,232 @@ GONE_NOTE = ("the kernel already moved physical interfaces back to the initial n
 
 
 def return_to_host(state, config, items: list[tuple[str, NetDevice]]) -> list[str]:
-    """Bring interfaces still in the container's namespace back under their host names.
+    """Bring the interfaces moved in at createRuntime back under their host names.
 
     `state` and `config` are the OCI state and config.json, as dicts or as cdi_hook.oci's
-    State and Config. Returns one note per interface (for the hook's debug log). Tries every interface, then raises one
-    HookError naming those that could not be returned; at poststop the caller reports it as
-    a warning, since the container is already gone.
+    State and Config. Only an interface that matches this container's record is moved (the
+    record goes either way). Returns one note per interface (for the hook's debug log).
+    Tries every interface, then raises one HookError naming those that were not returned;
+    at poststop the caller reports it as a warning, since the container is already gone.
     """
     if not items:
         return []
+    container_id = state.get("id") if isinstance(state, dict) else getattr(state, "id", None)
+    notes: list[str] = []
+    failures: list[str] = []
+    try:
+        record = _take_record(container_id)
+    except Exception as error:
+        record = None
+        failures.append(f"reading the record of the moved interfaces in {record_dir()}: {_why(error)}")
     netns_fd, where = container_netns(state, config)
     if netns_fd is None:
-        return [f"network namespace not found: {where}; {GONE_NOTE}"]
-    from pyroute2 import IPRoute
-
-    notes, failures = [], []
-    host_fd = _open_namespace("/proc/self/ns/net")
-    try:
-        with IPRoute() as host, IPRoute(netns=netns_fd, flags=0) as inner:
-            for origin, device in items:
-                ok, note = _return_one(host, inner, host_fd, netns_fd, device)
-                (notes if ok else failures).append(f"{origin}: {note}")
-    except Exception as error:
-        failures.append(f"cannot reach {where}: {_why(error)}")
-    finally:
-        os.close(host_fd)
-        os.close(netns_fd)
+        notes.append(f"network namespace not found: {where}; {GONE_NOTE}")
+    else:
+        try:
+            _return_all(record, netns_fd, items, notes, failures)
+        except Exception as error:
+            failures.append(f"cannot reach {where}: {_why(error)}")
+        finally:
+            os.close(netns_fd)
     if failures:
         raise HookError(STEP, "", "at poststop: " + "; ".join(failures))
     return notes
 
 
-def _return_one(host, inner, host_fd: int, netns_fd: int, device: NetDevice) -> tuple[bool, str]:
-    hname, cname = device.host_interface_name, container_name(device)
-    if is_interface_name_template(cname):
-        return False, (f"'{hname}' was named by the kernel from the template '{cname}' and cannot be "
-                       "found again; it stays in the container's namespace")
+def _return_all(record, netns_fd: int, items, notes: list[str], failures: list[str]) -> None:
+    from pyroute2 import IPRoute
+
+    # A record made for another namespace (the same container id, started again) says nothing here.
+    moved = record.get("devices") if record and record.get("netns") == list(_namespace_id(netns_fd)) else None
+    if not isinstance(moved, dict):
+        moved = {}
+    host_fd = _open_namespace("/proc/self/ns/net")
     try:
-        link = _find_link(inner, cname)
-        if link is None:
-            return True, f"'{cname}' is no longer in the container's namespace; nothing to return"
+        with IPRoute() as host, IPRoute(netns=netns_fd, flags=0) as inner:
+            for origin, device in items:
+                hname = device.host_interface_name
+                try:
+                    ok, note = _return_one(host, inner, host_fd, netns_fd, device, moved.get(hname))
+                except Exception as error:
+                    ok, note = False, f"'{hname}' is not returned: {_why(error)}"
+                (notes if ok else failures).append(f"{origin}: {note}")
+    finally:
+        os.close(host_fd)
+
+
+def _return_one(host, inner, host_fd: int, netns_fd: int, device: NetDevice, moved) -> tuple[bool, str]:
+    """Send home the interface `moved` (its record) describes, if it is still that one."""
+    hname = device.host_interface_name
+    if not isinstance(moved, dict) or not isinstance(moved.get("identity"), dict):
+        cname = container_name(device)
+        if not is_interface_name_template(cname) and _find_link(inner, cname) is not None:
+            return False, (f"'{hname}' is not returned: there is no record of moving it into this namespace, so "
+                           f"'{cname}' there may be the container's own; it stays")
+        return True, f"no record of moving '{hname}' into this namespace; nothing to return"
+    recorded, index = moved["identity"], moved["identity"].get("index")
+    what = f"the interface moved in as '{moved.get('name')}' (MAC {recorded.get('address')})"
+    link = _link_at(inner, index) if isinstance(index, int) else None
+    if link is None:
+        return False, f"'{hname}' is not returned: {what} is gone from the container's namespace (index {index})"
+    if _identity(link) != recorded:
+        return False, (f"'{hname}' is not returned: index {index} in the container's namespace is no longer "
+                       f"{what}: the container made it, or changed it; it stays")
+    name = link.get_attr("IFLA_IFNAME")
+    try:
         if _find_link(host, hname) is not None:
-            return False, f"'{cname}' cannot return: the host already has an interface named '{hname}'"
-        inner.link("set", index=link["index"], state="down")
-        inner.link("set", index=link["index"], net_ns_fd=host_fd, ifname=hname)
+            return False, f"'{name}' cannot return: the host already has an interface named '{hname}'"
+        _drop_altnames(inner, link)
+        inner.link("set", index=index, state="down")
+        inner.link("set", index=index, net_ns_fd=host_fd, ifname=hname)
     except Exception as error:
-        stranded = _strand_back(host, inner, netns_fd, cname)
+        stranded = _strand_back(host, inner, netns_fd, index, recorded, name)
         if _is_errno(error, errno.EEXIST):
-            return False, f"'{cname}' cannot return: the host already has an interface named '{hname}'{stranded}"
-        return False, f"'{cname}' cannot return as '{hname}': {_why(error)}{stranded}"
-    return True, f"'{cname}' returned to the host as '{hname}' (down, without addresses)"
+            return False, f"'{name}' cannot return: the host already has an interface named '{hname}'{stranded}"
+        return False, f"'{name}' cannot return as '{hname}': {_why(error)}{stranded}"
+    return True, f"'{name}' returned to the host as '{hname}' (down, without addresses)"
 
 
-def _strand_back(host, inner, netns_fd: int, cname: str) -> str:
-    """A move whose rename failed leaves the interface on the host under its container name:
-    send it back to the container's namespace rather than leave a stray name on the host."""
-    if _find_link(inner, cname) is not None:
-        return ""
-    link = _find_link(host, cname)
+def _drop_altnames(inner, link) -> None:
+    """Alternative names travel with an interface across namespaces: the container could
+    name a host interface's name (and so keep this one from coming home), or one the host
+    uses later."""
+    properties = link.get_attr("IFLA_PROP_LIST")
+    altnames = properties.get_attrs("IFLA_ALT_IFNAME") if properties else []
+    if altnames:
+        inner.link("property_del", index=link["index"], altname=altnames)
+
+
+def _strand_back(host, inner, netns_fd: int, index: int, recorded: dict, name: str) -> str:
+    """A move whose rename failed leaves the interface on the host under its container-side
+    name: send it back to the container's namespace rather than leave a stray name on the
+    host. Had that name been taken on the host, the kernel would not have moved it."""
+    link = _link_at(inner, index)
+    if link is not None and _identity(link) == recorded:
+        return ""  # still inside
+    link = _find_link(host, name)
     if link is None:
         return ""
     try:
         host.link("set", index=link["index"], net_ns_fd=netns_fd)
     except Exception as error:
-        return f" (it is on the host as '{cname}' now: {_why(error)})"
+        return f" (it is on the host as '{name}' now: {_why(error)})"
     return ""
+
+
+# --- the record: what each moved interface is inside the container ---------------------
+
+
+def _identity(link) -> dict:
+    """What identifies an interface cdi-hook moved in, as the container's namespace shows it.
+
+    The index and MAC say which one it is. The container can give an interface it makes any
+    free index and MAC, so once the real one is gone (a veth deleted) it could copy both;
+    what it cannot copy: a physical interface's permanent address, and the peer or lower
+    interface in the runtime's namespace (IFLA_LINK with IFLA_LINK_NETNSID) of a veth or
+    macvlan moved in: an interface made inside has its peer inside.
+    """
+    info = link.get_attr("IFLA_LINKINFO")
+    return {
+        "index": link["index"],
+        "address": link.get_attr("IFLA_ADDRESS"),
+        "perm_address": link.get_attr("IFLA_PERM_ADDRESS"),
+        "kind": info.get_attr("IFLA_INFO_KIND") if info else None,
+        "link": link.get_attr("IFLA_LINK"),
+        "link_netnsid": link.get_attr("IFLA_LINK_NETNSID"),
+    }
+
+
+def _link_at(ipr, index: int):
+    """The link message for `index` in the socket's namespace, or None."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        return ipr.link("get", index=index)[0]
+    except NetlinkError as error:
+        if _is_errno(error, errno.ENODEV):
+            return None
+        raise
+
+
+def _namespace_id(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def record_dir() -> str:
+    """$CDI_HOOK_STATE_DIR/../netdev: beside the exclusive-device holds (default /run/cdi-hook/netdev)."""
+    from cdi_hook.live.holds import state_dir
+
+    return os.path.join(os.path.dirname(state_dir()), "netdev")
+
+
+def _record_name(container_id) -> str:
+    if not isinstance(container_id, str) or not container_id:
+        raise ValueError("the OCI state has no container id")
+    return container_id.replace("%", "%25").replace("/", "%2F") + ".json"
+
+
+def _open_record_dir(create: bool) -> int | None:
+    """An fd of the record dir, refused unless it is this user's and writable by nobody else;
+    None when it does not exist and create is false."""
+    directory = record_dir()
+    if not os.path.isabs(directory):
+        raise ValueError(f"{directory} is not an absolute path")
+    if create:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if create:
+            raise
+        return None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        os.close(fd)
+        raise ValueError(f"{directory} is not a private directory (owner {st.st_uid}, mode {st.st_mode & 0o7777:o})")
+    return fd
+
+
+def _save_record(container_id: str, netns_fd: int, inner, moved: list[_Moved]) -> None:
+    import json
+
+    devices = {}
+    for item in moved:
+        link = inner.link("get", index=item.inner_index)[0]
+        devices[item.host.name] = {"name": link.get_attr("IFLA_IFNAME"), "identity": _identity(link)}
+    data = json.dumps({"netns": list(_namespace_id(netns_fd)), "devices": devices}).encode()
+    name = _record_name(container_id)
+    dir_fd = _open_record_dir(create=True)
+    try:
+        temp = f".{name}.{os.getpid()}.tmp"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        try:
+            os.write(fd, data)  # a few hundred bytes: one write
+        finally:
+            os.close(fd)
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _take_record(container_id) -> dict | None:
+    """This container's record, removed from the dir; None when there is none."""
+    import json
+
+    name = _record_name(container_id)
+    dir_fd = _open_record_dir(create=False)
+    if dir_fd is None:
+        return None
+    try:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(1 << 20)
+        os.unlink(name, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    record = json.loads(data)
+    return record if isinstance(record, dict) else None
