@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from cdi_hook.errors import CdiError
+from cdi_hook.errors import CdiError, printable
 from cdi_hook.spec import HOOK_STAGES as STAGES
 
 
@@ -169,7 +169,8 @@ def run(args) -> int:
     try:
         return dispatch(args)
     except CdiError as error:
-        print(f"cdi-hook: {error}", file=sys.stderr)
+        # The one line an operator sees: it can carry image file names and program output.
+        print(f"cdi-hook: {printable(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

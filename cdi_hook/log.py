@@ -7,6 +7,10 @@ that moment, and only when the line will be written at the configured level
 With level debug the line also carries the step-by-step notes and each step's duration
 (`steps_ms`: resolve, worker, nodes, mounts, ldconfig, device cgroup, rdt, netdev, spec hooks). A log file that cannot be
 written never fails a container: one warning on stderr instead.
+
+Every text that reaches stderr or the log line goes through errors.printable (control
+characters escaped, length cut), and long lists are summarised: an image or a pod author
+cannot put escape sequences in front of an operator, nor make one line megabytes long.
 """
 
 from __future__ import annotations
@@ -15,8 +19,16 @@ import os
 import sys
 import time
 
+from cdi_hook.errors import MAX_MESSAGE_LENGTH, printable
+
 DEFAULT_LOG_FILE = "/var/log/cdi-hook.log"
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+# Bounds of the log line: a list (devices, warnings, notes, sources) keeps its first
+# MAX_LOG_ITEMS entries and a count of the rest; each entry is cut at MAX_LOG_ITEM
+# characters; the error at MAX_MESSAGE_LENGTH, as on stderr. So the line stays a few KB
+# (at most ~60 KB) whatever the annotations and the image hold.
+MAX_LOG_ITEMS = 10
+MAX_LOG_ITEM = 500
 
 
 def configured_level() -> int:
@@ -24,7 +36,7 @@ def configured_level() -> int:
 
 
 def warn(message: str) -> None:
-    print(f"cdi-hook: warning: {message}", file=sys.stderr)
+    print(f"cdi-hook: warning: {printable(message)}", file=sys.stderr)
 
 
 class ContainerLog:
@@ -57,17 +69,36 @@ class ContainerLog:
         level = "error" if error else ("warning" if self.warnings else "info")
         if LEVELS[level] < configured_level():
             return
-        fields = dict(self.fields, duration_ms=round((time.monotonic() - self.started) * 1000, 1))
+        fields = {key: _bounded(value) for key, value in self.fields.items()}
+        fields["duration_ms"] = round((time.monotonic() - self.started) * 1000, 1)
         if self.warnings:
-            fields["warnings"] = self.warnings
+            fields["warnings"] = _bounded(self.warnings)
         if error:
-            fields["error"] = error
+            fields["error"] = printable(error, MAX_MESSAGE_LENGTH)
         if configured_level() <= LEVELS["debug"]:
             if self.steps_ms:
                 fields["steps_ms"] = self.steps_ms
             if self.notes:
-                fields["notes"] = self.notes
+                fields["notes"] = _bounded(self.notes)
         _write(level, "cdi-hook injected" if not error else "cdi-hook failed", fields)
+
+
+def _bounded(value):
+    """A log field safe and short: strings escaped and cut, lists and dicts summarised."""
+    if isinstance(value, str):
+        return printable(value, MAX_LOG_ITEM)
+    if isinstance(value, (list, tuple)):
+        items = [_bounded(item) for item in value[:MAX_LOG_ITEMS]]
+        if len(value) > MAX_LOG_ITEMS:
+            items.append(f"... ({len(value) - MAX_LOG_ITEMS} more)")
+        return items
+    if isinstance(value, dict):
+        pairs = list(value.items())
+        bounded = {_bounded(key): _bounded(item) for key, item in pairs[:MAX_LOG_ITEMS]}
+        if len(pairs) > MAX_LOG_ITEMS:
+            bounded["..."] = f"{len(pairs) - MAX_LOG_ITEMS} more"
+        return bounded
+    return value
 
 
 class _Step:

@@ -22,7 +22,7 @@ import stat
 
 from collections import namedtuple
 
-from cdi_hook.errors import CdiError, ResolveError
+from cdi_hook.errors import MAX_LISTED, CdiError, ResolveError, listed
 from cdi_hook.spec.model import ContainerEdits, Device, Spec
 from cdi_hook.spec.names import is_qualified_name, quote
 from cdi_hook.spec.parse import build_spec, decode_document, is_spec_file_name, read_spec_bytes
@@ -198,19 +198,20 @@ class Registry:
         return select(wanted, self.devices)
 
     def _unresolved_message(self, missing: list[str]) -> str:
+        """One line, of bounded length: a few names and details, then how many more."""
         details = []
-        for name in missing:
+        for name in missing[:MAX_LISTED]:
             if not is_qualified_name(name):
                 details.append(f"{quote(name)} is not a qualified name (vendor.com/class=name)")
             elif name in self.conflicts:
-                details.append(f"{name} is defined twice at the same priority ({', '.join(self.conflicts[name])})")
+                details.append(f"{name} is defined twice at the same priority ({listed(self.conflicts[name])})")
             else:
                 kind = name.split("=", 1)[0]
                 if kind in self.invalid_kinds:
-                    details.append(f"{name}: a spec for {kind} is invalid ({', '.join(self.invalid_kinds[kind])})")
+                    details.append(f"{name}: a spec for {kind} is invalid ({listed(self.invalid_kinds[kind])})")
         message = (f"unresolvable CDI device{'s' if len(missing) > 1 else ''}: "
-                   f"{', '.join(quote(n) if not is_qualified_name(n) else n for n in missing)} "
-                   f"(spec dirs searched: {', '.join(self.spec_dirs) or 'none'})")
+                   f"{listed(quote(n) if not is_qualified_name(n) else n for n in missing)} "
+                   f"(spec dirs searched: {listed(self.spec_dirs) or 'none'})")
         if details:
             message += "; " + "; ".join(details)
         if self.errors:

@@ -17,6 +17,12 @@ ANNOTATION_PREFIX = "cdi.k8s.io/"
 # applied, which the live hook then skips, so a device is applied once when both run.
 APPLIED_ANNOTATION = "io.github.cdi-hook.applied"
 MAX_KEY_NAME_LENGTH = 63
+# A container asks for at most this many devices, through at most this many cdi.k8s.io/
+# annotations (the kubelet writes one per device plugin allocation). A node with 8 GPUs
+# split 7 ways by MIG, plus NICs and accelerators, stays well below; beyond, every later
+# step (attribution, the policy, the plan, the error and log lines) would grow with a
+# pod author's annotation count: refused with one line instead.
+MAX_REQUESTS = 256
 _KEY_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?")
 
 
@@ -54,6 +60,7 @@ def requested_devices(*annotation_maps) -> list[str]:
     Maps may be None (a config.json without annotations). Other annotations are ignored.
     """
     names: dict[str, None] = {}
+    keys: set[str] = set()  # the state's annotations repeat config.json's: count each key once
     for annotation_map in annotation_maps:
         if not annotation_map:
             continue
@@ -61,8 +68,15 @@ def requested_devices(*annotation_maps) -> list[str]:
             raise CdiError("annotations must be a mapping of strings")
         for key, value in annotation_map.items():
             if isinstance(key, str) and key.startswith(ANNOTATION_PREFIX):
+                keys.add(key)
+                if len(keys) > MAX_REQUESTS:
+                    raise CdiError(f"more than {MAX_REQUESTS} {ANNOTATION_PREFIX} annotations; "
+                                   f"at most {MAX_REQUESTS} are read per container")
                 for name in parse_annotation(key, value):
                     names.setdefault(name, None)
+                if len(names) > MAX_REQUESTS:
+                    raise CdiError(f"annotation {quote(key)}: more than {MAX_REQUESTS} CDI devices requested; "
+                                   f"at most {MAX_REQUESTS} are given per container")
     return list(names)
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cdi_hook.errors import CdiError
-from cdi_hook.oci import parse_config, parse_state, read_config
+from cdi_hook.oci import MAX_JSON_DEPTH, json_depth, parse_config, parse_state, read_config
 
 
 def state(**fields) -> bytes:
@@ -107,3 +107,41 @@ def test_read_config_errors_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(CdiError, match="config.json: not valid JSON"):
         read_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("text, depth", [
+    ('{}', 1),
+    ('{"a": [1, {"b": []}]}', 4),
+    ('{"a": "[[[[{{{{"}', 1),  # brackets in strings are data
+    ('{"a": "\\\\", "b": [[]]}', 3),  # an escaped backslash ends before the quote
+    ('{"a": "\\"[[[", "b": "]]]\\""}', 1),  # escaped quotes do not end the string
+    ('["\\u005b\\u005b"]', 1),
+])
+def test_json_depth_counts_structure_only(text, depth):
+    assert json_depth(text.encode()) == depth
+    assert json_depth(text.encode()) == _depth_of(json.loads(text))
+
+
+def _depth_of(value) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth_of, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth_of, value), default=0)
+    return 0
+
+
+def test_nesting_is_bounded_before_parsing():
+    ok = b'{"id": "c1", "bundle": "/b", "x": ' + b"[" * (MAX_JSON_DEPTH - 1) + b"]" * (MAX_JSON_DEPTH - 1) + b"}"
+    assert parse_state(ok).id == "c1"
+    too_deep = ok.replace(b"[", b"[[", 1).replace(b"]", b"]]", 1)
+    with pytest.raises(CdiError, match=f"OCI state on stdin: nested deeper than {MAX_JSON_DEPTH} levels"):
+        parse_state(too_deep)
+    with pytest.raises(CdiError, match="nested deeper"):
+        parse_state(b"[" * 1_000_000)  # no parse at all, however malformed
+
+
+def test_bad_values_are_echoed_short_and_escaped():
+    with pytest.raises(CdiError) as info:
+        parse_state(state(bundle="rel/\x1b[31m" + "x" * 100_000))
+    message = str(info.value)
+    assert len(message) < 300 and "\x1b" not in message and "\\x1b" in message, message

@@ -39,7 +39,7 @@ def cmd_precreate(spec_dirs, stdin, stdout) -> int:
     On error nothing is written to stdout: the CdiError reaches the CLI, which prints one
     line on stderr and exits non-zero, and Podman refuses to create the container.
     """
-    raw = stdin.read()
+    raw = stdin.read(oci.MAX_CONFIG_SIZE + 1)  # one byte more: "larger than" without reading it all
     config = oci.json_object(raw, "precreate: config.json on stdin", oci.MAX_CONFIG_SIZE)
     annotations = config_editor.annotations_of(config)
     pending = pending_devices(annotations)

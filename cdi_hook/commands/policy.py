@@ -6,7 +6,7 @@ import json
 import sys
 
 from cdi_hook import oci, policy
-from cdi_hook.errors import CdiError
+from cdi_hook.errors import CdiError, printable
 from cdi_hook.request import pending_devices
 
 
@@ -59,7 +59,8 @@ def cmd_explain(args) -> int:
         print(json.dumps(report, indent=2))
     else:
         where = f"pod {container.namespace}/{container.pod}" if container.pod else "no pod"
-        print(f"container: {container.runtime} ({where}); policy: {report['policy']}")
+        # pod names and keys come from annotations: escaped like every other printed line
+        print(printable(f"container: {container.runtime} ({where}); policy: {report['policy']}"))
         if not decisions:
             print("no CDI devices requested")
         for item in report["requests"]:
@@ -67,6 +68,6 @@ def cmd_explain(args) -> int:
             extra = ""
             if item.get("exclusive"):
                 extra = f"; exclusive, held by {item['held_by']}" if item["held_by"] else "; exclusive, free"
-            print(f"{item['device']}: {verdict}: asked by {item['source']} through {item['annotation']} "
-                  f"({item['why']}); {item['reason']}{extra}")
+            print(printable(f"{item['device']}: {verdict}: asked by {item['source']} through {item['annotation']} "
+                            f"({item['why']}); {item['reason']}{extra}"))
     return 0 if all(d.allowed for d in decisions) else 1
