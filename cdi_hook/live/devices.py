@@ -7,12 +7,22 @@ trusted. When the container has a user namespace, or mknod is refused, the host 
 bind-mounted onto an empty file instead (what runc does): a node made by us would sit on a
 filesystem its user namespace may not open devices from. The host node's detached mount
 (open_tree clone) is taken before the worker enters the container's mount namespace,
-because a mount can only be cloned from the namespace it lives in.
-A node already present with the same type and rdev is kept (the runtime, or an earlier
-hook, made it), and given the spec's mode and owner as native CDI would; a host node bind-
-mounted there is left exactly alone, since changing it would change the host's node. Another
-device node at the path (say the runtime's own /dev/full where the spec puts /dev/zero) is
-replaced, as native CDI replaces it. Every such change is put back on undo.
+because a mount can only be cloned from the namespace it lives in. A bind mount is placed
+only where rootfs.mount_target_problem allows (not on a shared mount, not in /proc).
+
+A node already at the path (the image's, the runtime's, an earlier hook's) is never chmodded
+or chowned: cdi-hook changes the owner and mode only of inodes it made itself. An image is
+a directory tree that may share a filesystem with the host, so its node can be a hard link
+to a host inode (a host's /dev node, say), and changing "the image's node" would change the
+host's. The link count cannot make an exception safe either (a link elsewhere in the image
+is as good as one on the host), so there is none. Instead, when the node there is not what
+the spec says (another device, or the same device with another mode or owner, which native
+CDI sets), a new node is made beside it under a temporary name, owned and moded through its
+fd, and renamed over it: the old inode is only unlinked from the image, never written. On
+undo ours is removed and the old entry made again (same type, device, mode and owner; a
+hard link comes back as a node of its own). The same node already as the spec says is left
+as it is; a node that is a mount point (a host node the runtime bind-mounted) and any node
+with a user namespace (where ours could not be opened) are left exactly alone.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import stat
 
 from cdi_hook.errors import HookError
 from cdi_hook.live import syscalls
-from cdi_hook.live.rootfs import Rootfs, create_empty_file
+from cdi_hook.live.rootfs import Rootfs, create_empty_file, mount_id
 from cdi_hook.spec.model import DeviceNode
 
 STEP = "device node"
@@ -75,16 +85,21 @@ def _create_node(rootfs: Rootfs, job: NodeJob, by_bind_mount: bool, mounted_fds:
     want_fmt = _S_IFMT[node.type]
     existing = _existing(rootfs, node.path)
     if existing is not None:
-        if stat.S_IFMT(existing.st_mode) == want_fmt and (node.type == "p" or existing.st_rdev == _rdev(node)):
-            _adopt_existing(rootfs, job, by_bind_mount, notes)
+        same = stat.S_IFMT(existing.st_mode) == want_fmt and (node.type == "p" or existing.st_rdev == _rdev(node))
+        if same and by_bind_mount:
+            notes.append(f"{node.path}: already present, left alone")
             return
-        if by_bind_mount or not _replace_existing_node(rootfs, job, notes):
+        if not by_bind_mount and _replace_existing(rootfs, job, same, notes):
+            return
+        if not same:
             raise HookError(STEP, job.origin, f"{node.path} already exists in the container and is not "
                                               f"the {node.type} {node.major}:{node.minor} device the spec names")
+        notes.append(f"{node.path}: already present, left alone")
+        return
     if not by_bind_mount or node.type == "p":
         mode = node.file_mode if node.file_mode is not None else DEFAULT_FILE_MODE
         try:
-            fd, _ = rootfs.ensure(node.path, lambda parent_fd, name: os.mknod(
+            fd, created = rootfs.ensure(node.path, lambda parent_fd, name: os.mknod(
                 name, want_fmt | 0o600, _rdev(node) if node.type != "p" else 0, dir_fd=parent_fd))
         except PermissionError:
             if node.type == "p":
@@ -92,6 +107,8 @@ def _create_node(rootfs: Rootfs, job: NodeJob, by_bind_mount: bool, mounted_fds:
             notes.append(f"{node.path}: mknod refused, bind-mounting the host node")
         else:
             try:
+                if not created:  # appeared since we looked: not ours to chown
+                    raise HookError(STEP, job.origin, f"{node.path} appeared while cdi-hook created it")
                 _check_inode(os.fstat(fd), node, job.origin)
                 os.chown(syscalls.fd_path(fd), job.uid, job.gid)
                 os.chmod(syscalls.fd_path(fd), stat.S_IMODE(mode))
@@ -108,77 +125,76 @@ def _split(path: str) -> tuple[str, str]:
     return "/".join(parts[:-1]), parts[-1] if parts else ""
 
 
-def _entry(rootfs: Rootfs, path: str) -> tuple[int, str, os.stat_result, os.stat_result] | None:
-    """(parent fd, name, lstat of the entry, stat of the parent) when path names an entry
-    directly (no symlink as its last component); None otherwise. The caller closes the fd."""
-    parent, name = _split(path)
-    if name in ("", ".."):
-        return None
-    parent_fd = rootfs.open_dir(parent)
-    try:
-        return parent_fd, name, os.lstat(name, dir_fd=parent_fd), os.fstat(parent_fd)
-    except OSError:
-        os.close(parent_fd)
-        return None
-
-
-def _adopt_existing(rootfs: Rootfs, job: NodeJob, by_bind_mount: bool, notes: list[str]) -> None:
-    """The right device is there already: give it the spec's mode and owner, unless it is a
-    mount (a host node bind-mounted by the runtime: chmod would change the host's node)."""
+def _replace_existing(rootfs: Rootfs, job: NodeJob, same: bool, notes: list[str]) -> bool:
+    """A node is at the path: unless it is already as the spec says, put a node of our own in
+    its place (made beside it, renamed over it; the old one made again on undo). False when the
+    entry is no plain node of the image (a symlink as the last component, a mount point) or
+    mknod is refused: then it is left alone."""
     node = job.node
-    entry = _entry(rootfs, node.path)
-    if entry is None or by_bind_mount:
-        notes.append(f"{node.path}: already present, left alone")
-        if entry:
-            os.close(entry[0])
-        return
-    parent_fd, name, st, parent_st = entry
+    parts = _split(node.path)
+    if parts[1] in ("", ".."):
+        return False
+    parent_fd = rootfs.open_dir(parts[0])
     try:
-        if st.st_dev != parent_st.st_dev:
-            notes.append(f"{node.path}: already present as a mount, left alone")
-            return
-        mode = stat.S_IMODE(node.file_mode if node.file_mode is not None else st.st_mode)
-        if (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, job.uid, job.gid):
-            notes.append(f"{node.path}: already present as the spec says")
-            return
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        name = parts[1]
         try:
-            if (os.fstat(fd).st_ino, os.fstat(fd).st_rdev) != (st.st_ino, st.st_rdev):
-                raise HookError(STEP, job.origin, f"{node.path} changed while cdi-hook looked at it")
-            rootfs.on_undo(lambda: _set_owner_mode(fd, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), close=True))
-            _set_owner_mode(fd, job.uid, job.gid, mode)
+            old_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        except OSError:
+            return False
+        try:
+            old = os.fstat(old_fd)
+            if (stat.S_IFMT(old.st_mode) not in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO)
+                    or mount_id(old_fd) != mount_id(parent_fd)):  # a mount: the host's node
+                return False
+        finally:
+            os.close(old_fd)
+        default_mode = old.st_mode if same else DEFAULT_FILE_MODE
+        mode = stat.S_IMODE(node.file_mode if node.file_mode is not None else default_mode)
+        if same and (stat.S_IMODE(old.st_mode), old.st_uid, old.st_gid) == (mode, job.uid, job.gid):
+            notes.append(f"{node.path}: already present as the spec says")
+            return True
+        temp = f".cdi-hook-{os.getpid()}"
+        try:
+            os.mknod(temp, _S_IFMT[node.type] | 0o600, _rdev(node) if node.type != "p" else 0, dir_fd=parent_fd)
+        except PermissionError:
+            return False
+        try:
+            fd = os.open(temp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+            try:
+                new = os.fstat(fd)
+                if new.st_nlink != 1:  # not the inode mknod just made
+                    raise HookError(STEP, job.origin, f"{node.path} changed while cdi-hook created it")
+                _check_inode(new, node, job.origin)
+                _set_owner_mode(fd, job.uid, job.gid, mode)
+            finally:
+                os.close(fd)
+            os.rename(temp, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
         except BaseException:
-            os.close(fd)
+            try:
+                os.unlink(temp, dir_fd=parent_fd)
+            except OSError:
+                pass
             raise
-        # fd stays open for the undo action; the worker exits right after a commit, closing it.
-        notes.append(f"{node.path}: already present, set to {mode:o} {job.uid}:{job.gid}")
+        put_back_fd = os.dup(parent_fd)
+
+        def put_back() -> None:
+            try:
+                os.mknod(name, stat.S_IFMT(old.st_mode) | 0o600, old.st_rdev, dir_fd=put_back_fd)
+                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=put_back_fd)
+                _set_owner_mode(fd, old.st_uid, old.st_gid, stat.S_IMODE(old.st_mode), close=True)
+            finally:
+                os.close(put_back_fd)
+
+        # put_back stays registered for undo (its fd too: the worker exits after a commit);
+        # remember() after it, so that undo removes our node before the old one is made again.
+        rootfs.on_undo(put_back)
+        rootfs.remember(parent_fd, name, is_dir=False)
     finally:
         os.close(parent_fd)
-
-
-def _replace_existing_node(rootfs: Rootfs, job: NodeJob, notes: list[str]) -> bool:
-    """Another device node is at the path (not a mount, not a symlink): remove it so ours can
-    be made, and make it again on undo. False when the entry is anything else."""
-    node = job.node
-    entry = _entry(rootfs, node.path)
-    if entry is None:
-        return False
-    parent_fd, name, st, parent_st = entry
-    if stat.S_IFMT(st.st_mode) not in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO) or st.st_dev != parent_st.st_dev:
-        os.close(parent_fd)
-        return False
-    os.unlink(name, dir_fd=parent_fd)
-
-    def put_back() -> None:
-        try:
-            os.mknod(name, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=parent_fd)
-            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
-            _set_owner_mode(fd, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), close=True)
-        finally:
-            os.close(parent_fd)
-
-    rootfs.on_undo(put_back)  # parent_fd stays open for it (the worker exits after a commit)
-    notes.append(f"{node.path}: replaced the {os.major(st.st_rdev)}:{os.minor(st.st_rdev)} node there")
+    if same:
+        notes.append(f"{node.path}: already present, replaced by a node set to {mode:o} {job.uid}:{job.gid}")
+    else:
+        notes.append(f"{node.path}: replaced the {os.major(old.st_rdev)}:{os.minor(old.st_rdev)} node there")
     return True
 
 
@@ -201,6 +217,9 @@ def _bind_host_node(rootfs: Rootfs, job: NodeJob, mounted_fds: list[int]) -> Non
     try:
         if not stat.S_ISREG(os.fstat(target_fd).st_mode):
             raise HookError(STEP, job.origin, f"{node.path}: mount point in the container is not a file")
+        problem = rootfs.mount_target_problem(target_fd)
+        if problem:
+            raise HookError(STEP, job.origin, f"{node.path}: {problem}; refused")
         syscalls.move_mount(job.host_tree_fd, target_fd)
     finally:
         os.close(target_fd)

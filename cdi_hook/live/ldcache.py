@@ -6,16 +6,28 @@ CDI specs (NVIDIA's among them) list each library as its own file mount; a spec 
 a whole folder on the search path can say so with its own hook.
 
 How: a conf file etc/ld.so.conf.d/00-cdi-hook.conf (00: ahead of the image's own folders)
-lists the container-side folders, written through an fd of the in-root resolved directory,
-and only as a regular file (a symlink, fifo or device node there is refused: the hook never
-opens an image's device node, which could be a host disk); then the host's ldconfig (static,
-opened on the host before entering the container) runs chrooted into a nodev clone of the
-rootfs mounts, so /etc, ld.so.conf.d and ld.so.cache resolve inside the rootfs whatever
-symlinks the image holds and no device node of the image can be opened by it (a non-file
-etc/ld.so.cache~, which it opens for writing, is refused before it runs). It runs with an
-empty environment, no_new_privs, a bounding set of only the file capabilities it needs, CPU
-and memory limits, and -X (no symlink updates, so a rw folder mounted from the host is never
-written to). Undo puts the image's conf file and ld.so.cache back exactly as they were.
+lists the container-side folders; the host's ldconfig (static, opened on the host before
+entering the container) builds the cache; the hook installs it as etc/ld.so.cache.
+
+Every name there is the image's: it may be a symlink (into a host volume mounted in the
+container), a device node, or a hard link to a host file on the rootfs's filesystem. So
+nothing of the image is ever opened for writing, truncated, chmod'ed or chown'ed:
+
+* the hook writes the conf file and the cache as new files of its own (O_EXCL) beside
+  their names and renames them over; owner and mode are set through the new file's fd. The
+  folders are resolved in the rootfs without crossing a mount (RESOLVE_NO_XDEV), so they
+  are on the rootfs's own filesystem, never in a volume an image symlink leads to.
+* ldconfig runs chrooted into a clone of the rootfs mounts that is read-only and nodev
+  (open_tree + mount_setattr): it reads the image but cannot write into it (not its
+  ld.so.cache~, not var/cache/ldconfig/aux-cache, which it writes whatever its options say,
+  not through any symlink into any mount) and cannot open a device node. Its working
+  folder is a private tmpfs attached nowhere, outside the chroot; `-C ld.so.cache`, a
+  relative name, puts the new cache there, where only the hook reads it.
+
+It runs with an empty environment, no_new_privs, a bounding set of only the file
+capabilities it needs, CPU and memory limits, and -X (no symlink updates) and -i (the
+image's aux-cache is not read). Undo puts the image's conf file and ld.so.cache back as
+they were (content, or the symlink they were, with owner and mode), again as new files.
 A rootfs without etc/ld.so.conf and etc/ld.so.cache (no /etc, musl, distroless) has no glibc
 loader cache to update: skipped with a note, not an error.
 """
@@ -39,8 +51,11 @@ STEP = "ldconfig"
 CONF_DIR = "etc/ld.so.conf.d"
 CONF_NAME = "00-cdi-hook.conf"
 CACHE = "etc/ld.so.cache"
-MAX_CACHE_BACKUP = 64 << 20
+MAX_CACHE = 64 << 20  # a cache (ldconfig's new one, or the image's kept for undo) is at most this big
 MAX_CONF_BACKUP = 1 << 20
+OUT_NAME = "ld.so.cache"  # ldconfig's -C, relative: in its working folder, the private tmpfs
+# Inside the rootfs, symlinks followed there, no magic links, and never across a mount.
+OWN_MOUNT = sc.RESOLVE_IN_ROOT | sc.RESOLVE_NO_MAGICLINKS | sc.RESOLVE_NO_XDEV
 HOST_LDCONFIG = ("/sbin/ldconfig", "/usr/sbin/ldconfig")
 TIMEOUT_S = 30
 CPU_LIMIT_S = 20
@@ -105,101 +120,209 @@ def update(rootfs: Rootfs, dirs: list[str], ldconfig_fd: int | None, notes: list
     """device: the CDI names whose libraries these are, for the error message."""
     if not dirs:
         return
-    if not (_exists(rootfs, "etc/ld.so.conf") or _exists(rootfs, "etc/ld.so.cache")):
+    if not (_exists(rootfs, "etc/ld.so.conf") or _exists(rootfs, CACHE)):
         notes.append("ldconfig skipped: rootfs has no etc/ld.so.conf or etc/ld.so.cache (not glibc)")
         return
     if ldconfig_fd is None:
         raise HookError(STEP, device, f"host has no statically linked ldconfig ({' or '.join(HOST_LDCONFIG)}); "
                                   "a dynamic one would run the image's loader and libraries as root")
-    _check_temp_cache(rootfs, device)
-    _write_conf(rootfs, dirs)
-    _keep_old_cache(rootfs)
-    _remove_temp_cache_on_undo(rootfs)
-    view_fd = _nodev_view(rootfs.root_fd, notes)
+    view_fd = _read_only_view(rootfs.root_fd, device)
     try:
-        status, output = _run_chrooted(view_fd if view_fd is not None else rootfs.root_fd, ldconfig_fd,
-                                       ["ldconfig", "-X"])
+        # What undo would put back is read before anything changes: a name undo could not
+        # restore (a device node, a folder, a huge file) stops the step here.
+        old_cache = _old_entry(view_fd, CACHE, MAX_CACHE, device)
+        conf_dir_fd = _own_dir(rootfs, CONF_DIR, device)
+        try:
+            conf = f"{CONF_DIR}/{CONF_NAME}"
+            old_conf = _old_entry(view_fd, conf, MAX_CONF_BACKUP, device)
+            text = "# written by cdi-hook: host libraries mounted by CDI devices\n" + "".join(d + "\n" for d in dirs)
+            _replace(rootfs, conf_dir_fd, conf, text.encode(), old_conf, device)
+        finally:
+            os.close(conf_dir_fd)
+        cache = _build_cache(view_fd, ldconfig_fd, device)
     finally:
-        if view_fd is not None:
-            os.close(view_fd)
-    if status != "0":
-        raise HookError(STEP, device, f"{status}: {' '.join(output.split())[-2000:] or 'no output'}")
-    folder, name = posixpath.split(CACHE)
-    cache_dir_fd = rootfs.open_dir(folder)
+        os.close(view_fd)
+    etc_fd = _own_dir(rootfs, posixpath.dirname(CACHE), device)
     try:
-        rootfs.give_to_container(cache_dir_fd, name)  # ldconfig, as host root, made a new file
+        _replace(rootfs, etc_fd, CACHE, cache, old_cache, device)
     finally:
-        os.close(cache_dir_fd)
+        os.close(etc_fd)
     notes.append(f"ldconfig: cache updated for {', '.join(dirs)}")
 
 
-def _keep_old_cache(rootfs: Rootfs) -> None:
-    """Remember the image's ld.so.cache so that undo can put it back as it was (ldconfig
-    replaces it with a new file): its content, or the symlink it was, with owner and mode."""
-    folder, name = posixpath.split(CACHE)
-    parent_fd = rootfs.open_dir(folder)
-    old: bytes | str | None = None  # None: no cache before us, undo removes the one ldconfig made
-    try:
-        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-        if stat.S_ISLNK(st.st_mode):
-            old = os.readlink(name, dir_fd=parent_fd)
-        elif stat.S_ISREG(st.st_mode) and st.st_size <= MAX_CACHE_BACKUP:
-            with os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd), "rb") as f:
-                old = f.read(MAX_CACHE_BACKUP + 1)
-            if len(old) > MAX_CACHE_BACKUP:
-                return
-        else:
-            return  # a directory or something odd: ldconfig will say so; too big: left as ldconfig makes it
-    except FileNotFoundError:
-        st = None
-    finally:
-        os.close(parent_fd)
+def _read_only_view(root_fd: int, device: str) -> int:
+    """A detached clone of the rootfs mounts, all read-only and nodev, for ldconfig to run in.
 
-    def restore() -> None:
-        parent_fd = rootfs.open_dir(folder)
+    ldconfig runs as host root, in the host's device cgroup. Through this view it reads the
+    image but writes nothing to it, whatever the image's names are (hard links to host
+    files, symlinks into host volumes, which are part of the clone and read-only there too),
+    and opens no device node. The clone is a separate set of mounts: the container's own
+    stay as they are.
+    """
+    try:
+        view = sc.open_tree(root_fd, "", sc.OPEN_TREE_CLONE | sc.AT_RECURSIVE | sc.AT_EMPTY_PATH)
+    except OSError as error:
+        raise HookError(STEP, device, f"no read-only view of the rootfs for ldconfig: {error.strerror}") from None
+    try:
+        sc.mount_setattr(view, sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NODEV, recursive=True)
+    except OSError as error:
+        os.close(view)
+        raise HookError(STEP, device, f"no read-only view of the rootfs for ldconfig: {error.strerror}") from None
+    return view
+
+
+def _build_cache(view_fd: int, ldconfig_fd: int, device: str) -> bytes:
+    """The new ld.so.cache, as ldconfig chrooted into view_fd builds it in a private tmpfs."""
+    try:
+        # Its size bounds the cache (a bigger one fails ldconfig with ENOSPC) and the memory it takes.
+        out_fd = sc.detached_tmpfs({"size": str(MAX_CACHE), "mode": "0700", "nr_inodes": "16"},
+                                   sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC)
+    except OSError as error:
+        raise HookError(STEP, device, f"no private folder for ldconfig's output: {error.strerror}") from None
+    try:
+        status, output = _run_chrooted(view_fd, ldconfig_fd, ["ldconfig", "-X", "-i", "-C", OUT_NAME], cwd_fd=out_fd)
+        if status != "0":
+            # ldconfig's complaints name the image's files: escaped, so no name can reach a
+            # terminal or a log as control characters.
+            tail = " ".join(output.split())[-2000:] or "no output"
+            raise HookError(STEP, device, f"{status}: {tail.encode('unicode_escape').decode('ascii')}")
         try:
-            try:
-                os.unlink(name, dir_fd=parent_fd)
-            except FileNotFoundError:
-                pass
-            if old is None:
-                return
-            if isinstance(old, str):
-                os.symlink(old, name, dir_fd=parent_fd)
-            else:
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-                with os.fdopen(os.open(name, flags, 0o600, dir_fd=parent_fd), "wb") as f:
-                    f.write(old)
-                    os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
-            os.chown(name, st.st_uid, st.st_gid, dir_fd=parent_fd, follow_symlinks=False)
-        finally:
-            os.close(parent_fd)
-
-    rootfs.on_undo(restore)
+            fd = os.open(OUT_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=out_fd)
+        except OSError as error:
+            raise HookError(STEP, device, f"ldconfig made no cache: {error.strerror}") from None
+        with os.fdopen(fd, "rb") as made:
+            return made.read()
+    finally:
+        os.close(out_fd)
 
 
-def _remove_temp_cache_on_undo(rootfs: Rootfs) -> None:
-    """ldconfig writes ld.so.cache~ and renames it; when that fails the temp file stays behind."""
-    folder, name = posixpath.split(CACHE + "~")
-    parent_fd = rootfs.open_dir(folder)
+def _own_dir(rootfs: Rootfs, folder: str, device: str) -> int:
+    """An fd of folder in the rootfs, made when missing (and removed again on undo).
+
+    Resolved inside the rootfs and without crossing a mount: an image symlink that leads
+    into a volume mounted in the container (a host folder) is refused (EXDEV), so what the
+    hook writes stays on the rootfs's own filesystem.
+    """
     try:
-        os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-        return  # the image's own entry: not ours to remove
+        return sc.openat2(rootfs.root_fd, folder, os.O_RDONLY | os.O_DIRECTORY, OWN_MOUNT)
     except FileNotFoundError:
         pass
+    except OSError as error:
+        raise HookError(STEP, device, _where(folder, error)) from None
+    parent, name = posixpath.split(folder)
+    parent_fd = _own_dir(rootfs, parent, device) if parent else os.dup(rootfs.root_fd)
+    try:
+        os.mkdir(name, 0o755, dir_fd=parent_fd)
+        rootfs.on_undo(lambda: _remove_dir(rootfs, parent, name))
+        fd = sc.openat2(parent_fd, name, os.O_RDONLY | os.O_DIRECTORY, OWN_MOUNT | sc.RESOLVE_NO_SYMLINKS)
+        if rootfs.creator_ids is not None:
+            os.fchown(fd, *rootfs.creator_ids)  # through the fd: the folder we just made, nothing else
+        return fd
+    except OSError as error:
+        raise HookError(STEP, device, _where(folder, error)) from None
     finally:
         os.close(parent_fd)
 
-    def remove() -> None:
-        parent_fd = rootfs.open_path(folder)
-        try:
-            os.unlink(name, dir_fd=parent_fd)
-        except FileNotFoundError:
-            pass
-        finally:
-            os.close(parent_fd)
 
-    rootfs.on_undo(remove)
+def _remove_dir(rootfs: Rootfs, parent: str, name: str) -> None:
+    parent_fd = sc.openat2(rootfs.root_fd, parent or ".", os.O_PATH | os.O_DIRECTORY, OWN_MOUNT)
+    try:
+        os.rmdir(name, dir_fd=parent_fd)
+    finally:
+        os.close(parent_fd)
+
+
+def _old_entry(view_fd: int, path: str, limit: int, device: str) -> tuple | None:
+    """What is at path now, for undo: None, or (stat, the symlink's target or the file's bytes).
+
+    Read through the nodev view, so a device node swapped in meanwhile cannot be opened.
+    Anything else there (a device node, a fifo, a folder) or a file over limit is refused:
+    undo could not put it back.
+    """
+    folder, name = posixpath.split(path)
+    try:
+        dir_fd = sc.openat2(view_fd, folder, os.O_PATH | os.O_DIRECTORY, OWN_MOUNT)
+    except OSError as error:
+        raise HookError(STEP, device, _where(folder, error)) from None
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            return st, os.readlink(name, dir_fd=dir_fd)
+        if stat.S_ISREG(st.st_mode) and st.st_size <= limit:
+            with os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                                   dir_fd=dir_fd), "rb") as old:
+                st = os.fstat(old.fileno())
+                content = old.read(limit + 1)
+            if stat.S_ISREG(st.st_mode) and len(content) <= limit:
+                return st, content
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise HookError(STEP, device, _where(path, error)) from None
+    finally:
+        os.close(dir_fd)
+    kind = "a regular file or a symlink" if not stat.S_ISREG(st.st_mode) else f"at most {limit >> 20} MiB"
+    raise HookError(STEP, device, f"{path} in the rootfs is not {kind}; refusing to replace what undo could not put back")
+
+
+def _replace(rootfs: Rootfs, dir_fd: int, path: str, content: bytes, old: tuple | None, device: str) -> None:
+    """Put content at path (in dir_fd) as a new file for the container's root; undo puts old back."""
+    name = posixpath.basename(path)
+    try:
+        _install(dir_fd, name, content, 0o644, rootfs.creator_ids)
+    except OSError as error:
+        raise HookError(STEP, device, _where(path, error)) from None
+    rootfs.on_undo(lambda: _put_back(rootfs, path, old))
+
+
+def _put_back(rootfs: Rootfs, path: str, old: tuple | None) -> None:
+    folder, name = posixpath.split(path)
+    dir_fd = sc.openat2(rootfs.root_fd, folder, os.O_PATH | os.O_DIRECTORY, OWN_MOUNT)
+    try:
+        if old is None:
+            os.unlink(name, dir_fd=dir_fd)
+        else:
+            st, content = old
+            _install(dir_fd, name, content, stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid))
+    finally:
+        os.close(dir_fd)
+
+
+def _install(dir_fd: int, name: str, content: bytes | str, mode: int, owner: tuple[int, int] | None) -> None:
+    """A new file (bytes) or symlink (str) with owner and mode, renamed over name in dir_fd.
+
+    Made under a fresh name with O_EXCL (or symlink(), which never follows): whatever the
+    image holds under name, or links there, is only unlinked by the rename, never written.
+    Owner and mode are set through an fd of the new inode.
+    """
+    temp = f".{name}.{os.urandom(6).hex()}.cdi-hook"
+    try:
+        if isinstance(content, str):
+            os.symlink(content, temp, dir_fd=dir_fd)
+            fd = os.open(temp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISLNK(st.st_mode) or st.st_nlink != 1:  # swapped for a link to another inode
+                    raise OSError(errno.EEXIST, "replaced while being made", temp)
+                if owner is not None:
+                    sc.fchown_fd(fd, *owner)
+            finally:
+                os.close(fd)
+        else:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=dir_fd)
+            with os.fdopen(fd, "wb") as new:
+                new.write(content)
+                if owner is not None:
+                    os.fchown(fd, *owner)
+                os.fchmod(fd, mode)  # after the chown, which would clear set-id bits
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        try:
+            os.unlink(temp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
 
 
 def _exists(rootfs: Rootfs, path: str) -> bool:
@@ -210,100 +333,19 @@ def _exists(rootfs: Rootfs, path: str) -> bool:
         return False
 
 
-def _write_conf(rootfs: Rootfs, dirs: list[str]) -> None:
-    text = "# written by cdi-hook: host libraries mounted by CDI devices\n" + "".join(d + "\n" for d in dirs)
-    try:
-        dir_fd = rootfs.open_dir(CONF_DIR)
-    except OSError as error:
-        raise HookError(STEP, "", f"{CONF_DIR} in the rootfs: {error.strerror}") from None
-    try:
-        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(CONF_NAME, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
-            rootfs.remember(dir_fd, CONF_NAME, is_dir=False)
-        except FileExistsError:
-            fd = _open_image_file(dir_fd, CONF_NAME)
-            old = os.pread(fd, MAX_CONF_BACKUP + 1, 0)
-            if len(old) <= MAX_CONF_BACKUP:
-                rootfs.on_undo(lambda: _rewrite(rootfs, CONF_DIR, CONF_NAME, old))
-            os.ftruncate(fd, 0)
-        with os.fdopen(fd, "w") as conf:
-            conf.write(text)
-    except OSError as error:
-        raise HookError(STEP, "", f"{CONF_DIR}/{CONF_NAME} in the rootfs: {error.strerror}") from None
-    finally:
-        os.close(dir_fd)
+def _where(path: str, error: OSError) -> str:
+    if error.errno == errno.EXDEV:
+        return (f"{path} in the rootfs leads out of the rootfs's own filesystem (a symlink into a mounted "
+                "folder?); refusing to write there")
+    return f"{path} in the rootfs: {error.strerror}"
 
 
-def _nodev_view(root_fd: int, notes: list[str]) -> int | None:
-    """A detached clone of the rootfs mounts, all nodev, for ldconfig to run in.
+def _run_chrooted(root_fd: int, program_fd: int, argv: list[str], cwd_fd: int | None = None) -> tuple[str, str]:
+    """Run program chrooted into root_fd, confined; ("0" or how it ended, its output).
 
-    ldconfig runs as root in the host's device cgroup; whatever device node the image holds
-    (or names through a symlink), it cannot be opened there, while writes still land in the
-    rootfs's own filesystem. None (and a note) where the kernel refuses the clone: the
-    regular-file checks before ldconfig runs still hold.
+    cwd_fd: its working folder (else the new root). It may lie outside the chroot: relative
+    names then resolve there, and '..' cannot climb out of a mount attached nowhere.
     """
-    try:
-        view = sc.open_tree(root_fd, "", sc.OPEN_TREE_CLONE | sc.AT_RECURSIVE | sc.AT_EMPTY_PATH)
-    except OSError as error:
-        notes.append(f"ldconfig: no nodev view of the rootfs ({error.strerror})")
-        return None
-    try:
-        sc.mount_setattr(view, sc.MOUNT_ATTR_NODEV, recursive=True)
-    except OSError as error:
-        os.close(view)
-        notes.append(f"ldconfig: no nodev view of the rootfs ({error.strerror})")
-        return None
-    return view
-
-
-def _open_image_file(dir_fd: int, name: str) -> int:
-    """Open an existing file of the image for rewriting, only when it is a regular file.
-
-    The image may hold any inode under that name: a symlink (O_NOFOLLOW: ELOOP), a fifo
-    (O_NONBLOCK: no hang) or a device node, which the hook, root in the host's device
-    cgroup, must never open for writing: a block device there could be a host disk.
-    """
-    if not stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-        raise OSError(errno.EPERM, "exists and is not a regular file", name)
-    fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped between the two looks
-        os.close(fd)
-        raise OSError(errno.EPERM, "exists and is not a regular file", name)
-    return fd
-
-
-def _rewrite(rootfs: Rootfs, folder: str, name: str, content: bytes) -> None:
-    """Undo: put content back into the image's own file (same inode: owner and mode stay)."""
-    dir_fd = rootfs.open_path(folder)
-    try:
-        fd = _open_image_file(dir_fd, name)
-    finally:
-        os.close(dir_fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, content, 0)
-    finally:
-        os.close(fd)
-
-
-def _check_temp_cache(rootfs: Rootfs, device: str) -> None:
-    """ldconfig opens etc/ld.so.cache~ for writing (O_TRUNC, following no symlink but any
-    device node): an image's non-file there is refused before ldconfig runs."""
-    folder, name = posixpath.split(CACHE + "~")
-    dir_fd = rootfs.open_path(folder)
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    finally:
-        os.close(dir_fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise HookError(STEP, device, f"{CACHE}~ in the rootfs exists and is not a regular file; refusing to run ldconfig")
-
-
-def _run_chrooted(root_fd: int, program_fd: int, argv: list[str]) -> tuple[str, str]:
-    """Run program chrooted into root_fd, confined; ("0" or how it ended, its output)."""
     # python-prctl is imported here, only for starts that run ldconfig, and before the fork:
     # after the chroot the module could no longer be found (nor should the image provide it).
     import prctl
@@ -319,6 +361,8 @@ def _run_chrooted(root_fd: int, program_fd: int, argv: list[str]) -> tuple[str, 
             os.dup2(null_read, 0)
             os.fchdir(root_fd)
             os.chroot(".")
+            if cwd_fd is not None:
+                os.fchdir(cwd_fd)
             _confine(prctl)
             os.closerange(3, program_fd)
             os.closerange(program_fd + 1, 65536)

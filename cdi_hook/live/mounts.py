@@ -13,7 +13,11 @@ Host sources are looked at with lstat first. A symlink is followed (as mount(2) 
 spec files are root-owned and trusted, and drivers ship libraries as symlink chains; the
 file-or-directory choice for the mount point is taken from the clone itself (fstat), so
 what is mounted is what was looked at. The mount point is created inside the rootfs
-(a directory for a directory source or a typed mount, an empty file otherwise).
+(a directory for a directory source or a typed mount, an empty file otherwise; with a user
+namespace, as the container's root: see rootfs.Rootfs.create_as_container). No mount is
+placed on the runtime's /proc, /sys, /dev or rootfs root, in /proc, or on a shared mount
+(whose peers, a Bidirectional volume's host side say, would receive it): see
+rootfs.Rootfs.mount_target_problem; such a destination is refused with its device named.
 """
 
 from __future__ import annotations
@@ -160,8 +164,10 @@ def _apply_one(rootfs: Rootfs, job: MountJob, mounted_fds: list[int]) -> str:
             if (source.st_dev, source.st_ino) == (target.st_dev, target.st_ino):
                 # Already there (the hook ran at an earlier stage too): do not stack a second mount.
                 return f"{where}: {job.mount.host_path} already mounted, left alone"
+            _check_target(rootfs, target_fd, job)
             sc.move_mount(job.tree_fd, target_fd)
         else:
+            _check_target(rootfs, target_fd, job)
             sc.mount(job.mount.host_path or job.mount.type, sc.fd_path(target_fd), job.mount.type,
                      job.options.ms_flags, ",".join(job.options.data) or None)
     finally:
@@ -171,6 +177,12 @@ def _apply_one(rootfs: Rootfs, job: MountJob, mounted_fds: list[int]) -> str:
     if job.options.propagation:
         sc.mount(None, sc.fd_path(mounted), None, job.options.propagation)
     return f"{where}: mounted {job.mount.host_path} ({job.mount.type or 'bind'} {','.join(job.mount.options)})"
+
+
+def _check_target(rootfs: Rootfs, target_fd: int, job: MountJob) -> None:
+    problem = rootfs.mount_target_problem(target_fd)
+    if problem:
+        raise HookError(STEP, job.origin, f"{job.mount.container_path}: {problem}; refused")
 
 
 def unmount_all(mounted_fds: list[int]) -> list[str]:

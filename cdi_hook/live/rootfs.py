@@ -5,7 +5,11 @@ so absolute symlinks and `..` chains in the image are resolved inside the rootfs
 resolves them, and can never lead to a host path. Missing components are created one at a
 time with *at() calls on an fd of their (in-root resolved) parent; a dangling symlink is
 followed inside the rootfs by hand, the way the kernel would follow it from the root.
-Whatever is created is remembered so that `undo()` removes it again on failure.
+Whatever is created is remembered so that `undo()` removes it again on failure. With a
+user namespace, entries are created with the rights of the container's root (its ids as
+filesystem ids), so nothing appears where that root could not create it. Where a mount may
+be placed (not over the runtime's /, /proc, /sys, /dev, nor on a shared mount) is decided
+here too, on the inode an fd refers to: `mount_target_problem`.
 """
 
 from __future__ import annotations
@@ -26,39 +30,44 @@ class Rootfs:
 
     def __init__(self, root_fd: int, creator_ids: tuple[int, int] | None = None):
         self.root_fd = root_fd
-        # Host uid/gid of the container's root when it has a user namespace. What cdi-hook
-        # creates is given to them (else the container sees nobody:nogroup and its root cannot
-        # change it), and a filesystem the runtime mounted inside that namespace (its /dev
-        # tmpfs) refuses files from an owner it cannot map (EOVERFLOW), so such entries are
-        # created under these fs ids in the first place.
+        # Host uid/gid of the container's root when it has a user namespace: what cdi-hook
+        # creates, it creates with that root's rights (see create_as_container).
         self.creator_ids = creator_ids
         self._created: list[tuple[int, str, bool]] = []  # (parent fd, name, is_dir), creation order
         self._restores: list[tuple[int, Callable[[], None]]] = []  # (position in _created, action)
+        self._runtime_places: dict[str, tuple[int, int, int]] | None = None  # see mount_target_problem
+        self._mounts: dict[int, tuple[int, str, list[str], str]] | None = None
 
     @classmethod
     def open(cls, path: str, creator_ids: tuple[int, int] | None = None) -> "Rootfs":
         return cls(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), creator_ids)
 
-    def _create(self, create: Callable[[int, str], None], parent_fd: int, name: str) -> None:
+    def create_as_container(self, create: Callable[[int, str], None], parent_fd: int, name: str) -> None:
+        """create(parent_fd, name), with a user namespace as the container's root."""
+        if self.creator_ids is None:
+            create(parent_fd, name)
+            return
+        # With a user namespace, create as the container's root would: its host uid/gid as
+        # filesystem ids and no supplementary groups. For a non-zero fsuid the kernel drops
+        # our capabilities over files, so its own permission check decides: nothing appears
+        # in a host dir (a volume reached through an image symlink) that the container's root
+        # could not write, as runc (which creates mount points as that root) fails there too.
+        # The entry is born the container's root's, with no chown by name afterwards, and a
+        # filesystem the runtime mounted in that namespace (its /dev tmpfs) accepts the owner.
+        uid, gid = self.creator_ids
+        groups = os.getgroups()
+        os.setgroups([])
+        old_gid = syscalls.setfsgid(gid)
+        old_uid = syscalls.setfsuid(uid)
         try:
             create(parent_fd, name)
-        except OSError as error:
-            if error.errno != errno.EOVERFLOW or self.creator_ids is None:
-                raise
-            old_uid = syscalls.setfsuid(self.creator_ids[0])
-            old_gid = syscalls.setfsgid(self.creator_ids[1])
-            try:
-                create(parent_fd, name)
-            finally:
-                syscalls.setfsgid(old_gid)
-                syscalls.setfsuid(old_uid)
-            return
-        self.give_to_container(parent_fd, name)
-
-    def give_to_container(self, parent_fd: int, name: str) -> None:
-        """With a user namespace: the entry we made belongs to the container's root."""
-        if self.creator_ids is not None:
-            os.chown(name, *self.creator_ids, dir_fd=parent_fd, follow_symlinks=False)
+        except PermissionError as error:
+            raise PermissionError(error.errno, f"{error.strerror} (to the container's root, host uid {uid}, "
+                                               f"creating {name})", error.filename) from None
+        finally:
+            syscalls.setfsuid(old_uid)
+            syscalls.setfsgid(old_gid)
+            os.setgroups(groups)
 
     def close(self) -> None:
         self.forget()
@@ -87,7 +96,7 @@ class Rootfs:
                 target = os.readlink(name, dir_fd=parent_fd)
             except FileNotFoundError:
                 try:
-                    self._create(create, parent_fd, name)
+                    self.create_as_container(create, parent_fd, name)
                 except BaseException:
                     os.close(parent_fd)
                     raise
@@ -115,11 +124,70 @@ class Rootfs:
             raise OSError(errno.ENOTDIR, "not a directory", path)
         return fd
 
+    def mount_target_problem(self, target_fd: int) -> str | None:
+        """Why no mount may be placed on target_fd (an O_PATH fd resolved in this rootfs), or None.
+
+        Decided on the inode and its mount, not on the spec's path, which image symlinks can
+        turn into anything in the rootfs. At createRuntime the runtime has mounted its /proc,
+        /sys and /dev already: a mount on one of them, or on the rootfs root, would hide the
+        runtime's own (runc then fails obscurely, or works on a host dir as its /proc). runc
+        refuses a mount in /proc (checkProcMount); so does cdi-hook, for all of /proc (runc
+        lets lxcfs files through; a device has no business there). Under /dev and /sys mounts
+        are fine, as runc's own /dev/shm, /dev/mqueue, /sys/fs/cgroup and the bind-mounted
+        nodes of a user namespace are.
+
+        A mount placed on a shared mount propagates to every peer of it: a Bidirectional
+        (rshared) volume has peers on the host, where the mount would appear and outlive the
+        container. From inside the container's mount namespace the other members of a peer
+        group cannot be seen, so a target on any shared mount is refused; making the volume
+        private first would silently change the user's volume. The runtime's rootfs mount is
+        private at this stage (runc sets rootfsPropagation only after pivot_root), and
+        cdi-hook's own bind mounts are slaves, so other destinations are unaffected.
+        """
+        if self._runtime_places is None:
+            self._runtime_places = {}
+            for name in ("/", "/proc", "/sys", "/dev"):
+                try:
+                    fd = self.open_path(name)
+                except OSError:
+                    continue
+                try:
+                    self._runtime_places[name] = _identity(fd)
+                finally:
+                    os.close(fd)
+        target = _identity(target_fd)
+        for where, place in self._runtime_places.items():
+            if target == place:
+                return (f"resolves to the container's {'root (/)' if where == '/' else where}, "
+                        "which the runtime has set up and a mount would cover")
+        # At createRuntime the namespace still holds a copy of every host mount (thousands on
+        # a busy node): read once, and again only for a mount made since (one of ours).
+        if self._mounts is None or target[0] not in self._mounts:
+            self._mounts = _mountinfo()
+        mounts = self._mounts
+        proc = self._runtime_places.get("/proc")
+        if proc is not None and mounts.get(proc[0], ("",) * 4)[3] == "proc":
+            mount, seen = target[0], set()
+            while mount in mounts and mount not in seen:
+                if mount == proc[0]:
+                    return "resolves into the runtime's /proc mount"
+                seen.add(mount)
+                mount = mounts[mount][0]
+        _, mount_point, optional, _ = mounts.get(target[0], (0, "?", [], ""))
+        shared = [field for field in optional if field.startswith("shared:")]
+        if shared:
+            root = os.readlink(syscalls.fd_path(self.root_fd))
+            inside = "/" + mount_point[len(root):].lstrip("/") if (mount_point + "/").startswith(root + "/") \
+                else mount_point
+            return (f"lands on a shared mount ({inside}, peer group {shared[0][7:]}): a mount there would "
+                    "propagate out of the container's mount namespace (to the host, for a Bidirectional volume)")
+        return None
+
     def remember(self, parent_fd: int, name: str, is_dir: bool) -> None:
-        """Record an entry the caller created itself (takes a dup of parent_fd) so undo removes
-        it, and give it to the container's root as _create does."""
+        """Record an entry the caller created itself, owner and mode already set through its
+        own fd (takes a dup of parent_fd), so undo removes it. Nothing is done by name here:
+        a name can be swapped, an fd cannot."""
         self._created.append((os.dup(parent_fd), name, is_dir))
-        self.give_to_container(parent_fd, name)
 
     def on_undo(self, action: Callable[[], None]) -> None:
         """Run action on undo, in order with the removals (e.g. put back a file we rewrote)."""
@@ -155,6 +223,31 @@ class Rootfs:
             os.close(parent_fd)
         self._created.clear()
         self._restores.clear()
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount fd is on (as in /proc/self/mountinfo), from /proc/self/fdinfo."""
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as info:
+        for line in info:
+            if line.startswith(b"mnt_id:"):
+                return int(line.split()[1])
+    raise OSError(errno.ENOTSUP, "no mnt_id in fdinfo", f"/proc/self/fdinfo/{fd}")
+
+
+def _identity(fd: int) -> tuple[int, int, int]:
+    st = os.fstat(fd)
+    return mount_id(fd), st.st_dev, st.st_ino
+
+
+def _mountinfo() -> dict[int, tuple[int, str, list[str], str]]:
+    """This mount namespace's mounts: id -> (parent id, mount point, optional fields, fs type)."""
+    mounts = {}
+    with open("/proc/self/mountinfo", "rb") as info:
+        for raw in info:
+            fields = raw.decode(errors="replace").split()
+            separator = fields.index("-", 6)
+            mounts[int(fields[0])] = (int(fields[1]), fields[4], fields[6:separator], fields[separator + 1])
+    return mounts
 
 
 def _relative(path: str) -> str:

@@ -145,3 +145,32 @@ def setfsuid(uid: int) -> int:
 
 def setfsgid(gid: int) -> int:
     return _libc.setfsgid(gid)
+
+
+SYS_FSOPEN = 430
+SYS_FSCONFIG = 431
+SYS_FSMOUNT = 432
+FSOPEN_CLOEXEC = 1
+FSMOUNT_CLOEXEC = 1
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+
+
+def detached_tmpfs(options: dict[str, str], attr: int = 0) -> int:
+    """A new tmpfs attached nowhere (fsopen, fsconfig, fsmount): an fd of its root. It is
+    reachable only through that fd (or a cwd set from it) and goes away with the last one."""
+    fs_fd = _check(_syscall(SYS_FSOPEN, b"tmpfs", ctypes.c_uint(FSOPEN_CLOEXEC)), "fsopen tmpfs")
+    try:
+        for key, value in options.items():
+            _check(_syscall(SYS_FSCONFIG, fs_fd, ctypes.c_uint(FSCONFIG_SET_STRING), key.encode(), value.encode(), 0),
+                   f"tmpfs {key}={value}")
+        _check(_syscall(SYS_FSCONFIG, fs_fd, ctypes.c_uint(FSCONFIG_CMD_CREATE), None, None, 0), "tmpfs")
+        return _check(_syscall(SYS_FSMOUNT, fs_fd, ctypes.c_uint(FSMOUNT_CLOEXEC), ctypes.c_uint(attr)), "fsmount")
+    finally:
+        os.close(fs_fd)
+
+
+def fchown_fd(fd: int, uid: int, gid: int) -> None:
+    """fchownat(fd, "", AT_EMPTY_PATH): the owner of the inode an fd refers to, an O_PATH fd of
+    a symlink included (os.chown(fd) is fchown, which refuses O_PATH fds)."""
+    _check(_libc.fchownat(fd, b"", uid, gid, AT_EMPTY_PATH), "fchownat")
