@@ -19,24 +19,16 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 import uuid
 
 import pytest
 from conftest import require_program
 from hook_env import bundle_with_hook, log_lines
 from oci_env import detached_container, hook_entry, run_container
+from test_netdev import ip
 
 DEVICE = "test.cdi-hook.io/net=nic"
 DEFAULT_NAMESPACES = [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")]
-
-
-def ip(*args: str, netns: str | None = None, check: bool = True) -> str:
-    command = (["ip", "-n", netns] if netns else ["ip"]) + list(args)
-    result = subprocess.run(command, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)}: {result.stderr.strip()}")
-    return result.stdout
 
 
 def links(netns: str | None = None) -> dict[str, dict]:
