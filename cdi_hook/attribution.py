@@ -31,7 +31,6 @@ with `io.kubernetes.` keys is a Kubernetes container of a runtime cdi-hook does 
 
 from __future__ import annotations
 
-import json
 from collections import namedtuple
 
 from cdi_hook.request import ANNOTATION_PREFIX, parse_annotation
@@ -169,6 +168,8 @@ def _kubelet_annotations(annotations: dict):
         return obj
 
     try:
+        import json  # only for CRI-O's record (json imports re and enum: ~10 ms of a start)
+
         decoded = json.loads(raw, object_pairs_hook=strict_object)
     except (ValueError, RecursionError) as error:
         return f"{CRIO_KUBELET_ANNOTATIONS} is not valid JSON ({' '.join(str(error).split())[:120]})"
@@ -184,4 +185,6 @@ def _text(value) -> str:
 
 
 def _show(value) -> str:
-    return "absent" if value is None else json.dumps(value)[:80]
+    from cdi_hook import jsonio
+
+    return "absent" if value is None else jsonio.dumps(value)[:80]

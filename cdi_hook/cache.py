@@ -8,20 +8,30 @@ registry's own and the cache never has to carry errors.
 
 The files stay the truth. The cache is keyed on the cdi-hook code (version, cache format
 and the size/mtime of the modules that decide what a spec means), the spec dirs in order,
-the trust and size settings, each dir's own stat (a file added or removed shows there)
-and each spec file's (st_ino, st_dev, size, mtime_ns, ctime_ns). ctime cannot be set
-from user space and moves on every write, chmod, chown and rename, so a changed file is
-seen on the very next start. Timestamps have a granularity (the kernel's coarse clock):
-a file rewritten twice within one tick with the same size would keep its signature, so a
-cache is not written while any file or dir changed less than FRESH_NS ago; the next start
-after that writes it.
+the trust and size settings, and on what the spec dirs hold, known one of two ways:
+
+* the listing: each dir's own stat (a file added or removed shows there) and each spec
+  file's (st_ino, st_dev, size, mtime_ns, ctime_ns), taken at every start. ctime cannot be
+  set from user space and moves on every write, chmod, chown and rename, so a changed file
+  is seen on the very next start. Timestamps have a granularity (the kernel's coarse
+  clock): a file rewritten twice within one tick with the same size would keep its
+  signature, so a listing is not recorded while any file or dir changed less than
+  FRESH_NS ago; the next start after that records it.
+* the generation of a running `cdi-hook watch` (commands/watch.py): it watches the spec
+  dirs with inotify and moves the generation on every change it sees, before it rebuilds
+  the cache. A cache records the generation read before its listing was taken; while the
+  watcher is healthy (it holds an flock on the generation file and its heartbeat, the
+  file's mtime, is at most HEARTBEAT_TIMEOUT_NS old) and the generation is still that one,
+  nothing has changed since: a start reads the generation (one small file) instead of
+  stat()ing every spec file. Without a healthy watcher, the listing decides, as above.
 
 Trust: the cache says what gets mounted into containers, so it must be as trusted as the
 specs themselves: it is read only when the reader is root, the directory and the file are
 root-owned and not writable by group or others (file mode 0600, dir 0700 when we create
-it), and it is opened without following a symlink. Anything else, or any error while
-reading, means "no cache": rebuilt from the files and written again (atomically, temp
-file + rename). Non-root callers never read or write it.
+it), and it is opened without following a symlink. The generation file is held to the
+same rule. Anything else, or any error while reading, means "no cache": rebuilt from the
+files and written again (atomically, temp file + rename). Non-root callers never read or
+write it.
 
 Format: marshal only, no pickle. A spec is stored as plain data (a model record as a
 list [class number, field values...], tuples and scalars as themselves) and rebuilt by
@@ -29,12 +39,15 @@ calling the model's own constructors from a fixed list: loading can never run co
 make an object of another class, and it skips pickle's import (~1 ms) too. Rebuilding
 the requested spec this way is far cheaper than parsing and validating it again.
 
-Layout, so a start reads only what the request needs (O(1) in the devices not asked for):
-    MAGIC | meta length (8 bytes LE) | meta | specs | buckets       (each part marshal)
-meta = (key, listing, bucket table); offsets count from the end of the meta; a bucket maps the qualified names whose crc32 falls
-in it to (offset, length, crc32, device index) of their winning spec. A hit costs one
-stat per spec file (the floor while the files stay the truth), the meta, one bucket and
-the requested specs.
+Layout, so a start reads only what the request needs (O(1) in the spec files and devices
+not asked for):
+    MAGIC | meta length (8 bytes LE) | meta | listing | specs | buckets | table
+meta = (key, generation, listing part, table part, bucket count), each part (offset,
+length, crc32), offsets counting from the end of the meta; the table holds, per bucket,
+(offset, length, crc32) as three int64; a bucket maps the qualified names whose crc32
+falls in it to (offset, length, crc32, device index) of their winning spec. A hit costs
+the meta, one table entry, one bucket and the requested specs, plus either the listing
+(and a stat per spec file) or, with a healthy watcher, the generation file.
 """
 
 from __future__ import annotations
@@ -50,10 +63,19 @@ from cdi_hook import __version__
 
 CACHE_DIR_ENV = "CDI_HOOK_CACHE_DIR"
 DEFAULT_CACHE_DIR = "/run/cdi-hook"
-CACHE_FORMAT = 4  # bump when the layout below changes
+CACHE_FORMAT = 5  # bump when the layout below changes
 MAGIC = b"CDIHKC%02d" % CACHE_FORMAT
 FRESH_NS = 2_000_000_000  # files changed more recently than this are not cached yet
 NAMES_PER_BUCKET = 32
+# What the registry reads (spec.parse.SPEC_SUFFIXES, not imported: parse is not needed on
+# a hit; tests/test_cache.py holds the two equal) and its size setting's variable.
+SPEC_SUFFIXES = (".json", ".yaml", ".yml")
+MAX_SPEC_SIZE_ENV = "CDI_HOOK_MAX_SPEC_SIZE"
+
+# The watcher's generation file (see the module docstring and commands/watch.py).
+GENERATION_MAGIC = b"CDIHKG01"
+HEARTBEAT_NS = 1_000_000_000  # the watcher touches the file this often
+HEARTBEAT_TIMEOUT_NS = 5_000_000_000  # a file older than this: the watcher is stuck, not trusted
 
 # Modules whose code decides what a spec file resolves to: a change to any of them (an
 # upgrade, a developer's edit) must not meet a cache built by the old code.
@@ -76,35 +98,48 @@ def select(names, spec_dirs=None):
     wanted = list(dict.fromkeys(names))
     if os.geteuid() != 0 or cache_dir() is None:
         return registry.Registry.load(spec_dirs).select(wanted)
-    dirs = tuple(registry.DEFAULT_SPEC_DIRS if spec_dirs is None else spec_dirs)
+    dirs = spec_dir_tuple(spec_dirs)
     try:
         key = _key(dirs, registry)
-        listing = snapshot(dirs)
-    except Exception:  # a bad CDI_HOOK_MAX_SPEC_SIZE (the full load reports it), an
-        # inode number past int64 (no cache then, just the files)
+    except Exception:  # a broken install (a module missing): no cache, just the files
         return registry.Registry.load(spec_dirs).select(wanted)
     path = cache_path(key)
-    found = lookup(path, key, listing, wanted)
+    # Read before the listing is taken: a change after this point moves the generation (or
+    # the listing), so a cache recorded with both can be too old (rebuilt), never wrong.
+    generation = watched_generation(dirs)
+    found = lookup(path, key, None, wanted, generation) if generation is not None else None
+    listing = None
+    if found is None:
+        try:
+            listing = snapshot(dirs)
+        except Exception:  # an inode number past int64 (no cache then, just the files)
+            return registry.Registry.load(spec_dirs).select(wanted)
+        found = lookup(path, key, listing, wanted)
     if found is not None:
         return registry.select(wanted, found)
-    # The snapshot was taken before the files are read: a file that changes in between
-    # differs from it at the next start, so a cache can be too old (rebuilt), never wrong.
     loaded = registry.Registry.load(spec_dirs)
-    if is_settled(listing):
-        write(path, key, listing, loaded)
+    settled = is_settled(listing)
+    if settled or generation is not None:
+        write(path, key, listing if settled else None, loaded, generation)
     return loaded.select(wanted)
 
 
-def _key(dirs: tuple[str, ...], registry) -> tuple:
-    from cdi_hook.spec.parse import max_spec_size
+def spec_dir_tuple(spec_dirs) -> tuple[str, ...]:
+    from cdi_hook import registry
 
+    return tuple(registry.DEFAULT_SPEC_DIRS if spec_dirs is None else spec_dirs)
+
+
+def _key(dirs: tuple[str, ...], registry) -> tuple:
+    """What the answer depends on besides the files. The size setting as written: a bad
+    value has no cache (the full load that reports it writes none)."""
     here = os.path.dirname(os.path.abspath(__file__))
     code = []
     for name in _CODE_MODULES:
         st = os.stat(os.path.join(here, name))
         code.append((name, st.st_size, st.st_mtime_ns))
     require_trusted = not registry.insecure_specs_allowed()
-    return (CACHE_FORMAT, __version__, tuple(code), dirs, require_trusted, max_spec_size())
+    return (CACHE_FORMAT, __version__, tuple(code), dirs, require_trusted, os.environ.get(MAX_SPEC_SIZE_ENV) or "")
 
 
 def cache_path(key: tuple) -> str:
@@ -126,8 +161,6 @@ def snapshot(dirs) -> tuple:
     as bytes with the cached ones. listdir's order is kept (stable while a dir is
     unchanged): a different order only means a rebuild, never a wrong answer.
     """
-    from cdi_hook.spec.parse import SPEC_SUFFIXES
-
     listing = []
     for spec_dir in dirs:
         try:
@@ -156,8 +189,10 @@ def snapshot(dirs) -> tuple:
     return tuple(listing)
 
 
-def is_settled(listing: tuple, now_ns: int | None = None) -> bool:
+def is_settled(listing: tuple | None, now_ns: int | None = None) -> bool:
     """No dir or file changed within FRESH_NS: a later change is sure to move a timestamp."""
+    if listing is None:
+        return False
     newest = 0
     for _, dir_sig, _, sigs in listing:
         if dir_sig[0] != "error":
@@ -168,17 +203,80 @@ def is_settled(listing: tuple, now_ns: int | None = None) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
+# The watcher's generation
+
+
+def generation_path(dirs: tuple[str, ...]) -> str | None:
+    """The generation file of a watcher of these spec dirs (None: no cache dir)."""
+    directory = cache_dir()
+    if directory is None:
+        return None
+    return os.path.join(directory, f"watch-{zlib.crc32(repr(tuple(dirs)).encode()):08x}.generation")
+
+
+def watched_generation(dirs: tuple[str, ...], now_ns: int | None = None) -> bytes | None:
+    """The generation of a healthy watcher of exactly these dirs, else None.
+
+    Healthy: the file is root-only and regular, its content names these dirs, the watcher
+    holds its exclusive flock (the kernel drops it when the process dies, however it dies),
+    and its heartbeat (mtime) is at most HEARTBEAT_TIMEOUT_NS old (a stopped or stuck
+    watcher sees no changes). Five syscalls, whatever the number of spec files.
+    """
+    path = generation_path(dirs)
+    if path is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+            return None
+        if (time.time_ns() if now_ns is None else now_ns) - st.st_mtime_ns > HEARTBEAT_TIMEOUT_NS:
+            return None
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # the watcher holds it: alive
+        else:
+            return None  # nobody holds it: the watcher is gone (our shared lock goes with the fd)
+        data = os.pread(fd, 4096, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if data[:8] != GENERATION_MAGIC:
+        return None
+    try:
+        watched_dirs, generation = marshal.loads(data[8:])
+    except Exception:  # torn or foreign content: no trust
+        return None
+    # All zero: the watcher saw a change and has not vouched for the files again yet.
+    return generation if watched_dirs == tuple(dirs) and type(generation) is bytes and any(generation) else None
+
+
+def generation_content(dirs: tuple[str, ...], generation: bytes) -> bytes:
+    """What the watcher writes into its generation file (fixed size per set of dirs, so a
+    rewrite in place never leaves a tail behind)."""
+    return GENERATION_MAGIC + marshal.dumps((tuple(dirs), generation))
+
+
+# ---------------------------------------------------------------------------------------
 # Reading
 
 
-def lookup(path: str, key: tuple, listing: tuple, wanted: list[str]):
-    """{name: (Spec, Device)} for every wanted name from a valid cache, else None."""
+def lookup(path: str, key: tuple, listing: tuple | None, wanted: list[str], generation: bytes | None = None):
+    """{name: (Spec, Device)} for every wanted name from a valid cache, else None. Valid:
+    the key matches, and the generation (when given) or else the listing is the recorded one."""
     try:
         fd = _open_trusted(path)
     except OSError:
         return None
     try:
-        return _lookup(fd, key, listing, wanted)
+        return _lookup(fd, key, listing, wanted, generation)
     except Exception:  # corrupt or foreign content: never fail a start over a cache
         return None
     finally:
@@ -201,7 +299,7 @@ def _root_only(st: os.stat_result) -> bool:
     return st.st_uid == 0 and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
-def _lookup(fd: int, key: tuple, listing: tuple, wanted: list[str]):
+def _lookup(fd: int, key: tuple, listing: tuple | None, wanted: list[str], generation: bytes | None):
     header = os.pread(fd, 16, 0)
     if header[:8] != MAGIC:
         return None
@@ -209,32 +307,39 @@ def _lookup(fd: int, key: tuple, listing: tuple, wanted: list[str]):
     meta = os.pread(fd, meta_len, 16)
     if len(meta) != meta_len:
         return None
-    cached_key, cached_listing, buckets = marshal.loads(meta)
-    if cached_key != key or cached_listing != listing:
+    cached_key, cached_generation, listing_part, table_part, bucket_count = marshal.loads(meta)
+    if cached_key != key:
         return None
     base = 16 + meta_len
+    if generation is not None:
+        if cached_generation != generation:
+            return None
+    elif listing_part is None or marshal.loads(_pread(fd, base, *listing_part)) != listing:
+        return None
+    table_offset, _, _ = table_part
     found = {}
     specs = {}
     for name in wanted:
-        offset, length, crc = buckets[zlib.crc32(name.encode()) % len(buckets)]
-        entry = marshal.loads(_pread(fd, length, base + offset, crc)).get(name)
+        entry = array("q", _pread(fd, base, table_offset + 24 * (zlib.crc32(name.encode()) % bucket_count), 24, None))
+        entry = marshal.loads(_pread(fd, base, *entry)).get(name)
         if entry is None:
             return None
         spec_offset, spec_length, spec_crc, device_index = entry
         spec = specs.get(spec_offset)
         if spec is None:
-            spec = specs[spec_offset] = decode(marshal.loads(_pread(fd, spec_length, base + spec_offset, spec_crc)))
+            spec = specs[spec_offset] = decode(marshal.loads(_pread(fd, base, spec_offset, spec_length, spec_crc)))
             if type(spec) is not _model_classes()[0]:
                 return None
         found[name] = (spec, spec.devices[device_index])
     return found
 
 
-def _pread(fd: int, length: int, offset: int, crc: int) -> bytes:
+def _pread(fd: int, base: int, offset: int, length: int, crc: int | None) -> bytes:
     """A part of the file, checked: the meta's key proves the file is ours and current, the
-    CRCs that the parts it points to were not damaged since (a disk error, a stray write)."""
-    data = os.pread(fd, length, offset)
-    if len(data) != length or zlib.crc32(data) != crc:
+    CRCs that the parts it points to were not damaged since (a disk error, a stray write).
+    A table entry (crc None) is checked by the CRC of the bucket it points to."""
+    data = os.pread(fd, length, base + offset)
+    if len(data) != length or (crc is not None and zlib.crc32(data) != crc):
         raise ValueError("cache file damaged")
     return data
 
@@ -243,13 +348,14 @@ def _pread(fd: int, length: int, offset: int, crc: int) -> bytes:
 # Writing
 
 
-def write(path: str, key: tuple, listing: tuple, registry) -> bool:
-    """Write the cache for a loaded registry atomically; False (and no file) when it cannot."""
+def write(path: str, key: tuple, listing: tuple | None, registry, generation: bytes | None = None) -> bool:
+    """Write the cache for a loaded registry atomically; False (and no file) when it cannot.
+    listing None: valid only while the watcher's generation is still `generation`."""
     if os.geteuid() != 0:
         return False
     try:
-        _ensure_dir(os.path.dirname(path))
-        data = encode(key, listing, registry)
+        ensure_private_dir(os.path.dirname(path))
+        data = encode(key, listing, registry, generation)
     except (OSError, ValueError):
         return False
     return _write_private(path, data)
@@ -277,7 +383,8 @@ def _write_private(path: str, data: bytes) -> bool:
     return True
 
 
-def _ensure_dir(directory: str) -> None:
+def ensure_private_dir(directory: str) -> None:
+    """directory, made 0700 when missing; PermissionError unless it is a root-only dir."""
     try:
         os.mkdir(directory, 0o700)
     except FileExistsError:
@@ -287,7 +394,7 @@ def _ensure_dir(directory: str) -> None:
         raise PermissionError(f"{directory}: not a root-only directory")
 
 
-def encode(key: tuple, listing: tuple, registry) -> bytes:
+def encode(key: tuple, listing: tuple | None, registry, generation: bytes | None = None) -> bytes:
     spec_blobs: list[bytes] = []
     spec_index: dict[int, int] = {}  # id(spec) -> blob number
     entries: dict[str, tuple[int, int]] = {}  # name -> (blob number, device index)
@@ -304,34 +411,44 @@ def encode(key: tuple, listing: tuple, registry) -> bytes:
         bucket_names[zlib.crc32(name.encode()) % bucket_count].append(name)
 
     # Offsets count from the end of the meta, so the meta can hold them without depending
-    # on its own length: spec pickles first, then the buckets.
+    # on its own length: the listing, the specs, the buckets, then the table.
+    listing_blob = marshal.dumps(listing) if listing is not None else b""
+    listing_part = (0, len(listing_blob), zlib.crc32(listing_blob)) if listing is not None else None
+    position = len(listing_blob)
     blob_offsets = []
     blob_crcs = [zlib.crc32(blob) for blob in spec_blobs]
-    position = 0
     for blob in spec_blobs:
         blob_offsets.append(position)
         position += len(blob)
-    buckets, table = [], []
+    buckets, table = [], array("q")
     for names in bucket_names:
         encoded = marshal.dumps({n: (blob_offsets[blob], len(spec_blobs[blob]), blob_crcs[blob], device_index)
                                  for n in names for blob, device_index in [entries[n]]})
         buckets.append(encoded)
-        table.append((position, len(encoded), zlib.crc32(encoded)))
+        table.extend((position, len(encoded), zlib.crc32(encoded)))
         position += len(encoded)
-    meta = marshal.dumps((key, listing, tuple(table)))
-    return b"".join([MAGIC, len(meta).to_bytes(8, "little"), meta, *spec_blobs, *buckets])
+    table_blob = table.tobytes()
+    table_part = (position, len(table_blob), zlib.crc32(table_blob))
+    meta = marshal.dumps((key, generation, listing_part, table_part, bucket_count))
+    return b"".join([MAGIC, len(meta).to_bytes(8, "little"), meta, listing_blob, *spec_blobs, *buckets, table_blob])
 
 
 # ---------------------------------------------------------------------------------------
 # Model objects <-> plain data
 
 
+_CLASSES: tuple = ()
+
+
 def _model_classes() -> tuple:
     """The only classes a cache can make, in a fixed order (their number in the file)."""
-    from cdi_hook.spec import model
+    global _CLASSES
+    if not _CLASSES:
+        from cdi_hook.spec import model
 
-    return (model.Spec, model.Device, model.ContainerEdits, model.DeviceNode, model.Mount, model.Hook,
-            model.IntelRdt, model.NetDevice)
+        _CLASSES = (model.Spec, model.Device, model.ContainerEdits, model.DeviceNode, model.Mount, model.Hook,
+                    model.IntelRdt, model.NetDevice)
+    return _CLASSES
 
 
 def plain(value):
@@ -347,12 +464,16 @@ def plain(value):
 
 
 def decode(data):
-    """plain()'s inverse, through the model's constructors."""
+    """plain()'s inverse, through the model's constructors. Scalars (most of the items) are
+    taken as they are without a call: this runs for every field of every requested spec."""
     if type(data) is list:
-        return _model_classes()[data[0]](*[decode(item) for item in data[1:]])
+        return _model_classes()[data[0]](*[decode(item) if type(item) in _NESTED else item for item in data[1:]])
     if type(data) is tuple:
-        return tuple(decode(item) for item in data)
+        return tuple([decode(item) if type(item) in _NESTED else item for item in data])
     return data
+
+
+_NESTED = (list, tuple)
 
 
 # ---------------------------------------------------------------------------------------
@@ -402,7 +523,7 @@ def store_policy(signature: tuple, plain_policy: tuple, st: os.stat_result) -> b
         return False
     path = _policy_cache_path(signature)
     try:
-        _ensure_dir(os.path.dirname(path))
+        ensure_private_dir(os.path.dirname(path))
         data = b"CDIHKP%02d" % CACHE_FORMAT + marshal.dumps((_policy_key(signature), plain_policy))
     except (OSError, ValueError):
         return False

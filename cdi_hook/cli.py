@@ -57,6 +57,9 @@ def build_parser():
 
     with_specs(sub.add_parser("precreate", help="Podman precreate filter: config.json on stdin, edited on stdout"))
 
+    with_specs(sub.add_parser("watch", help="watch the spec dirs and keep the compiled cache current, so hook "
+                                            "starts skip the per-file checks (a long-running service)"))
+
     p = with_specs(sub.add_parser("inject", help="edit a bundle's config.json for manual runc use"))
     p.add_argument("--bundle", required=True, metavar="DIR")
     p.add_argument("--device", action="append", required=True, metavar="NAME")
@@ -69,6 +72,8 @@ def build_parser():
     where.add_argument("--hooks-dir", metavar="DIR")
     p.add_argument("--mode", choices=("precreate", "hook"))
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--watch", action="store_true", help="also write the systemd unit of `cdi-hook watch`")
+    p.add_argument("--systemd-dir", metavar="DIR", help="where --watch writes it (default /etc/systemd/system)")
 
     p = sub.add_parser("policy", help="the request policy: `policy check [FILE]`")
     policy_sub = p.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
@@ -81,12 +86,24 @@ def build_parser():
     p.add_argument("--bundle", metavar="DIR")
     p.add_argument("--format", choices=("text", "json"), default="text")
 
+    p = with_specs(sub.add_parser("device-plugin", help="serve each CDI kind as a Kubernetes extended resource "
+                                                        "(the kubelet's device plugin API v1beta1)"))
+    p.add_argument("--socket-dir", default="/var/lib/kubelet/device-plugins", metavar="DIR",
+                   help="the kubelet's device plugin dir, with its kubelet.sock (default: %(default)s)")
+    p.add_argument("--host-root", default="/", metavar="DIR",
+                   help="where the host's device nodes are seen, for the health checks: DIR/dev/... "
+                        "(default: %(default)s; in a container with the host's /dev at /host/dev: /host)")
+    p.add_argument("--poll-interval", type=float, default=5.0, metavar="SECONDS",
+                   help="how often the spec dirs, device nodes and kubelet.sock are checked (default: %(default)s)")
+
     p = sub.add_parser("uninstall", help="remove the hooks.d files install wrote")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--podman", action="store_true")
     where.add_argument("--crio", action="store_true")
     where.add_argument("--hooks-dir", metavar="DIR")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--watch", action="store_true", help="also remove the systemd unit of `cdi-hook watch`")
+    p.add_argument("--systemd-dir", metavar="DIR", help="where it is (default /etc/systemd/system)")
     return parser
 
 
@@ -108,10 +125,19 @@ def dispatch(args) -> int:
         from cdi_hook.commands import edit
 
         return edit.cmd_inject(args, _spec_dirs(args))
+    if command == "watch":
+        from cdi_hook.commands import watch
+
+        return watch.cmd_watch(args, _spec_dirs(args))
     if command in ("policy", "explain"):
         from cdi_hook.commands import policy
 
         return policy.cmd_explain(args) if command == "explain" else policy.cmd_policy_check(args)
+    if command == "device-plugin":
+        # Imports grpc: only this command does, never the hook.
+        from cdi_hook.commands import device_plugin
+
+        return device_plugin.cmd_device_plugin(args, _spec_dirs(args))
     if command in ("install", "uninstall"):
         from cdi_hook.commands import install
 
@@ -154,7 +180,25 @@ def main(argv: list[str] | None = None) -> int:
     args = fast_hook_args(sys.argv[1:] if argv is None else argv)
     if args is None:
         args = build_parser().parse_args(argv)
+    elif argv is None:  # the hook as a runtime runs it (not a caller's main([...]))
+        return _hook_process(args)
     return run(args)
+
+
+def _hook_process(args) -> int:
+    """Every container start runs this: no cyclic garbage collection (the process lives for
+    milliseconds, allocating mostly while it imports), and no interpreter finalization at
+    the end (tearing down every module costs ~3-5 ms and does nothing the hook needs: its
+    files are closed, its child reaped). Output is flushed before the exit."""
+    import gc
+
+    gc.disable()
+    code = run(args)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
 
 
 def run(args) -> int:

@@ -151,10 +151,10 @@ def structlog_logger(log_file):
 
 def render_line(level: str, event: str, fields: dict, now_ns: int | None = None) -> str:
     """structlog's add_log_level + TimeStamper(fmt="iso", utc=True) + JSONRenderer, by hand."""
-    import json
+    from cdi_hook import jsonio  # json.dumps without importing json (re, enum): ~10 ms a start
 
     line = dict(fields, event=event, level=level, timestamp=iso_utc(time.time_ns() if now_ns is None else now_ns))
-    return json.dumps(line) + "\n"
+    return jsonio.dumps(line) + "\n"
 
 
 def iso_utc(ns: int) -> str:

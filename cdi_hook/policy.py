@@ -22,7 +22,6 @@ compiled copy in the cache dir (keyed on the file's stat) so a start does not pa
 from __future__ import annotations
 
 import os
-import re
 import stat
 from collections import namedtuple
 
@@ -35,8 +34,10 @@ DEFAULT_POLICY = "/etc/cdi-hook/policy.yaml"
 POLICY_VERSION = "1"
 DEFAULT_ALLOWED = (KUBELET, ADMIN)
 MAX_POLICY_SIZE = 1 << 20
-_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?|[a-z0-9][-a-z0-9]{0,61}\*|\*")
-_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Used only when a policy file is parsed (re is imported then: not on a start with a
+# compiled policy).
+_NAMESPACE = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?|[a-z0-9][-a-z0-9]{0,61}\*|\*"
+_PLAIN_KEY = r"[A-Za-z0-9_.-]{1,64}"
 
 Rule = namedtuple("Rule", ["action", "sources", "namespaces", "devices", "field"])  # field: "rules[2]"
 # path: where it came from ("" for the built-in default)
@@ -136,7 +137,7 @@ def parse(document, path: str) -> Policy:
         if "namespaces" in rule:
             namespaces = tuple(_strings(rule["namespaces"], f"{field}.namespaces", fail))
             for j, namespace in enumerate(namespaces):
-                if not _NAMESPACE.fullmatch(namespace):
+                if not _fullmatch(_NAMESPACE, namespace):
                     fail(f"{field}.namespaces[{j}]", f"{quote(namespace)} is not a Kubernetes namespace name "
                                                       "(lowercase letters, digits, '-'; a trailing * for a prefix)")
         if "devices" not in rule:
@@ -247,10 +248,16 @@ def _mapping(value, field: str, fail, allowed: set) -> dict:
         fail(field, "expected a mapping")
     for key in value:
         if key not in allowed:
-            name = key if isinstance(key, str) and _PLAIN_KEY.fullmatch(key) else quote(key)
+            name = key if isinstance(key, str) and _fullmatch(_PLAIN_KEY, key) else quote(key)
             fail(f"{field}.{name}" if field != "(top level)" else name,
                  f"unknown field (allowed: {', '.join(sorted(allowed))})")
     return value
+
+
+def _fullmatch(pattern: str, text: str) -> bool:
+    import re
+
+    return re.fullmatch(pattern, text) is not None
 
 
 def _list(value, field: str, fail) -> list:

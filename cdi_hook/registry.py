@@ -25,8 +25,6 @@ from collections import namedtuple
 from cdi_hook.errors import MAX_LISTED, CdiError, ResolveError, listed
 from cdi_hook.spec.model import ContainerEdits, Device, Spec
 from cdi_hook.spec.names import is_qualified_name, quote
-from cdi_hook.spec.parse import build_spec, decode_document, is_spec_file_name, read_spec_bytes
-from cdi_hook.spec.validate import validate_spec
 
 DEFAULT_SPEC_DIRS = ("/etc/cdi", "/var/run/cdi")
 
@@ -102,6 +100,11 @@ class SpecFileResult:
 
 def load_spec_file(path: str, *, require_trusted: bool = False, max_size: int | None = None) -> SpecFileResult:
     """Read, parse and validate one file; never raises for a bad file."""
+    # Imported here, not above: a start answered by the compiled cache (cache.py) never
+    # parses a spec, and parse + validate (with json, re) cost it milliseconds.
+    from cdi_hook.spec.parse import build_spec, decode_document, read_spec_bytes
+    from cdi_hook.spec.validate import validate_spec
+
     kind = None
     try:
         data, st = read_spec_bytes(path, max_size)
@@ -140,6 +143,8 @@ class Registry:
         return registry
 
     def _load_dir(self, spec_dir: str, require_trusted: bool, max_size: int | None) -> None:
+        from cdi_hook.spec.parse import is_spec_file_name
+
         try:
             dir_stat = os.stat(spec_dir)
             with os.scandir(spec_dir) as entries:

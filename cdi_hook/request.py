@@ -1,16 +1,14 @@
 """Which CDI devices a container asks for: `cdi.k8s.io/<key>` annotations, read and built.
 
 The value of each such annotation is a comma-separated list of qualified device names
-(vendor.com/class=name). On the hook's hot path, so it imports only names.py (`re`): no
-YAML, no registry, until a device is actually requested.
+(vendor.com/class=name). On the hook's hot path, so it imports only names.py (no `re`):
+no YAML, no registry, until a device is actually requested.
 """
 
 from __future__ import annotations
 
-import re
-
 from cdi_hook.errors import CdiError
-from cdi_hook.spec.names import parse_qualified_name, quote
+from cdi_hook.spec.names import ALNUM, fits_pattern, parse_qualified_name, quote
 
 ANNOTATION_PREFIX = "cdi.k8s.io/"
 # Written by the config.json editors (precreate, inject --mode edits): the devices they
@@ -23,14 +21,14 @@ MAX_KEY_NAME_LENGTH = 63
 # step (attribution, the policy, the plan, the error and log lines) would grow with a
 # pod author's annotation count: refused with one line instead.
 MAX_REQUESTS = 256
-_KEY_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?")
+_KEY_NAME = (ALNUM, ALNUM | frozenset("_.-"))  # [A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?
 
 
 def key_name_problem(name: str) -> str | None:
     """Why name cannot follow the cdi.k8s.io/ prefix, or None."""
     if len(name) > MAX_KEY_NAME_LENGTH:
         return f"the part after {ANNOTATION_PREFIX} is longer than {MAX_KEY_NAME_LENGTH} characters"
-    if not _KEY_NAME.fullmatch(name):
+    if not fits_pattern(name, _KEY_NAME):
         return (f"the part after {ANNOTATION_PREFIX} must start and end with a letter or digit "
                 "and contain only letters, digits, '_', '.', '-'")
     return None

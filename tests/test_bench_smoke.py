@@ -15,26 +15,38 @@ import bench  # noqa: E402
 
 
 def test_report_names_every_benchmark_and_target():
-    runc = {"no hook": [10.0, 12.0], "no-op Python hook": [20.0, 22.0], "cdi-hook": [25.0, 27.0]}
-    podman = {"no device": [100.0], "native CDI --device": [110.0], "cdi-hook (--hooks-dir)": [120.0]}
-    scale = {1: {"warm": [(40.0, 15000)], "cold": [(45.0, 15000)]},
-             10000: {"warm": [(46.0, 16000)], "cold": [(3000.0, 260000)]}}
-    text = bench.report(None, {"runc": runc, "podman": podman, "scale": scale, "memory": [15000, 16384]})
-    assert "| cdi-hook | 26.0 (25.0 / 27.0) | +15.0 | +15.0 |" in text
-    assert "| runc: cdi-hook overhead / no-op Python hook overhead | 1.50 | 1.50 | <= 1.5 | yes |" in text
-    assert "| podman: cdi-hook / native --device | 1.09 | 1.09 | <= 1.25 | yes |" in text
-    assert "| 10,000 | 46.0 (46.0 / 46.0) | 3000.0 (3000.0 / 3000.0) | 15.6 / 253.9 |" in text
-    assert "| scale: warm hook at 10,000 specs / at 1 | 1.15 | 1.15 | <= 1.2 | yes |" in text
-    assert "| memory: peak RSS of the hook (MiB) | 16.00 | 16.00 | <= 40 | yes |" in text
+    runc = {"no hook": [10.0, 12.0, 11.0], "empty Python hook (-c)": [20.0, 22.0, 21.0],
+            "empty Python module (-m)": [25.0, 27.0, 26.0], "cdi-hook live": [30.0, 32.0, 31.0],
+            "same devices by inject --mode edits": [11.0, 13.0, 12.0],
+            "steps": [{"duration_ms": 9.0, "steps_ms": {"resolve": 1.0, "worker": 5.0}}],
+            "imports": [("runpy", 1000), ("cdi_hook.oci", 800), ("json", 0)]}
+    podman = {"no device": [100.0], "native CDI --device": [110.0], "cdi-hook precreate": [115.0],
+              "cdi-hook live": [120.0]}
+    scale = {1: {"warm": [(40.0, 15000)], "watched": [(40.0, 15000)], "cold": [(45.0, 15000)],
+                 "watcher_ready_s": 0.1, "watcher_rss_kib": 12000},
+             10000: {"warm": [(80.0, 16000)], "watched": [(46.0, 16000)], "cold": [(3000.0, 260000)],
+                     "watcher_ready_s": 4.0, "watcher_rss_kib": 13000}}
+    watch = {"files": 10000, "seen": [0.5, 0.7], "trusted": [90.0, 110.0], "used": [True] * 4}
+    text = bench.report(None, {"runc": runc, "podman": podman, "scale": scale, "watch": watch,
+                               "memory": [15000, 16384]})
+    assert "| cdi-hook live | 31.0 (30.0 / 32.0) | +20.0 (+20.0 / +20.0) |" in text
+    assert "| runc: cdi-hook overhead / empty Python hook's (-c) | 2.00 |" in text and "<= 2.0 | yes |" in text
+    assert "| podman: cdi-hook live / native --device | 1.09 |" in text
+    assert "| 10,000 | 80.0 (80.0 / 80.0) | 46.0 (46.0 / 46.0) | 3000.0 (3000.0 / 3000.0) | 15.6 / 253.9 | 4.0 / 12.7 |" in text
+    assert "| scale: hook at 10,000 spec files / at 1, with the watcher | 1.15 |" in text
+    assert "| watch: an in-place edit seen (s, slowest) | 0.00 |" in text
+    assert "| memory: peak RSS of the hook (MiB) | 16.00 |" in text
+    assert "steps (median ms): resolve 1.00, worker 5.00" in text and "runpy's own (`-m`" in text
 
 
 def test_bench_run_end_to_end_with_tiny_counts(runc):
     require_program("podman")
     require(Path("/dev/kvm").exists() and Path("/dev/loop0").exists(), "needs /dev/kvm and /dev/loop0 for the bench spec")
-    result = subprocess.run([str(REPO / "bench" / "run"), "--runs", "1", "--cold-runs", "1", "--sizes", "1,20"],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([str(REPO / "bench" / "run"), "--runs", "1", "--podman-runs", "1", "--cold-runs", "1",
+                             "--sizes", "1,20", "--edits", "1"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    for heading in ("### 1. runc", "### 2. podman", "### 3. hook process", "### 4. peak memory", "### Targets"):
+    for heading in ("### 1. runc", "### 2. podman", "### 3. hook process", "### 4. an in-place edit",
+                    "### 5. peak memory", "### Targets"):
         assert heading in out, out
     assert "| 20 |" in out and "Command: `bench/run --runs 1" in out

@@ -331,3 +331,94 @@ def test_fast_hook_argv_agrees_with_argparse(argv):
 ])
 def test_unusual_hook_argv_goes_to_argparse(argv):
     assert cli.fast_hook_args(argv) is None
+
+
+# ---------------------------------------------------------------------------------------
+# The watcher's generation (commands/watch.py writes it; tests/test_watch.py runs the watcher)
+
+
+class FakeWatcher:
+    """The generation file as `cdi-hook watch` keeps it: root-only, flock'ed, fresh."""
+
+    def __init__(self, dirs, generation: bytes = b"g" * 16):
+        import fcntl
+
+        path = cache.generation_path(tuple(dirs))
+        cache.ensure_private_dir(os.path.dirname(path))
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.path, self.dirs = path, tuple(dirs)
+        self.set(generation)
+
+    def set(self, generation: bytes) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, cache.generation_content(self.dirs, generation), 0)
+        os.utime(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def test_spec_suffixes_are_the_registrys():
+    from cdi_hook.spec.parse import SPEC_SUFFIXES
+
+    assert cache.SPEC_SUFFIXES == SPEC_SUFFIXES
+
+
+def test_a_healthy_watchers_generation_replaces_the_per_file_checks(cached, monkeypatch):
+    write_spec(cached, "a.json", spec(path_tag="1"))
+    watcher = FakeWatcher([str(cached)])
+    try:
+        assert cache.watched_generation((str(cached),)) == b"g" * 16
+        cache.select(["vendor.com/gpu=gpu0"], [str(cached)])  # recorded at generation g
+        monkeypatch.setattr(cache, "snapshot", lambda dirs: pytest.fail("stat()ed the files"))
+        assert cache.select(["vendor.com/gpu=gpu0"], [str(cached)]).parts[-1].edits.env == ("DEV_gpu0=1",)
+        monkeypatch.undo()
+        monkeypatch.setattr(cache, "FRESH_NS", 0)
+        tick()
+        write_spec(cached, "a.json", spec(path_tag="2"))
+        watcher.set(b"h" * 16)  # the watcher saw it
+        assert cache.select(["vendor.com/gpu=gpu0"], [str(cached)]).parts[-1].edits.env == ("DEV_gpu0=2",)
+    finally:
+        watcher.close()
+
+
+@pytest.mark.parametrize("problem", ["no lock", "stale heartbeat", "other dirs", "no trust", "loose mode", "not root"])
+def test_a_generation_is_trusted_only_from_a_healthy_watcher(cached, problem):
+    dirs = (str(cached),)
+    watcher = FakeWatcher(dirs)
+    try:
+        now = None
+        if problem == "no lock":
+            import fcntl
+
+            fcntl.flock(watcher.fd, fcntl.LOCK_UN)
+        elif problem == "stale heartbeat":
+            now = time.time_ns() + cache.HEARTBEAT_TIMEOUT_NS + 1
+        elif problem == "other dirs":
+            os.pwrite(watcher.fd, cache.generation_content(("/elsewhere",) + dirs[1:], b"g" * 16), 0)
+        elif problem == "no trust":
+            watcher.set(bytes(16))
+        elif problem == "loose mode":
+            os.fchmod(watcher.fd, 0o644)
+        else:
+            os.fchown(watcher.fd, 65534, 65534)
+        assert cache.watched_generation(dirs, now_ns=now) is None
+    finally:
+        watcher.close()
+
+
+def test_a_cache_recorded_without_a_listing_needs_the_watcher(cached, monkeypatch):
+    """Written while the files were fresh: valid by generation only; once the watcher is
+    gone, the start checks the files."""
+    monkeypatch.setattr(cache, "FRESH_NS", 60_000_000_000)
+    write_spec(cached, "a.json", spec())
+    watcher = FakeWatcher([str(cached)])
+    cache.select(["vendor.com/gpu=gpu0"], [str(cached)])
+    assert [f for f in cache_files(cached) if f.name.startswith("registry-")]  # written: the generation vouches
+    counter = LoadCounter(monkeypatch)
+    cache.select(["vendor.com/gpu=gpu0"], [str(cached)])
+    assert counter.calls == 0
+    watcher.close()
+    cache.select(["vendor.com/gpu=gpu0"], [str(cached)])
+    assert counter.calls == 1

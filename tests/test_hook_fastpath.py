@@ -30,7 +30,8 @@ def test_no_device_requested_exits_at_once_importing_little(tmp_path):
     out = subprocess.run([sys.executable, "-I", "-c", PROBE, str(tmp_path / "cdi"), state], cwd=oci_env.REPO,
                          capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "0"
-    assert set(out[1:]) <= {"cdi_hook", "cdi_hook.commands", "cdi_hook.commands.hook", "cdi_hook.errors", "cdi_hook.oci"}, out
+    assert set(out[1:]) <= {"cdi_hook", "cdi_hook.commands", "cdi_hook.commands.hook", "cdi_hook.errors", "cdi_hook.oci",
+                            "cdi_hook.jsonio"}, out
 
 
 def _cli(stdin: bytes, *extra):

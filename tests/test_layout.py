@@ -14,8 +14,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cdi_hook"
 # Each module may import only modules of a lower layer (or of its own layer, as long as
 # the graph stays acyclic). Modules not listed sit in the layer of their package.
 LAYERS = [
-    {"cdi_hook", "cdi_hook.errors", "cdi_hook.spec", "cdi_hook.files", "cdi_hook.hook_entry", "cdi_hook.log"},
-    {"cdi_hook.spec.*", "cdi_hook.oci", "cdi_hook.request", "cdi_hook.attribution"},
+    {"cdi_hook", "cdi_hook.errors", "cdi_hook.spec", "cdi_hook.files", "cdi_hook.hook_entry", "cdi_hook.log",
+     "cdi_hook.jsonio", "cdi_hook.inotify"},
+    {"cdi_hook.spec.*", "cdi_hook.oci", "cdi_hook.request", "cdi_hook.attribution",
+     "cdi_hook.kubelet", "cdi_hook.kubelet.*"},
     {"cdi_hook.registry"},
     {"cdi_hook.cache"},
     {"cdi_hook.hostdev", "cdi_hook.plan", "cdi_hook.policy"},

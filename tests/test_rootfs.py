@@ -108,22 +108,21 @@ def test_mknod_through_ensure_with_rdev_check(tree, root_only):
 def test_openat2_retries_the_kernels_eagain(tree, monkeypatch):
     """RESOLVE_IN_ROOT answers EAGAIN for a ".." when a mount or rename happened anywhere
     meanwhile (seen here while other containers started): it is retried, not a failure."""
-    import ctypes
     import errno
+    import types
 
     root, _, rootfs = tree
     (root / "dir").mkdir()
-    real = syscalls._syscall
+    real = syscalls._sys  # the compiled extension, or its ctypes stand-in
     refusals = []
 
-    def busy_system(number, *args):
-        if number == syscalls.SYS_OPENAT2 and len(refusals) < 3:
-            refusals.append(number)
-            ctypes.set_errno(errno.EAGAIN)
-            return -1
-        return real(number, *args)
+    def busy_system(*args):
+        if len(refusals) < 3:
+            refusals.append(args)
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable", args[-1])
+        return real.openat2(*args)
 
-    monkeypatch.setattr(syscalls, "_syscall", busy_system)
+    monkeypatch.setattr(syscalls, "_sys", types.SimpleNamespace(openat2=busy_system))
     fd = rootfs.open_dir("dir/../dir")
     os.close(fd)
     assert len(refusals) == 3

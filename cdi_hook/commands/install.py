@@ -28,6 +28,11 @@ Every file matches only containers with an annotation key matching ^cdi\\.k8s\\.
 runs the installed interpreter isolated (-I: no PYTHON* variables, no user site, no cwd on
 sys.path; argv[0] is its full path too) with an explicit environment: PATH, plus CDI_SPEC_DIRS
 and cdi-hook's other settings (hook_entry.CARRIED_SETTINGS) that are set while installing.
+
+--watch also writes the systemd unit of `cdi-hook watch` (cdi-hook-watch.service, into
+/etc/systemd/system or --systemd-dir) with the same interpreter and environment as the hooks,
+so the watcher keeps exactly the cache the hooks read; deploy/systemd/ holds the same unit
+for /opt/cdi-hook. `uninstall --watch` removes it. Neither runs systemctl.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ import sys
 
 from cdi_hook.errors import CdiError
 from cdi_hook.files import write_file_atomic
-from cdi_hook.hook_entry import LIVE_HOOK_STAGES, interpreter, is_cdi_hook_argv, live_hook_entry, precreate_entry
+from cdi_hook.hook_entry import (HOOK_PATH_ENV, LIVE_HOOK_STAGES, carried_settings, interpreter, is_cdi_hook_argv,
+                                 live_hook_entry, precreate_entry)
 
 DEFAULT_HOOKS_DIR = "/usr/share/containers/oci/hooks.d"
 PODMAN_HOOKS_DIR = DEFAULT_HOOKS_DIR
@@ -49,6 +55,9 @@ PRECREATE_FILE = "cdi-hook-precreate.json"
 HOOK_FILES = {stage: f"cdi-hook-{stage}.json" for stage in LIVE_HOOK_STAGES}
 ALL_FILES = (PRECREATE_FILE, *HOOK_FILES.values())
 REQUEST_ANNOTATION_KEY = r"^cdi\.k8s\.io/"
+SYSTEMD_DIR = "/etc/systemd/system"
+WATCH_UNIT = "cdi-hook-watch.service"
+UNIT_MARK = "# written by cdi-hook install --watch"
 
 
 def _definition(hook: dict, stages: list[str]) -> dict:
@@ -177,12 +186,119 @@ def uninstall(hooks_dir: str, *, dry_run: bool = False, out=None) -> list[str]:
     return removed
 
 
+def watch_unit(python: str, spec_dirs: list[str] | None, settings: dict[str, str]) -> str:
+    """The systemd unit running `cdi-hook watch` with the hooks' interpreter and environment."""
+    environment = [f"PATH={HOOK_PATH_ENV}"]
+    if spec_dirs:
+        environment.append("CDI_SPEC_DIRS=" + ":".join(spec_dirs))
+    environment += [f"{name}={value}" for name, value in settings.items()]
+    cache_dir = settings.get("CDI_HOOK_CACHE_DIR")
+    writable = f"ReadWritePaths={cache_dir}\n" if cache_dir and cache_dir.rstrip("/") != "/run/cdi-hook" else ""
+    for item in environment:
+        if any(c in item for c in '\n"\\%$') or " " in item:
+            raise CdiError(f"cannot write {item!r} into a systemd unit (quotes, spaces, %, $ or newlines)")
+    return f"""{UNIT_MARK}
+# cdi-hook's spec watcher: keeps the compiled CDI spec cache current, so a container start
+# checks one generation file instead of stat()ing every spec file (README: `cdi-hook watch`).
+# The hooks stay correct without it: they fall back to checking every file.
+# Then: systemctl daemon-reload && systemctl enable --now cdi-hook-watch
+[Unit]
+Description=cdi-hook spec watcher (keeps the compiled CDI spec cache current)
+After=local-fs.target
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStart={python} -I -m cdi_hook watch
+{"".join(f"Environment={item}{chr(10)}" for item in environment)}Restart=on-failure
+RestartSec=1s
+# The watcher sends WATCHDOG=1 with every heartbeat (each second).
+WatchdogSec=30s
+TimeoutStartSec=5min
+# It reads the spec dirs and writes only its cache dir (the hooks' /run/cdi-hook).
+RuntimeDirectory=cdi-hook
+RuntimeDirectoryMode=0700
+RuntimeDirectoryPreserve=yes
+{writable}ProtectSystem=strict
+ProtectHome=read-only
+PrivateTmp=yes
+PrivateNetwork=yes
+NoNewPrivileges=yes
+ProtectKernelTunables=yes
+ProtectControlGroups=yes
+RestrictAddressFamilies=AF_UNIX
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def install_watch_unit(systemd_dir: str, *, python: str | None = None, spec_dirs: list[str] | None = None,
+                       dry_run: bool = False, out=None) -> str | None:
+    out = out or sys.stdout
+    python = os.path.abspath(python or interpreter())
+    _check_interpreter(python)
+    settings = carried_settings()
+    text = watch_unit(python, spec_dirs, settings)
+    target = os.path.join(systemd_dir, WATCH_UNIT)
+    if os.path.lexists(target) and not _is_our_unit(target):
+        raise CdiError(f"{target} exists and was not written by cdi-hook; refusing to replace it")
+    if dry_run:
+        print(f"would write {target}:", file=out)
+        out.write(text)
+        return None
+    cache_dir = settings.get("CDI_HOOK_CACHE_DIR")
+    try:
+        if cache_dir:  # ReadWritePaths= needs it to exist; root-only, as the hooks require
+            from cdi_hook.cache import ensure_private_dir
+
+            ensure_private_dir(cache_dir)
+        os.makedirs(systemd_dir, mode=0o755, exist_ok=True)
+        write_file_atomic(target, text.encode(), 0o644)
+    except OSError as error:
+        raise CdiError(f"cannot write {target}: {error.strerror}") from None
+    print(f"wrote {target} (then: systemctl daemon-reload && systemctl enable --now {WATCH_UNIT}):", file=out)
+    out.write(text)
+    return target
+
+
+def _is_our_unit(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.readline().rstrip(b"\n") == UNIT_MARK.encode()
+    except OSError:
+        return False
+
+
+def uninstall_watch_unit(systemd_dir: str, *, dry_run: bool = False, out=None) -> str | None:
+    out = out or sys.stdout
+    target = os.path.join(systemd_dir, WATCH_UNIT)
+    if not os.path.lexists(target):
+        return None
+    if not _is_our_unit(target):
+        print(f"left {target} alone: not written by cdi-hook", file=out)
+        return None
+    if dry_run:
+        print(f"would remove {target}", file=out)
+        return None
+    try:
+        os.unlink(target)
+    except OSError as error:
+        raise CdiError(f"cannot remove {target}: {error.strerror}") from None
+    print(f"removed {target} (stop it first: systemctl disable --now {WATCH_UNIT})", file=out)
+    return target
+
+
 def cmd_install(args) -> int:
     install(hooks_dir_of(args), args.mode or default_mode(args), spec_dirs=_spec_dirs_from_env(),
             dry_run=args.dry_run)
+    if getattr(args, "watch", False):
+        install_watch_unit(args.systemd_dir or SYSTEMD_DIR, spec_dirs=_spec_dirs_from_env(), dry_run=args.dry_run)
     return 0
 
 
 def cmd_uninstall(args) -> int:
     uninstall(hooks_dir_of(args), dry_run=args.dry_run)
+    if getattr(args, "watch", False):
+        uninstall_watch_unit(args.systemd_dir or SYSTEMD_DIR, dry_run=args.dry_run)
     return 0

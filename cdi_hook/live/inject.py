@@ -44,8 +44,14 @@ def inject(stage: str, plan, state, config, log) -> None:
     committed = False
     moved_net_devices = False
     try:
+        # The device cgroup is the runtime's, on the host: opened while the worker works in
+        # the container (on another CPU). The two steps are independent; if either fails,
+        # the worker undoes its work and the container never runs (its cgroup goes with it).
         with log.step("device cgroup"):
             _allow_devices(state.pid, plan)
+        if worker is not None:
+            with log.step("worker"):
+                _wait_rootfs_work(worker, log)
         if plan.intel_rdt:
             from cdi_hook.live import rdt
 
@@ -128,13 +134,17 @@ def _start_rootfs_work(pidfd: int, config, plan, log):
 
     work = worker.RootfsWork(config.rootfs, nodes, mounts, by_bind_mount=config.user_namespace,
                              creator_ids=_host_ids_of_container_root(config))
-    handle = worker.start(pidfd, work)
+    return worker.start(pidfd, work)
+
+
+def _wait_rootfs_work(handle, log) -> None:
+    """The worker's report: its notes and step times logged; CdiError when it failed (it has
+    undone its work and exited then)."""
     report = handle.wait_report()
     for note in report.get("notes", []):
         log.note(note)
     for step, ms in report.get("steps_ms", {}).items():
         log.record_step(step, ms)
-    return handle
 
 
 def _host_ids_of_container_root(config) -> tuple[int, int] | None:

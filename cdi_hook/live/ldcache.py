@@ -37,8 +37,6 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
-import re
-import resource
 import select
 import stat
 import time
@@ -54,17 +52,28 @@ CACHE = "etc/ld.so.cache"
 MAX_CACHE = 64 << 20  # a cache (ldconfig's new one, or the image's kept for undo) is at most this big
 MAX_CONF_BACKUP = 1 << 20
 OUT_NAME = "ld.so.cache"  # ldconfig's -C, relative: in its working folder, the private tmpfs
+REPORT_NAME = "report"  # its -v output, in the same tmpfs
+MAX_REPORT = 16 << 20  # bytes of the -v report read back
+LDCONFIG_ARGV = ("ldconfig", "-X", "-i", "-C", OUT_NAME)
 # Inside the rootfs, symlinks followed there, no magic links, and never across a mount.
 OWN_MOUNT = sc.RESOLVE_IN_ROOT | sc.RESOLVE_NO_MAGICLINKS | sc.RESOLVE_NO_XDEV
 HOST_LDCONFIG = ("/sbin/ldconfig", "/usr/sbin/ldconfig")
+_DIGITS = frozenset("0123456789")
 TIMEOUT_S = 30
 CPU_LIMIT_S = 20
 MEMORY_LIMIT = 1 << 30
-_LIBRARY_NAME = re.compile(r"^[^/]+\.so(\.[0-9]+)*$")
 
 
 def is_library_name(path: str) -> bool:
-    return bool(_LIBRARY_NAME.match(posixpath.basename(path)))
+    """Whether the file name is a shared library's: ^[^/]+\\.so(\\.[0-9]+)*$ (without re)."""
+    name = posixpath.basename(path)
+    at = name.find(".so", 1)
+    while at != -1:
+        rest = name[at + 3:]
+        if not rest or (rest[0] == "." and all(part and set(part) <= _DIGITS for part in rest[1:].split("."))):
+            return True
+        at = name.find(".so", at + 1)
+    return False
 
 
 def library_dirs(mounted_files: list[str]) -> list[str]:
@@ -96,28 +105,30 @@ def open_host_ldconfig() -> int | None:
 
 
 def is_static_elf(fd: int) -> bool:
-    """Whether fd is an ELF executable without a program interpreter (PT_INTERP)."""
-    import struct
-
+    """Whether fd is an ELF executable without a program interpreter (PT_INTERP). Read with
+    int.from_bytes: the struct module would cost every start that mounts a library ~1 ms."""
     header = os.pread(fd, 64, 0)
     if len(header) < 52 or header[:4] != b"\x7fELF" or header[4] not in (1, 2) or header[5] not in (1, 2):
         return False
-    is_64, order = header[4] == 2, "<" if header[5] == 1 else ">"
-    if is_64:
-        phoff, = struct.unpack_from(order + "Q", header, 0x20)
-        phentsize, phnum = struct.unpack_from(order + "HH", header, 0x36)
-    else:
-        phoff, = struct.unpack_from(order + "I", header, 0x1C)
-        phentsize, phnum = struct.unpack_from(order + "HH", header, 0x2A)
+    is_64, order = header[4] == 2, "little" if header[5] == 1 else "big"
+
+    def number(data: bytes, offset: int, size: int) -> int:
+        return int.from_bytes(data[offset:offset + size], order)
+
+    phoff = number(header, 0x20, 8) if is_64 else number(header, 0x1C, 4)
+    phentsize, phnum = (number(header, 0x36, 2), number(header, 0x38, 2)) if is_64 else \
+        (number(header, 0x2A, 2), number(header, 0x2C, 2))
     table = os.pread(fd, phentsize * phnum, phoff)
     if phentsize < 4 or len(table) < phentsize * phnum:
         return False
     pt_interp = 3
-    return all(struct.unpack_from(order + "I", table, i * phentsize)[0] != pt_interp for i in range(phnum))
+    return all(number(table, i * phentsize, 4) != pt_interp for i in range(phnum))
 
 
-def update(rootfs: Rootfs, dirs: list[str], ldconfig_fd: int | None, notes: list[str], device: str = "") -> None:
-    """device: the CDI names whose libraries these are, for the error message."""
+def update(rootfs: Rootfs, dirs: list[str], ldconfig_fd: int | None, notes: list[str], device: str = "",
+           memo_fd: int | None = None) -> None:
+    """device: the CDI names whose libraries these are, for the error message. memo_fd: the
+    folder of remembered ldconfig runs (ldmemo.open_dir), None to always run ldconfig."""
     if not dirs:
         return
     if not (_exists(rootfs, "etc/ld.so.conf") or _exists(rootfs, CACHE)):
@@ -136,18 +147,49 @@ def update(rootfs: Rootfs, dirs: list[str], ldconfig_fd: int | None, notes: list
             conf = f"{CONF_DIR}/{CONF_NAME}"
             old_conf = _old_entry(view_fd, conf, MAX_CONF_BACKUP, device)
             text = "# written by cdi-hook: host libraries mounted by CDI devices\n" + "".join(d + "\n" for d in dirs)
-            _replace(rootfs, conf_dir_fd, conf, text.encode(), old_conf, device)
+            if not _already(old_conf, text.encode(), rootfs.creator_ids):
+                _replace(rootfs, conf_dir_fd, conf, text.encode(), old_conf, device)
         finally:
             os.close(conf_dir_fd)
-        cache = _build_cache(view_fd, ldconfig_fd, device)
+        cache, how = _cache_for(view_fd, ldconfig_fd, memo_fd, device)
     finally:
         os.close(view_fd)
+    if _already(old_cache, cache, rootfs.creator_ids):
+        notes.append(f"ldconfig: cache updated for {', '.join(dirs)} ({how}; the image's was the same already)")
+        return
     etc_fd = _own_dir(rootfs, posixpath.dirname(CACHE), device)
     try:
         _replace(rootfs, etc_fd, CACHE, cache, old_cache, device)
     finally:
         os.close(etc_fd)
-    notes.append(f"ldconfig: cache updated for {', '.join(dirs)}")
+    notes.append(f"ldconfig: cache updated for {', '.join(dirs)} ({how})")
+
+
+def _cache_for(view_fd: int, ldconfig_fd: int, memo_fd: int | None, device: str) -> tuple[bytes, str]:
+    """(the new ld.so.cache, how it was had): remembered from an earlier run of ldconfig on
+    exactly this input (ldmemo), else built by ldconfig now (and remembered when it can be)."""
+    if memo_fd is None:
+        return _build_cache(view_fd, ldconfig_fd, device)[0], "ran ldconfig"
+    from cdi_hook.live import ldmemo
+
+    remembered, attempt = ldmemo.lookup(memo_fd, view_fd, ldconfig_fd, LDCONFIG_ARGV)
+    if remembered is not None:
+        return remembered, "as ldconfig made it for the same input before"
+    cache, verbose, errors = _build_cache(view_fd, ldconfig_fd, device, verbose=attempt.conf is not None)
+    if len(verbose) < MAX_REPORT:  # a report cut short cannot be read right
+        ldmemo.remember(memo_fd, view_fd, ldconfig_fd, LDCONFIG_ARGV, attempt, verbose, errors, cache)
+    return cache, "ran ldconfig"
+
+
+def _already(old: tuple | None, content: bytes, creator_ids: tuple[int, int] | None) -> bool:
+    """Whether what is at the name is exactly what _install would make: a regular file of its
+    own (one link) with this content, mode 0644 and the owner the hook would give it. Then
+    nothing is written, and nothing is left for undo to put back."""
+    if old is None or isinstance(old[1], str):
+        return False
+    st, old_content = old
+    return (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and stat.S_IMODE(st.st_mode) == 0o644
+            and (st.st_uid, st.st_gid) == (creator_ids or (0, 0)) and old_content == content)
 
 
 def _read_only_view(root_fd: int, device: str) -> int:
@@ -171,16 +213,25 @@ def _read_only_view(root_fd: int, device: str) -> int:
     return view
 
 
-def _build_cache(view_fd: int, ldconfig_fd: int, device: str) -> bytes:
-    """The new ld.so.cache, as ldconfig chrooted into view_fd builds it in a private tmpfs."""
+def _build_cache(view_fd: int, ldconfig_fd: int, device: str, verbose: bool = False) -> tuple[bytes, bytes, str]:
+    """(the new ld.so.cache, ldconfig's -v report (b"" without verbose), its stderr), as
+    ldconfig chrooted into view_fd builds it in a private tmpfs."""
     try:
         # Its size bounds the cache (a bigger one fails ldconfig with ENOSPC) and the memory it takes.
         out_fd = sc.detached_tmpfs({"size": str(MAX_CACHE), "mode": "0700", "nr_inodes": "16"},
                                    sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC)
     except OSError as error:
         raise HookError(STEP, device, f"no private folder for ldconfig's output: {error.strerror}") from None
+    report_fd = None
     try:
-        status, output = _run_chrooted(view_fd, ldconfig_fd, ["ldconfig", "-X", "-i", "-C", OUT_NAME], cwd_fd=out_fd)
+        argv = list(LDCONFIG_ARGV)
+        if verbose:
+            # -v lists the folders scanned on stdout (ldmemo keys on them): into a file of the
+            # private tmpfs, apart from the complaints on stderr.
+            argv.insert(1, "-v")
+            report_fd = os.open(REPORT_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                0o600, dir_fd=out_fd)
+        status, output = _run_chrooted(view_fd, ldconfig_fd, argv, cwd_fd=out_fd, stdout_fd=report_fd)
         if status != "0":
             # ldconfig's complaints name the image's files: escaped, so no name can reach a
             # terminal or a log as control characters.
@@ -191,8 +242,12 @@ def _build_cache(view_fd: int, ldconfig_fd: int, device: str) -> bytes:
         except OSError as error:
             raise HookError(STEP, device, f"ldconfig made no cache: {error.strerror}") from None
         with os.fdopen(fd, "rb") as made:
-            return made.read()
+            cache = made.read()
+        report = os.pread(report_fd, MAX_REPORT, 0) if report_fd is not None else b""
+        return cache, report, output
     finally:
+        if report_fd is not None:
+            os.close(report_fd)
         os.close(out_fd)
 
 
@@ -340,22 +395,26 @@ def _where(path: str, error: OSError) -> str:
     return f"{path} in the rootfs: {error.strerror}"
 
 
-def _run_chrooted(root_fd: int, program_fd: int, argv: list[str], cwd_fd: int | None = None) -> tuple[str, str]:
+def _run_chrooted(root_fd: int, program_fd: int, argv: list[str], cwd_fd: int | None = None,
+                  stdout_fd: int | None = None) -> tuple[str, str]:
     """Run program chrooted into root_fd, confined; ("0" or how it ended, its output).
 
     cwd_fd: its working folder (else the new root). It may lie outside the chroot: relative
     names then resolve there, and '..' cannot climb out of a mount attached nowhere.
+    stdout_fd: where its stdout goes (the output returned is then its stderr alone).
     """
-    # python-prctl is imported here, only for starts that run ldconfig, and before the fork:
-    # after the chroot the module could no longer be found (nor should the image provide it).
+    # python-prctl and resource are imported here, only for starts that run ldconfig, and
+    # before the fork: after the chroot they could no longer be found (nor should the image
+    # provide them); _confine's own import then finds resource already loaded.
     import prctl
+    import resource  # noqa: F401
 
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # grandchild: never returns
         try:
             os.close(read_end)
-            os.dup2(write_end, 1)
+            os.dup2(write_end if stdout_fd is None else stdout_fd, 1)
             os.dup2(write_end, 2)
             null_read, null_write = os.pipe()
             os.dup2(null_read, 0)
@@ -379,6 +438,8 @@ def _run_chrooted(root_fd: int, program_fd: int, argv: list[str], cwd_fd: int | 
 def _confine(prctl) -> None:
     """In the forked child just before exec: ldconfig keeps only the capabilities it needs to
     read and write the image's files, can never gain privileges, and has CPU/memory bounds."""
+    import resource
+
     prctl.capbset.limit(prctl.CAP_DAC_OVERRIDE, prctl.CAP_DAC_READ_SEARCH, prctl.CAP_FOWNER)
     prctl.set_no_new_privs(True)
     resource.setrlimit(resource.RLIMIT_CPU, (CPU_LIMIT_S, CPU_LIMIT_S))

@@ -11,12 +11,12 @@ keeps everything; anything else (a later step failed, the hook died) undoes what
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
+from cdi_hook import jsonio
 from cdi_hook.errors import CdiError, HookError
-from cdi_hook.live import devices, ldcache, mounts, syscalls
+from cdi_hook.live import devices, ldcache, ldmemo, mounts, syscalls
 from cdi_hook.live.rootfs import Rootfs
 
 
@@ -37,11 +37,14 @@ class Worker:
         self.pid = pid
         self._report = os.fdopen(report_fd, "rb")
         self._verdict_fd = verdict_fd
+        self._reported = False  # its report was read
+        self._reaped = False
 
     def wait_report(self) -> dict:
+        self._reported = True
         line = self._report.readline()
         try:
-            report = json.loads(line)
+            report = jsonio.loads(line)
         except ValueError:
             self._reap()
             raise HookError("inject", "", "worker died without a report") from None
@@ -52,6 +55,13 @@ class Worker:
 
     def finish(self, commit: bool) -> list[str]:
         """Tell the worker to keep (commit) or undo its work; returns undo problems."""
+        if self._reaped:
+            return []  # it failed, undid its work itself and exited
+        if not self._reported:  # a step running beside it failed first: its report comes first
+            try:
+                self.wait_report()
+            except CdiError:
+                return []
         try:
             os.write(self._verdict_fd, b"c" if commit else b"r")
         except OSError:
@@ -59,11 +69,12 @@ class Worker:
         line = self._report.readline()
         self._reap()
         try:
-            return json.loads(line).get("problems", [])
+            return jsonio.loads(line).get("problems", [])
         except ValueError:
             return [] if commit else ["worker died during undo"]
 
     def _reap(self) -> None:
+        self._reaped = True
         for fd_owner in (self._report,):
             fd_owner.close()
         try:
@@ -101,7 +112,7 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int
     rootfs = None
 
     def send(doc: dict) -> None:
-        os.write(report_fd, (json.dumps(doc) + "\n").encode())
+        os.write(report_fd, (jsonio.dumps(doc) + "\n").encode())
 
     def undo() -> list[str]:
         problems = mounts.unmount_all(mounted)
@@ -113,6 +124,9 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int
         devices.clone_host_nodes(work.nodes)
         mounts.clone_sources(work.mounts)
         ldconfig_fd = ldcache.open_host_ldconfig()
+        # The folder of remembered ldconfig runs is on the host: opened before setns.
+        memo_fd = ldmemo.open_dir() if ldconfig_fd is not None and any(
+            ldcache.is_library_name(j.mount.container_path) for j in work.mounts) else None
         try:
             syscalls.setns(ns_fd, syscalls.CLONE_NEWNS)
         except OSError as error:
@@ -130,7 +144,7 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int
         file_jobs = [j for j in work.mounts if j.options.bind and not j.source_is_dir]
         library_origins = dict.fromkeys(j.origin for j in file_jobs if ldcache.is_library_name(j.mount.container_path))
         ldcache.update(rootfs, ldcache.library_dirs([j.mount.container_path for j in file_jobs]), ldconfig_fd,
-                       notes, device=", ".join(library_origins))
+                       notes, device=", ".join(library_origins), memo_fd=memo_fd)
         _timed(steps_ms, "ldconfig", started)
     except CdiError as error:
         problems = undo()

@@ -1,19 +1,30 @@
 """CDI names: vendor, class, device name, kind (vendor/class), qualified name (kind=name).
 
-Pure and cheap to import (only `re`): the hook's hot path parses the requested names
-before it knows whether any spec needs loading. The patterns are the CDI ones; they are
-compiled once here and always used with fullmatch, so a trailing newline never slips by.
+Pure and cheap to import (no `re`: with enum it costs ~10 ms of a hook start): the hook's
+hot path parses the requested names before it knows whether any spec needs loading. The
+patterns are the CDI ones, written out as character sets (fits_pattern), checked over the
+whole name, so a trailing newline never slips by.
 """
 
 from __future__ import annotations
 
-import re
-
 from cdi_hook.errors import CdiError
 
-VENDOR_PATTERN = re.compile(r"[A-Za-z](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?")
+LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+ALNUM = LETTERS | frozenset("0123456789")
+# [A-Za-z](?:[A-Za-z0-9_.-]*[A-Za-z0-9])? for vendors and classes, and
+# [A-Za-z0-9](?:[A-Za-z0-9_.:-]*[A-Za-z0-9])? for device names: (first, middle) sets.
+VENDOR_PATTERN = (LETTERS, ALNUM | frozenset("_.-"))
 CLASS_PATTERN = VENDOR_PATTERN
-DEVICE_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.:-]*[A-Za-z0-9])?")
+DEVICE_PATTERN = (ALNUM, ALNUM | frozenset("_.:-"))
+
+
+def fits_pattern(text: str, pattern: tuple[frozenset, frozenset]) -> bool:
+    """Whether all of text matches [first](?:[middle]*[A-Za-z0-9])? (re.fullmatch, without re)."""
+    first, middle = pattern
+    if not text or text[0] not in first:
+        return False
+    return len(text) == 1 or (text[-1] in ALNUM and set(text[1:-1]) <= middle)
 
 _QUOTE_LIMIT = 80
 
@@ -33,7 +44,7 @@ def quote(text: object) -> str:
 
 def vendor_problem(vendor: str) -> str | None:
     """Why vendor is not a valid CDI vendor name, or None when it is."""
-    if VENDOR_PATTERN.fullmatch(vendor):
+    if fits_pattern(vendor, VENDOR_PATTERN):
         return None
     return (f"vendor {quote(vendor)} must start with a letter, end with a letter or digit, "
             "and contain only letters, digits, '_', '.', '-'")
@@ -41,7 +52,7 @@ def vendor_problem(vendor: str) -> str | None:
 
 def class_problem(device_class: str) -> str | None:
     """Why device_class is not a valid CDI class name, or None when it is."""
-    if CLASS_PATTERN.fullmatch(device_class):
+    if fits_pattern(device_class, CLASS_PATTERN):
         return None
     return (f"class {quote(device_class)} must start with a letter, end with a letter or digit, "
             "and contain only letters, digits, '_', '.', '-'")
@@ -49,7 +60,7 @@ def class_problem(device_class: str) -> str | None:
 
 def device_name_problem(name: str) -> str | None:
     """Why name is not a valid CDI device name, or None when it is."""
-    if DEVICE_PATTERN.fullmatch(name):
+    if fits_pattern(name, DEVICE_PATTERN):
         return None
     return (f"device name {quote(name)} must start and end with a letter or digit "
             "and contain only letters, digits, '_', '.', ':', '-'")

@@ -1,0 +1,424 @@
+"""`cdi-hook device-plugin`: the kubelet's device plugin API v1beta1 for every CDI kind.
+
+On a Kubernetes node whose runtime only runs hooks, a container gets a CDI device when the
+kubelet sets a `cdi.k8s.io/` annotation on it, and the kubelet does that only for what a
+device plugin's Allocate answer carries (README, "Who may ask for a device"). This command
+is that device plugin:
+
+* One extended resource per CDI kind found in the spec dirs (`vendor.com/class`); its
+  device IDs are the CDI device names of that kind. Each resource has its own gRPC server
+  on its own socket in the kubelet's device plugin dir and registers there with the
+  kubelet (kubelet.sock, API version v1beta1).
+* Every POLL seconds the spec dirs are read again and every device node is checked: kinds
+  come and go with their specs, devices with their entries, and a device is Healthy while
+  each of its device nodes' host paths is the node the spec names (lstat: a character,
+  block or fifo node, of the spec's type and major:minor when it gives them; in a
+  container, --host-root names where the host's /dev is mounted). ListAndWatch streams
+  send the whole list again on any change.
+* The kubelet, when it restarts, makes a new kubelet.sock (and deletes every other socket
+  in the dir): a changed kubelet.sock (inode and change time) means register again; a missing or
+  replaced endpoint socket means serve again on a new one first.
+* Allocate answers, per container, one annotation `cdi.k8s.io/cdi-hook_<vendor>_<class>`
+  naming the devices (vendor.com/class=name,...), for runtimes that only run hooks (the
+  kubelet sets it on the container; CRI-O records it as the kubelet's, which cdi-hook's
+  request policy honours), and the same names as CDIDevices, for runtimes with native CDI.
+  One key per resource: the kubelet merges the annotations of every resource a container
+  gets, and keeps the first of two equal keys.
+
+Polling, not inotify: a few stats and spec reads every few seconds cost nothing next to
+a container start, and nothing is missed when a dir is replaced or mounted over, or when
+a device node appears under /dev.
+
+Logs are JSON lines on stderr (structlog), one per change, not one per poll. SIGTERM or
+SIGINT stops the servers and removes their sockets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+
+from cdi_hook.errors import CdiError, listed, printable
+from cdi_hook.hostdev import host_node_type
+from cdi_hook.kubelet import api_pb2, api_pb2_grpc
+from cdi_hook.log import LEVELS, configured_level, structlog_logger
+from cdi_hook.registry import Registry
+from cdi_hook.request import build_annotations
+
+API_VERSION = "v1beta1"
+KUBELET_SOCKET = "kubelet.sock"
+HEALTHY, UNHEALTHY = "Healthy", "Unhealthy"
+# The plugin part of every annotation key: cdi.k8s.io/cdi-hook_<vendor>_<class>.
+PLUGIN_NAME = "cdi-hook"
+# The longest path a unix socket address holds (sun_path, with its terminating NUL).
+MAX_SOCKET_PATH = 107
+REGISTER_TIMEOUT_SECONDS = 5
+# Worker threads of one resource's gRPC server. Each open ListAndWatch stream holds one for
+# as long as it lasts (one per kubelet, two for a moment across a kubelet restart); the
+# rest answer Allocate and the other short calls.
+SERVER_THREADS = 8
+OPTIONS = api_pb2.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True)
+
+
+class Log:
+    """JSON lines on stderr through structlog (cdi_hook.log's processors); every string
+    escaped and cut (errors.printable): device names and spec errors come from spec files."""
+
+    def __init__(self, stream=None):
+        self.logger = structlog_logger(stream or sys.stderr)
+        self.level = configured_level()
+
+    def _emit(self, level: str, event: str, fields: dict) -> None:
+        if LEVELS[level] >= self.level:
+            clean = {key: printable(value) if isinstance(value, str) else value for key, value in fields.items()}
+            getattr(self.logger, level)(event, **clean)
+
+    def info(self, event: str, **fields) -> None:
+        self._emit("info", event, fields)
+
+    def warning(self, event: str, **fields) -> None:
+        self._emit("warning", event, fields)
+
+    def error(self, event: str, **fields) -> None:
+        self._emit("error", event, fields)
+
+
+def node_problem(node, host_root: str = "/") -> str | None:
+    """Why a spec's device node is not present on the host as the spec names it, or None.
+
+    host_root: where the host's filesystem is seen ("/" on the host; "/host" in a container
+    that has the host's /dev at /host/dev).
+    """
+    host_path = node.host_path or node.path
+    try:
+        st = os.lstat(os.path.join(host_root, host_path.lstrip("/")))
+    except OSError as error:
+        return f"host device {host_path}: {error.strerror}"
+    host_type = host_node_type(st.st_mode)
+    if host_type is None:
+        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a device node"
+        return f"host path {host_path} is {kind}"
+    wanted = {"u": "c"}.get(node.type, node.type)
+    if wanted and wanted != host_type:
+        return f"host device {host_path} is of type {host_type!r}, the spec says {node.type!r}"
+    # major 0 means "not given" in CDI, as in hostdev.is_fully_specified; minor then defaults to 0.
+    if node.major and host_type != "p":
+        have = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        want = (node.major, node.minor or 0)
+        if have != want:
+            return f"host device {host_path} is {have[0]}:{have[1]}, the spec says {want[0]}:{want[1]}"
+    return None
+
+
+def inventory(registry: Registry, host_root: str = "/") -> dict[str, dict[str, tuple[str, str]]]:
+    """kind -> device name -> (health, why unhealthy or ""), for every resolvable device.
+
+    A device's nodes are its spec's spec-level nodes (every device of the spec gets them)
+    and its own.
+    """
+    kinds: dict[str, dict[str, tuple[str, str]]] = {}
+    for spec, device in registry.devices.values():
+        nodes = spec.container_edits.device_nodes + device.container_edits.device_nodes
+        problems = [problem for problem in (node_problem(node, host_root) for node in nodes) if problem]
+        health = (UNHEALTHY, "; ".join(problems)) if problems else (HEALTHY, "")
+        kinds.setdefault(spec.kind, {})[device.name] = health
+    return kinds
+
+
+def socket_identity(path: str):
+    """Which unix socket is at path (None: none): a socket removed and made again is another.
+
+    The inode number alone does not tell: a filesystem hands a freed inode number to the
+    next file made (ext4 does, at once), so the change time, nanoseconds, is part of it.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_ctime_ns) if stat.S_ISSOCK(st.st_mode) else None
+
+
+def listening(path: str) -> bool:
+    """Whether a process accepts connections on the unix socket at path."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def annotation_id(kind: str) -> str:
+    """The part of the annotation key after `cdi-hook_`: the kind ('/' becomes '_' there), or,
+    for a kind too long for the 63-character key, a digest of it (still one key per kind)."""
+    try:
+        build_annotations(PLUGIN_NAME, kind, ["a.b/c=d"])
+        return kind
+    except CdiError:
+        return "sha256-" + hashlib.sha256(kind.encode()).hexdigest()[:32]
+
+
+def preferred(request) -> list[str]:
+    """The must-include devices, then the first available ones, up to allocation_size."""
+    chosen = list(dict.fromkeys(request.must_include_deviceIDs))
+    for device_id in request.available_deviceIDs:
+        if len(chosen) >= request.allocation_size:
+            break
+        if device_id not in chosen:
+            chosen.append(device_id)
+    return chosen
+
+
+class Resource(api_pb2_grpc.DevicePluginServicer):
+    """One CDI kind as one extended resource: its devices, its gRPC server and socket."""
+
+    def __init__(self, kind: str, socket_dir: str, log: Log):
+        self.kind = kind
+        self.log = log
+        self.endpoint = "cdi-hook-" + kind.replace("/", "_") + ".sock"
+        self.path = os.path.join(socket_dir, self.endpoint)
+        self.annotation_id = annotation_id(kind)
+        self.devices: dict[str, str] = {}  # name -> health
+        self.changed = threading.Condition()
+        self.version = 0  # bumped on every change of self.devices; streams send when it moves
+        self.server = None
+        self.serving = None  # socket_identity of the socket self.server listens on
+        self.registered_with = None  # socket_identity of the kubelet.sock we registered with
+        self.last_problem = ""  # the last serve/register error logged, so a retry logs nothing new
+        self.stopping = False  # set by stop(): ends this server's ListAndWatch streams
+
+    # -- state, from the poll loop ------------------------------------------------------
+
+    def update(self, devices: dict[str, tuple[str, str]]) -> None:
+        """Take the poll's (health, why) per device; streams are woken only when a device
+        comes, goes or changes health (a different reason to be Unhealthy is no news)."""
+        health = {name: state for name, (state, _) in devices.items()}
+        if health == self.devices:
+            return
+        for name, (state, why) in sorted(devices.items()):
+            if self.devices.get(name) != state:
+                fields = {"resource": self.kind, "device": name, "health": state}
+                if why:
+                    fields["why"] = why
+                (self.log.warning if state == UNHEALTHY else self.log.info)("device", **fields)
+        gone = sorted(set(self.devices) - set(health))
+        if gone:
+            self.log.info("devices removed", resource=self.kind, devices=listed(gone))
+        with self.changed:
+            self.devices = health
+            self.version += 1
+            self.changed.notify_all()
+
+    def ensure_serving(self) -> bool:
+        """Serve on self.path unless already serving on the socket that is there now; True
+        when serving. The kubelet deletes every socket in its dir when it starts."""
+        if self.server is not None and self.serving == socket_identity(self.path):
+            return True
+        if self.server is not None:
+            self.log.info("endpoint socket gone, serving again", resource=self.kind, socket=self.path)
+            self.stop()
+        self.registered_with = None
+        if not os.path.isdir(os.path.dirname(self.path)):
+            # Checked here, not left to the bind: gRPC's core would log its own line every poll.
+            self.problem(f"socket dir {os.path.dirname(self.path)} does not exist (is the kubelet running?)")
+            return False
+        if len(self.path) > MAX_SOCKET_PATH:
+            self.problem(f"socket path {self.path} is longer than {MAX_SOCKET_PATH} bytes")
+            return False
+        if os.path.lexists(self.path):
+            if socket_identity(self.path) is None:
+                self.problem(f"{self.path} exists and is not a socket; not replacing it")
+                return False
+            if listening(self.path):
+                # Another instance (a DaemonSet pod being replaced): taking its socket over
+                # would make it take ours back at its next poll. It removes it when it stops.
+                self.problem(f"another process serves on {self.path}; waiting for it to stop")
+                return False
+            os.unlink(self.path)  # left by a run that ended without removing it
+        with self.changed:
+            self.stopping = False
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=SERVER_THREADS,
+                                                        thread_name_prefix="cdi-hook-" + self.kind))
+        api_pb2_grpc.add_DevicePluginServicer_to_server(self, server)
+        try:
+            port = server.add_insecure_port("unix://" + self.path)
+        except RuntimeError as error:
+            port, reason = 0, str(error)
+        else:
+            reason = "gRPC could not bind it"
+        if not port:
+            server.stop(None)
+            self.problem(f"cannot listen on {self.path}: {reason}")
+            return False
+        server.start()
+        self.server, self.serving = server, socket_identity(self.path)
+        self.last_problem = ""
+        self.log.info("serving", resource=self.kind, socket=self.path, devices=len(self.devices))
+        return True
+
+    def register(self, kubelet_path: str, kubelet_identity) -> None:
+        """Register with the kubelet at kubelet_path unless already registered with this one."""
+        if self.registered_with == kubelet_identity:
+            return
+        request = api_pb2.RegisterRequest(version=API_VERSION, endpoint=self.endpoint, resource_name=self.kind,
+                                          options=OPTIONS)
+        try:
+            with grpc.insecure_channel("unix://" + kubelet_path) as channel:
+                api_pb2_grpc.RegistrationStub(channel).Register(request, timeout=REGISTER_TIMEOUT_SECONDS)
+        except grpc.RpcError as error:
+            self.problem(f"registering with the kubelet at {kubelet_path} failed: "
+                         f"{error.code().name}: {error.details()}")
+            return
+        self.registered_with = kubelet_identity
+        self.last_problem = ""
+        self.log.info("registered", resource=self.kind, kubelet=kubelet_path, endpoint=self.endpoint,
+                      version=API_VERSION)
+
+    def problem(self, message: str) -> None:
+        """Log an error once, until it changes or the step succeeds (the poll retries it)."""
+        if message != self.last_problem:
+            self.log.error("resource problem", resource=self.kind, error=message)
+            self.last_problem = message
+
+    def stop(self) -> None:
+        """Stop serving: end the streams, stop the server, remove our socket (only ours)."""
+        with self.changed:
+            self.stopping = True
+            self.changed.notify_all()
+        if self.server is not None:
+            self.server.stop(grace=1).wait()
+            if self.serving is not None and socket_identity(self.path) == self.serving:
+                os.unlink(self.path)
+        self.server = self.serving = self.registered_with = None
+
+    # -- the DevicePlugin service, from gRPC's threads ----------------------------------
+
+    def GetDevicePluginOptions(self, request, context):
+        return OPTIONS
+
+    def ListAndWatch(self, request, context):
+        sent = None
+        while True:
+            with self.changed:
+                # Woken by every change and by stop(); the timeout notices a kubelet that left.
+                while self.version == sent and not self.stopping and context.is_active():
+                    self.changed.wait(timeout=1.0)
+                if self.stopping or not context.is_active():
+                    return
+                sent = self.version
+                devices = [api_pb2.Device(ID=name, health=health) for name, health in sorted(self.devices.items())]
+            yield api_pb2.ListAndWatchResponse(devices=devices)
+
+    def GetPreferredAllocation(self, request, context):
+        return api_pb2.PreferredAllocationResponse(container_responses=[
+            api_pb2.ContainerPreferredAllocationResponse(deviceIDs=preferred(r)) for r in request.container_requests])
+
+    def Allocate(self, request, context):
+        with self.changed:
+            known = dict(self.devices)
+        responses = []
+        for container in request.container_requests:
+            ids = list(dict.fromkeys(container.devices_ids))
+            unknown = [device_id for device_id in ids if device_id not in known]
+            if unknown:
+                message = (f"resource {self.kind}: unknown device id{'s' if len(unknown) > 1 else ''} "
+                           f"{listed(repr(printable(i, 100)) for i in unknown)} (the devices of {self.kind} are: "
+                           f"{listed(sorted(known)) or 'none'})")
+                self.log.warning("allocate refused", resource=self.kind, error=message)
+                context.abort(grpc.StatusCode.NOT_FOUND, message)
+            if not ids:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"resource {self.kind}: a container request with no "
+                                                                 "device ids")
+            names = [f"{self.kind}={device_id}" for device_id in ids]
+            try:
+                annotations = build_annotations(PLUGIN_NAME, self.annotation_id, names)
+            except CdiError as error:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"resource {self.kind}: {error}")
+            responses.append(api_pb2.ContainerAllocateResponse(
+                annotations=annotations, cdi_devices=[api_pb2.CDIDevice(name=name) for name in names]))
+            self.log.info("allocated", resource=self.kind, devices=listed(names), annotations=annotations)
+        return api_pb2.AllocateResponse(container_responses=responses)
+
+    def PreStartContainer(self, request, context):
+        return api_pb2.PreStartContainerResponse()  # pre_start_required is false: nothing to do
+
+
+class Plugin:
+    """Every resource, kept in step with the spec dirs and the kubelet by poll()."""
+
+    def __init__(self, socket_dir: str, spec_dirs, log: Log, host_root: str = "/"):
+        self.socket_dir = socket_dir
+        self.host_root = host_root
+        self.kubelet_path = os.path.join(socket_dir, KUBELET_SOCKET)
+        self.spec_dirs = spec_dirs
+        self.log = log
+        self.resources: dict[str, Resource] = {}
+        self.spec_errors: list[str] = []
+        self.kubelet_identity = "not looked at yet"  # then socket_identity(kubelet.sock)
+
+    def poll(self) -> None:
+        registry = Registry.load(self.spec_dirs)
+        errors = registry.all_errors()
+        if errors != self.spec_errors:
+            for line in errors:
+                self.log.error("spec error", error=line)
+            self.spec_errors = errors
+        kinds = inventory(registry, self.host_root)
+        for kind in sorted(set(self.resources) - set(kinds)):
+            self.log.info("resource removed", resource=kind)
+            self.resources.pop(kind).stop()
+        for kind, devices in sorted(kinds.items()):
+            resource = self.resources.get(kind)
+            if resource is None:
+                resource = self.resources[kind] = Resource(kind, self.socket_dir, self.log)
+                self.log.info("resource found", resource=kind, devices=len(devices))
+            resource.update(devices)
+        identity = socket_identity(self.kubelet_path)
+        if identity != self.kubelet_identity:
+            state = "missing" if identity is None else "new" if isinstance(self.kubelet_identity, tuple) else "found"
+            self.log.info("kubelet socket", path=self.kubelet_path, state=state)
+            self.kubelet_identity = identity
+        for resource in self.resources.values():
+            if resource.ensure_serving() and identity is not None:
+                resource.register(self.kubelet_path, identity)
+
+    def close(self) -> None:
+        for resource in self.resources.values():
+            resource.stop()
+        self.resources.clear()
+
+
+def cmd_device_plugin(args, spec_dirs) -> int:
+    if not 0 < args.poll_interval <= 3600:
+        raise CdiError(f"--poll-interval {args.poll_interval}: must be more than 0 and at most 3600 seconds")
+    log = Log()
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    plugin = Plugin(args.socket_dir, spec_dirs, log, args.host_root)
+    log.info("device plugin started", socket_dir=args.socket_dir, host_root=args.host_root, api_version=API_VERSION,
+             spec_dirs=",".join(spec_dirs) if spec_dirs else "default", poll_seconds=args.poll_interval)
+    try:
+        while not stop.is_set():
+            try:
+                plugin.poll()
+            except Exception as error:  # a long-running daemon: log, retry at the next poll
+                log.error("poll failed", error=f"{type(error).__name__}: {error}")
+            stop.wait(args.poll_interval)
+    finally:
+        plugin.close()
+        log.info("device plugin stopped")
+    return 0
