@@ -181,3 +181,22 @@ def _env(extra: dict) -> dict:
             env[name] = os.environ[name]
     env.update(extra)
     return env
+
+
+def test_poststop_undoes_the_hold_even_when_the_policy_no_longer_allows_the_device(runc, tmp_path):
+    """An operator tightens the policy while a container runs: at its poststop the hook still
+    gives back what createRuntime took (the hold), runs no spec hook, and says why."""
+    import os
+
+    path = policy_file(tmp_path, f'version: "1"\nexclusive: ["{ALL}"]\n')
+    env = {"CDI_HOOK_POLICY": path}
+    first, log_file = bundle(tmp_path, {"cdi.k8s.io/test": ALL}, env, script="sleep 60", name="first")
+    _with_poststop(first)
+    record = Path(os.environ["CDI_HOOK_STATE_DIR"]) / (ALL.replace("/", "%2F") + ".json")
+    with oci_env.detached_container(first):
+        assert record.exists()
+        Path(path).write_text(f'version: "1"\nexclusive: ["{ALL}"]\nrules:\n  - action: deny\n'
+                              f'    devices: ["{ALL}"]\n')
+    assert not record.exists(), "the hold outlived its container"
+    poststop = [line for line in hook_env.log_lines(log_file) if line["stage"] == "poststop"]
+    assert poststop and "rules[0]: deny" in poststop[-1]["error"]

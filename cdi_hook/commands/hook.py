@@ -33,23 +33,33 @@ def run(stage: str, spec_dirs: list[str] | None, stdin) -> int:
         from cdi_hook import plan, policy
         from cdi_hook.live import inject
 
+        refusal = None
         with log.step("policy"):
-            rules = policy.load()
-            # config.json's annotations are the runtime's own record; the state's repeat them
-            _, decisions = policy.authorize(rules, {**state.annotations, **config.annotations}, names)
-            log.fields["sources"] = {d.request.device: d.request.source for d in decisions}
+            try:
+                rules = policy.load()
+                # config.json's annotations are the runtime's own record; the state's repeat them
+                _, decisions = policy.authorize(rules, {**state.annotations, **config.annotations}, names)
+                log.fields["sources"] = {d.request.device: d.request.source for d in decisions}
+            except CdiError as error:
+                # At poststop the container is gone: what createRuntime did for it (moved
+                # interfaces, holds, RDT groups, each found by its own record) is undone even
+                # if the policy changed or broke meanwhile; only the spec's hooks need it.
+                if stage != "poststop":
+                    raise
+                refusal = error
         with log.step("resolve"):
             container_plan = plan.resolve(names, spec_dirs, process_uid=config.process_uid,
                                           process_gid=config.process_gid)
-        exclusive = policy.exclusive_devices(rules, names)
         if stage in inject.INJECTION_STAGES:
-            _inject_holding(exclusive, stage, container_plan, state, config, log)
+            _inject_holding(policy.exclusive_devices(rules, names), stage, container_plan, state, config, log)
         else:
-            inject.run_stage(stage, container_plan, state, config, log)
-            if stage == "poststop" and exclusive:
+            inject.run_stage(stage, container_plan, state, config, log, spec_hooks=refusal is None)
+            if stage == "poststop":
                 from cdi_hook.live import holds
 
-                holds.release(exclusive, state.id)
+                holds.release(names, state.id)  # only this container's holds: a no-op for the rest
+            if refusal is not None:
+                raise refusal
     except CdiError as error:
         log.finish(error=str(error))
         raise

@@ -18,13 +18,16 @@ from cdi_hook.errors import CdiError, HookError
 INJECTION_STAGES = ("createRuntime", "prestart")
 
 
-def run_stage(stage: str, plan, state, config, log) -> None:
+def run_stage(stage: str, plan, state, config, log, spec_hooks: bool = True) -> None:
+    """spec_hooks=False: at poststop, only undo what createRuntime did (a request the policy
+    no longer honours gets no spec hook run)."""
     if stage not in INJECTION_STAGES:
         if stage == "poststop":
             _return_net_devices(state, config, plan, log)
             _release_rdt(state, plan, log)
-        with log.step("spec hooks"):
-            _run_spec_hooks(plan.hooks_at(stage), state)
+        if spec_hooks:
+            with log.step("spec hooks"):
+                _run_spec_hooks(plan.hooks_at(stage), state)
         return
     inject(stage, plan, state, config, log)
 
