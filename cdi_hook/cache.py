@@ -60,6 +60,7 @@ import zlib
 from array import array
 
 from cdi_hook import __version__
+from cdi_hook.files import is_private_file
 
 CACHE_DIR_ENV = "CDI_HOOK_CACHE_DIR"
 DEFAULT_CACHE_DIR = "/run/cdi-hook"
@@ -231,7 +232,7 @@ def watched_generation(dirs: tuple[str, ...], now_ns: int | None = None) -> byte
         return None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+        if not is_private_file(st):
             return None
         if (time.time_ns() if now_ns is None else now_ns) - st.st_mtime_ns > HEARTBEAT_TIMEOUT_NS:
             return None

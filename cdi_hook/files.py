@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import stat
+
+
+def is_private_file(st: os.stat_result) -> bool:
+    """A regular file of root's that nobody else may read or write: what cdi-hook's own
+    records (the watcher's generation, remembered ldconfig runs) must be to be believed."""
+    return stat.S_ISREG(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o077
 
 
 def write_file_atomic(path: str, data: bytes, mode: int, owner: tuple[int, int] | None = None) -> None:
@@ -11,6 +17,8 @@ def write_file_atomic(path: str, data: bytes, mode: int, owner: tuple[int, int] 
 
     A reader (runc, Podman's hooks.d monitor) sees either the old file or the new one.
     """
+    import tempfile  # not at the top: the hook's hot path imports this module (is_private_file)
+
     directory = os.path.dirname(os.path.abspath(path))
     fd, temp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
     try:

@@ -58,7 +58,8 @@ class Plan(namedtuple("Plan", ["devices", "nodes", "device_rules", "mounts", "en
         return [item for stage in stages for item in by_stage.get(stage, ())]
 
     def is_empty(self) -> bool:
-        return not any(self[1:7]) and self.intel_rdt is None and not self.net_devices
+        return not (self.nodes or self.device_rules or self.mounts or self.env or self.hooks
+                    or self.additional_gids or self.intel_rdt is not None or self.net_devices)
 
 
 def resolve(names, spec_dirs=None, *, process_uid: int = 0, process_gid: int = 0) -> Plan:

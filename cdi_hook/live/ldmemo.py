@@ -37,6 +37,7 @@ import stat
 import time
 import zlib
 
+from cdi_hook.files import is_private_file
 from cdi_hook.live import syscalls as sc
 
 FORMAT = 1
@@ -367,7 +368,7 @@ def _load(memo_fd: int, name: str, key):
         return None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+        if not is_private_file(st):
             return None
         data = os.pread(fd, st.st_size, 0)
         if data[:len(MAGIC)] != MAGIC:
