@@ -104,6 +104,15 @@ def build_parser():
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--watch", action="store_true", help="also remove the systemd unit of `cdi-hook watch`")
     p.add_argument("--systemd-dir", metavar="DIR", help="where it is (default /etc/systemd/system)")
+
+    p = with_specs(sub.add_parser("doctor", help="check this node's hook set-up: runtimes and their hooks dirs, "
+                                                 "spec dirs, cache and watcher, policy; --probe starts test containers"))
+    p.add_argument("--probe", action="store_true", help="start a Podman and a runc container through the installed "
+                                                        "hooks with a throwaway spec (/dev/null) and check they get it")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--hooks-dir", action="append", metavar="DIR", help="also look for cdi-hook's hooks.d files here")
+    p.add_argument("--config-root", metavar="DIR", help="read built-in paths (/etc, /usr/share, /run) under DIR "
+                                                        "(for tests)")
     return parser
 
 
@@ -138,6 +147,10 @@ def dispatch(args) -> int:
         from cdi_hook.commands import device_plugin
 
         return device_plugin.cmd_device_plugin(args, _spec_dirs(args))
+    if command == "doctor":
+        from cdi_hook.commands import doctor
+
+        return doctor.cmd_doctor(args)
     if command in ("install", "uninstall"):
         from cdi_hook.commands import install
 
