@@ -15,14 +15,17 @@ Two modes, one at a time (installing one removes the other's files):
              every CDI edit, env and additionalGids included. Default for --podman.
   hook       one file per stage, since a hooks.d file has one fixed argv and the OCI state
              does not say which stage runs (prestart and createRuntime both see "creating"):
-               createRuntime  injects the devices (runtime namespace, container created)
-                              and runs the specs' prestart and createRuntime hooks; no
+               createRuntime  injects the devices (runtime namespace, container created),
+                              runs the specs' prestart and createRuntime hooks, then
+                              their createContainer hooks in the container's namespaces
+                              before the runtime pivots (live/containerhooks.py); no
                               prestart file, so the injection happens once, not twice
                poststart      runs the specs' poststart hooks
                poststop       runs the specs' poststop hooks, returns network devices
-             Not createContainer / startContainer: those run inside the container's
-             namespaces, where a host interpreter path may not exist and running a host
-             program would expose it to the image. Default for --crio and --hooks-dir.
+             No createContainer / startContainer file: cdi-hook is not a hook the runtime
+             should run inside the container. A spec's startContainer hooks (inside the
+             container, after pivot_root) cannot be run from here: such a spec is refused
+             at createRuntime; use precreate. Default for --crio and --hooks-dir.
 
 Every file matches only containers with an annotation key matching ^cdi\\.k8s\\.io/ and
 runs the installed interpreter isolated (-I: no PYTHON* variables, no user site, no cwd on

@@ -1,12 +1,17 @@
 """The live injector: carry out a Plan on a container the runtime is creating.
 
 An executor of plan.Plan, like config_editor.py; it decides nothing about what a device
-means. At createRuntime (or prestart, whichever the runtime was given): the rootfs work in
-a worker inside the container's mount namespace (nodes, mounts, ld cache), the device
-cgroup, network devices, RDT, then the spec's prestart and createRuntime hooks. At other
-stages only the spec's hooks of that stage (and at poststop the network devices go home
-and the RDT monitoring group goes). Any failure undoes the rootfs work and reaches the
-CLI as one line naming the step and the device.
+means. At createRuntime (or prestart, whichever the runtime was given), in the order a
+runtime orders its own stages: the rootfs work in a worker inside the container's mount
+namespace (nodes, mounts, ld cache) beside the device cgroup, then RDT, network devices,
+the spec's prestart and createRuntime hooks (here, in the runtime's namespaces), then the
+spec's createContainer hooks (run by the worker in the container's namespaces, before the
+runtime pivots: live/containerhooks.py), then commit. A spec with startContainer hooks is
+refused before anything changes: they run inside the container after pivot_root, which a
+hook cannot reach; the config.json editors (`precreate`, `inject --mode edits`) hand them
+to the runtime. At other stages only the spec's hooks of that stage (and at poststop the
+network devices go home and the RDT monitoring group goes). Any failure undoes the rootfs
+work and reaches the CLI as one line naming the step and the device.
 """
 
 from __future__ import annotations
@@ -35,13 +40,14 @@ def run_stage(stage: str, plan, state, config, log, spec_hooks: bool = True) -> 
 def inject(stage: str, plan, state, config, log) -> None:
     if not state.pid:
         raise CdiError(f"OCI state on stdin: pid: missing, needed at {stage} to reach the container")
+    _refuse_start_container_hooks(plan)
     from cdi_hook import oci
 
     pidfd = oci.check_container_process(state.pid, config.rootfs)
     try:
         _warn_unapplicable(plan, log)
         with log.step("worker"):
-            worker = _start_rootfs_work(pidfd, config, plan, log)
+            worker = _start_rootfs_work(pidfd, config, plan, log, state)
     finally:
         os.close(pidfd)
     committed = False
@@ -72,6 +78,9 @@ def inject(stage: str, plan, state, config, log) -> None:
         # given: it runs the spec's hooks of both stages (prestart first, as runtimes order them).
         with log.step("spec hooks"):
             _run_spec_hooks(plan.hooks_at("prestart", "createRuntime"), state)
+        if worker is not None and worker.runs_container_hooks:
+            with log.step("createContainer hooks"):
+                worker.run_container_hooks()
         committed = True
     finally:
         if moved_net_devices and not committed:
@@ -125,19 +134,48 @@ def cgroup_rules(plan) -> list:
     return [cgroups.DeviceRule(r.type, r.major, r.minor, r.access) for r in plan.device_rules if r.access]
 
 
-def _start_rootfs_work(pidfd: int, config, plan, log):
+def _refuse_start_container_hooks(plan) -> None:
+    """startContainer hooks run inside the container after pivot_root, just before the user's
+    program: a hook, which runs before the runtime pivots, has no faithful way to run them."""
+    hooks = plan.hooks_at("startContainer")
+    if hooks:
+        from cdi_hook.errors import listed
+
+        paths = listed(dict.fromkeys(hook.path for _, hook in hooks))
+        raise HookError("spec hook", listed(dict.fromkeys(origin for origin, _ in hooks)),
+                        f"startContainer hook {paths} runs inside the container after pivot_root, which "
+                        "a live hook cannot do; use `cdi-hook precreate` or `cdi-hook inject --mode edits`, "
+                        "which hand it to the runtime")
+
+
+def _start_rootfs_work(pidfd: int, config, plan, log, state):
     nodes, mounts = node_jobs(plan), mount_jobs(plan)
     for job in mounts:
         if job.options.ignored:
             log.warning(f"{job.origin}: mount {job.mount.container_path}: options {','.join(job.options.ignored)} "
                         "mean nothing for a bind mount; ignored")
-    if not nodes and not mounts:
+    container_hooks = plan.hooks_at("createContainer")
+    if not nodes and not mounts and not container_hooks:
         return None
     from cdi_hook.live import worker
 
-    work = worker.RootfsWork(config.rootfs, nodes, mounts, by_bind_mount=config.user_namespace,
-                             creator_ids=_host_ids_of_container_root(config))
-    return worker.start(pidfd, work)
+    programs, hook_state = [], b""
+    if container_hooks:
+        from cdi_hook.live import containerhooks
+
+        # Opened here, on the host and before anything changes: a missing program stops the
+        # start with nothing done; the worker inherits the fds across its fork.
+        programs = containerhooks.open_programs(container_hooks)
+    try:
+        if programs:
+            hook_state = containerhooks.container_state(state.raw, state.pid)
+        work = worker.RootfsWork(config.rootfs, nodes, mounts, by_bind_mount=config.user_namespace,
+                                 creator_ids=_host_ids_of_container_root(config),
+                                 container_hooks=programs, hook_state=hook_state)
+        return worker.start(pidfd, work)
+    finally:
+        if programs:
+            containerhooks.close_programs(programs)  # the worker has its own copies
 
 
 def _wait_rootfs_work(handle, log) -> None:

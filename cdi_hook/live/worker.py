@@ -5,8 +5,12 @@ sources (device nodes, bind sources, the host's ldconfig) while still in the hos
 namespace, then setns()'s into the container process's mount namespace (through its pidfd),
 opens the rootfs (the path as the container's namespace sees it: for runc at
 createRuntime/prestart the rootfs is not yet pivoted, so the bundle's rootfs path is
-right) and creates nodes, mounts and the loader cache there. It reports one JSON line on a pipe, then waits for the hook's verdict: commit
-keeps everything; anything else (a later step failed, the hook died) undoes what it made.
+right) and creates nodes, mounts and the loader cache there. It reports one JSON line on a pipe, then
+waits for the hook's verdicts, one byte each: "h" runs the spec's createContainer hooks
+(containerhooks.py; opened on the host by the hook before the fork) and reports a second
+line; "c" commits, keeping everything; anything else (a later step failed, the hook died)
+undoes what it made. A failing createContainer hook is undone like any failed step; what
+the hook itself wrote into the rootfs cannot be, but the container never starts.
 """
 
 from __future__ import annotations
@@ -22,19 +26,23 @@ from cdi_hook.live.rootfs import Rootfs
 
 class RootfsWork:
     def __init__(self, rootfs: str, nodes: list[devices.NodeJob], mounts: list[mounts.MountJob],
-                 by_bind_mount: bool = False, creator_ids: tuple[int, int] | None = None):
+                 by_bind_mount: bool = False, creator_ids: tuple[int, int] | None = None,
+                 container_hooks: list | None = None, hook_state: bytes = b""):
         self.rootfs = rootfs
         self.nodes = nodes
         self.mounts = mounts
         self.by_bind_mount = by_bind_mount  # the container has a user namespace
         self.creator_ids = creator_ids  # host uid/gid of the container's root (user namespace)
+        self.container_hooks = container_hooks or []  # containerhooks.Program, opened on the host
+        self.hook_state = hook_state  # the OCI state those hooks get on stdin
 
 
 class Worker:
     """The hook's handle on a running worker child."""
 
-    def __init__(self, pid: int, report_fd: int, verdict_fd: int):
+    def __init__(self, pid: int, report_fd: int, verdict_fd: int, runs_container_hooks: bool = False):
         self.pid = pid
+        self.runs_container_hooks = runs_container_hooks  # it holds createContainer hooks to run
         self._report = os.fdopen(report_fd, "rb")
         self._verdict_fd = verdict_fd
         self._reported = False  # its report was read
@@ -42,6 +50,18 @@ class Worker:
 
     def wait_report(self) -> dict:
         self._reported = True
+        return self._read_report()
+
+    def run_container_hooks(self) -> dict:
+        """After wait_report: the worker runs the spec's createContainer hooks; CdiError when
+        one failed (the worker has undone its rootfs work and exited then)."""
+        try:
+            os.write(self._verdict_fd, b"h")
+        except OSError:
+            pass  # it died: the missing report says so
+        return self._read_report()
+
+    def _read_report(self) -> dict:
         line = self._report.readline()
         try:
             report = jsonio.loads(line)
@@ -102,7 +122,7 @@ def start(container_pidfd: int, work: RootfsWork) -> Worker:
     os.close(ns_fd)
     os.close(report_w)
     os.close(verdict_r)
-    return Worker(pid, report_r, verdict_w)
+    return Worker(pid, report_r, verdict_w, runs_container_hooks=bool(work.container_hooks))
 
 
 def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int:
@@ -120,10 +140,23 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int
             problems += rootfs.undo()
         return problems
 
+    def failed(error: BaseException) -> int:
+        """Undo, report the error as the one line, end the worker."""
+        if isinstance(error, CdiError):
+            message = _one_line(str(error))
+        else:  # a bug must still undo and report, not hang the hook
+            import traceback  # only for a bug: ~1 ms a start otherwise
+
+            message = (f"inject: internal error: {error!r} at "
+                       f"{traceback.extract_tb(error.__traceback__)[-1].name}")
+        send({"ok": False, "error": message + _undo_note(undo())})
+        return 1
+
     try:
         devices.clone_host_nodes(work.nodes)
         mounts.clone_sources(work.mounts)
-        ldconfig_fd = ldcache.open_host_ldconfig()
+        # Only for mounts: a worker that runs createContainer hooks alone needs no ldconfig.
+        ldconfig_fd = ldcache.open_host_ldconfig() if work.mounts else None
         # The folder of remembered ldconfig runs is on the host: opened before setns.
         memo_fd = ldmemo.open_dir() if ldconfig_fd is not None and any(
             ldcache.is_library_name(j.mount.container_path) for j in work.mounts) else None
@@ -146,19 +179,24 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int
         ldcache.update(rootfs, ldcache.library_dirs([j.mount.container_path for j in file_jobs]), ldconfig_fd,
                        notes, device=", ".join(library_origins), memo_fd=memo_fd)
         _timed(steps_ms, "ldconfig", started)
-    except CdiError as error:
-        problems = undo()
-        send({"ok": False, "error": _one_line(str(error)) + _undo_note(problems)})
-        return 1
-    except BaseException as error:  # noqa: BLE001 - a bug must still undo and report, not hang the hook
-        import traceback  # only for a bug: ~1 ms a start otherwise
-
-        problems = undo()
-        send({"ok": False, "error": f"inject: internal error: {error!r} at "
-              f"{traceback.extract_tb(error.__traceback__)[-1].name}" + _undo_note(problems)})
-        return 1
+    except BaseException as error:  # noqa: BLE001 - see failed()
+        return failed(error)
     send({"ok": True, "notes": notes, "steps_ms": steps_ms})
     verdict = os.read(verdict_fd, 1)
+    if verdict == b"h" and work.container_hooks:
+        # After the hook's host-side steps (cgroup, RDT, netdev, prestart/createRuntime
+        # hooks), as a runtime runs createContainer hooks after createRuntime ones.
+        try:
+            from cdi_hook.live import containerhooks
+
+            started = time.monotonic()
+            containerhooks.run_programs(work.container_hooks, work.hook_state, rootfs.root_fd, ns_fd)
+            steps_ms = {}
+            _timed(steps_ms, "createContainer hooks", started)
+        except BaseException as error:  # noqa: BLE001 - see failed()
+            return failed(error)
+        send({"ok": True, "steps_ms": steps_ms})
+        verdict = os.read(verdict_fd, 1)
     if verdict == b"c":
         for fd in mounted:
             os.close(fd)
