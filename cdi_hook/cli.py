@@ -96,6 +96,18 @@ def build_parser():
     p.add_argument("--poll-interval", type=float, default=5.0, metavar="SECONDS",
                    help="how often the spec dirs, device nodes and kubelet.sock are checked (default: %(default)s)")
 
+    for name, text in (("verify", "check that a running container has what its devices promise"),
+                       ("attach", "give a running container devices (root only)"),
+                       ("detach", "take devices back from a running container (root only)")):
+        p = with_specs(sub.add_parser(name, help=text))
+        p.add_argument("container", metavar="CONTAINER", help="runc:ID, podman:NAME-OR-ID or pid:N")
+        if name == "verify":
+            p.add_argument("--format", choices=("text", "json"), default="text")
+        else:
+            p.add_argument("devices", nargs="+", metavar="DEVICE")
+        p.add_argument("--runc-root", default="/run/runc", metavar="DIR", help="runc's --root (default: %(default)s)")
+        p.add_argument("--bundle", metavar="DIR", help="the container's bundle, when its runtime does not say")
+
     p = sub.add_parser("uninstall", help="remove the hooks.d files install wrote")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--podman", action="store_true")
@@ -151,6 +163,10 @@ def dispatch(args) -> int:
         from cdi_hook.commands import doctor
 
         return doctor.cmd_doctor(args)
+    if command in ("verify", "attach", "detach"):
+        from cdi_hook.commands import running
+
+        return getattr(running, "cmd_" + command)(args, _spec_dirs(args))
     if command in ("install", "uninstall"):
         from cdi_hook.commands import install
 

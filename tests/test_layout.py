@@ -17,7 +17,7 @@ LAYERS = [
     {"cdi_hook", "cdi_hook.errors", "cdi_hook.spec", "cdi_hook.files", "cdi_hook.hook_entry", "cdi_hook.log",
      "cdi_hook.jsonio", "cdi_hook.inotify"},
     {"cdi_hook.spec.*", "cdi_hook.oci", "cdi_hook.request", "cdi_hook.attribution",
-     "cdi_hook.kubelet", "cdi_hook.kubelet.*"},
+     "cdi_hook.kubelet", "cdi_hook.kubelet.*", "cdi_hook.containers", "cdi_hook.attachments"},
     {"cdi_hook.registry"},
     {"cdi_hook.cache"},
     {"cdi_hook.hostdev", "cdi_hook.plan", "cdi_hook.policy"},

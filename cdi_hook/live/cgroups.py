@@ -51,6 +51,16 @@ def allow_devices(container_pid: int, rules: Sequence[DeviceRule]) -> None:
     rules = _normalise(rules)
     if not rules:
         return
+    version, directory = device_cgroup(container_pid, rules)
+    if version == "v1":
+        allow_devices_v1(directory, rules)
+    else:
+        allow_devices_v2(directory, rules)
+
+
+def device_cgroup(container_pid: int, rules: Sequence[DeviceRule] = ()) -> tuple[str, str]:
+    """("v1", its devices cgroup dir) or ("v2", its cgroup2 dir) for the process; HookError
+    naming `rules` when neither can be found. Also used by `cdi-hook attach/detach/verify`."""
     memberships = _read_memberships(container_pid, rules)
     mounts = _read_mountinfo()
     # Decide as the runtime does: cgroup2 on /sys/fs/cgroup means v2. The kernel still lists
@@ -59,8 +69,7 @@ def allow_devices(container_pid: int, rules: Sequence[DeviceRule]) -> None:
         directory = _cgroup_dir(mounts, memberships["devices"], lambda m: m.fstype == "cgroup"
                                 and "devices" in m.super_options.split(","))
         if directory is not None:
-            allow_devices_v1(directory, rules)
-            return
+            return "v1", directory
         if memberships["devices"] != "/":
             raise HookError(STEP, _names(rules), f"no devices cgroup mount shows {memberships['devices']!r} "
                             f"(cgroup of process {container_pid})")
@@ -72,7 +81,7 @@ def allow_devices(container_pid: int, rules: Sequence[DeviceRule]) -> None:
     if directory is None:
         raise HookError(STEP, _names(rules), f"no cgroup2 mount holds {memberships['']!r} "
                         f"(cgroup of process {container_pid})")
-    allow_devices_v2(directory, rules)
+    return "v2", directory
 
 
 def allow_devices_v1(cgroup_dir: str, rules: Sequence[DeviceRule]) -> None:

@@ -126,10 +126,12 @@ def is_static_elf(fd: int) -> bool:
 
 
 def update(rootfs: Rootfs, dirs: list[str], ldconfig_fd: int | None, notes: list[str], device: str = "",
-           memo_fd: int | None = None) -> None:
+           memo_fd: int | None = None, rebuild: bool = False) -> None:
     """device: the CDI names whose libraries these are, for the error message. memo_fd: the
-    folder of remembered ldconfig runs (ldmemo.open_dir), None to always run ldconfig."""
-    if not dirs:
+    folder of remembered ldconfig runs (ldmemo.open_dir), None to always run ldconfig.
+    rebuild: run even for no dirs (`cdi-hook detach` took the last mounted library away: the
+    conf file is rewritten empty and the cache rebuilt without it)."""
+    if not dirs and not rebuild:
         return
     if not (_exists(rootfs, "etc/ld.so.conf") or _exists(rootfs, CACHE)):
         notes.append("ldconfig skipped: rootfs has no etc/ld.so.conf or etc/ld.so.cache (not glibc)")

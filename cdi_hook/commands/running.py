@@ -1,0 +1,397 @@
+"""`cdi-hook verify | attach | detach CONTAINER ...`: devices of a container that runs.
+
+CONTAINER is runc:ID, podman:NAME-OR-ID or pid:N (containers.py). The devices a container
+has are the ones its config.json requested (cdi.k8s.io/ annotations) and the hook gave it,
+less those detached since, plus those attached since (attachments.py keeps both lists).
+Everything a device means comes from the same plan the hook uses (plan.resolve); the live
+work is live/attach.py.
+
+attach and detach are the administrator's acts: root only, and the node's policy sees
+their requests as source "admin". What cannot be changed in a process that already runs is
+refused before anything changes: environment variables and additional GIDs (a running
+process's environment and credentials are its own; only config.json can set them, for a
+new container), network devices (the hook's poststop hands them back to the host from its
+own record of the start, which an attached one would not be in), RDT (a container has one
+RDT group, chosen at its start) and spec hooks (their stages have passed).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from cdi_hook.errors import CdiError, HookError, listed
+
+RUNC_DEFAULT_ALLOWED = (  # runc's own rules beside config.json's (libcontainer/specconv.AllowedDevices)
+    ("c", None, None, "m"), ("b", None, None, "m"), ("c", 1, 3, "rwm"), ("c", 1, 8, "rwm"),
+    ("c", 1, 7, "rwm"), ("c", 5, 0, "rwm"), ("c", 1, 5, "rwm"), ("c", 1, 9, "rwm"),
+    ("c", 136, None, "rwm"), ("c", 5, 2, "rwm"), ("c", 10, 200, "rwm"),
+)
+
+
+def _target(args):
+    from cdi_hook import containers
+
+    return containers.resolve(args.container, runc_root=args.runc_root, bundle=args.bundle)
+
+
+def _require_root(command: str) -> None:
+    if os.geteuid() != 0:
+        raise CdiError(f"{command}: must run as root: it enters the container's namespaces and changes or reads "
+                       "its device cgroup, as the node's administrator")
+
+
+def _state(target):
+    """(record, creation devices still given, attached devices)."""
+    from cdi_hook import attachments
+    from cdi_hook.request import requested_devices
+
+    record = attachments.load(target.id, target.pid, target.start_time)
+    creation = [n for n in requested_devices(target.config.annotations) if n not in record["detached"]]
+    return record, creation, attachments.attached_names(record)
+
+
+def _resolve(names, spec_dirs, config):
+    from cdi_hook import plan
+
+    return plan.resolve(names, spec_dirs, process_uid=config.process_uid, process_gid=config.process_gid)
+
+
+def _owner(planned) -> tuple[int, int]:
+    return (0 if planned.uid is None else planned.uid, 0 if planned.gid is None else planned.gid)
+
+
+def _library_mounts(container_plan) -> list:
+    from cdi_hook.live import ldcache
+
+    return [(origin, m) for origin, m in container_plan.mounts
+            if ldcache.is_library_name(m.container_path) and (m.type in ("", "bind", "rbind")
+                                                              or {"bind", "rbind"} & set(m.options))]
+
+
+def cmd_verify(args, spec_dirs) -> int:
+    _require_root("verify")
+    target = _target(args)
+    try:
+        checks = _verify(target, spec_dirs)
+    finally:
+        os.close(target.pidfd)
+    if args.format == "json":
+        from cdi_hook import jsonio
+
+        print(jsonio.dumps(checks))
+    else:
+        from cdi_hook.errors import printable
+
+        for check in checks:
+            if not check["ok"]:
+                print(printable(f"{check['device']}: {check['item']}: {check['detail']}"))
+        if all(check["ok"] for check in checks):
+            print(f"{args.container}: {len(checks)} checks hold")
+    return 0 if all(check["ok"] for check in checks) else 1
+
+
+def _verify(target, spec_dirs) -> list[dict]:
+    from cdi_hook import containers
+    from cdi_hook.live import attach
+
+    _, creation, attached = _state(target)
+    names = creation + attached
+    if not names:
+        return []
+    container_plan = _resolve(names, spec_dirs, target.config)
+    sources = {}
+    for _, mount in container_plan.mounts:
+        try:
+            st = os.stat(mount.host_path)
+            sources[mount.host_path] = (st.st_dev, st.st_ino)
+        except (OSError, TypeError):
+            pass
+    checks = attach.check_rootfs(target.pidfd, container_plan, _owner, sources)
+    for rule in container_plan.device_rules:
+        if rule.access:
+            from cdi_hook.live.cgroups import DeviceRule
+
+            ok, detail = attach.check_cgroup(target.pid, DeviceRule(rule.type, rule.major, rule.minor, rule.access))
+            checks.append({"device": rule.origin, "item": f"cgroup {rule.type} {rule.major}:{rule.minor} {rule.access}",
+                           "ok": ok, "detail": detail})
+    if containers.has_exited(target.pidfd):  # the cgroup was read through /proc/PID: still that process?
+        raise CdiError(f"container {target.name}: it stopped while cdi-hook verified it")
+    return checks
+
+
+def _refuse_unapplicable(new_plan) -> None:
+    problems = []
+    for items, what, why in (
+            (new_plan.env, "environment variables", "a running process's environment is its own"),
+            (new_plan.additional_gids, "additional GIDs", "a running process's groups are its own"),
+            (new_plan.net_devices, "network devices",
+             "the hook's poststop hands interfaces back from its record of the start"),
+            (new_plan.intel_rdt and (new_plan.intel_rdt,), "RDT", "a container has one RDT group, chosen at its start"),
+            (tuple(item for _, stage_hooks in new_plan.hooks for item in stage_hooks), "hooks",
+             "their stages have passed")):
+        if items:
+            origins = ", ".join(dict.fromkeys(origin for origin, _ in items))
+            problems.append(f"{origins}: {what} ({why})")
+    if problems:
+        raise CdiError(f"attach: refused, these cannot be given to a running container: {'; '.join(problems)}; "
+                       "request the device when the container is created instead")
+
+
+def cmd_attach(args, spec_dirs) -> int:
+    _require_root("attach")
+    names = list(dict.fromkeys(args.devices))
+    target = _target(args)
+    try:
+        notes = _attach(target, names, spec_dirs)
+    finally:
+        os.close(target.pidfd)
+    from cdi_hook.errors import printable
+
+    for note in notes:
+        print(printable(note))
+    print(f"{args.container}: attached {', '.join(names)}")
+    return 0
+
+
+def _attach(target, names, spec_dirs) -> list[str]:
+    from cdi_hook import attachments, attribution, policy
+    from cdi_hook.live import attach, holds, inject
+
+    record, creation, attached = _state(target)
+    current = creation + attached
+    given = [n for n in names if n in current]
+    if given:
+        raise CdiError(f"attach: {', '.join(given)}: already given to container {target.name}")
+    rules = policy.load()
+    container = attribution.classify(target.config.annotations)
+    requests = [attribution.Request(n, "", attribution.ADMIN, "attached by root with cdi-hook attach") for n in names]
+    decisions = policy.decide(rules, container, requests)
+    if not all(d.allowed for d in decisions):
+        raise CdiError(policy.refusal_message(container, decisions))
+    new_plan = _resolve(names, spec_dirs, target.config)
+    _refuse_unapplicable(new_plan)
+    current_plan = _resolve(current, spec_dirs, target.config) if current else None
+    if current_plan is not None:
+        _refuse_conflicts(current_plan, new_plan)
+    new_libraries = _library_mounts(new_plan)
+    from cdi_hook.live import ldcache
+
+    library_dirs = ldcache.library_dirs([m.container_path for _, m in
+                                         (_library_mounts(current_plan) if current_plan else []) + new_libraries])
+    work = attach.AttachWork(inject.node_jobs(new_plan), inject.mount_jobs(new_plan), library_dirs,
+                             ", ".join(dict.fromkeys(o for o, _ in new_libraries)),
+                             target.config.user_namespace, _host_ids_of_container_root(target.config))
+    exclusive = policy.exclusive_devices(rules, names)
+    taken = holds.hold(exclusive, target.id, target.pid)
+    cgroup = None
+    child = attach.start_attach(target.pidfd, work)
+    committed = False
+    try:
+        report = child.read()
+        if not report.get("ok"):
+            raise CdiError(f"attach: {report.get('error')}")
+        cgroup = attach.CgroupChange(target.pid, inject.cgroup_rules(new_plan), ", ".join(names))
+        cgroup.allow()
+        created = report.get("created", [])
+        for name in names:
+            record["attached"].append(_entry(name, new_plan, created))
+        attachments.save(record)
+        committed = True
+    finally:
+        problems = []
+        if not committed:
+            if cgroup is not None:
+                problems += cgroup.undo()
+            try:
+                holds.release(taken, target.id)
+            except (OSError, HookError) as error:
+                problems.append(str(error))
+        final = child.verdict(committed)
+        child.close()
+        problems += final.get("problems", [])
+        if problems:
+            print(f"cdi-hook: attach: undo incomplete: {'; '.join(problems)}", file=sys.stderr)
+    return report.get("notes", [])
+
+
+def _refuse_conflicts(current_plan, new_plan) -> None:
+    nodes = {p.node.path: p for p in current_plan.nodes}
+    for planned in new_plan.nodes:
+        old = nodes.get(planned.node.path)
+        if old and (old.node.type, old.node.major, old.node.minor) != (planned.node.type, planned.node.major,
+                                                                      planned.node.minor):
+            raise CdiError(f"attach: {planned.origin}: node {planned.node.path} is {old.origin}'s, another device")
+    destinations = {m.container_path: origin for origin, m in current_plan.mounts}
+    for origin, mount in new_plan.mounts:
+        if mount.container_path in destinations:
+            raise CdiError(f"attach: {origin}: {mount.container_path} is mounted already, for "
+                           f"{destinations[mount.container_path]}")
+
+
+def _entry(name: str, new_plan, created: list[str]) -> dict:
+    nodes = [p for p in new_plan.nodes if p.origin == name]
+    mount_list = [m for origin, m in new_plan.mounts if origin == name]
+    own = {p.node.path for p in nodes} | {m.container_path for m in mount_list}
+    from cdi_hook.live.attach import path_and_parents
+
+    mine = set(path_and_parents(own))
+    return {
+        "device": name,
+        "nodes": [[p.node.path, p.node.type, p.node.major or 0, p.node.minor or 0] for p in nodes],
+        "mounts": [[m.container_path, m.host_path, m.type, list(m.options)] for m in mount_list],
+        "rules": [[r.type, r.major, r.minor, r.access] for r in new_plan.device_rules if r.origin == name and r.access],
+        "created": [p for p in created if p in mine],
+    }
+
+
+def _host_ids_of_container_root(config):
+    if not config.user_namespace:
+        return None
+
+    def host_id(mappings) -> int:
+        for m in mappings:
+            if m.container_id <= 0 < m.container_id + m.size:
+                return m.host_id - m.container_id
+        return 0
+
+    return host_id(config.uid_mappings), host_id(config.gid_mappings)
+
+
+def cmd_detach(args, spec_dirs) -> int:
+    _require_root("detach")
+    names = list(dict.fromkeys(args.devices))
+    target = _target(args)
+    try:
+        notes, problems = _detach(target, names, spec_dirs)
+    finally:
+        os.close(target.pidfd)
+    from cdi_hook.errors import printable
+
+    for note in notes:
+        print(printable(note))
+    for problem in problems:
+        print(printable(f"cdi-hook: detach: {problem}"), file=sys.stderr)
+    if problems:
+        return 1
+    print(f"{args.container}: detached {', '.join(names)} (a process that has a node open keeps its open file)")
+    return 0
+
+
+def _detach(target, names, spec_dirs):
+    from cdi_hook import attachments, policy
+    from cdi_hook.live import attach, holds, ldcache
+    from cdi_hook.live.cgroups import DeviceRule
+
+    record, creation, attached = _state(target)
+    unknown = [n for n in names if n not in creation and n not in attached]
+    if unknown:
+        raise CdiError(f"detach: {listed(unknown)}: not given to container {target.name}")
+    remaining = [n for n in creation + attached if n not in names]
+    remaining_plan = _resolve(remaining, spec_dirs, target.config) if remaining else None
+    from_creation = [n for n in names if n in creation]
+    creation_plan = _resolve(from_creation, spec_dirs, target.config) if from_creation else None
+    entries = {e["device"]: e for e in record["attached"] if e["device"] in names}
+
+    keep_nodes = {p.node.path for p in remaining_plan.nodes} if remaining_plan else set()
+    keep_mounts = {m.container_path for _, m in remaining_plan.mounts} if remaining_plan else set()
+    keep_rules = {(r.type, r.major, r.minor) for r in remaining_plan.device_rules} if remaining_plan else set()
+    runtime_nodes = {d.get("path") for d in target.config.raw.get("linux", {}).get("devices", []) or []
+                     if isinstance(d, dict)}
+
+    nodes, mount_list, rules, created, library_paths = [], [], [], [], []
+    for planned in creation_plan.nodes if creation_plan else ():
+        node = planned.node
+        if node.path not in keep_nodes:
+            nodes.append((planned.origin, node.path, node.type, os.makedev(node.major or 0, node.minor or 0),
+                          node.path not in runtime_nodes))
+    for origin, mount in creation_plan.mounts if creation_plan else ():
+        mount_list.append((origin, mount.container_path, mount.host_path, mount.type, list(mount.options)))
+    for rule in creation_plan.device_rules if creation_plan else ():
+        if rule.access:
+            rules.append((rule.origin, rule.type, rule.major, rule.minor, rule.access))
+    for name, entry in entries.items():
+        for path, kind, major, minor in entry["nodes"]:
+            if path not in keep_nodes:
+                nodes.append((name, path, kind, os.makedev(major, minor), path in entry["created"]))
+        for destination, host_path, kind, options in entry["mounts"]:
+            mount_list.append((name, destination, host_path, kind, options))
+        for kind, major, minor, access in entry["rules"]:
+            rules.append((name, kind, major, minor, access))
+        created += entry["created"]
+    keep_paths = set(_ancestors_of(keep_nodes | keep_mounts))
+    created = [p for p in dict.fromkeys(sorted(created, key=lambda p: p.count("/"))) if p not in keep_paths]
+
+    mounts_work = []
+    for origin, destination, host_path, kind, options in mount_list:
+        if destination in keep_mounts:
+            continue
+        bind = kind in ("", "bind", "rbind") or bool({"bind", "rbind"} & set(options))
+        source = None
+        if bind:
+            try:
+                st = os.stat(host_path)
+                source = (st.st_dev, st.st_ino)
+            except OSError as error:
+                raise CdiError(f"detach: {origin}: host source {host_path}: {error.strerror}; cannot tell "
+                               "its mount in the container") from None
+        mounts_work.append((origin, destination, source, kind))
+        if bind and ldcache.is_library_name(destination):
+            library_paths.append(destination)
+
+    notes, problems = [], []
+    withdraw, runtime_kept = [], []
+    for origin, kind, major, minor, access in rules:
+        if (kind, major, minor) in keep_rules:
+            continue
+        rule = DeviceRule(kind, major, minor, access)
+        (runtime_kept if _runtime_allows(target.config, rule) else withdraw).append(rule)
+    for rule in runtime_kept:
+        notes.append(f"device cgroup: {rule} stays allowed: the runtime's own rules allow it")
+    # Access first: from here on no new open of the device succeeds.
+    try:
+        notes += attach.withdraw(target.pid, withdraw, ", ".join(names))
+    except CdiError as error:
+        problems.append(str(error))
+    remaining_libraries = ldcache.library_dirs([m.container_path for _, m in _library_mounts(remaining_plan)]) \
+        if remaining_plan else []
+    work = attach.DetachWork(nodes, mounts_work, created, remaining_libraries, bool(library_paths),
+                             ", ".join(names))
+    report = attach.run_detach(target.pidfd, work)
+    if not report.get("ok"):
+        problems.append(report.get("error") or "the worker in the container failed")
+    notes += report.get("notes", [])
+    problems += report.get("problems", [])
+    record["attached"] = [e for e in record["attached"] if e["device"] not in names]
+    record["detached"] = list(dict.fromkeys(record["detached"] + from_creation))
+    attachments.save(record)
+    try:
+        holds.release(policy.exclusive_devices(policy.load(), names), target.id)
+    except (OSError, CdiError) as error:
+        problems.append(str(error))
+    return notes, problems
+
+
+def _ancestors_of(paths) -> list[str]:
+    from cdi_hook.live.attach import path_and_parents
+
+    return path_and_parents(paths)
+
+
+def _runtime_allows(config, rule) -> bool:
+    """Whether the runtime itself allows the rule: config.json's linux.resources.devices
+    (the last matching entry decides, as runc applies them in order) or runc's defaults."""
+    entries = config.raw.get("linux", {}).get("resources", {}).get("devices", []) or []
+    allowed = False
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        kind = entry.get("type") or "a"
+        if (kind in ("a", rule.type) and entry.get("major") in (None, rule.major)
+                and entry.get("minor") in (None, rule.minor)
+                and (not entry.get("allow") or set(rule.permissions) <= set(entry.get("access") or "rwm"))):
+            allowed = bool(entry.get("allow"))
+    if allowed:
+        return True
+    return any(kind == rule.type and major in (None, rule.major) and minor in (None, rule.minor)
+               and set(rule.permissions) <= set(access) for kind, major, minor, access in RUNC_DEFAULT_ALLOWED)

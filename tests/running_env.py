@@ -1,0 +1,71 @@
+"""Helpers of tests/test_running_*.py: a spec of safe host devices, the CLI as a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hook_env
+import oci_env
+
+VENDOR = hook_env.VENDOR
+KVM = f"{VENDOR}=kvm"
+LOOP = f"{VENDOR}=loop"
+BAD = f"{VENDOR}=bad"
+
+
+def spec(tmp_path: Path) -> tuple[dict, dict]:
+    """(spec, host sources): kvm = /dev/kvm + a read-only file + a library; loop = /dev/loop0;
+    bad = a mount into /proc, which every attach refuses (after kvm's work, in one attach)."""
+    sources = hook_env.host_files(tmp_path)
+    library = hook_env.LIB_DIR_IN_CONTAINER + "/" + os.path.basename(sources["library"])
+    document = {
+        "cdiVersion": "0.6.0",
+        "kind": VENDOR,
+        "devices": [
+            {"name": "kvm", "containerEdits": {
+                "deviceNodes": [{"path": "/dev/kvm", "fileMode": 0o660, "uid": 0, "gid": 44}],
+                "mounts": [
+                    {"hostPath": sources["file"], "containerPath": "/etc/cdi-config.txt",
+                     "options": ["ro", "nosuid", "nodev", "bind"]},
+                    {"hostPath": sources["dir"], "containerPath": "/mnt/cdi-dir", "options": ["rw", "rbind"]},
+                    {"hostPath": sources["library"], "containerPath": library,
+                     "options": ["ro", "nosuid", "nodev", "bind"]},
+                ]}},
+            {"name": "loop", "containerEdits": {"deviceNodes": [{"path": "/dev/loop0"}]}},
+            {"name": "bad", "containerEdits": {
+                "deviceNodes": [{"path": "/dev/loop1"}],
+                "mounts": [{"hostPath": sources["file"], "containerPath": "/proc/cdi-bad", "options": ["ro", "bind"]}]}},
+        ],
+    }
+    sources["library_in_container"] = library
+    return document, sources
+
+
+def cli(spec_dir: Path, *args: str, enter: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CDI_SPEC_DIRS=str(spec_dir), CDI_HOOK_INSECURE_SPECS="1")
+    return subprocess.run(list(enter or []) + [sys.executable, "-m", "cdi_hook", *args], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=str(oci_env.REPO), stdin=subprocess.DEVNULL)
+
+
+def verify_json(spec_dir: Path, address: str, *extra: str, enter=None) -> tuple[int, list[dict]]:
+    done = cli(spec_dir, "verify", address, "--format", "json", *extra, enter=enter)
+    assert done.returncode in (0, 1) and done.stdout, done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+def failed(checks: list[dict]) -> list[tuple[str, str]]:
+    return [(c["device"], c["item"]) for c in checks if not c["ok"]]
+
+
+def mountinfo_of(pid: int) -> list[str]:
+    """The container's mount points (field 5 of /proc/PID/mountinfo)."""
+    return sorted(line.split()[4] for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines())
+
+
+def record_files() -> list[str]:
+    directory = Path(os.environ["CDI_HOOK_STATE_DIR"]).parent / "attachments"
+    return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
