@@ -37,7 +37,10 @@ def _path(container_id: str) -> str:
 def _private_dir(create: bool) -> bool:
     directory = record_dir()
     if create:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError as error:  # one line, and attach's rollback still runs
+            raise CdiError(f"{directory}: cannot make the attachment records' dir: {error.strerror}") from None
     try:
         st = os.lstat(directory)
     except FileNotFoundError:

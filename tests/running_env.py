@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,38 +16,40 @@ VENDOR = hook_env.VENDOR
 KVM = f"{VENDOR}=kvm"
 LOOP = f"{VENDOR}=loop"
 BAD = f"{VENDOR}=bad"
+PAIR = f"{VENDOR}=pair"
 
 
 def spec(tmp_path: Path) -> tuple[dict, dict]:
     """(spec, host sources): kvm = /dev/kvm + a read-only file + a library; loop = /dev/loop0;
-    bad = a mount into /proc, which every attach refuses (after kvm's work, in one attach)."""
+    bad = a mount into /proc, which every attach refuses (after kvm's work, in one attach);
+    pair = kvm's edits plus loop0's node at /dev/cdi-loop0 (a rule loop may have granted already)."""
     sources = hook_env.host_files(tmp_path)
     library = hook_env.LIB_DIR_IN_CONTAINER + "/" + os.path.basename(sources["library"])
+    kvm_node = {"path": "/dev/kvm", "fileMode": 0o660, "uid": 0, "gid": 44}
+    kvm_mounts = [
+        {"hostPath": sources["file"], "containerPath": "/etc/cdi-config.txt", "options": ["ro", "nosuid", "nodev", "bind"]},
+        {"hostPath": sources["dir"], "containerPath": "/mnt/cdi-dir", "options": ["rw", "rbind"]},
+        {"hostPath": sources["library"], "containerPath": library, "options": ["ro", "nosuid", "nodev", "bind"]},
+    ]
     document = {
         "cdiVersion": "0.6.0",
         "kind": VENDOR,
         "devices": [
-            {"name": "kvm", "containerEdits": {
-                "deviceNodes": [{"path": "/dev/kvm", "fileMode": 0o660, "uid": 0, "gid": 44}],
-                "mounts": [
-                    {"hostPath": sources["file"], "containerPath": "/etc/cdi-config.txt",
-                     "options": ["ro", "nosuid", "nodev", "bind"]},
-                    {"hostPath": sources["dir"], "containerPath": "/mnt/cdi-dir", "options": ["rw", "rbind"]},
-                    {"hostPath": sources["library"], "containerPath": library,
-                     "options": ["ro", "nosuid", "nodev", "bind"]},
-                ]}},
+            {"name": "kvm", "containerEdits": {"deviceNodes": [kvm_node], "mounts": kvm_mounts}},
             {"name": "loop", "containerEdits": {"deviceNodes": [{"path": "/dev/loop0"}]}},
             {"name": "bad", "containerEdits": {
                 "deviceNodes": [{"path": "/dev/loop1"}],
                 "mounts": [{"hostPath": sources["file"], "containerPath": "/proc/cdi-bad", "options": ["ro", "bind"]}]}},
+            {"name": "pair", "containerEdits": {
+                "deviceNodes": [kvm_node, {"path": "/dev/cdi-loop0", "hostPath": "/dev/loop0"}], "mounts": kvm_mounts}},
         ],
     }
     sources["library_in_container"] = library
     return document, sources
 
 
-def cli(spec_dir: Path, *args: str, enter: list[str] | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CDI_SPEC_DIRS=str(spec_dir), CDI_HOOK_INSECURE_SPECS="1")
+def cli(spec_dir: Path, *args: str, enter: list[str] | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CDI_SPEC_DIRS=str(spec_dir), CDI_HOOK_INSECURE_SPECS="1", **(env or {}))
     return subprocess.run(list(enter or []) + [sys.executable, "-m", "cdi_hook", *args], capture_output=True,
                           text=True, timeout=120, env=env, cwd=str(oci_env.REPO), stdin=subprocess.DEVNULL)
 
@@ -69,3 +72,23 @@ def mountinfo_of(pid: int) -> list[str]:
 def record_files() -> list[str]:
     directory = Path(os.environ["CDI_HOOK_STATE_DIR"]).parent / "attachments"
     return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+
+
+@contextlib.contextmanager
+def unsavable_records(top: Path, enter: list[str] | None = None):
+    """Environment for the CLI whose attachment records live on a read-only mount (as a
+    state dir on a read-only filesystem would): reading them works, saving one fails, which
+    is attach's last step, after the rootfs work and the device cgroup. `enter` runs the
+    mount commands where the CLI runs (the cgroup2 namespace)."""
+    records = top / "attachments"
+    records.mkdir(mode=0o700, parents=True)
+    run = lambda *argv: subprocess.run(list(enter or []) + list(argv), capture_output=True, text=True)  # noqa: E731
+    done = run("mount", "--bind", str(records), str(records))
+    assert done.returncode == 0, done.stderr
+    try:
+        done = run("mount", "-o", "remount,bind,ro", str(records))
+        assert done.returncode == 0, done.stderr
+        yield {"CDI_HOOK_STATE_DIR": str(top / "held")}
+        assert list(records.iterdir()) == []
+    finally:
+        run("umount", str(records))

@@ -13,9 +13,9 @@ import pytest
 import hook_env
 import oci_env
 import running_env as env
-from cdi_hook.live import attach, bpf
+from cdi_hook.live import attach, bpf, bpf_eval
 from conftest import require, require_program
-from running_env import KVM, LOOP
+from running_env import KVM, LOOP, PAIR
 
 
 @pytest.fixture
@@ -26,6 +26,7 @@ def started(runc, tmp_path):
     document, sources = env.spec(tmp_path)
     bundle, _ = hook_env.bundle_with_hook(tmp_path, document, [LOOP], "sleep 120")
     os.mknod(bundle / "rootfs" / "tmp" / "kvm", stat.S_IFCHR | 0o666, os.makedev(10, 232))
+    os.mknod(bundle / "rootfs" / "tmp" / "loop0", stat.S_IFBLK | 0o666, os.makedev(7, 0))
     root = str(tmp_path / "runc-root")
     with oci_env.cgroup2_namespace() as ns, \
             oci_env.detached_container(bundle, runc=runc, root=root, wrapper=ns.enter) as container:
@@ -76,6 +77,32 @@ def test_attach_verify_detach_v2(started):
     oci_env.assert_opens(c, "/dev/null", "rw")
 
 
+def _programs(cgroup_dir: str) -> list:
+    return [insns for _, insns in attach._programs(cgroup_dir)]
+
+
+def test_attach_failing_after_the_cgroup_step_restores_the_program(started, tmp_path):
+    """The record cannot be saved (read-only mount) after the program was replaced: the
+    earlier program comes back, instruction for instruction (the hook's prologue for loop0,
+    then runc's code), and the rootfs and mounts are as they were."""
+    c = started
+    before_programs = _programs(c.cgroup_dir)
+    before_tree = oci_env.tree_snapshot(c.rootfs)
+    before_mounts = env.mountinfo_of(c.pid)
+    with env.unsavable_records(tmp_path / "ro-state", enter=c.ns.enter) as state:
+        done = env.cli(c.spec_dir, "attach", c.address, PAIR, *c.args, enter=c.ns.enter, env=state)
+    assert done.returncode == 1 and "Read-only file system" in done.stderr, done.stderr
+    assert "undo incomplete" not in done.stderr, done.stderr
+    assert _programs(c.cgroup_dir) == before_programs
+    oci_env.assert_refused(c, "/tmp/kvm", "r")
+    oci_env.assert_opens(c, "/tmp/loop0", "r")  # the hook's rule from creation
+    oci_env.assert_opens(c, "/dev/null", "rw")  # runc's
+    assert oci_env.tree_snapshot(c.rootfs) == before_tree
+    assert env.mountinfo_of(c.pid) == before_mounts
+    done = env.cli(c.spec_dir, "verify", c.address, *c.args, enter=c.ns.enter)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_device_program_interpreter_agrees_with_the_kernel(started):
     """The verify of v2 runs the attached program on a request: it says what the kernel does."""
     c = started
@@ -89,7 +116,7 @@ def test_device_program_interpreter_agrees_with_the_kernel(started):
     os.close(prog_fd)
 
     def allowed(kind, major, minor, access) -> bool:
-        return attach.run_device_program(insns, kind | access << 16, major, minor) == 1
+        return bpf_eval.run_device_program(insns, kind | access << 16, major, minor) == 1
 
     assert allowed(bpf.DEV_CHAR, 1, 3, bpf.ACC_READ | bpf.ACC_WRITE)  # /dev/null: runc's
     assert allowed(bpf.DEV_BLOCK, 7, 0, bpf.ACC_READ)  # loop0: the hook's prologue

@@ -9,6 +9,7 @@ before the attach, opening it after, the mounted file, the loader cache.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 
 import pytest
@@ -16,8 +17,8 @@ import pytest
 import hook_env
 import oci_env
 import running_env as env
-from conftest import require
-from running_env import BAD, KVM, LOOP
+from conftest import require, require_program
+from running_env import BAD, KVM, LOOP, PAIR
 
 
 @pytest.fixture
@@ -100,6 +101,58 @@ def test_failed_attach_leaves_nothing(started):
     assert "/proc/cdi-bad" in done.stderr and BAD in done.stderr, done.stderr
     assert oci_env.tree_snapshot(c.rootfs) == before_tree
     assert env.mountinfo_of(c.pid) == before_mounts
+    oci_env.assert_refused(c, "/tmp/kvm", "r")
+    assert f"{c.id}.json" not in env.record_files()
+    rc, checks = env.verify_json(c.spec_dir, c.address)
+    assert rc == 0, env.failed(checks)
+
+
+def test_attach_failing_after_the_cgroup_step_gives_the_cgroup_back(started, tmp_path):
+    """The record cannot be saved (its dir is on a read-only mount): attach fails after the
+    nodes, mounts, loader cache and the device cgroup were done. Everything goes back: v1
+    denies only what attach added, so loop0's rule, which the hook gave at creation and pair
+    asks again, stays; kvm is refused again; the rootfs is entry for entry as it was."""
+    c = started
+    oci_env.assert_opens(c, "/tmp/loop0", "r")
+    before_tree = oci_env.tree_snapshot(c.rootfs)
+    before_mounts = env.mountinfo_of(c.pid)
+    with env.unsavable_records(tmp_path / "ro-state") as state:
+        done = env.cli(c.spec_dir, "attach", c.address, PAIR, env=state)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [done.stderr.strip()] and "Read-only file system" in done.stderr, done.stderr
+    assert oci_env.tree_snapshot(c.rootfs) == before_tree  # ld.so.cache and conf file included
+    assert env.mountinfo_of(c.pid) == before_mounts
+    oci_env.assert_refused(c, "/tmp/kvm", "r")
+    oci_env.assert_opens(c, "/tmp/loop0", "r")  # the rule it had before stays
+    oci_env.assert_opens(c, "/dev/null", "rw")
+    assert f"{c.id}.json" not in env.record_files()
+    rc, checks = env.verify_json(c.spec_dir, c.address)
+    assert rc == 0 and {x["device"] for x in checks} == {LOOP}, env.failed(checks)
+
+
+@pytest.mark.parametrize("who", ["nobody", "root of a user namespace"])
+def test_not_root_is_refused_before_anything_is_read(started, tmp_path, who):
+    """verify, attach and detach as nobody, or as uid 0 of a user namespace of its own (no
+    power over the container): one line, and strace shows no runtime run and none of the
+    container's, the specs' or the records' files opened; the container is unchanged."""
+    c = started
+    require_program("strace")
+    enter = {"nobody": ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"],
+             "root of a user namespace": ["unshare", "--user", "--map-root-user"]}[who]
+    trace = tmp_path / "trace"
+    for command, args in (("verify", []), ("attach", [KVM]), ("detach", [LOOP])):
+        done = env.cli(c.spec_dir, command, c.address, *args,
+                       enter=["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=execve,open,openat"] + enter)
+        assert done.returncode == 1 and done.stdout == "", done
+        assert done.stderr.splitlines() == [f"cdi-hook: {command}: must run as root of the host: it enters the "
+                                            "container's namespaces and reads or changes its device cgroup, as "
+                                            "the node's administrator"], done.stderr
+        calls = trace.read_text().splitlines()
+        programs = [line.split('"')[1] for line in calls if " execve(" in line]
+        assert programs == [shutil.which(enter[0]), env.sys.executable], calls
+        opened = [line.split('"')[1] for line in calls if " open" in line]
+        for never in (str(tmp_path), os.path.dirname(os.environ["CDI_HOOK_STATE_DIR"]), f"/proc/{c.pid}/", "/run/"):
+            assert [path for path in opened if path.startswith(never)] == [], (never, calls)
     oci_env.assert_refused(c, "/tmp/kvm", "r")
     assert f"{c.id}.json" not in env.record_files()
     rc, checks = env.verify_json(c.spec_dir, c.address)

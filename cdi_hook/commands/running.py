@@ -6,8 +6,14 @@ less those detached since, plus those attached since (attachments.py keeps both 
 Everything a device means comes from the same plan the hook uses (plan.resolve); the live
 work is live/attach.py.
 
-attach and detach are the administrator's acts: root only, and the node's policy sees
-their requests as source "admin". What cannot be changed in a process that already runs is
+All three are root's, of the host's user namespace, checked before anything is read: attach
+and detach are the administrator's acts (the node's policy sees their requests as source
+"admin"), and verify, though it changes nothing, enters the container's namespaces and
+reads its device cgroup (BPF programs: CAP_SYS_ADMIN), and its answer describes the
+container's devices. attach is all or nothing: the rootfs work is undone and the device
+cgroup given its earlier rules back when any later step fails, the record's save included
+(v1: only the rules attach added are denied; v2: the earlier prologue, the runtime's code
+behind it unchanged). What cannot be changed in a process that already runs is
 refused before anything changes: environment variables and additional GIDs (a running
 process's environment and credentials are its own; only config.json can set them, for a
 new container), network devices (the hook's poststop hands them back to the host from its
@@ -36,9 +42,21 @@ def _target(args):
 
 
 def _require_root(command: str) -> None:
-    if os.geteuid() != 0:
-        raise CdiError(f"{command}: must run as root: it enters the container's namespaces and changes or reads "
-                       "its device cgroup, as the node's administrator")
+    """The first thing each command does: nothing is read or changed before it. root means
+    uid 0 of the host's user namespace: a root of another one (`unshare -r`) holds no power
+    over the container, and would only fail half-way with a less clear error."""
+    if os.geteuid() != 0 or not _host_user_namespace():
+        raise CdiError(f"{command}: must run as root of the host: it enters the container's namespaces and reads "
+                       "or changes its device cgroup, as the node's administrator")
+
+
+def _host_user_namespace() -> bool:
+    # The initial user namespace maps every uid to itself; any other maps a part.
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return False
 
 
 def _state(target):
@@ -356,7 +374,7 @@ def _detach(target, names, spec_dirs):
     remaining_libraries = ldcache.library_dirs([m.container_path for _, m in _library_mounts(remaining_plan)]) \
         if remaining_plan else []
     work = attach.DetachWork(nodes, mounts_work, created, remaining_libraries, bool(library_paths),
-                             ", ".join(names))
+                             ", ".join(names), _host_ids_of_container_root(target.config))
     report = attach.run_detach(target.pidfd, work)
     if not report.get("ok"):
         problems.append(report.get("error") or "the worker in the container failed")

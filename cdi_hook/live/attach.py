@@ -14,9 +14,7 @@ The device cgroup: v1 rules are written to devices.allow / devices.deny; under v
 attached programs are replaced with ones whose cdi-hook prologue (live/bpf.py) allows
 exactly the devices wanted, and the runtime's own code after it stays as it was. verify
 reads v1's devices.list, and under v2 runs the attached programs on the device in a small
-interpreter of the eBPF instructions the kernel reports (the xlated code, which is what it
-runs): the true answer of the programs, without opening any device (opening one can have
-effects: a tape rewinds, a GPU initialises).
+interpreter (live/bpf_eval.py) of the eBPF instructions the kernel reports.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ import stat
 
 from cdi_hook import jsonio
 from cdi_hook.errors import CdiError, HookError
-from cdi_hook.live import bpf, cgroups, devices, ldcache, mounts, syscalls
+from cdi_hook.live import bpf, bpf_eval, cgroups, devices, ldcache, mounts, syscalls
 from cdi_hook.live.rootfs import Rootfs, mount_id
 
 # --- the child in the container's mount namespace ----------------------------------------
@@ -211,13 +209,14 @@ def start_attach(pidfd: int, work: AttachWork) -> _Child:
 
 
 class DetachWork:
-    def __init__(self, nodes, mounts_, created, library_dirs, rebuild_cache: bool, libraries: str):
+    def __init__(self, nodes, mounts_, created, library_dirs, rebuild_cache: bool, libraries: str, creator_ids):
         self.nodes = nodes  # [(device, path, type, rdev, remove)]: remove False = unmount only, never unlink
         self.mounts = mounts_  # [(device, destination, (st_dev, st_ino) of the host source or None, fstype)]
         self.created = created  # paths attach created (mount points, folders): removed when empty
         self.library_dirs = library_dirs  # the folders still holding mounted libraries
         self.rebuild_cache = rebuild_cache
         self.libraries = libraries
+        self.creator_ids = creator_ids  # as AttachWork's: the rewritten conf file is the container root's
 
 
 def run_detach(pidfd: int, work: DetachWork) -> dict:
@@ -229,7 +228,7 @@ def run_detach(pidfd: int, work: DetachWork) -> dict:
     def body(ldconfig_fd, send, _wait) -> None:
         notes: list[str] = []
         problems: list[str] = []
-        rootfs = _enter()
+        rootfs = _enter(work.creator_ids)
         for device, where, source, fstype in sorted(work.mounts, key=lambda m: -m[1].count("/")):
             _unmount(rootfs, device, where, source, fstype, notes, problems)
         for device, path, kind, rdev, remove in work.nodes:
@@ -707,7 +706,7 @@ def check_cgroup(pid: int, rule) -> tuple[bool, str]:
     for prog_id, insns in programs:
         for bits in {allow.access, *(b for b in (bpf.ACC_MKNOD, bpf.ACC_READ, bpf.ACC_WRITE) if allow.access & b)}:
             try:
-                verdict = run_device_program(insns, allow.dev_type | bits << 16, rule.major, rule.minor)
+                verdict = bpf_eval.run_device_program(insns, allow.dev_type | bits << 16, rule.major, rule.minor)
             except ValueError as error:
                 return False, f"cannot evaluate device program {prog_id}: {error}"
             if not verdict:
@@ -717,95 +716,3 @@ def check_cgroup(pid: int, rule) -> tuple[bool, str]:
 
 def _access_text(bits: int) -> str:
     return "".join(c for c, b in (("r", bpf.ACC_READ), ("w", bpf.ACC_WRITE), ("m", bpf.ACC_MKNOD)) if bits & b)
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def run_device_program(insns, access_type: int, major: int, minor: int, max_steps: int = 100000) -> int:
-    """Run a BPF_PROG_TYPE_CGROUP_DEVICE program on one request, as the kernel would: the
-    context is struct bpf_cgroup_dev_ctx {u32 access_type, major, minor}. Only the
-    instructions such programs use (ALU, ALU64, JMP, JMP32, loads from the context) are
-    known; anything else is a ValueError, never a guess."""
-    ctx = access_type.to_bytes(4, "little") + major.to_bytes(4, "little") + minor.to_bytes(4, "little")
-    regs = [0] * 11
-    regs[1] = -1  # the context pointer: only loads through it are allowed
-    pc = 0
-    for _ in range(max_steps):
-        if not 0 <= pc < len(insns):
-            raise ValueError(f"jump out of the program (instruction {pc})")
-        insn = insns[pc]
-        cls, op, use_reg = insn.code & 0x07, insn.code & 0xF0, insn.code & 0x08
-        if cls == 0x01:  # LDX
-            size = {0x00: 4, 0x08: 2, 0x10: 1, 0x18: 8}[insn.code & 0x18]
-            if insn.code & 0xE0 != 0x60 or regs[insn.src] != -1 or not 0 <= insn.off <= len(ctx) - size:
-                raise ValueError(f"load not from the device context (instruction {pc})")
-            regs[insn.dst] = int.from_bytes(ctx[insn.off:insn.off + size], "little")
-        elif cls in (0x04, 0x07):  # ALU (32 bit), ALU64
-            width = 32 if cls == 0x04 else 64
-            mask = (1 << width) - 1
-            a = regs[insn.dst] & mask
-            b = (regs[insn.src] if use_reg else insn.imm) & mask
-            if op == 0xB0 and use_reg and cls == 0x07 and regs[insn.src] == -1:
-                regs[insn.dst] = -1  # a copy of the context pointer
-                pc += 1
-                continue
-            regs[insn.dst] = _alu(op, a, b, width, pc) & mask
-        elif cls in (0x05, 0x06):  # JMP, JMP32
-            if op == 0x90:  # EXIT
-                return regs[0] & 0xFFFFFFFF
-            if op == 0x80:
-                raise ValueError(f"helper call (instruction {pc})")
-            width = 32 if cls == 0x06 else 64
-            mask = (1 << width) - 1
-            a = regs[insn.dst] & mask
-            b = (regs[insn.src] if use_reg else insn.imm) & mask
-            if op == 0x00 or _jump(op, a, b, width, pc):
-                pc += insn.off
-        else:
-            raise ValueError(f"opcode {insn.code:#x} (instruction {pc})")
-        pc += 1
-    raise ValueError("the program does not end")
-
-
-def _signed(value: int, width: int) -> int:
-    return value - (1 << width) if value >> (width - 1) else value
-
-
-def _alu(op: int, a: int, b: int, width: int, pc: int) -> int:
-    if op == 0x00:
-        return a + b
-    if op == 0x10:
-        return a - b
-    if op == 0x20:
-        return a * b
-    if op == 0x30:
-        return a // b if b else 0
-    if op == 0x40:
-        return a | b
-    if op == 0x50:
-        return a & b
-    if op == 0x60:
-        return a << (b & (width - 1))
-    if op == 0x70:
-        return a >> (b & (width - 1))
-    if op == 0x80:
-        return -a
-    if op == 0x90:
-        return a % b if b else a
-    if op == 0xA0:
-        return a ^ b
-    if op == 0xB0:
-        return b
-    if op == 0xC0:
-        return _signed(a, width) >> (b & (width - 1))
-    raise ValueError(f"ALU operation {op:#x} (instruction {pc})")
-
-
-def _jump(op: int, a: int, b: int, width: int, pc: int) -> bool:
-    sa, sb = _signed(a, width), _signed(b, width)
-    table = {0x10: a == b, 0x20: a > b, 0x30: a >= b, 0x40: bool(a & b), 0x50: a != b, 0x60: sa > sb,
-             0x70: sa >= sb, 0xA0: a < b, 0xB0: a <= b, 0xC0: sa < sb, 0xD0: sa <= sb}
-    if op not in table:
-        raise ValueError(f"jump operation {op:#x} (instruction {pc})")
-    return table[op]
