@@ -7,10 +7,12 @@
    every way once, in a fresh random order: no hook; an empty Python hook; cdi-hook at
    createRuntime injecting a GPU-like spec (8 device nodes, 24 library mounts, ldconfig);
    the same devices written into config.json by `cdi-hook inject --mode edits` (runc
-   does the work itself). Both Python hooks are entered as `cdi-hook install` writes
-   hooks (hook_entry.py): the venv's interpreter by its full path, -I, the same explicit
-   environment. The empty hook is `-c 'import sys; sys.stdin.read()'`; an empty module
-   run with `-m` (the same entry form as cdi-hook's, runpy included) is shown too. Each
+   does the work itself); cdi-hook again, served by `cdi-hook watch --serve` (the hook
+   process only asks; a process the watcher forked in advance does the work). Both Python hooks
+   are entered as `cdi-hook install` writes hooks (hook_entry.py): the venv's interpreter by its full path, -I, the same explicit
+   environment: `-I -c ENTRY_CODE`. The empty hook is `-c 'import sys; sys.stdin.read()'`;
+   an empty module run with `-m` (the entry form of installs before 2026-11-30, runpy
+   included) is shown too. Each
    way's overhead is the median of its round-by-round differences from "no hook" (paired:
    robust to drift and load), shown with their quartiles; the ratio's spread is a
    bootstrap over rounds. One debug-level start per round afterwards gives the hook's own
@@ -57,6 +59,8 @@ sys.path.insert(0, str(REPO))
 
 import gen_specs  # noqa: E402  (tests/gen_specs.py: the spec dirs of the scale benchmark)
 from oci_env import make_bundle, make_rootfs  # noqa: E402
+
+from cdi_hook.hook_entry import argv as hook_entry_argv  # noqa: E402  (the entry form install writes)
 
 HOST_NODES = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty", "/dev/kvm", "/dev/loop0"]
 LIB_DIR = "/usr/lib/x86_64-linux-gnu"
@@ -150,7 +154,7 @@ class Workspace:
         self.log = root / "cdi-hook.log"
         self.python = self._lean_python(root / "venv")
         self.empty_module = self._empty_module(root / "venv")
-        self.hook_argv = [self.python, "-I", "-m", "cdi_hook", "hook"]
+        self.hook_argv = hook_entry_argv(self.python, "hook")
 
     @staticmethod
     def _lean_python(venv: Path) -> str:
@@ -172,7 +176,7 @@ class Workspace:
 
     @staticmethod
     def _empty_module(venv: Path) -> str:
-        """An empty package run with -m, like `-m cdi_hook`: the cost of the entry form itself."""
+        """An empty package run with -m, like the older `-m cdi_hook` entry: runpy's cost."""
         package = Workspace._site_packages(venv) / "cdi_bench_empty"
         package.mkdir()
         (package / "__init__.py").write_text("")
@@ -241,7 +245,7 @@ class Workspace:
             argv = argv_prefix + self.hook_argv + ["--stage", "createRuntime"]
             return {"path": argv[0], "args": argv, "env": [f"{k}={v}" for k, v in (env or self.hook_env()).items()],
                     "timeout": 60}
-        return self.entry(["-m", "cdi_hook", "hook", "--stage", "createRuntime"], env)
+        return self.entry(self.hook_argv[2:] + ["--stage", "createRuntime"], env)
 
 
 # ---------------------------------------------------------------------------------------
@@ -273,11 +277,27 @@ def bench_runc(ws: Workspace, runs: int) -> dict:
         raise RuntimeError(f"cdi-hook did not inject the bench device: container saw {out}")
     if not ld_cache.exists():
         raise RuntimeError("cdi-hook did not run ldconfig in the bench rootfs")
-    ws.wait_until_settled()
-    for _ in range(3):  # warm up: page cache, the registry cache, the remembered ldconfig run
-        for bundle in bundles.values():
-            runc_run(bundle)
-    times = rounds(bundles, runs, lambda bundle: _timed_runc(bundle))
+    # The same hook served by `cdi-hook watch --serve` (commands/serve.py): its own cache dir,
+    # so the in-process way above finds no server of its settings.
+    served_env = ws.hook_env(cache_dir=str(ws.root / "cache-served"))
+    bundles["cdi-hook live, served by watch --serve"] = make_bundle(
+        ws.root / "b-served", ["true"], rootfs=ws.rootfs, annotations=annotations,
+        hooks={"createRuntime": [ws.hook_entry(env=served_env)]})
+    server = Watcher(ws, [str(ws.spec_dir)], str(ws.root / "cache-served"), serve=True)
+    try:
+        log_start = ws.log.stat().st_size
+        ws.wait_until_settled()
+        for _ in range(3):  # warm up: page cache, the registry cache, the remembered ldconfig run
+            for bundle in bundles.values():
+                runc_run(bundle)
+        with ws.log.open() as log:
+            log.seek(log_start)
+            served = sum('"served_by"' in line for line in log)
+        if served != 3:
+            raise RuntimeError(f"watch --serve served {served} of 3 warm-up starts")
+        times = rounds(bundles, runs, lambda bundle: _timed_runc(bundle))
+    finally:
+        server.stop()
     # Where the time goes: the hook's own per-step log (debug level) and its import profile.
     debug = make_bundle(ws.root / "b-debug", ["true"], rootfs=ws.rootfs, annotations=annotations,
                         hooks={"createRuntime": [ws.hook_entry(env=ws.hook_env(extra={"CDI_HOOK_LOG_LEVEL": "debug"}))]})
@@ -350,7 +370,7 @@ def bench_podman(ws: Workspace, runs: int) -> dict:
     precreate_hooks = ws.root / "hooks.precreate"
     precreate_hooks.mkdir()
     (precreate_hooks / "cdi-hook-precreate.json").write_text(json.dumps({
-        "version": "1.0.0", "hook": ws.entry(["-m", "cdi_hook", "precreate"]), "when": when, "stages": ["precreate"]}))
+        "version": "1.0.0", "hook": ws.entry(hook_entry_argv(ws.python, "precreate")[2:]), "when": when, "stages": ["precreate"]}))
     empty_hooks = ws.root / "hooks.none"
     empty_hooks.mkdir()
     # Native CDI reads only /etc/cdi and /var/run/cdi: a uniquely named file, removed after.
@@ -406,13 +426,14 @@ class Watcher:
     """`cdi-hook watch` for some spec dirs, started as systemd would (Type=notify): ready when
     it says READY=1 on $NOTIFY_SOCKET."""
 
-    def __init__(self, ws: Workspace, spec_dirs: list[str], cache_dir: str, timeout: float = 300):
+    def __init__(self, ws: Workspace, spec_dirs: list[str], cache_dir: str, timeout: float = 300,
+                 serve: bool = False):
         self.socket_path = ws.root / f"notify-{uuid.uuid4().hex[:8]}"
         self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.socket.bind(str(self.socket_path))
         env = ws.hook_env(spec_dirs, cache_dir, {"NOTIFY_SOCKET": str(self.socket_path)})
         self.started = time.perf_counter()
-        self.process = subprocess.Popen([ws.python, "-I", "-m", "cdi_hook", "watch"], env=env,
+        self.process = subprocess.Popen([ws.python, "-I", "-m", "cdi_hook", "watch"] + ["--serve"] * serve, env=env,
                                         stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.socket.settimeout(timeout)
         while b"READY=1" not in self.socket.recv(4096):
@@ -634,10 +655,17 @@ def _report_runc(t: dict, verdicts: list) -> list[str]:
     low, high = ratio_interval(hook, noop)
     verdicts.append(("runc: cdi-hook overhead / empty Python hook's (-c)", statistics.median(hook) / statistics.median(noop),
                      f"{low:.2f}–{high:.2f} (90% bootstrap)", TARGETS["runc"]))
+    served_way = "cdi-hook live, served by watch --serve"
+    if served_way in t:
+        served = paired(t[served_way], none)
+        low, high = ratio_interval(served, noop)
+        verdicts.append(("runc: cdi-hook served by `watch --serve`, overhead / empty Python hook's (-c)",
+                         statistics.median(served) / statistics.median(noop), f"{low:.2f}–{high:.2f}",
+                         TARGETS["runc"]))
     if "empty Python module (-m)" in t:
         module = paired(t["empty Python module (-m)"], none)
         low, high = ratio_interval(hook, module)
-        verdicts.append(("runc: cdi-hook overhead / empty module's (-m, cdi-hook's entry form)",
+        verdicts.append(("runc: cdi-hook overhead / empty module's (-m, the older entry form)",
                          statistics.median(hook) / statistics.median(module), f"{low:.2f}–{high:.2f}",
                          TARGETS["runc"]))
     lines += ["", f"cdi-hook: {len(HOST_NODES)} device nodes, {LIBRARY_COUNT} library mounts, ldconfig (remembered "
@@ -659,9 +687,11 @@ def _report_runc(t: dict, verdicts: list) -> list[str]:
         total = sum(us for _, us in imports)
         runpy = sum(us for name, us in imports if name in ("runpy", "importlib.util", "contextlib", "importlib.machinery"))
         top = sorted(imports, key=lambda item: -item[1])[:8]
+        # install writes `-c` entries: runpy's modules show only for an older `-m` entry.
+        entry = (f"; runpy's (an older `-m` entry, not what install writes: runpy, importlib.util, contextlib, "
+                 f"importlib.machinery) {runpy / 1000:.1f} ms" if runpy else "")
         lines += [f"Import profile of one start (`-X importtime`, self times): {total / 1000:.1f} ms in all, of "
-                  f"which cdi_hook's modules {ours / 1000:.1f} ms and runpy's own (`-m`: runpy, importlib.util, "
-                  f"contextlib, importlib.machinery; its wall-clock cost is the -m row above) {runpy / 1000:.1f} ms; "
+                  f"which cdi_hook's modules {ours / 1000:.1f} ms{entry}; "
                   "the largest: " + ", ".join(f"{name} {us / 1000:.2f}" for name, us in top) + ".", ""]
     return lines
 

@@ -36,15 +36,27 @@ def carried_settings() -> dict[str, str]:
     return {name: os.environ[name] for name in CARRIED_SETTINGS if os.environ.get(name)}
 
 
+# The program an entry runs: `-c` with this, not `-m cdi_hook`. -m goes through runpy, which
+# imports importlib.util, contextlib, collections and functools before cdi-hook's first line
+# (~7 ms on every container start); -c imports only cdi_hook.cli. Under -I the venv's
+# site-packages are still on sys.path (the interpreter is the venv's), the current
+# directory is not, so both forms find the same installed package.
+ENTRY_CODE = "import sys; from cdi_hook.cli import main; sys.exit(main())"
+# What entries are recognised by (uninstall, doctor): today's form, and the -m form that
+# installs before 2026-11-30 wrote.
+ENTRY_FORMS = (["-I", "-c", ENTRY_CODE], ["-I", "-m", "cdi_hook"])
+
+
 def argv(python: str, *command: str) -> list[str]:
     # argv[0] is the full path, not "python3": CPython locates its venv (pyvenv.cfg) from
     # argv[0], and a bare name resolves through PATH to the system interpreter instead.
-    return [python, "-I", "-m", "cdi_hook", *command]
+    return [python, *ENTRY_FORMS[0], *command]
 
 
 def is_cdi_hook_argv(args) -> bool:
-    """Whether an entry's args run cdi-hook the way argv() writes them."""
-    return isinstance(args, list) and args[1:4] == ["-I", "-m", "cdi_hook"]
+    """Whether an entry's args run cdi-hook the way argv() writes them, now or before."""
+    return isinstance(args, list) and args[1:4] in ENTRY_FORMS
+
 
 
 def hook_entry(*command: str, python: str | None = None, spec_dirs=None, settings: dict | None = None,

@@ -93,6 +93,20 @@ def test_healthy_install_passes(node, capsys):
 FAIL, WARN, OK = "fail", "warn", "ok"
 
 
+def test_files_an_older_version_wrote_with_dash_m_are_checked(node, capsys):
+    """Installs before the -c entry wrote `-I -m cdi_hook`: doctor still finds and checks them."""
+    node.install("hook")
+    for path in node.hooks.iterdir():
+        definition = json.loads(path.read_text())
+        definition["hook"]["args"][1:4] = ["-I", "-m", "cdi_hook"]
+        path.write_text(json.dumps(definition))
+    (node.specs / "dev.json").write_text(json.dumps(SPEC))
+    code, findings = node.doctor(capsys=capsys)
+    assert code == 0, findings
+    assert find(findings, "crio hooks", "ok")[0]["detail"].startswith("mode hook")
+    assert find(findings, "spec dirs")[0]["detail"] == f"{node.specs} (from the installed hook's CDI_SPEC_DIRS)"
+
+
 def test_missing_interpreter_fails_with_the_fix(node, capsys, tmp_path):
     missing = str(tmp_path / "removed-venv/bin/python3")
     node.write_files("hook", missing)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cdi_hook.commands.install import ALL_FILES, hook_definitions, render
+from cdi_hook.hook_entry import ENTRY_CODE
 
 
 @pytest.fixture(autouse=True)
@@ -130,7 +131,7 @@ def test_every_installed_definition_is_valid(mode, spec_dirs):
         assert re.search(list(definition["when"]["annotations"])[0], "cdi.k8s.io/gpu")
         assert not re.search(list(definition["when"]["annotations"])[0], "cdixk8s.io/gpu")
         hook = definition["hook"]
-        assert hook["args"][:4] == [hook["path"], "-I", "-m", "cdi_hook"]
+        assert hook["args"][:4] == [hook["path"], "-I", "-c", ENTRY_CODE]
         env = dict(e.split("=", 1) for e in hook["env"])
         assert env["PATH"]
         assert env.get("CDI_SPEC_DIRS") == (":".join(spec_dirs) if spec_dirs else None)

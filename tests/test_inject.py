@@ -12,6 +12,7 @@ import pytest
 from cdi_hook.commands import edit
 from cdi_hook.cli import main
 from cdi_hook.commands.edit import INJECT_ANNOTATION
+from cdi_hook.hook_entry import ENTRY_CODE
 from cdi_hook.request import APPLIED_ANNOTATION
 from oci_env import make_bundle, run_container, write_spec
 
@@ -121,9 +122,21 @@ def test_hook_mode_adds_annotation_and_live_hook_entries(bundle, spec_dir):
         entries = config["hooks"][stage]
         assert len(entries) == 1, stage  # not added twice
         assert entries[0]["path"] == python
-        assert entries[0]["args"] == [python, "-I", "-m", "cdi_hook", "hook", "--stage", stage]
+        assert entries[0]["args"] == [python, "-I", "-c", ENTRY_CODE, "hook", "--stage", stage]
         assert entries[0]["env"] == ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", f"CDI_SPEC_DIRS={spec_dir}"]
     assert not {"prestart", "createContainer", "startContainer"} & set(config["hooks"])
+
+
+def test_hook_mode_keeps_an_entry_an_older_version_wrote_with_dash_m(spec_dir):
+    """A bundle given the live hook by a version that wrote `-I -m cdi_hook` is not given a
+    second entry of today's `-I -c` form (the hook would run twice)."""
+    python = os.path.abspath(sys.executable)
+    first = edit.add_hook_request(CONFIG, ["vendor.com/class=zero"], [spec_dir])
+    for entries in first["hooks"].values():
+        entries[0]["args"][1:4] = ["-I", "-m", "cdi_hook"]
+    again = edit.add_hook_request(first, ["vendor.com/class=zero"], [spec_dir])
+    for stage, entries in again["hooks"].items():
+        assert [e["args"][:4] for e in entries] == [[python, "-I", "-m", "cdi_hook"]], stage
 
 
 def test_hook_mode_without_spec_dirs_sets_no_spec_dir_env(bundle, spec_dir, monkeypatch):

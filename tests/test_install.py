@@ -148,6 +148,46 @@ def test_installed_hook_command_runs_isolated(tmp_path):
     assert "precreate" in result.stdout
 
 
+def test_installed_entry_is_dash_c_and_ignores_a_cdi_hook_package_in_cwd(tmp_path):
+    """The entry is `-I -c ENTRY_CODE` (no runpy); -I keeps the current directory off
+    sys.path, so a cdi_hook package planted in the hook's cwd is not what runs."""
+    from cdi_hook.hook_entry import ENTRY_CODE
+
+    main(["install", "--hooks-dir", str(tmp_path / "hooks.d"), "--mode", "hook"])
+    hook = json.loads((tmp_path / "hooks.d" / "cdi-hook-poststart.json").read_text())["hook"]
+    assert hook["args"][1:4] == ["-I", "-c", ENTRY_CODE]
+    decoy = tmp_path / "cwd" / "cdi_hook"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise SystemExit('decoy cdi_hook imported')\n")
+    (decoy / "cli.py").write_text("raise SystemExit('decoy cdi_hook imported')\n")
+    argv = [*hook["args"][:4], "--version"]
+    env = dict(e.split("=", 1) for e in hook["env"])
+    result = subprocess.run(argv, executable=hook["path"], env=env, cwd=decoy.parent, capture_output=True, text=True)
+    assert result.returncode == 0 and "decoy" not in result.stderr, result.stderr
+    from cdi_hook import __version__
+
+    assert result.stdout.strip() == __version__
+
+
+def test_files_an_older_version_wrote_with_dash_m_are_ours(tmp_path, capsys):
+    """Installs before the -c entry wrote `-I -m cdi_hook`: uninstall removes those files and
+    install replaces them."""
+    main(["install", "--hooks-dir", str(tmp_path), "--mode", "hook"])
+    for name in os.listdir(tmp_path):
+        definition = json.loads((tmp_path / name).read_text())
+        definition["hook"]["args"][1:4] = ["-I", "-m", "cdi_hook"]
+        (tmp_path / name).write_text(json.dumps(definition))
+        assert install.is_ours(str(tmp_path / name))
+    assert main(["install", "--hooks-dir", str(tmp_path), "--mode", "hook"]) == 0
+    assert all("-c" in json.loads((tmp_path / n).read_text())["hook"]["args"] for n in os.listdir(tmp_path))
+    for name in os.listdir(tmp_path):
+        definition = json.loads((tmp_path / name).read_text())
+        definition["hook"]["args"][1:4] = ["-I", "-m", "cdi_hook"]
+        (tmp_path / name).write_text(json.dumps(definition))
+    assert main(["uninstall", "--hooks-dir", str(tmp_path)]) == 0
+    assert files(tmp_path) == []
+
+
 def test_settings_set_while_installing_are_carried_but_never_insecure_specs(tmp_path, monkeypatch):
     monkeypatch.setenv("CDI_HOOK_LOG", "/var/log/other.log")
     monkeypatch.setenv("CDI_HOOK_CACHE_DIR", "/run/other-cache")
@@ -157,3 +197,34 @@ def test_settings_set_while_installing_are_carried_but_never_insecure_specs(tmp_
     env = live_hook_entry("createRuntime", "/usr/bin/python3", None)["env"]
     assert "CDI_HOOK_LOG=/var/log/other.log" in env and "CDI_HOOK_CACHE_DIR=/run/other-cache" in env
     assert not any(item.startswith("CDI_HOOK_INSECURE_SPECS") for item in env)
+
+
+def _directives(text: str) -> set[str]:
+    return {line for line in text.splitlines() if line and not line.startswith(("#", "["))}
+
+
+def test_install_watch_serve_writes_a_serving_unit_without_nnp_or_seccomp(tmp_path, capsys):
+    """Plain --watch keeps the confined unit; --watch --serve runs `watch --serve` without the
+    two settings its server refuses to serve under (commands/injection_server.confinement), else the same."""
+    hooks = str(tmp_path / "hooks.d")
+    assert main(["install", "--hooks-dir", hooks, "--watch", "--systemd-dir", str(tmp_path / "plain")]) == 0
+    assert main(["install", "--hooks-dir", hooks, "--watch", "--serve", "--systemd-dir", str(tmp_path / "serve")]) == 0
+    plain = (tmp_path / "plain" / install.WATCH_UNIT).read_text()
+    served = (tmp_path / "serve" / install.WATCH_UNIT).read_text()
+    python = os.path.abspath(sys.executable)
+    assert f"ExecStart={python} -I -m cdi_hook watch\n" in plain
+    assert f"ExecStart={python} -I -m cdi_hook watch --serve\n" in served
+    assert _directives(plain) - _directives(served) == {
+        f"ExecStart={python} -I -m cdi_hook watch", "NoNewPrivileges=yes", "RestrictAddressFamilies=AF_UNIX"}
+    assert _directives(served) - _directives(plain) == {f"ExecStart={python} -I -m cdi_hook watch --serve",
+                                                        "KillMode=process"}
+    assert "SELinux/AppArmor" in served and "no NoNewPrivileges=" in served  # the why, in the unit
+    if os.path.exists("/usr/bin/systemd-analyze"):  # systemd's own parser: no unknown or bad setting
+        for unit in (tmp_path / "plain" / install.WATCH_UNIT, tmp_path / "serve" / install.WATCH_UNIT):
+            result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+            assert result.returncode == 0 and result.stderr == "", result.stderr
+    capsys.readouterr()
+    assert main(["install", "--hooks-dir", str(tmp_path / "other"), "--serve"]) != 0
+    assert "--serve is an option of --watch" in capsys.readouterr().err
+    assert main(["uninstall", "--hooks-dir", hooks, "--watch", "--systemd-dir", str(tmp_path / "serve")]) == 0
+    assert not (tmp_path / "serve" / install.WATCH_UNIT).exists()

@@ -107,7 +107,15 @@ def add_hook_request(config: dict, names: list[str], spec_dirs) -> dict:
 
 
 def _same_hook(existing, entry: dict) -> bool:
-    return isinstance(existing, dict) and existing.get("path") == entry["path"] and existing.get("args") == entry["args"]
+    """The same interpreter running the same cdi-hook command, in today's entry form or the
+    -m form older versions wrote (a bundle edited by one is not given a second hook)."""
+    from cdi_hook.hook_entry import is_cdi_hook_argv
+
+    if not isinstance(existing, dict) or existing.get("path") != entry["path"]:
+        return False
+    args = existing.get("args")
+    return args == entry["args"] or (is_cdi_hook_argv(args) and args[0] == entry["args"][0]
+                                     and args[4:] == entry["args"][4:])
 
 
 def cmd_inject(args, spec_dirs) -> int:

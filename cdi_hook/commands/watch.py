@@ -63,10 +63,11 @@ class _Stop(Exception):
     """SIGTERM or SIGINT: leave the loop and clean up."""
 
 
-def cmd_watch(args, spec_dirs) -> int:
+def cmd_watch(args, spec_dirs, server=None) -> int:
+    """server: with --serve, cli's factory of the injection server (commands/injection_server.py)."""
     if os.geteuid() != 0:
         raise CdiError("watch: must run as root (the cache it keeps is root's)")
-    watcher = Watcher(cache.spec_dir_tuple(spec_dirs))
+    watcher = Watcher(cache.spec_dir_tuple(spec_dirs), server)
     return watcher.run()
 
 
@@ -75,8 +76,12 @@ def log(message: str) -> None:
 
 
 class Watcher:
-    def __init__(self, dirs: tuple[str, ...]):
+    def __init__(self, dirs: tuple[str, ...], server=None):
         self.dirs = dirs
+        self.make_server = server
+        self.server = None
+        self.server_fds: list[int] = []
+        self.poller = None
         self.path = cache.generation_path(dirs)
         if self.path is None:
             raise CdiError(f"watch: {cache.CACHE_DIR_ENV} must be an absolute path")
@@ -298,10 +303,30 @@ class Watcher:
             os.rename(temp, target)  # still current: no change came in while it looked
         elif target:
             os.unlink(temp)  # a change came in: the next rebuild covers it
+        if self.server is not None:
+            # A spare reads the cache and generation when it serves; a new one after each
+            # rebuild anyway, so none is older than the cache it may meet.
+            self.new_spare()
         if not self.ready:
             self.ready = True
             sd_notify("READY=1")
             log(f"watching {', '.join(self.dirs)} (generation file {self.path}); ready")
+
+    def new_spare(self) -> None:
+        """The injection server's next spare (commands/injection_server.py)."""
+        self.server_event(None)
+
+    def server_event(self, fd: int | None) -> None:
+        """Let the server handle fd (None: fork a new spare), then poll what it wants polled."""
+        for old in self.server_fds:
+            self.poller.unregister(old)
+        if fd is None:
+            self.server.replace_spare()
+        else:
+            self.server.handle(fd)
+        self.server_fds = self.server.filenos()
+        for new in self.server_fds:
+            self.poller.register(new, select.POLLIN)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -318,6 +343,16 @@ class Watcher:
             poller = select.poll()
             poller.register(self.inotify.fileno(), select.POLLIN)
             poller.register(mountinfo.fileno(), select.POLLPRI | select.POLLERR)
+            if self.make_server is not None:
+                try:
+                    self.server = self.make_server(self.dirs, log)
+                except OSError as error:
+                    log(f"not serving injections: {error}")
+                if self.server is not None and self.server.sock is None:
+                    self.server = None  # refused to serve (logged): the watcher alone
+                if self.server is not None:
+                    self.poller = poller
+                    self.new_spare()
             watchdog = _watchdog_interval()
             next_beat = time.monotonic()
             while True:
@@ -331,6 +366,10 @@ class Watcher:
                     os.utime(self.gen_fd)
                     if watchdog:
                         sd_notify("WATCHDOG=1")
+                    if self.server is not None:
+                        self.server.reap()  # the requests that ended
+                        if self.server.spare is None and self.server.busy is None:
+                            self.new_spare()  # a fork that failed before
                     next_beat = now + cache.HEARTBEAT_NS / 1e9
                 wait = next_beat - now
                 if self.dirty_since is not None and self.child is None:
@@ -340,6 +379,8 @@ class Watcher:
                         self.handle(self.inotify.read_events())
                     elif fd == mountinfo.fileno():
                         self.mounts_changed()
+                    elif self.server is not None and fd in self.server_fds:
+                        self.server_event(fd)
                     elif self.child is not None and fd == self.child.stdout.fileno():
                         poller.unregister(fd)
                         self.finish_rebuild()
@@ -347,6 +388,8 @@ class Watcher:
             sd_notify("STOPPING=1")
             return 0
         finally:
+            if self.server is not None:
+                self.server.close()
             if self.child is not None:
                 self.child.kill()
                 self.child.wait()

@@ -1,0 +1,362 @@
+"""The server of `cdi-hook watch --serve` (commands/serve.py has the protocol and the client):
+the watcher's listening socket and its spare, the process that takes a hook's request.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from cdi_hook.commands.serve import (ACCEPTED, DEFAULT_SPEC_DIRS, GO, GO_TIMEOUT_S, MAGIC, MAX_REQUEST, PASSED_FDS,
+                                     _peer_uid, settings, socket_path)
+
+
+class Server:
+    """The listening socket of a watcher and its spare: one process forked in advance that
+    waits for the next request, so no fork() stands between a hook's connect and its work.
+
+    The spare holds nothing that a request's answer depends on: it is the watcher's memory
+    (imported modules, settings; the watcher never loads the cache itself) and reads the
+    generation file, the cache and the spec files when it serves, as the hook process
+    would. It is replaced after each request it takes and after every cache rebuild anyway
+    (replace_spare), so no spare is older than the last rebuild. Only a spare accepts. Each
+    spare has a socketpair with the watcher: the spare says "taken" on it when it accepts, and
+    leaves when the watcher closes its end (retired, or the watcher is gone), so no idle
+    spare outlives its watcher. The next spare is forked when the request's process ends
+    (its end closes) or, sooner, when another hook is waiting on the socket: a fork is a few
+    ms of CPU, which would otherwise compete with the request being served."""
+
+    def __init__(self, spec_dirs: tuple[str, ...], parse_hook, run_hook, log):
+        import _socket
+
+        self.dirs = tuple(spec_dirs)
+        self.pid = os.getpid()
+        # From cli (a higher layer): parse_hook(argv, environ) -> (args, spec dirs) of a plain
+        # `hook` argv or None; run_hook(args) -> exit code, what the hook process runs.
+        self.parse_hook = parse_hook
+        self.run_hook = run_hook
+        self.log = log
+        self.path = socket_path(self.dirs)
+        self.sock = None
+        self.spare: tuple[int, object] | None = None  # (pid, the watcher's end of its socketpair)
+        self.busy = None  # the socketpair of the spare serving the latest request, until it ends
+        self.children: set[int] = set()  # spares and the requests they became, until reaped
+        problem = confinement()
+        if problem:
+            self.log(f"not serving injections: {problem}")
+            return
+        if self.path is None or len(self.path.encode()) > 107:
+            self.log(f"not serving injections: socket path {self.path!r} unusable (relative or too long)")
+            return
+        _preload()  # and the code they are, before a hook can find the socket
+        self.code_files = _code_files()
+        self.code = _code_identity(self.code_files)
+        from cdi_hook import cache
+
+        cache.ensure_private_dir(os.path.dirname(self.path))
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        sock.listen(64)
+        sock.settimeout(0)  # a spare accepts only what poll() said is there (another may be faster)
+        self.sock = sock
+        self.log(f"serving injections on {self.path}")
+
+    def reap(self) -> None:
+        """Collect the spares and requests that have ended (by pid: the watcher's rebuild child
+        is subprocess's to wait for)."""
+        for pid in list(self.children):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.children.discard(pid)
+
+    def filenos(self) -> list[int]:
+        """What the watcher polls (then calls handle): the idle spare's socketpair; without
+        one, the busy one's and the listening socket."""
+        if self.spare is not None:
+            return [self.spare[1].fileno()]
+        return ([] if self.busy is None else [self.busy.fileno()]) + ([] if self.sock is None else [self.sock.fileno()])
+
+    def handle(self, fd: int) -> None:
+        """One of filenos() is ready."""
+        if self.spare is not None and fd == self.spare[1].fileno():
+            try:
+                taken = self.spare[1].recv(1) == b"T"
+            except BlockingIOError:
+                return  # nothing yet (an event from before the fds changed)
+            except OSError:
+                taken = False
+            if taken:  # the next spare when this request ends, or when another hook waits
+                self._release_busy()
+                self.busy, self.spare = self.spare[1], None
+            else:
+                self.replace_spare()  # the spare died
+        elif self.busy is not None and fd == self.busy.fileno():
+            self._release_busy()  # the request's process ended
+            self.replace_spare()
+        elif self.spare is None and self.sock is not None and fd == self.sock.fileno():
+            self.replace_spare()  # a hook waits and the last spare is still busy
+
+    def _release_busy(self) -> None:
+        if self.busy is not None:
+            self.busy.close()
+            self.busy = None
+
+    def replace_spare(self) -> None:
+        """Retire the idle spare (it leaves) and fork a new one."""
+        import _socket
+
+        self.reap()
+        if self.spare is not None:
+            self.spare[1].close()  # the spare sees its end close: it leaves, unless it took a request
+            self.spare = None
+        if self.sock is None:
+            return
+        ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+        try:
+            pid = os.fork()
+        except OSError as error:
+            ours.close()
+            theirs.close()
+            self.log(f"no spare for injections ({error}); the next heartbeat tries again")
+            return
+        if pid == 0:
+            try:
+                ours.close()
+                self._spare(theirs)
+            except BaseException:
+                pass
+            os._exit(1)
+        theirs.close()
+        ours.setblocking(False)
+        self.children.add(pid)
+        self.spare = (pid, ours)
+
+    def close(self) -> None:
+        self._release_busy()
+        if self.spare is not None:
+            self.spare[1].close()
+            self.spare = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    # -- in the spare -------------------------------------------------------------------
+
+    def _spare(self, pair) -> None:
+        """Wait for a request (or for the watcher to let go), then serve it; never returns."""
+        import select
+        import signal
+
+        os.setsid()  # a signal to the watcher's process group is not one to a hook
+        for signum in (signal.SIGTERM, signal.SIGINT):  # the watcher's handlers: not a hook's
+            signal.signal(signum, signal.SIG_DFL)
+        # Nothing of the watcher's stays open here (its generation file's flock above all:
+        # a dead watcher must stop being trusted at once). Its stderr stays for log lines
+        # until the hook's stdio replaces it.
+        keep = {0, 1, 2, self.sock.fileno(), pair.fileno()}
+        for fd in [int(n) for n in os.listdir("/proc/self/fd")]:
+            if fd not in keep:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        poller.register(pair.fileno(), select.POLLIN)
+        while True:
+            ready = [fd for fd, _ in poller.poll()]
+            if pair.fileno() in ready:
+                os._exit(0)  # retired, or the watcher is gone
+            try:
+                conn_fd, _ = self.sock._accept()
+                break
+            except BlockingIOError:
+                continue  # a retiring spare took it
+        try:
+            pair.send(b"T")  # "taken"; the pair stays open (close-on-exec) until this process ends
+        except OSError:
+            pass  # retired meanwhile: the watcher has a new spare already
+        self.sock.close()
+        self._request(conn_fd)
+        os._exit(1)
+
+    def _request(self, conn_fd: int) -> None:
+        """Check the request; "accepted", wait for "go", then become the hook."""
+        import _socket
+
+        conn = _socket.socket(fileno=conn_fd)
+        fds: list[int] = []
+        try:
+            conn.settimeout(1.0)
+            if _peer_uid(conn) != 0:
+                self.log("refused an injection request from a non-root peer")
+                return
+            data, ancillary, _, _ = conn.recvmsg(MAX_REQUEST, _socket.CMSG_SPACE(PASSED_FDS * 4))
+            for level, kind, payload in ancillary:
+                if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                    fds += [int.from_bytes(payload[i:i + 4], sys.byteorder) for i in range(0, len(payload) - 3, 4)]
+            request = self._parse(data, fds)
+            if request is None:
+                return
+            if _code_identity(self.code_files) != self.code:
+                self.log("cdi-hook's code changed since this watcher started: hooks work in-process "
+                         "until it is restarted")
+                return
+            umask = _umask(fds[4])
+            if umask is None:
+                self.log("refused an injection request: the hook's umask is unreadable")
+                return
+            os.umask(umask)  # it decides the modes of what the hook creates (folders, mountpoints)
+            self._serve(conn, fds, *request)
+        except OSError as error:
+            self.log(f"injection request dropped: {error}")
+
+    def _parse(self, data: bytes, fds: list[int]):
+        """(argv, env, args) of a request this server may serve, else None (logged)."""
+        fields = data.split(b"\0")
+        if len(fds) != PASSED_FDS or fields[0] != MAGIC or len(fields) < 2 or not fields[1].isdigit() \
+                or len(fields) < 2 + int(fields[1]):
+            self.log("refused a malformed injection request")
+            return None
+        end = 2 + int(fields[1])
+        argv = [os.fsdecode(f) for f in fields[2:end]]
+        env = dict(os.fsdecode(f).partition("=")[::2] for f in fields[end:] if b"=" in f)
+        parsed = self.parse_hook(argv, env)
+        if parsed is None:
+            self.log("refused an injection request that is not a plain `hook` invocation")
+            return None
+        args, spec_dirs = parsed
+        if tuple(DEFAULT_SPEC_DIRS if spec_dirs is None else spec_dirs) != self.dirs or settings(env) != settings(os.environ):
+            return None  # another installation's hook: it works in-process
+        return argv, env, args
+
+    def _serve(self, conn, fds: list[int], argv, env, args) -> None:
+        from cdi_hook.live import syscalls
+
+        stdin, stdout, stderr, cwd, pidfd = fds
+        conn.settimeout(GO_TIMEOUT_S)
+        conn.sendall(ACCEPTED)
+        # Taking the hook's place changes nothing outside this process: done while "go" travels.
+        syscalls.setns(pidfd, NAMESPACES)
+        os.fchdir(cwd)
+        for fd, target in ((stdin, 0), (stdout, 1), (stderr, 2)):
+            os.dup2(fd, target)
+        for fd in {stdin, stdout, stderr, cwd, pidfd} - {0, 1, 2}:
+            os.close(fd)
+        sys.stdin = open(0, "r", closefd=False)
+        sys.stdout = open(1, "w", closefd=False)
+        sys.stderr = open(2, "w", closefd=False, buffering=1)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv = ["-c", *argv]
+        if conn.recv(1) != GO:
+            return  # the hook went its own way (in-process) or away: nothing was done
+        import gc
+
+        from cdi_hook import log
+
+        log.SERVED_BY = f"cdi-hook watch --serve (pid {self.pid})"
+        gc.disable()
+        code = 1
+        try:
+            code = self.run_hook(args)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()  # as the hook process would have printed it
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                conn.settimeout(None)
+                conn.sendall(bytes([code & 0xFF]))
+                os._exit(code)
+
+
+# Every namespace of the hook but its user namespace (its own, as the server's); PID applies
+# to the children (the worker, spec hooks), as for the hook's.
+NAMESPACES = 0x00020000 | 0x40000000 | 0x08000000 | 0x04000000 | 0x20000000 | 0x02000000
+#            CLONE_NEWNS  CLONE_NEWNET  CLONE_NEWIPC CLONE_NEWUTS CLONE_NEWPID CLONE_NEWCGROUP
+
+
+def confinement() -> str | None:
+    """Why this process cannot act as a hook (NoNewPrivileges, a seccomp filter), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            status = dict(line.rstrip("\n").partition(":\t")[::2] for line in f)
+    except OSError as error:
+        return f"/proc/self/status: {error.strerror}"
+    if status.get("NoNewPrivs", "0") != "0":
+        return "it runs with NoNewPrivileges (spec hooks would too)"
+    if status.get("Seccomp", "0") != "0":
+        return "it runs under a seccomp filter (e.g. systemd RestrictAddressFamilies=)"
+    return None
+
+
+def _preload() -> None:
+    """The modules a start imports, imported once here so each request's process has them."""
+    import cdi_hook.attribution  # noqa: F401
+    import cdi_hook.cache  # noqa: F401
+    import cdi_hook.commands.hook  # noqa: F401
+    import cdi_hook.hostdev  # noqa: F401
+    import cdi_hook.live.cgroups  # noqa: F401
+    import cdi_hook.live.devices  # noqa: F401
+    import cdi_hook.live.inject  # noqa: F401
+    import cdi_hook.live.ldcache  # noqa: F401
+    import cdi_hook.live.ldmemo  # noqa: F401
+    import cdi_hook.live.mounts  # noqa: F401
+    import cdi_hook.live.worker  # noqa: F401
+    import cdi_hook.log  # noqa: F401
+    import cdi_hook.oci  # noqa: F401
+    import cdi_hook.plan  # noqa: F401
+    import cdi_hook.policy  # noqa: F401
+    import cdi_hook.registry  # noqa: F401
+    import cdi_hook.request  # noqa: F401
+
+
+def _umask(pidfd: int) -> int | None:
+    """The umask of the process behind pidfd (the hook), from /proc (Linux 4.7+), or None."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}") as f:
+            pid = next(line.split()[1] for line in f if line.startswith("Pid:"))
+        with open(f"/proc/{pid}/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+
+
+def _code_files() -> list[str]:
+    return sorted(m.__file__ for name, m in list(sys.modules.items())
+                  if name.startswith("cdi_hook") and getattr(m, "__file__", None))
+
+
+def _code_identity(files: list[str]) -> list:
+    """(size, mtime) of cdi_hook's module files loaded when serving began: an upgrade on disk
+    changes it, and a spare (the watcher's code) then refuses, so a hook never runs older
+    code than its own."""
+    identity = []
+    for path in files:
+        try:
+            st = os.stat(path)
+        except OSError:
+            identity.append(None)
+        else:
+            identity.append((st.st_size, st.st_mtime_ns))
+    return identity
