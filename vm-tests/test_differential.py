@@ -18,12 +18,19 @@ and every way must report exactly what the reference reports, except for the dif
 listed in ALLOWED_DIFFERENCES (each with its reason). Only the paths the specs name are
 probed, so what a runtime sets up by itself (Podman's /dev, /etc/hosts, ...) stays out.
 
-Podman 4.3 reads native specs only from /etc/cdi and /var/run/cdi, so the specs go to
+Podman reads native specs only from /etc/cdi and /var/run/cdi, so the specs go to
 /var/run/cdi under unique names (root-owned, 0644, so the hook trusts them without
 CDI_HOOK_INSECURE_SPECS) and are removed afterwards whatever happens. Podman uses a
 throwaway --root/--runroot (vfs) and --hooks-dir, so the host's storage and hooks.d stay
-untouched. Podman 4.3 vendors a CDI library that knows cdiVersion <= 0.5.0, so the specs
-here are 0.5.0 (no additionalGids / intelRdt: those cannot be compared with Podman).
+untouched.
+
+The reference is whatever Podman this machine has, judged by its version
+(tests/runtime_versions.py): Podman 4.3 (Debian 12) vendors CDI library 0.5.2, which reads
+cdiVersion <= 0.5.0 and leaves a node without fileMode to runc's 0666; Podman 5.2-5.4
+(Debian 13: 5.4) vendors 0.8.0, which reads up to 0.8.0, so additionalGids (0.7.0) gets a
+native reference there, and still leaves fileMode unset (the host node's mode is filled only
+from CDI library 1.1.0 on, which no Podman release vendored as of 5.8). The scenarios' specs
+are 0.5.0, which every reference reads.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from typing import Callable
 
 import pytest
 
+import runtime_versions
 from conftest import require, require_programs
 from oci_env import make_bundle, make_rootfs, run_container
 
@@ -54,7 +62,7 @@ VENDOR = f"difftest{RUN_ID}.cdi-hook.test"  # unique kinds: no clash with any ot
 # This VM has no CAP_SYS_RESOURCE for raising rlimits and crun refuses its hybrid cgroups.
 PODMAN_RUN = ["run", "--rm", "--runtime", "runc", "--network", "none",
               "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
-# containers.conf default_capabilities of Podman 4.3 (`podman run ... grep Cap /proc/self/status`)
+# containers.conf default_capabilities of Podman 4.3 and 5.4 (`podman run ... grep Cap /proc/self/status`)
 PODMAN_CAPABILITIES = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
                        "CAP_NET_BIND_SERVICE", "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP", "CAP_SETUID",
                        "CAP_SYS_CHROOT"]
@@ -62,6 +70,11 @@ WAYS = ("podman-native", "podman-hook", "podman-precreate", "runc-edits", "runc-
 CRUN_WAYS = ("podman-native", "crun-edits", "crun-hook")
 LIVE_HOOK_WAYS = {"podman-hook", "runc-hook", "crun-hook"}
 CDI_HOOK_WAYS = (set(WAYS) | set(CRUN_WAYS)) - {"podman-native"}
+
+# What the reference's CDI library does, from the Podman version found (None: no Podman).
+PODMAN_CDI = runtime_versions.podman_cdi_library()
+NATIVE_READS = runtime_versions.cdi_reads(PODMAN_CDI)
+NATIVE_FILLS_FILE_MODE = runtime_versions.cdi_fills_file_mode(PODMAN_CDI)
 
 PROBE = r"""
 for a in "$@"; do
@@ -117,19 +130,43 @@ class Allowed:
     ways: frozenset
     key: str  # regex on the probe key
     reason: str
-    check: Callable[[Context, str, str | None, str | None], bool]  # (ctx, key, reference, got)
+    check: Callable[[Context, str, str, str | None, str | None], bool]  # (ctx, way, key, reference, got)
 
 
-# What the runtimes themselves set in every container (Podman and runc's default spec alike).
-RUNTIME_ENV = {"TERM": "xterm"}
+# What each runtime sets by itself in every container: the runc/crun bundles (tests/oci_env
+# make_bundle) TERM=xterm; Podman's is probed once by the env fixture (Podman 4.3 sets
+# TERM=xterm without a tty, Podman 5.4 sets no TERM).
+RUNTIME_ENV = {"podman": {"TERM": "xterm"}, "runc": {"TERM": "xterm"}, "crun": {"TERM": "xterm"}}
 
 
-def _env_not_applied(ctx, key, reference, got) -> bool:
-    return got == RUNTIME_ENV.get(key.split(":", 1)[1], "<unset>")
+def _env_not_applied(ctx, way, key, reference, got) -> bool:
+    return got == RUNTIME_ENV[way.split("-")[0]].get(key.split(":", 1)[1], "<unset>")
 
 
-def _host_mode_instead_of_0666(ctx, key, reference, got) -> bool:
-    """Only the mode differs: 0666 from Podman 4.3, the host node's mode from cdi-hook."""
+# Per-mount flags the live hook keeps from the source mount where runc's read-only remount drops them.
+KEPT_SOURCE_FLAGS = {"nosuid", "nodev", "noexec"}
+
+
+def _source_flags_kept_on_read_only_bind(ctx, way, key, reference, got) -> bool:
+    """Only the per-mount options differ: a read-only bind of a nosuid/nodev source (Debian
+    13's /tmp is such a tmpfs) is plain `ro` from runc, whose remount (MS_BIND|MS_REMOUNT|
+    MS_RDONLY with only the spec's flags) clears them, and `ro,nosuid,nodev` from the live
+    hook, whose mount_setattr sets MOUNT_ATTR_RDONLY and leaves the source's flags alone."""
+    if reference is None or got is None:
+        return False
+    ref_opts, got_opts = (re.search(r" opts=(\S+)", v) for v in (reference, got))
+    if not ref_opts or not got_opts:
+        return False
+    ref_set, got_set = set(ref_opts.group(1).split(",")), set(got_opts.group(1).split(","))
+    return ("ro" in ref_set and ref_set < got_set and got_set - ref_set <= KEPT_SOURCE_FLAGS
+            and reference.replace(ref_opts.group(0), got_opts.group(0)) == got)
+
+
+def _host_mode_instead_of_0666(ctx, way, key, reference, got) -> bool:
+    """Only the mode differs: 0666 from a Podman whose CDI library predates 1.1.0, the host
+    node's mode from cdi-hook. A reference that fills fileMode itself must agree exactly."""
+    if NATIVE_FILLS_FILE_MODE:
+        return False
     path = key.split(":", 1)[1]
     node = ctx.node(path)
     if node is None or "fileMode" in node or reference is None or got is None:
@@ -144,13 +181,18 @@ ALLOWED_DIFFERENCES = (
             "a live hook runs after the runtime fixed the process environment: env edits cannot "
             "be applied (cdi-hook logs a warning naming them; precreate / inject --mode edits apply them)",
             _env_not_applied),
-    # additionalGids (the other edit a live hook cannot make) needs cdiVersion 0.7.0, which
-    # Podman 4.3 cannot read: test_additional_gids covers it without a native reference.
+    # additionalGids (the other edit a live hook cannot make) needs cdiVersion 0.7.0:
+    # test_additional_gids covers it, against Podman's native CDI where that reads 0.7.0.
     Allowed(frozenset(CDI_HOOK_WAYS), r"^node:",
-            "a device node without fileMode: Podman 4.3 vendors CDI v0.5.x, whose fillMissingInfo "
-            "leaves fileMode unset, so runc creates the node 0666; cdi-hook follows the current "
-            "CDI reference (fillMissingInfo copies the host node's permission bits)",
+            f"a device node without fileMode: Podman {runtime_versions.version_text(runtime_versions.podman())} "
+            f"vendors CDI {runtime_versions.version_text(PODMAN_CDI)}, whose fillMissingInfo leaves fileMode "
+            "unset, so runc creates the node 0666; cdi-hook follows the current CDI reference (1.1.0: "
+            "fillMissingInfo copies the host node's permission bits)",
             _host_mode_instead_of_0666),
+    Allowed(frozenset(LIVE_HOOK_WAYS), r"^mount:.*#\d+$",
+            "a read-only bind of a nosuid/nodev source: runc's read-only remount clears the source's "
+            "nosuid/nodev, the live hook's mount_setattr keeps them (never more than the host mount allows)",
+            _source_flags_kept_on_read_only_bind),
 )
 
 
@@ -293,6 +335,11 @@ class Podman:
         self.hooks_dirs["podman-native"].mkdir()
         _cdi_hook("install", "--hooks-dir", str(self.hooks_dirs["podman-hook"]), "--mode", "hook")
         _cdi_hook("install", "--hooks-dir", str(self.hooks_dirs["podman-precreate"]), "--mode", "precreate")
+        # What Podman itself puts in the environment (the live hook's env rule compares with it).
+        argv = self.base + ["--hooks-dir", str(self.hooks_dirs["podman-native"])] + PODMAN_RUN
+        term = _run(argv + [IMAGE, "sh", "-c", 'echo "${TERM-<unset>}"'])
+        assert term.returncode == 0, f"podman run: {term.stderr}"
+        RUNTIME_ENV["podman"] = {"TERM": term.stdout.strip()}
 
     def run(self, way: str, scenario: Scenario) -> subprocess.CompletedProcess:
         argv = self.base + ["--hooks-dir", str(self.hooks_dirs[way])] + PODMAN_RUN
@@ -433,7 +480,7 @@ def compare(reference: dict, got: dict, way: str, ctx: Context) -> tuple[list[st
             continue
         line = f"{way}: {key}: podman-native {ref!r} != {value!r}"
         rule = next((a for a in ALLOWED_DIFFERENCES
-                     if way in a.ways and re.search(a.key, key) and a.check(ctx, key, ref, value)), None)
+                     if way in a.ways and re.search(a.key, key) and a.check(ctx, way, key, ref, value)), None)
         if rule is None:
             unexplained.append(line)
         else:
@@ -491,18 +538,20 @@ def differential(env, name: str, ways: tuple[str, ...], findings: list) -> None:
         "\npodman-native saw:\n" + report
 
 
-def test_additional_gids_without_native_reference(env, findings):
-    """additionalGids needs cdiVersion 0.7.0, which Podman 4.3 cannot read: no native reference.
+def test_additional_gids(env, findings):
+    """additionalGids needs cdiVersion 0.7.0. Where Podman's native CDI reads it (Podman 5.2 and
+    later: CDI library 0.8.0) it is the reference; where it does not (Podman 4.3) there is none.
 
-    The editors (precreate, inject --mode edits) must give exactly the spec's groups; the live
-    hook cannot (ALLOWED_DIFFERENCES) and must leave the groups as the runtime made them.
+    Either way the editors (precreate, inject --mode edits) must give exactly the spec's groups;
+    the live hook cannot (ALLOWED_DIFFERENCES) and must leave the groups as the runtime made them.
     """
     top, data, rootfs, podman, kvm = env
+    native = NATIVE_READS is not None and NATIVE_READS >= (0, 7, 0)
     doc = spec("gids", {"grouped": {"deviceNodes": [{"path": "/dev/cdi-gids-null", "hostPath": "/dev/null"}],
                                     "additionalGids": [44, 1000]}})
     doc["cdiVersion"] = "0.7.0"
     scenario = Scenario("gids", [doc], [f"{VENDOR}/gids=grouped"])
-    ways = ("podman-precreate", "runc-edits", "podman-hook", "runc-hook")
+    ways = (("podman-native",) if native else ()) + ("podman-precreate", "runc-edits", "podman-hook", "runc-hook")
     results, spec_files = {}, []
     try:
         spec_files = _install_specs(scenario)
@@ -514,11 +563,18 @@ def test_additional_gids_without_native_reference(env, findings):
         for path in spec_files:
             path.unlink(missing_ok=True)
     groups = {way: results[way]["groups"].split() for way in ways}
+    if native:
+        assert groups["podman-native"] == ["44", "1000"], groups
+        for way in ways[1:]:  # everything but the groups is the reference's
+            unexplained, _ = compare({k: v for k, v in results["podman-native"].items() if k != "groups"},
+                                     {k: v for k, v in results[way].items() if k != "groups"}, way, Context(scenario))
+            assert not unexplained, unexplained
     assert groups["podman-precreate"] == ["44", "1000"], groups
     assert groups["runc-edits"] == ["44", "1000"], groups
     assert groups["podman-hook"] == [] and groups["runc-hook"] == [], groups
+    reference = "44 1000 (podman-native)" if native else "44 1000 (the spec's additionalGids; no native reference)"
     for way in ("podman-hook", "runc-hook"):
-        findings.append(("gids", way, "groups", "44 1000 (the spec's additionalGids)", "",
+        findings.append(("gids", way, "groups", reference, "",
                          "additionalGids is process set-up: a live hook runs after the runtime set the credentials"))
     for way in ways:  # the device itself arrives every way
         assert results[way]["node:/dev/cdi-gids-null"].startswith("character special file rdev=1:3"), results[way]
@@ -538,6 +594,17 @@ def test_compare_flags_what_it_must(tmp_path):
     assert compare(reference, {**reference, "env:X": "<unset>"}, "podman-precreate", ctx)[0]
     assert not compare(reference, {**reference, "env:X": "<unset>"}, "podman-hook", ctx)[0]
     own_mode = reference["node:/dev/x"].replace("mode=666", "mode=600")
-    assert not compare(reference, {**reference, "node:/dev/x": own_mode}, "runc-edits", ctx)[0]
+    # the host node's mode for 0666 is allowed only against a reference that does not fill it
+    assert bool(compare(reference, {**reference, "node:/dev/x": own_mode}, "runc-edits", ctx)[0]) \
+        == NATIVE_FILLS_FILE_MODE
     # any other change of the node (owner here) stays a difference
     assert compare(reference, {**reference, "node:/dev/x": own_mode.replace("uid=0", "uid=1")}, "runc-edits", ctx)[0]
+    # a read-only bind that kept its source's nosuid,nodev: allowed for the live hook only
+    ro = {"mount:/opt/x#1": "root=/data dev=0:33 opts=ro fs=tmpfs tmpfs"}
+    kept = {"mount:/opt/x#1": "root=/data dev=0:33 opts=ro,nosuid,nodev fs=tmpfs tmpfs"}
+    assert not compare(ro, kept, "runc-hook", ctx)[0]
+    assert compare(ro, kept, "runc-edits", ctx)[0]
+    assert compare({"mount:/opt/x#1": ro["mount:/opt/x#1"].replace("ro", "rw")},
+                   {"mount:/opt/x#1": kept["mount:/opt/x#1"].replace("ro,", "rw,")}, "runc-hook", ctx)[0]
+    assert compare(ro, {"mount:/opt/x#1": "root=/data dev=0:33 opts=ro,noatime fs=tmpfs tmpfs"}, "runc-hook", ctx)[0]
+    assert compare(ro, {"mount:/opt/x#1": "root=/other dev=0:33 opts=ro,nosuid fs=tmpfs tmpfs"}, "runc-hook", ctx)[0]
