@@ -251,8 +251,9 @@ class Server:
 
         stdin, stdout, stderr, cwd, pidfd = fds
         conn.settimeout(GO_TIMEOUT_S)
-        conn.sendall(ACCEPTED)
-        # Taking the hook's place changes nothing outside this process: done while "go" travels.
+        # Taking the hook's place changes nothing outside this process, and is done before
+        # "accepted": if it fails (setns through a pidfd needs Linux 5.8), this process just
+        # ends and the hook, never told "accepted", works in-process.
         syscalls.setns(pidfd, NAMESPACES)
         os.fchdir(cwd)
         for fd, target in ((stdin, 0), (stdout, 1), (stderr, 2)):
@@ -265,6 +266,7 @@ class Server:
         os.environ.clear()
         os.environ.update(env)
         sys.argv = ["-c", *argv]
+        conn.sendall(ACCEPTED)
         if conn.recv(1) != GO:
             return  # the hook went its own way (in-process) or away: nothing was done
         import gc
