@@ -12,6 +12,8 @@ root's is refused, never believed.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import stat
 
@@ -49,6 +51,30 @@ def _private_dir(create: bool) -> bool:
         raise CdiError(f"{directory}: not a private directory of root's (owner {st.st_uid}, mode "
                        f"{stat.S_IMODE(st.st_mode):o}); refusing to keep attachment records there")
     return True
+
+
+def lock_path(container_id: str) -> str:
+    return _path(container_id)[:-len(".json")] + ".lock"
+
+
+@contextlib.contextmanager
+def locked(container_id: str):
+    """Hold the container's lock (flock on its own lock file in the records' dir) from the
+    load of its record to the save: attach and detach of one container at the same time would
+    each save what it loaded plus its own change, losing the other's. The lock file stays (an
+    unlinked one could be locked by one while another makes a new one); it is empty, and the
+    dir is gone at reboot. Opened read-only: flock needs no write access."""
+    _private_dir(create=True)
+    path = lock_path(container_id)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise CdiError(f"{path}: cannot open the attachment record's lock: {error.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def empty(container_id: str, pid: int, start_time: int) -> dict:

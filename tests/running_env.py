@@ -7,9 +7,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import hook_env
+from cdi_hook import attachments
 import oci_env
 
 VENDOR = hook_env.VENDOR
@@ -48,10 +50,20 @@ def spec(tmp_path: Path) -> tuple[dict, dict]:
     return document, sources
 
 
-def cli(spec_dir: Path, *args: str, enter: list[str] | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+def cli(spec_dir: Path, *args: str, enter: list[str] | None = None, env: dict | None = None,
+        python_code: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    """The CLI as a process; python_code replaces `-m cdi_hook` (to change a module constant
+    first). Its output goes through files, not pipes: a process it left behind cannot keep a
+    timed-out run waiting for their end."""
     env = dict(os.environ, CDI_SPEC_DIRS=str(spec_dir), CDI_HOOK_INSECURE_SPECS="1", **(env or {}))
-    return subprocess.run(list(enter or []) + [sys.executable, "-m", "cdi_hook", *args], capture_output=True,
-                          text=True, timeout=120, env=env, cwd=str(oci_env.REPO), stdin=subprocess.DEVNULL)
+    program = ["-c", python_code] if python_code else ["-m", "cdi_hook"]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        done = subprocess.run(list(enter or []) + [sys.executable, *program, *args], stdout=out, stderr=err,
+                              text=True, timeout=timeout, env=env, cwd=str(oci_env.REPO), stdin=subprocess.DEVNULL)
+        out.seek(0)
+        err.seek(0)
+        done.stdout, done.stderr = out.read(), err.read()
+    return done
 
 
 def verify_json(spec_dir: Path, address: str, *extra: str, enter=None) -> tuple[int, list[dict]]:
@@ -75,13 +87,15 @@ def record_files() -> list[str]:
 
 
 @contextlib.contextmanager
-def unsavable_records(top: Path, enter: list[str] | None = None):
+def unsavable_records(top: Path, container_id: str, enter: list[str] | None = None):
     """Environment for the CLI whose attachment records live on a read-only mount (as a
     state dir on a read-only filesystem would): reading them works, saving one fails, which
     is attach's last step, after the rootfs work and the device cgroup. `enter` runs the
     mount commands where the CLI runs (the cgroup2 namespace)."""
     records = top / "attachments"
     records.mkdir(mode=0o700, parents=True)
+    lock = Path(attachments.lock_path(container_id)).name  # made as attach makes it: it only locks it then
+    (records / lock).touch(mode=0o600)
     run = lambda *argv: subprocess.run(list(enter or []) + list(argv), capture_output=True, text=True)  # noqa: E731
     done = run("mount", "--bind", str(records), str(records))
     assert done.returncode == 0, done.stderr
@@ -89,6 +103,6 @@ def unsavable_records(top: Path, enter: list[str] | None = None):
         done = run("mount", "-o", "remount,bind,ro", str(records))
         assert done.returncode == 0, done.stderr
         yield {"CDI_HOOK_STATE_DIR": str(top / "held")}
-        assert list(records.iterdir()) == []
+        assert [p.name for p in records.iterdir()] == [lock]
     finally:
         run("umount", str(records))

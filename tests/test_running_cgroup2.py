@@ -89,7 +89,7 @@ def test_attach_failing_after_the_cgroup_step_restores_the_program(started, tmp_
     before_programs = _programs(c.cgroup_dir)
     before_tree = oci_env.tree_snapshot(c.rootfs)
     before_mounts = env.mountinfo_of(c.pid)
-    with env.unsavable_records(tmp_path / "ro-state", enter=c.ns.enter) as state:
+    with env.unsavable_records(tmp_path / "ro-state", c.id, enter=c.ns.enter) as state:
         done = env.cli(c.spec_dir, "attach", c.address, PAIR, *c.args, enter=c.ns.enter, env=state)
     assert done.returncode == 1 and "Read-only file system" in done.stderr, done.stderr
     assert "undo incomplete" not in done.stderr, done.stderr

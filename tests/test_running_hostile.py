@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 import pytest
 
@@ -19,7 +20,7 @@ import hook_env
 import oci_env
 import running_env as env
 from conftest import require
-from running_env import KVM
+from running_env import KVM, LOOP
 
 
 @pytest.fixture
@@ -80,3 +81,69 @@ def test_magic_links_and_swapped_mount_points_are_refused(hostile, tmp_path):
     assert oci_env.new_host_mounts(mounts_before, oci_env.host_mount_points(), tmp_path) == []
     assert oci_env.tree_snapshot(c.rootfs) == rootfs_before  # and nothing of it stayed inside
     assert env.mountinfo_of(c.pid) == container_mounts
+
+
+# The container SIGSTOPs every process that appears in its pid namespace: attach's worker,
+# which works there, never reports. (runc has nothing to compare: it runs no such worker.)
+STOPPER = ('while :; do for p in /proc/[0-9]*; do n=${p#/proc/}; '
+           '[ "$n" = 1 ] || kill -STOP "$n" 2>/dev/null; done; done')
+DEADLINE_S = 3
+
+
+def _devices_list(pid: int) -> str:
+    for line in open(f"/proc/{pid}/cgroup").read().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "devices" in controllers.split(","):
+            return open(f"/sys/fs/cgroup/devices{path}/devices.list").read()
+    return ""  # cgroup v2: the programs stay as they were unless the worker reported
+
+
+def _holds(state_dir: str) -> dict:
+    """The holds (the dir itself may be made by the attempt, empty)."""
+    return {k: v for k, v in oci_env.tree_snapshot(state_dir).items() if k} if os.path.isdir(state_dir) else {}
+
+
+def test_a_container_that_stops_the_worker_cannot_hang_attach(runc, tmp_path):
+    """attach fails after the worker's deadline with one line; the worker is killed; the
+    device cgroup, the hold and the record are as they were (the cgroup is changed only after
+    the worker reports). Its deadline is shortened here (attach.WORKER_DEADLINE_S)."""
+    require(os.path.exists("/dev/kvm") and os.path.exists("/dev/loop0"), "needs /dev/kvm and /dev/loop0")
+    document, _ = env.spec(tmp_path)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f'version: "1"\nexclusive: ["{KVM}"]\n')
+    os.chmod(policy, 0o644)
+    bundle, _ = hook_env.bundle_with_hook(tmp_path, document, [LOOP], STOPPER)  # loop: verify has work
+    # A private holds dir: the session's may hold a stale kvm hold of an earlier test's
+    # container, which this attach would take over and then release.
+    state_dir = str(tmp_path / "held")
+    with oci_env.detached_container(bundle, runc=runc) as c:
+        before = (_devices_list(c.pid), _holds(state_dir))
+        code = ("import sys; from cdi_hook.live import attach; from cdi_hook import cli; "
+                f"attach.WORKER_DEADLINE_S = {DEADLINE_S}; sys.exit(cli.main(sys.argv[1:]))")
+        start = time.monotonic()
+        for command in ("attach", "verify"):
+            done = env.cli(tmp_path / "cdi", *([command, f"runc:{c.id}"] + ([KVM] if command == "attach" else [])),
+                           env={"CDI_HOOK_POLICY": str(policy), "CDI_HOOK_STATE_DIR": state_dir},
+                           python_code=code, timeout=4 * DEADLINE_S)
+            assert done.returncode == 1, done
+            assert done.stderr.splitlines() == [done.stderr.strip()] and "stopped answering" in done.stderr, done
+        assert time.monotonic() - start < 4 * DEADLINE_S + 10
+        assert (_devices_list(c.pid), _holds(state_dir)) == before
+        records = tmp_path / "attachments"
+        assert not (records / f"{c.id}.json").exists()
+        assert _living_in(c.pid) == []  # and no worker is left in the container
+
+
+def _living_in(init: int) -> list[str]:
+    """The processes of init's pid namespace but init, zombies aside (a killed worker's parent
+    is its init then, which reaps when it will)."""
+    ns = os.readlink(f"/proc/{init}/ns/pid")
+    found = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if (p != str(init) and os.readlink(f"/proc/{p}/ns/pid") == ns
+                    and "State:\tZ" not in open(f"/proc/{p}/status").read()):
+                found.append(p)
+        except OSError:
+            pass
+    return found

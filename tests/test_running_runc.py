@@ -8,6 +8,7 @@ before the attach, opening it after, the mounted file, the loader cache.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -116,7 +117,7 @@ def test_attach_failing_after_the_cgroup_step_gives_the_cgroup_back(started, tmp
     oci_env.assert_opens(c, "/tmp/loop0", "r")
     before_tree = oci_env.tree_snapshot(c.rootfs)
     before_mounts = env.mountinfo_of(c.pid)
-    with env.unsavable_records(tmp_path / "ro-state") as state:
+    with env.unsavable_records(tmp_path / "ro-state", c.id) as state:
         done = env.cli(c.spec_dir, "attach", c.address, PAIR, env=state)
     assert done.returncode == 1, done.stderr
     assert done.stderr.splitlines() == [done.stderr.strip()] and "Read-only file system" in done.stderr, done.stderr
@@ -177,3 +178,78 @@ def test_refusals(started, tmp_path):
         assert done.returncode == 1 and "paused" in done.stderr, done.stderr
     finally:
         os.system(f"runc resume {c.id}")
+
+
+def test_detach_that_cannot_withdraw_access_keeps_the_device(started):
+    """devices.deny cannot be written (a read-only file bound over it): detach fails with one
+    line, before it touches the rootfs; the record still has kvm attached, its node and access
+    stay, and a later detach, once deny works again, takes it all away."""
+    c = started
+    done = env.cli(c.spec_dir, "attach", c.address, KVM)
+    assert done.returncode == 0, done.stderr
+    cgroup = next(line.split(":", 2)[2] for line in open(f"/proc/{c.pid}/cgroup").read().splitlines()
+                  if "devices" in line.split(":")[1].split(","))
+    deny = f"/sys/fs/cgroup/devices{cgroup}/devices.deny"
+    assert os.system(f"mount --bind /proc/version {deny}") == 0  # a write to it fails (EIO)
+    try:
+        done = env.cli(c.spec_dir, "detach", c.address, KVM)
+    finally:
+        os.system(f"umount {deny}")
+    assert done.returncode == 1 and done.stdout == "", done
+    assert done.stderr.splitlines() == [done.stderr.strip()] and "device cgroup" in done.stderr, done.stderr
+    assert "stay attached" in done.stderr and KVM in done.stderr, done.stderr
+    oci_env.assert_opens(c, "/dev/kvm", "rw")
+    assert f"{c.id}.json" in env.record_files()
+    rc, checks = env.verify_json(c.spec_dir, c.address)
+    assert rc == 0 and KVM in {x["device"] for x in checks}, env.failed(checks)
+    done = env.cli(c.spec_dir, "detach", c.address, KVM)
+    assert done.returncode == 0, done.stderr
+    oci_env.assert_refused(c, "/tmp/kvm", "r")
+    assert f"{c.id}.json" not in env.record_files()
+
+
+def test_v1_rollback_keeps_access_the_container_had(runc, tmp_path):
+    """config.json allows c 10:232 r; attach asks kvm rwm and then fails (the record cannot be
+    saved): the rollback denies only w and m, which attach added; r stays, as runc gave it."""
+    require(os.path.exists("/dev/kvm"), "needs /dev/kvm")
+    document, _ = env.spec(tmp_path)
+    bundle, _ = hook_env.bundle_with_hook(tmp_path, document, [], "sleep 120")
+    config = json.loads((bundle / "config.json").read_text())
+    config["linux"]["resources"]["devices"].append({"allow": True, "type": "c", "major": 10, "minor": 232,
+                                                    "access": "r"})
+    (bundle / "config.json").write_text(json.dumps(config))
+    os.mknod(bundle / "rootfs" / "tmp" / "kvm", stat.S_IFCHR | 0o666, os.makedev(10, 232))
+    with oci_env.detached_container(bundle, runc=runc) as c:
+        oci_env.assert_opens(c, "/tmp/kvm", "r")
+        oci_env.assert_refused(c, "/tmp/kvm", "w")
+        with env.unsavable_records(tmp_path / "ro-state", c.id) as state:
+            done = env.cli(tmp_path / "cdi", "attach", f"runc:{c.id}", KVM, env=state)
+        assert done.returncode == 1 and "Read-only file system" in done.stderr, done.stderr
+        oci_env.assert_opens(c, "/tmp/kvm", "r")  # what runc gave stays
+        oci_env.assert_refused(c, "/tmp/kvm", "w")  # what attach added went
+
+
+def test_attach_whose_worker_cannot_start_releases_the_hold(started, tmp_path):
+    """kvm is exclusive (a hold is taken before the worker starts); the fork fails (made to,
+    its os.fork replaced in the CLI's process): one line, and the hold is
+    released, so another container can take kvm."""
+    c = started
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f'version: "1"\nexclusive: ["{KVM}"]\n')
+    os.chmod(policy, 0o644)
+    code = ("import errno, os, sys; from cdi_hook import cli\n"
+            "def fork(): raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))\n"
+            "os.fork = fork; sys.exit(cli.main(sys.argv[1:]))")
+    # A private holds dir: the session's may hold a stale kvm hold of an earlier test's
+    # container, which this attach would take over and then release.
+    state_dir = str(tmp_path / "held")
+    settings = {"CDI_HOOK_POLICY": str(policy), "CDI_HOOK_STATE_DIR": state_dir}
+    held = lambda: sorted(os.listdir(state_dir)) if os.path.isdir(state_dir) else []  # noqa: E731
+    before = held()
+    done = env.cli(c.spec_dir, "attach", c.address, KVM, env=settings, python_code=code)
+    assert done.returncode == 1 and "Resource temporarily unavailable" in done.stderr, done
+    assert done.stderr.splitlines() == [done.stderr.strip()], done.stderr
+    assert held() == before
+    done = env.cli(c.spec_dir, "attach", c.address, KVM, env=settings)
+    assert done.returncode == 0, done.stderr
+    assert held() != before  # the hold a real attach takes is seen there

@@ -160,8 +160,11 @@ def cmd_attach(args, spec_dirs) -> int:
     _require_root("attach")
     names = list(dict.fromkeys(args.devices))
     target = _target(args)
+    from cdi_hook import attachments
+
     try:
-        notes = _attach(target, names, spec_dirs)
+        with attachments.locked(target.id):  # from the record's load to its save
+            notes = _attach(target, names, spec_dirs)
     finally:
         os.close(target.pidfd)
     from cdi_hook.errors import printable
@@ -201,11 +204,11 @@ def _attach(target, names, spec_dirs) -> list[str]:
                              ", ".join(dict.fromkeys(o for o, _ in new_libraries)),
                              target.config.user_namespace, _host_ids_of_container_root(target.config))
     exclusive = policy.exclusive_devices(rules, names)
-    taken = holds.hold(exclusive, target.id, target.pid)
-    cgroup = None
-    child = attach.start_attach(target.pidfd, work)
+    taken, cgroup, child, report = [], None, None, {}
     committed = False
     try:
+        taken = holds.hold(exclusive, target.id, target.pid)
+        child = attach.start_attach(target.pidfd, work)
         report = child.read()
         if not report.get("ok"):
             raise CdiError(f"attach: {report.get('error')}")
@@ -225,9 +228,12 @@ def _attach(target, names, spec_dirs) -> list[str]:
                 holds.release(taken, target.id)
             except (OSError, HookError) as error:
                 problems.append(str(error))
-        final = child.verdict(committed)
-        child.close()
-        problems += final.get("problems", [])
+        if child is not None:
+            final = child.verdict(committed)
+            child.close()
+            problems += final.get("problems", [])
+            if report.get("ok") and not final.get("ok"):  # it stopped answering after its work
+                problems.append(final.get("error", ""))
         if problems:
             print(f"cdi-hook: attach: undo incomplete: {'; '.join(problems)}", file=sys.stderr)
     return report.get("notes", [])
@@ -280,8 +286,11 @@ def cmd_detach(args, spec_dirs) -> int:
     _require_root("detach")
     names = list(dict.fromkeys(args.devices))
     target = _target(args)
+    from cdi_hook import attachments
+
     try:
-        notes, problems = _detach(target, names, spec_dirs)
+        with attachments.locked(target.id):  # from the record's load to its save
+            notes, problems = _detach(target, names, spec_dirs)
     finally:
         os.close(target.pidfd)
     from cdi_hook.errors import printable
@@ -366,11 +375,12 @@ def _detach(target, names, spec_dirs):
         (runtime_kept if _runtime_allows(target.config, rule) else withdraw).append(rule)
     for rule in runtime_kept:
         notes.append(f"device cgroup: {rule} stays allowed: the runtime's own rules allow it")
-    # Access first: from here on no new open of the device succeeds.
+    # Access first: from here on no new open of the device succeeds. When it cannot be taken
+    # away nothing else is done: the record keeps the device attached, for a later detach.
     try:
         notes += attach.withdraw(target.pid, withdraw, ", ".join(names))
     except CdiError as error:
-        problems.append(str(error))
+        raise CdiError(f"detach: {error}; nothing else was changed: {listed(names)} stay attached") from None
     remaining_libraries = ldcache.library_dirs([m.container_path for _, m in _library_mounts(remaining_plan)]) \
         if remaining_plan else []
     work = attach.DetachWork(nodes, mounts_work, created, remaining_libraries, bool(library_paths),

@@ -20,6 +20,7 @@ interpreter (live/bpf_eval.py) of the eBPF instructions the kernel reports.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 
 from cdi_hook import jsonio
@@ -30,18 +31,51 @@ from cdi_hook.live.rootfs import Rootfs, mount_id
 # --- the child in the container's mount namespace ----------------------------------------
 
 
+# How long the parent waits for each report of the worker. The worker is in the container's
+# pid namespace, where the container's root can stop it (SIGSTOP): no report ever comes.
+WORKER_DEADLINE_S = 30.0
+
+
 class _Child:
-    def __init__(self, pid: int, report, verdict_fd: int):
+    def __init__(self, pid: int, report_fd: int, verdict_fd: int):
         self.pid = pid
-        self._report = report
+        self._report_fd = report_fd
         self._verdict_fd = verdict_fd
+        self._buffer = b""
+        self._stopped = False
 
     def read(self) -> dict:
-        line = self._report.readline()
+        """The worker's next report; when none comes before the deadline, the child and its
+        worker (one process group) are killed and the answer is a failure saying so."""
+        if self._stopped:
+            return {"ok": False, "error": "the worker in the container stopped answering"}
+        import select
+        import time
+
+        deadline = time.monotonic() + WORKER_DEADLINE_S
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._report_fd], [], [], left)[0]:
+                self._kill()
+                return {"ok": False, "error": f"the worker in the container stopped answering for "
+                        f"{WORKER_DEADLINE_S:g} s (the container may have stopped it); killed it; "
+                        "it may have left nodes or mounts in the container's rootfs"}
+            chunk = os.read(self._report_fd, 65536)
+            if not chunk:
+                break
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
         try:
             return jsonio.loads(line)
         except ValueError:
             return {"ok": False, "error": "the worker in the container died without a report"}
+
+    def _kill(self) -> None:
+        self._stopped = True
+        try:
+            os.killpg(self.pid, signal.SIGKILL)  # SIGKILL ends a stopped process too
+        except OSError:
+            pass
 
     def verdict(self, commit: bool) -> dict:
         try:
@@ -51,7 +85,7 @@ class _Child:
         return self.read()
 
     def close(self) -> None:
-        self._report.close()
+        os.close(self._report_fd)
         os.close(self._verdict_fd)
         os.waitpid(self.pid, 0)
 
@@ -66,13 +100,24 @@ def _fork(pidfd: int, prepare, work) -> _Child:
     The work runs in a grandchild that is in the container's mount AND pid namespaces: after
     pivot_root, /proc there is the container's procfs, where only a process of its pid
     namespace finds /proc/self, which the fd-relative code needs (fd paths, fdinfo,
-    mountinfo). Whatever either raises is reported as one line."""
+    mountinfo). Whatever either raises is reported as one line.
+
+    Both are non-dumpable, as runc makes runc init (CVE-2016-9962): the container's root, in
+    whose pid namespace the worker is, cannot ptrace it or open its /proc entries (its fds
+    are the host's). Both are one process group, which the parent kills when the worker
+    stops answering (_Child.read)."""
     report_r, report_w = os.pipe()
     verdict_r, verdict_w = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as error:
+        for fd in (report_r, report_w, verdict_r, verdict_w):
+            os.close(fd)
+        raise HookError("start the worker", "", f"fork: {error.strerror}") from None
     if pid == 0:
         code = 1
         try:
+            os.setpgid(0, 0)
             os.close(report_r)
             os.close(verdict_w)
 
@@ -80,6 +125,9 @@ def _fork(pidfd: int, prepare, work) -> _Child:
                 os.write(report_w, (jsonio.dumps(doc) + "\n").encode())
 
             try:
+                import prctl
+
+                prctl.set_dumpable(False)  # before setns: never visible to the container while dumpable
                 prepared = prepare()
                 _preload()
                 try:
@@ -107,9 +155,13 @@ def _fork(pidfd: int, prepare, work) -> _Child:
                 send({"ok": False, "error": f"internal error: {error!r}"})
         finally:
             os._exit(max(code, 0))
+    try:
+        os.setpgid(pid, pid)  # as the child does itself: whichever runs first
+    except OSError:
+        pass
     os.close(report_w)
     os.close(verdict_r)
-    return _Child(pid, os.fdopen(report_r, "rb"), verdict_w)
+    return _Child(pid, report_r, verdict_w)
 
 
 def _preload() -> None:
@@ -569,6 +621,13 @@ def v1_allows(entries, rule) -> bool:
     return False
 
 
+def _v1_missing(entries, rule):
+    """The rule less the access letters devices.list allowed already: what allowing it adds,
+    and all that undoing it may deny (had r, asked rw: only w goes again)."""
+    return rule._replace(access="".join(c for c in rule.permissions
+                                        if not v1_allows(entries, rule._replace(access=c))))
+
+
 def _v1_write(directory: str, name: str, rules) -> None:
     path = os.path.join(directory, name)
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -594,7 +653,7 @@ class CgroupChange:
         try:
             if self.version == "v1":
                 before = v1_list(self.directory)
-                added = [r for r in self.rules if not v1_allows(before, r)]
+                added = [m for m in (_v1_missing(before, r) for r in self.rules) if m.access]
                 self._undo = lambda: _v1_write(self.directory, "devices.deny", added)
                 cgroups.allow_devices_v1(self.directory, self.rules)
             else:
