@@ -23,6 +23,26 @@ CGROUP2_ONLY_DECLARED = os.environ.get("CDI_TEST_CGROUP2_ONLY") == "1"
 _DECLARED_SKIP = "declared cgroup v2-only host (CDI_TEST_CGROUP2_ONLY=1)"
 
 
+def pytest_configure(config):
+    """Test rootfs trees hold device nodes, so their temp dirs must be on a filesystem that
+    allows them. Debian 13 mounts /tmp as a `nosuid,nodev` tmpfs (Debian 12 does not): there
+    pytest's temp dirs (and the tests' own tempfile dirs) go under /var/tmp. pytest clears
+    its --basetemp at the start of the next run, as it rotates its default ones."""
+    if config.option.basetemp or not _is_nodev("/tmp") or _is_nodev("/var/tmp"):
+        return
+    import tempfile
+
+    config.option.basetemp = "/var/tmp/cdi-hook-pytest"
+    tempfile.tempdir = "/var/tmp"
+
+
+def _is_nodev(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_NODEV)
+    except OSError:
+        return False
+
+
 def require(condition: bool, why: str) -> None:
     if condition:
         return

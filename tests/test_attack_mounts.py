@@ -94,8 +94,11 @@ def test_mount_through_a_bidirectional_volume_never_reaches_the_host(runc, tmp_p
     result = oci_env.run_container(bundle)
     assert result.returncode == 0 and "RAN" in result.stdout, result.stderr
     leaked = oci_env.new_host_mounts(before, oci_env.host_mount_points(), tmp_path)
-    assert leaked == [str(shared_volume / "x" / "lib")], leaked
-    subprocess.run(["umount", str(shared_volume / "x" / "lib")], check=True)
+    # Once on Debian 12; twice on Debian 13 (runc 1.1.15, a systemd-shared host), where the
+    # volume's own mount and its parent's propagate it: runc's leak either way.
+    assert leaked and set(leaked) == {str(shared_volume / "x" / "lib")}, leaked
+    for _ in leaked:
+        subprocess.run(["umount", str(shared_volume / "x" / "lib")], check=True)
     os.rmdir(shared_volume / "x" / "lib")
 
     attack = tmp_path / "attack"

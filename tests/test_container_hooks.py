@@ -47,8 +47,10 @@ if action == "sleep":
 with open("/proc/self/cmdline", "rb") as f:
     cmdline = [a.decode() for a in f.read().split(b"\\0")[:-1]]
 kvm = os.path.join(rootfs, "dev/kvm")
-with open("/proc/self/cgroup") as f:
-    devices_cgroup = [line.split(":", 2)[2].strip() for line in f if ":devices:" in line]
+with open("/proc/self/cgroup") as f:  # the v1 devices line, or the unified one on a cgroup v2-only host
+    lines = f.read().splitlines()
+devices_cgroup = ([line.split(":", 2)[2].strip() for line in lines if ":devices:" in line]
+                  or [line.split(":", 2)[2].strip() for line in lines if line.startswith("0::")])
 record = {
     "cmdline": cmdline,
     "env": dict(os.environ),
@@ -71,7 +73,7 @@ with open(os.path.join(rootfs, "record.json"), "w") as f:
 # What the container itself prints, to compare with what the hook saw.
 CONTAINER_SCRIPT = "; ".join([
     *[f"echo NS {kind} $(readlink /proc/self/ns/{kind})" for kind in NAMESPACES],
-    "echo CGROUP $(grep :devices: /proc/self/cgroup | cut -d: -f3)",
+    "echo CGROUP $( (grep :devices: /proc/self/cgroup || grep '^0::' /proc/self/cgroup) | cut -d: -f3)",
     "echo LINK $(cat /opt/cdi-hook-link)",
     "echo ELF $(cat /elf-record)",
     "echo RAN",
