@@ -97,7 +97,7 @@ def test_mount_through_a_bidirectional_volume_never_reaches_the_host(runc, tmp_p
     # Once on Debian 12; twice on Debian 13 (runc 1.1.15, a systemd-shared host), where the
     # volume's own mount and its parent's propagate it: runc's leak either way.
     assert leaked and set(leaked) == {str(shared_volume / "x" / "lib")}, leaked
-    for _ in leaked:
+    while str(shared_volume / "x" / "lib") in oci_env.host_mount_points():  # one umount may take both
         subprocess.run(["umount", str(shared_volume / "x" / "lib")], check=True)
     os.rmdir(shared_volume / "x" / "lib")
 
