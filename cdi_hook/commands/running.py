@@ -202,7 +202,7 @@ def _attach(target, names, spec_dirs) -> list[str]:
                                          (_library_mounts(current_plan) if current_plan else []) + new_libraries])
     work = attach.AttachWork(inject.node_jobs(new_plan), inject.mount_jobs(new_plan), library_dirs,
                              ", ".join(dict.fromkeys(o for o, _ in new_libraries)),
-                             target.config.user_namespace, _host_ids_of_container_root(target.config))
+                             target.config.user_namespace, inject.host_ids_of_container_root(target.config))
     exclusive = policy.exclusive_devices(rules, names)
     taken, cgroup, child, report = [], None, None, {}
     committed = False
@@ -269,19 +269,6 @@ def _entry(name: str, new_plan, created: list[str]) -> dict:
     }
 
 
-def _host_ids_of_container_root(config):
-    if not config.user_namespace:
-        return None
-
-    def host_id(mappings) -> int:
-        for m in mappings:
-            if m.container_id <= 0 < m.container_id + m.size:
-                return m.host_id - m.container_id
-        return 0
-
-    return host_id(config.uid_mappings), host_id(config.gid_mappings)
-
-
 def cmd_detach(args, spec_dirs) -> int:
     _require_root("detach")
     names = list(dict.fromkeys(args.devices))
@@ -307,7 +294,7 @@ def cmd_detach(args, spec_dirs) -> int:
 
 def _detach(target, names, spec_dirs):
     from cdi_hook import attachments, policy
-    from cdi_hook.live import attach, holds, ldcache
+    from cdi_hook.live import attach, holds, inject, ldcache
     from cdi_hook.live.cgroups import DeviceRule
 
     record, creation, attached = _state(target)
@@ -384,7 +371,7 @@ def _detach(target, names, spec_dirs):
     remaining_libraries = ldcache.library_dirs([m.container_path for _, m in _library_mounts(remaining_plan)]) \
         if remaining_plan else []
     work = attach.DetachWork(nodes, mounts_work, created, remaining_libraries, bool(library_paths),
-                             ", ".join(names), _host_ids_of_container_root(target.config))
+                             ", ".join(names), inject.host_ids_of_container_root(target.config))
     report = attach.run_detach(target.pidfd, work)
     if not report.get("ok"):
         problems.append(report.get("error") or "the worker in the container failed")

@@ -16,6 +16,7 @@ import json
 import os
 import stat
 
+from cdi_hook.containers import process_start_time
 from cdi_hook.errors import HookError
 
 STEP = "exclusive device"
@@ -29,17 +30,6 @@ def state_dir() -> str:
 
 def _record_name(device: str) -> str:
     return device.replace("/", "%2F") + ".json"
-
-
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks after boot), None when there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # the command name (field 2) may hold spaces and parentheses: split after the last ")"
-    return int(data[data.rindex(b")") + 2:].split()[19])
 
 
 class _LockedDir:

@@ -170,7 +170,7 @@ def _start_rootfs_work(pidfd: int, config, plan, log, state):
         if programs:
             hook_state = containerhooks.container_state(state.raw, state.pid)
         work = worker.RootfsWork(config.rootfs, nodes, mounts, by_bind_mount=config.user_namespace,
-                                 creator_ids=_host_ids_of_container_root(config),
+                                 creator_ids=host_ids_of_container_root(config),
                                  container_hooks=programs, hook_state=hook_state)
         return worker.start(pidfd, work)
     finally:
@@ -188,7 +188,7 @@ def _wait_rootfs_work(handle, log) -> None:
         log.record_step(step, ms)
 
 
-def _host_ids_of_container_root(config) -> tuple[int, int] | None:
+def host_ids_of_container_root(config) -> tuple[int, int] | None:
     if not config.user_namespace:
         return None
 
