@@ -190,14 +190,6 @@ def path_and_parents(paths) -> list[str]:
     return sorted(found, key=lambda p: p.count("/"))
 
 
-def _exists(rootfs: Rootfs, path: str) -> bool:
-    try:
-        os.close(rootfs.open_path(path))
-        return True
-    except OSError:
-        return False
-
-
 # --- attach -------------------------------------------------------------------------------
 
 
@@ -233,12 +225,12 @@ def start_attach(pidfd: int, work: AttachWork) -> _Child:
             rootfs = _enter(work.creator_ids)
             watched = path_and_parents([j.node.path for j in work.node_jobs]
                                        + [j.mount.container_path for j in work.mount_jobs])
-            missing = [p for p in watched if not _exists(rootfs, p)]
+            missing = [p for p in watched if not ldcache.exists(rootfs, p)]
             devices.create_nodes(rootfs, work.node_jobs, work.by_bind_mount, mounted, notes)
             mounts.apply(rootfs, work.mount_jobs, mounted, notes)
             if work.libraries:
                 ldcache.update(rootfs, work.library_dirs, ldconfig_fd, notes, device=work.libraries)
-            created = [p for p in missing if _exists(rootfs, p)]
+            created = [p for p in missing if ldcache.exists(rootfs, p)]
         except BaseException as error:
             problems = undo()
             note = f" (undo incomplete: {'; '.join(problems)})" if problems else ""
@@ -302,6 +294,15 @@ def run_detach(pidfd: int, work: DetachWork) -> dict:
         child.close()
 
 
+def _is_mount_point(rootfs: Rootfs, fd: int, where: str) -> bool:
+    """Whether fd (where, opened in rootfs) is on another mount than its parent folder."""
+    parent_fd = rootfs.open_path(_split(where)[0])
+    try:
+        return mount_id(fd) != mount_id(parent_fd)
+    finally:
+        os.close(parent_fd)
+
+
 def _split(path: str) -> tuple[str, str]:
     parts = [p for p in path.split("/") if p not in ("", ".")]
     return "/".join(parts[:-1]) or ".", parts[-1] if parts else ""
@@ -314,12 +315,7 @@ def _unmount(rootfs: Rootfs, device: str, where: str, source, fstype: str, notes
         problems.append(f"{device}: mount {where}: {error.strerror}")
         return
     try:
-        parent_fd = rootfs.open_path(_split(where)[0])
-        try:
-            is_mount = mount_id(fd) != mount_id(parent_fd)
-        finally:
-            os.close(parent_fd)
-        if not is_mount:
+        if not _is_mount_point(rootfs, fd, where):
             notes.append(f"{device}: {where} is not mounted")
             return
         st = os.fstat(fd)
@@ -524,12 +520,7 @@ def _check_mount(rootfs: Rootfs, origin: str, mount, source, types) -> dict:
     except OSError as error:
         return result(False, error.strerror)
     try:
-        parent_fd = rootfs.open_path(_split(where)[0])
-        try:
-            is_mount = mount_id(fd) != mount_id(parent_fd)
-        finally:
-            os.close(parent_fd)
-        if not is_mount:
+        if not _is_mount_point(rootfs, fd, where):
             return result(False, "not mounted")
         options, fstype = types.get(mount_id(fd), ([], "?"))
         st = os.fstat(fd)

@@ -133,7 +133,7 @@ def update(rootfs: Rootfs, dirs: list[str], ldconfig_fd: int | None, notes: list
     conf file is rewritten empty and the cache rebuilt without it)."""
     if not dirs and not rebuild:
         return
-    if not (_exists(rootfs, "etc/ld.so.conf") or _exists(rootfs, CACHE)):
+    if not (exists(rootfs, "etc/ld.so.conf") or exists(rootfs, CACHE)):
         notes.append("ldconfig skipped: rootfs has no etc/ld.so.conf or etc/ld.so.cache (not glibc)")
         return
     if ldconfig_fd is None:
@@ -382,7 +382,7 @@ def _install(dir_fd: int, name: str, content: bytes | str, mode: int, owner: tup
         raise
 
 
-def _exists(rootfs: Rootfs, path: str) -> bool:
+def exists(rootfs: Rootfs, path: str) -> bool:
     try:
         os.close(rootfs.open_path(path))
         return True
