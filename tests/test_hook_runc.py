@@ -128,6 +128,50 @@ def _user_namespace_case(tmp_path: Path):
     assert "OPEN-KVM" in result.stdout and "READ-ZERO" in result.stdout, result.stdout + result.stderr
 
 
+# A hook whose mknod is refused (as an LSM or a device cgroup confining the hook would): the
+# stand-in makes os.mknod fail with EPERM for device nodes in the hook process and its worker.
+_MKNOD_REFUSED = (
+    "import errno, os, stat, sys\n"
+    "real = os.mknod\n"
+    "def refused(path, mode=0o600, device=0, *, dir_fd=None):\n"
+    "    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):\n"
+    "        raise PermissionError(errno.EPERM, 'Operation not permitted', path)\n"
+    "    return real(path, mode, device, dir_fd=dir_fd)\n"
+    "os.mknod = refused\n"
+    "from cdi_hook.cli import main\n"
+    "sys.exit(main())\n")
+
+
+def test_refused_mknod_falls_back_to_the_host_node_by_bind_mount(runc, tmp_path):
+    """Without a user namespace the host node is cloned only when mknod is refused (the worker
+    goes back to the host's mount namespace for it): the container still gets the device."""
+    spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "all", "containerEdits": {
+        "deviceNodes": [{"path": "/dev/cdi-zero", "hostPath": "/dev/zero"}, {"path": "/dev/kvm"}]}}]}
+    script = "\n".join([
+        "stat -c 'STAT %n %F %t:%T' /dev/cdi-zero /dev/kvm",
+        "grep -E ' /dev/(kvm|cdi-zero) ' /proc/self/mountinfo | sed 's/^/MOUNT /'",
+        "head -c 2 /dev/cdi-zero | od -An -tx1 | grep -q '00 00' && echo READ-ZERO",
+        "exec 3<>/dev/kvm && echo OPEN-KVM",
+    ])
+    bundle, log_file = hook_env.bundle_with_hook(tmp_path, spec, [ALL], script,
+                                                 extra_env={"CDI_HOOK_LOG_LEVEL": "debug"})  # notes in the log
+    config = json.loads((bundle / "config.json").read_text())
+    [entry] = config["hooks"]["createRuntime"]
+    assert entry["args"][1:3] == ["-I", "-c"], entry
+    entry["args"][3] = _MKNOD_REFUSED
+    (bundle / "config.json").write_text(json.dumps(config))
+    result = oci_env.run_container(bundle)
+    assert result.returncode == 0, result.stderr
+    stats = _stat_lines(result.stdout)
+    kvm = os.stat("/dev/kvm").st_rdev
+    assert stats["/dev/cdi-zero"] == "character special file 1:5"
+    assert stats["/dev/kvm"] == f"character special file {os.major(kvm):x}:{os.minor(kvm):x}"
+    assert result.stdout.count("MOUNT ") == 2, result.stdout  # bind mounts of the host's nodes
+    assert "READ-ZERO" in result.stdout and "OPEN-KVM" in result.stdout, result.stdout + result.stderr
+    [line] = hook_env.log_lines(log_file)
+    assert sum("mknod refused, bind-mounting the host node" in n for n in line["notes"]) == 2, line
+
+
 def test_applied_names_are_skipped(runc, tmp_path):
     sources = hook_env.host_files(tmp_path)
     bundle, log_file = hook_env.bundle_with_hook(

@@ -87,6 +87,22 @@ def fchown_fd(fd: int, uid: int, gid: int, what) -> None:
     _check(_libc.fchownat(fd, b"", uid, gid, AT_EMPTY_PATH), what)
 
 
+STATX_MNT_ID = 0x1000
+_STATX_SIZE = 256  # struct statx (linux/stat.h)
+_STX_MNT_ID_OFFSET = 0x90
+
+
+def statx_mount_id(fd: int, what) -> int | None:
+    """The id of the mount fd is on (statx STATX_MNT_ID, Linux >= 5.8; glibc's statx()
+    because its syscall number differs between architectures); None when the kernel does
+    not report it."""
+    buffer = ctypes.create_string_buffer(_STATX_SIZE)
+    _check(_libc.statx(fd, b"", AT_EMPTY_PATH, STATX_MNT_ID, buffer), what)
+    if not int.from_bytes(buffer.raw[:4], "little") & STATX_MNT_ID:
+        return None
+    return int.from_bytes(buffer.raw[_STX_MNT_ID_OFFSET:_STX_MNT_ID_OFFSET + 8], "little")
+
+
 def setfsuid(uid: int) -> int:
     return _libc.setfsuid(uid)
 

@@ -26,7 +26,8 @@ import stat
 from cdi_hook import jsonio
 from cdi_hook.errors import CdiError, HookError
 from cdi_hook.live import bpf, bpf_eval, cgroups, devices, ldcache, mounts, syscalls
-from cdi_hook.live.rootfs import Rootfs, mount_id
+from cdi_hook.live.rootfs import Rootfs
+from cdi_hook.live.syscalls import mount_id
 
 # --- the child in the container's mount namespace ----------------------------------------
 

@@ -30,10 +30,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 
 from cdi_hook.errors import HookError
 from cdi_hook.live import syscalls
-from cdi_hook.live.rootfs import Rootfs, create_empty_file, mount_id
+from cdi_hook.live.rootfs import Rootfs, create_empty_file
+from cdi_hook.live.syscalls import mount_id
 from cdi_hook.spec.model import DeviceNode
 
 STEP = "device node"
@@ -70,17 +72,19 @@ def clone_host_nodes(jobs: list[NodeJob]) -> None:
 
 
 def create_nodes(rootfs: Rootfs, jobs: list[NodeJob], by_bind_mount: bool, mounted_fds: list[int],
-                 notes: list[str]) -> None:
-    """Create every node; bind mounts made are appended to mounted_fds (for undo)."""
+                 notes: list[str], clone_late: Callable[[NodeJob], None] | None = None) -> None:
+    """Create every node; bind mounts made are appended to mounted_fds (for undo).
+    clone_late(job), when given, takes the host node for a job whose mknod was refused and
+    that clone_host_nodes did not see beforehand."""
     for job in jobs:
         try:
-            _create_node(rootfs, job, by_bind_mount, mounted_fds, notes)
+            _create_node(rootfs, job, by_bind_mount, mounted_fds, notes, clone_late)
         except OSError as error:
             raise HookError(STEP, job.origin, f"{job.node.path}: {_why(error)}") from None
 
 
 def _create_node(rootfs: Rootfs, job: NodeJob, by_bind_mount: bool, mounted_fds: list[int],
-                 notes: list[str]) -> None:
+                 notes: list[str], clone_late: Callable[[NodeJob], None] | None) -> None:
     node = job.node
     want_fmt = _S_IFMT[node.type]
     existing = _existing(rootfs, node.path)
@@ -105,6 +109,8 @@ def _create_node(rootfs: Rootfs, job: NodeJob, by_bind_mount: bool, mounted_fds:
             if node.type == "p":
                 raise
             notes.append(f"{node.path}: mknod refused, bind-mounting the host node")
+            if job.host_tree_fd is None and clone_late is not None:
+                clone_late(job)
         else:
             try:
                 if not created:  # appeared since we looked: not ours to chown

@@ -225,18 +225,9 @@ class Rootfs:
         self._restores.clear()
 
 
-def mount_id(fd: int) -> int:
-    """The id of the mount fd is on (as in /proc/self/mountinfo), from /proc/self/fdinfo."""
-    with open(f"/proc/self/fdinfo/{fd}", "rb") as info:
-        for line in info:
-            if line.startswith(b"mnt_id:"):
-                return int(line.split()[1])
-    raise OSError(errno.ENOTSUP, "no mnt_id in fdinfo", f"/proc/self/fdinfo/{fd}")
-
-
 def _identity(fd: int) -> tuple[int, int, int]:
     st = os.fstat(fd)
-    return mount_id(fd), st.st_dev, st.st_ino
+    return syscalls.mount_id(fd), st.st_dev, st.st_ino
 
 
 def _mountinfo() -> dict[int, tuple[int, str, list[str], str]]:

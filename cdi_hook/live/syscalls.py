@@ -9,6 +9,7 @@ since Linux 5.x); the mount-API calls need Linux >= 5.12.
 
 from __future__ import annotations
 
+import errno
 import os
 
 from cdi_hook.live import _linux_ctypes as _sys
@@ -112,6 +113,19 @@ def move_mount(from_fd: int, to_fd: int) -> None:
 def mount_setattr(fd: int, attr_set: int, attr_clr: int = 0, propagation: int = 0, recursive: bool = False) -> None:
     flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
     _sys.mount_setattr(fd, flags, attr_set, attr_clr, propagation, "mount_setattr")
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount fd is on, as /proc/self/mountinfo numbers it: statx(STATX_MNT_ID),
+    one call; /proc/self/fdinfo where the kernel does not report it there."""
+    found = _sys.statx_mount_id(fd, "statx")
+    if found is not None:
+        return found
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as info:
+        for line in info:
+            if line.startswith(b"mnt_id:"):
+                return int(line.split()[1])
+    raise OSError(errno.ENOTSUP, "no mnt_id in fdinfo", f"/proc/self/fdinfo/{fd}")
 
 
 def fd_path(fd: int) -> str:

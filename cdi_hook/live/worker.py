@@ -35,6 +35,7 @@ class RootfsWork:
         self.creator_ids = creator_ids  # host uid/gid of the container's root (user namespace)
         self.container_hooks = container_hooks or []  # containerhooks.Program, opened on the host
         self.hook_state = hook_state  # the OCI state those hooks get on stdin
+        self.forked_at = 0.0  # time.monotonic() just before the fork, for the "fork" step
 
 
 class Worker:
@@ -63,6 +64,7 @@ class Worker:
 
     def _read_report(self) -> dict:
         line = self._report.readline()
+        received = time.monotonic()
         try:
             report = jsonio.loads(line)
         except ValueError:
@@ -71,6 +73,8 @@ class Worker:
         if not report.get("ok"):
             self._reap()
             raise CdiError(report.get("error") or "inject: worker failed without a message")
+        if "sent_at" in report:  # how long the report waited for the hook (CLOCK_MONOTONIC is system-wide)
+            report["steps_ms"]["report"] = round((received - report.pop("sent_at")) * 1000, 2)
         return report
 
     def finish(self, commit: bool) -> list[str]:
@@ -110,6 +114,7 @@ def start(container_pidfd: int, work: RootfsWork) -> Worker:
     ns_fd = os.dup(container_pidfd)
     report_r, report_w = os.pipe()
     verdict_r, verdict_w = os.pipe()
+    work.forked_at = time.monotonic()
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -130,6 +135,7 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int
     notes: list[str] = []
     steps_ms: dict[str, float] = {}
     rootfs = None
+    started = _timed(steps_ms, "fork", work.forked_at)
 
     def send(doc: dict) -> None:
         os.write(report_fd, (jsonio.dumps(doc) + "\n").encode())
@@ -152,14 +158,30 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int
         send({"ok": False, "error": message + _undo_note(undo())})
         return 1
 
+    host_ns_fd = None
+
+    def clone_late(job: devices.NodeJob) -> None:
+        """mknod was refused: back to the host's mount namespace for a clone of its node."""
+        syscalls.setns(host_ns_fd, syscalls.CLONE_NEWNS)
+        try:
+            devices.clone_host_nodes([job])
+        finally:
+            syscalls.setns(ns_fd, syscalls.CLONE_NEWNS)
+
     try:
-        devices.clone_host_nodes(work.nodes)
+        if work.by_bind_mount:
+            devices.clone_host_nodes(work.nodes)  # every node is a bind mount of the host's
+        elif work.nodes:
+            # mknod is the way; the host's node is cloned only for one whose mknod is refused
+            # (an LSM or device cgroup confining the hook: rare), which saves a clone per node.
+            host_ns_fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         mounts.clone_sources(work.mounts)
         # Only for mounts: a worker that runs createContainer hooks alone needs no ldconfig.
         ldconfig_fd = ldcache.open_host_ldconfig() if work.mounts else None
         # The folder of remembered ldconfig runs is on the host: opened before setns.
         memo_fd = ldmemo.open_dir() if ldconfig_fd is not None and any(
             ldcache.is_library_name(j.mount.container_path) for j in work.mounts) else None
+        started = _timed(steps_ms, "host-side clones", started)
         try:
             syscalls.setns(ns_fd, syscalls.CLONE_NEWNS)
         except OSError as error:
@@ -169,8 +191,9 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int
             rootfs = Rootfs.open(work.rootfs, work.creator_ids)
         except OSError as error:
             raise HookError("open rootfs", "", f"{work.rootfs}: {error.strerror}") from None
-        started = time.monotonic()
-        devices.create_nodes(rootfs, work.nodes, work.by_bind_mount, mounted, notes)
+        started = _timed(steps_ms, "enter", started)
+        devices.create_nodes(rootfs, work.nodes, work.by_bind_mount, mounted, notes,
+                             clone_late if host_ns_fd is not None else None)
         started = _timed(steps_ms, "nodes", started)
         mounts.apply(rootfs, work.mounts, mounted, notes)
         started = _timed(steps_ms, "mounts", started)
@@ -181,7 +204,7 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int
         _timed(steps_ms, "ldconfig", started)
     except BaseException as error:  # noqa: BLE001 - see failed()
         return failed(error)
-    send({"ok": True, "notes": notes, "steps_ms": steps_ms})
+    send({"ok": True, "notes": notes, "steps_ms": steps_ms, "sent_at": time.monotonic()})
     verdict = os.read(verdict_fd, 1)
     if verdict == b"h" and work.container_hooks:
         # After the hook's host-side steps (cgroup, RDT, netdev, prestart/createRuntime
