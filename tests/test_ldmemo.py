@@ -134,6 +134,31 @@ def test_any_change_to_the_input_runs_ldconfig_again(image, change):
         assert made != before
 
 
+def test_a_folder_made_anew_in_a_scanned_folder_keeps_the_memo(image):
+    """A mount point folder cdi-hook creates in every new container (a new inode and ctime
+    each time) is no input of ldconfig's: the remembered cache still answers."""
+    rootfs, memo = image
+    (rootfs / "opt" / "lib" / "cdi-mounts").mkdir()
+    before = warm(rootfs, memo)
+    (rootfs / "opt" / "lib" / "cdi-mounts").rmdir()
+    (rootfs / "opt" / "lib" / "cdi-mounts").mkdir()
+    notes, made = run(rootfs, memo)
+    assert remembered(notes) and made == before
+
+
+def test_a_hwcap_subfolder_is_keyed_by_its_own_listing(image):
+    """ldconfig scans a hwcap subfolder (tls, glibc-hwcaps/...): a library added there runs it again."""
+    rootfs, memo = image
+    tls = rootfs / "opt" / "lib" / "tls"
+    tls.mkdir()
+    before = warm(rootfs, memo)
+    shutil.copy(LIBRARIES[1], tls / LIBRARIES[1].name)
+    notes, made = run(rootfs, memo)
+    assert not remembered(notes), notes
+    _, by_ldconfig = run(rootfs)
+    assert made == by_ldconfig != before
+
+
 def test_a_conf_it_cannot_follow_is_never_remembered(image):
     rootfs, memo = image
     (rootfs / "etc" / "ld.so.conf").write_text("include /etc/ld.so.conf.d/[0-9]*.conf\n")

@@ -4,7 +4,9 @@ ldconfig's cache is a function of what it reads: its own binary and arguments, t
 files (etc/ld.so.conf and what it includes), which of the folders named there and built in
 exist (and which are the same folder twice), and in each folder it scans, the entries that
 could be libraries (their names, types, and each file's identity: inode, size, mtime and
-ctime, for a symlink also its target and the identity of the file it leads to). When all of
+ctime, for a symlink also its target and the identity of the file it leads to; a folder
+without a library's name by name alone, since ldconfig enters one only as a hwcap
+subfolder, which its report then names as scanned). When all of
 that is as it was for an earlier run, the cache that run produced is the cache this one
 would produce: it is installed instead of running ldconfig again (a fork, an exec and a
 scan: most of the ldconfig step).
@@ -247,8 +249,9 @@ def _is_library_like(name: str) -> bool:
 
 
 def _listing(view_fd: int, fd: int, path: str, budget: list) -> tuple | None:
-    """A scanned folder's entries: library-like names and all that is not a regular file with
-    their identity, other regular files by name (ldconfig skips them unread)."""
+    """A scanned folder's entries: library-like names and all that is not a regular file or a
+    folder with their identity, other regular files by name (ldconfig skips them unread),
+    other folders by name and type (see below)."""
     with os.scandir(fd) as entries:
         found = [(entry.name, entry.is_file(follow_symlinks=False)) for entry in entries]
     budget[0] -= len(found)
@@ -261,6 +264,13 @@ def _listing(view_fd: int, fd: int, path: str, budget: list) -> tuple | None:
             signatures[name] = ()
             continue
         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode) and not _is_library_like(name):
+            # ldconfig enters such a folder only as a hwcap subfolder, and then its -v report
+            # names it, so it is keyed by its own listing. Here its name and type are all
+            # that matter: a folder made anew in every container (a mount point cdi-hook
+            # creates in a scanned folder) then keys alike, and is not "fresh".
+            signatures[name] = (stat.S_IFDIR,)
+            continue
         budget[1] = max(budget[1], st.st_mtime_ns, st.st_ctime_ns)
         signatures[name] = (st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     result = []
