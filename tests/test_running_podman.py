@@ -27,7 +27,8 @@ def podman_container(runc, tmp_path):
     (rootfs / "etc" / "ld.so.conf").write_text("include /etc/ld.so.conf.d/*.conf\n")
     os.mknod(rootfs / "tmp" / "kvm", stat.S_IFCHR | 0o666, os.makedev(10, 232))
     name = "cdi-test-" + uuid.uuid4().hex[:12]
-    started = subprocess.run(["podman", "run", "-d", "--name", name, "--runtime", "runc",
+    # --network none: no firewall work (Podman 5's netavark needs nft, which a minimal Debian 13 lacks)
+    started = subprocess.run(["podman", "run", "-d", "--name", name, "--runtime", "runc", "--network", "none",
                               "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=1000:1000",
                               "--rootfs", str(rootfs), "sleep", "120"],
                              capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
