@@ -134,6 +134,14 @@ def clone_sources(jobs: list[MountJob]) -> None:
             raise HookError(STEP, job.origin, f"host source {host}: {error.strerror}") from None
 
 
+def close_sources(jobs: list[MountJob]) -> None:
+    """Close the clones clone_sources made (the hook's copies, once the worker has its own)."""
+    for job in jobs:
+        if job.tree_fd is not None:
+            os.close(job.tree_fd)
+            job.tree_fd = None
+
+
 def apply(rootfs: Rootfs, jobs: list[MountJob], mounted_fds: list[int], notes: list[str] | None = None) -> None:
     """Mount every job in the rootfs in the plan's order (parents before children: the plan
     sorts by depth); new mounts go to mounted_fds."""

@@ -16,6 +16,7 @@ the hook itself wrote into the rootfs cannot be, but the container never starts.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from cdi_hook import jsonio
@@ -110,10 +111,17 @@ class Worker:
 
 def start(container_pidfd: int, work: RootfsWork) -> Worker:
     """Fork the worker; it enters the mount namespace of the process container_pidfd holds
-    (a pidfd, not a pid number, which a new process could have taken over)."""
+    (a pidfd, not a pid number, which a new process could have taken over).
+
+    The host sources of bind mounts are cloned here, in the host's mount namespace, while
+    the worker enters the container and makes the nodes (two CPUs at work instead of one);
+    the clones reach it over a socket pair (SCM_RIGHTS) before its mounts. A source that
+    cannot be cloned fails the start here, after the worker has undone its nodes."""
     ns_fd = os.dup(container_pidfd)
     report_r, report_w = os.pipe()
     verdict_r, verdict_w = os.pipe()
+    binds = [job for job in work.mounts if job.options.bind]
+    sources = _socket_pair() if binds else None
     work.forked_at = time.monotonic()
     pid = os.fork()
     if pid == 0:
@@ -121,16 +129,71 @@ def start(container_pidfd: int, work: RootfsWork) -> Worker:
         try:
             os.close(report_r)
             os.close(verdict_w)
-            code = _child(ns_fd, work, report_w, verdict_r)
+            if sources is not None:
+                sources[0].close()
+            code = _child(ns_fd, work, report_w, verdict_r, sources[1] if sources is not None else None)
         finally:
             os._exit(code)
     os.close(ns_fd)
     os.close(report_w)
     os.close(verdict_r)
-    return Worker(pid, report_r, verdict_w, runs_container_hooks=bool(work.container_hooks))
+    worker = Worker(pid, report_r, verdict_w, runs_container_hooks=bool(work.container_hooks))
+    if sources is not None:
+        sources[1].close()
+        try:
+            mounts.clone_sources(binds)
+            _send_sources(sources[0], binds)
+        except BaseException:
+            sources[0].close()  # the worker finds no sources, undoes its nodes, reports
+            worker.finish(commit=False)
+            raise
+        finally:
+            mounts.close_sources(binds)  # the worker has its own copies (or failed)
+        sources[0].close()
+    return worker
 
 
-def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int:
+# SCM_MAX_FD (include/net/scm.h): at most 253 fds in one message.
+_FDS_PER_MESSAGE = 250
+
+
+def _socket_pair():
+    import _socket  # not socket.py: its enum and selectors imports cost a start ~2 ms
+
+    return _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+
+
+def _send_sources(sock, binds: list) -> None:
+    """Each bind job's clone fd, in job order; per fd a byte: b"d" for a folder, b"f" otherwise."""
+    import _socket
+
+    for first in range(0, len(binds), _FDS_PER_MESSAGE):
+        chunk = binds[first:first + _FDS_PER_MESSAGE]
+        kinds = b"".join(b"d" if job.source_is_dir else b"f" for job in chunk)
+        fds = b"".join(job.tree_fd.to_bytes(4, sys.byteorder) for job in chunk)
+        sock.sendmsg([kinds], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+
+
+def _receive_sources(sock, binds: list) -> None:
+    """The worker's side of _send_sources; HookError when the hook sent none (it failed)."""
+    import _socket
+
+    for first in range(0, len(binds), _FDS_PER_MESSAGE):
+        chunk = binds[first:first + _FDS_PER_MESSAGE]
+        # CLOEXEC: ldconfig, which the worker may run, must not inherit host mounts.
+        kinds, ancillary, _, _ = sock.recvmsg(len(chunk), _socket.CMSG_SPACE(4 * len(chunk)),
+                                              _socket.MSG_CMSG_CLOEXEC)
+        fds = [int.from_bytes(data[i:i + 4], sys.byteorder) for level, kind, data in ancillary
+               if (level, kind) == (_socket.SOL_SOCKET, _socket.SCM_RIGHTS) for i in range(0, len(data) - 3, 4)]
+        for job, fd in zip(chunk, fds):
+            job.tree_fd = fd
+        if len(kinds) != len(chunk) or len(fds) != len(chunk):
+            raise HookError("inject", "", "the hook sent no clones of the mounts' host sources")
+        for job, kind in zip(chunk, kinds):
+            job.source_is_dir = kind == ord("d")
+
+
+def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int, sources) -> int:
     mounted: list[int] = []
     notes: list[str] = []
     steps_ms: dict[str, float] = {}
@@ -175,7 +238,6 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int
             # mknod is the way; the host's node is cloned only for one whose mknod is refused
             # (an LSM or device cgroup confining the hook: rare), which saves a clone per node.
             host_ns_fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        mounts.clone_sources(work.mounts)
         # Only for mounts: a worker that runs createContainer hooks alone needs no ldconfig.
         ldconfig_fd = ldcache.open_host_ldconfig() if work.mounts else None
         # The folder of remembered ldconfig runs is on the host: opened before setns.
@@ -195,6 +257,10 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int) -> int
         devices.create_nodes(rootfs, work.nodes, work.by_bind_mount, mounted, notes,
                              clone_late if host_ns_fd is not None else None)
         started = _timed(steps_ms, "nodes", started)
+        if sources is not None:
+            _receive_sources(sources, [job for job in work.mounts if job.options.bind])
+            sources.close()
+            started = _timed(steps_ms, "sources", started)
         mounts.apply(rootfs, work.mounts, mounted, notes)
         started = _timed(steps_ms, "mounts", started)
         file_jobs = [j for j in work.mounts if j.options.bind and not j.source_is_dir]
