@@ -172,6 +172,23 @@ def test_refused_mknod_falls_back_to_the_host_node_by_bind_mount(runc, tmp_path)
     assert sum("mknod refused, bind-mounting the host node" in n for n in line["notes"]) == 2, line
 
 
+def test_more_bind_mounts_than_one_fd_message_carries(runc, tmp_path):
+    """The hook passes the clones of bind sources to its worker over a socket, at most 250 fds
+    a message (SCM_MAX_FD is 253): 300 mounts arrive in order, each from its own source."""
+    sources = tmp_path / "many"
+    sources.mkdir()
+    mounts = []
+    for i in range(300):
+        (sources / f"f{i}").write_text(f"{i}\n")
+        mounts.append({"hostPath": str(sources / f"f{i}"), "containerPath": f"/many/f{i}", "options": ["ro", "bind"]})
+    spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "all", "containerEdits": {
+        "mounts": mounts}}]}
+    bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "for i in $(seq 0 299); do cat /many/f$i; done")
+    result = oci_env.run_container(bundle)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(i) for i in range(300)]
+
+
 def test_applied_names_are_skipped(runc, tmp_path):
     sources = hook_env.host_files(tmp_path)
     bundle, log_file = hook_env.bundle_with_hook(

@@ -171,7 +171,10 @@ def _send_sources(sock, binds: list) -> None:
         chunk = binds[first:first + _FDS_PER_MESSAGE]
         kinds = b"".join(b"d" if job.source_is_dir else b"f" for job in chunk)
         fds = b"".join(job.tree_fd.to_bytes(4, sys.byteorder) for job in chunk)
-        sock.sendmsg([kinds], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+        try:
+            sock.sendmsg([kinds], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+        except OSError as error:
+            raise HookError("inject", "", f"passing the mounts' host sources to the worker: {error.strerror}") from None
 
 
 def _receive_sources(sock, binds: list) -> None:
