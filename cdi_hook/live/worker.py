@@ -1,9 +1,10 @@
 """The rootfs work, done in a forked child inside the container's mount namespace.
 
-The hook process itself never changes namespace: it forks a worker that clones host-side
-sources (device nodes, bind sources, the host's ldconfig) while still in the host's mount
-namespace, then setns()'s into the container process's mount namespace (through its pidfd),
-opens the rootfs (the path as the container's namespace sees it: for runc at
+The hook process itself never changes namespace: it forks a worker, then clones the bind
+mounts' host sources and hands them over (start()). The worker opens what else it needs
+from the host (the host's ldconfig, the ldconfig memo, under a user namespace clones of the
+host's device nodes) while still in the host's mount namespace, then setns()'s into the
+container process's mount namespace (through its pidfd), opens the rootfs (the path as the container's namespace sees it: for runc at
 createRuntime/prestart the rootfs is not yet pivoted, so the bundle's rootfs path is
 right) and creates nodes, mounts and the loader cache there. It reports one JSON line on a pipe, then
 waits for the hook's verdicts, one byte each: "h" runs the spec's createContainer hooks
@@ -246,7 +247,7 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int, source
         # The folder of remembered ldconfig runs is on the host: opened before setns.
         memo_fd = ldmemo.open_dir() if ldconfig_fd is not None and any(
             ldcache.is_library_name(j.mount.container_path) for j in work.mounts) else None
-        started = _timed(steps_ms, "host-side clones", started)
+        started = _timed(steps_ms, "host files", started)
         try:
             syscalls.setns(ns_fd, syscalls.CLONE_NEWNS)
         except OSError as error:
