@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -146,13 +147,19 @@ def test_a_folder_made_anew_in_a_scanned_folder_keeps_the_memo(image):
     assert remembered(notes) and made == before
 
 
-def test_a_hwcap_subfolder_is_keyed_by_its_own_listing(image):
-    """ldconfig scans a hwcap subfolder (tls, glibc-hwcaps/...): a library added there runs it again."""
+@pytest.mark.parametrize("change", ["library added to a hwcap subfolder", "hwcap subfolder appears"])
+def test_glibc_hwcaps_subfolders_are_keyed(image, change):
+    """ldconfig (glibc >= 2.33) scans glibc-hwcaps/<name>/ for every subfolder there: a library
+    added to one, or a new subfolder with a library, runs it again."""
     rootfs, memo = image
-    tls = rootfs / "opt" / "lib" / "tls"
-    tls.mkdir()
+    hwcaps = rootfs / "opt" / "lib" / "glibc-hwcaps"
+    (hwcaps / "x86-64-v2").mkdir(parents=True)
+    if change == "library added to a hwcap subfolder":
+        (hwcaps / "x86-64-v3").mkdir()
     before = warm(rootfs, memo)
-    shutil.copy(LIBRARIES[1], tls / LIBRARIES[1].name)
+    time.sleep(0.01)  # a folder's new mtime must differ from the remembered one
+    (hwcaps / "x86-64-v3").mkdir(exist_ok=True)
+    shutil.copy(LIBRARIES[1], hwcaps / "x86-64-v3" / LIBRARIES[1].name)
     notes, made = run(rootfs, memo)
     assert not remembered(notes), notes
     _, by_ldconfig = run(rootfs)

@@ -5,8 +5,9 @@ files (etc/ld.so.conf and what it includes), which of the folders named there an
 exist (and which are the same folder twice), and in each folder it scans, the entries that
 could be libraries (their names, types, and each file's identity: inode, size, mtime and
 ctime, for a symlink also its target and the identity of the file it leads to; a folder
-without a library's name by name alone, since ldconfig enters one only as a hwcap
-subfolder, which its report then names as scanned). When all of
+without a library's name by name alone, since ldconfig enters one only as a legacy hwcap
+subfolder, which its report then names as scanned, glibc-hwcaps excepted: ldconfig reads
+its subfolders, and only those it finds are reported). When all of
 that is as it was for an earlier run, the cache that run produced is the cache this one
 would produce: it is installed instead of running ldconfig again (a fork, an exec and a
 scan: most of the ldconfig step).
@@ -53,6 +54,7 @@ MAX_INCLUDE_DEPTH = 16
 MAX_ENTRIES = 100_000  # entries keyed over every scanned folder; beyond: not remembered
 KEEP = 32  # remembered caches kept; the oldest go first
 _GLOB_UNSUPPORTED = ("[", "\\", "{")
+GLIBC_HWCAPS = "glibc-hwcaps"  # its subfolders are scanned by name (glibc >= 2.33, elf/ldconfig.c)
 
 
 class Unsupported(Exception):
@@ -264,11 +266,13 @@ def _listing(view_fd: int, fd: int, path: str, budget: list) -> tuple | None:
             signatures[name] = ()
             continue
         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode) and not _is_library_like(name):
-            # ldconfig enters such a folder only as a hwcap subfolder, and then its -v report
-            # names it, so it is keyed by its own listing. Here its name and type are all
-            # that matter: a folder made anew in every container (a mount point cdi-hook
-            # creates in a scanned folder) then keys alike, and is not "fresh".
+        if stat.S_ISDIR(st.st_mode) and not _is_library_like(name) and name != GLIBC_HWCAPS:
+            # ldconfig scans such a folder only as a legacy hwcap subfolder (tls, haswell...:
+            # glibc <= 2.36), and then its -v report names it, even empty, so it is keyed by
+            # its own listing. Here its name and type are all that matter: a folder made anew
+            # in every container (a mount point cdi-hook creates in a scanned folder) then
+            # keys alike, and is not "fresh". glibc-hwcaps is read for its subfolders, which
+            # the report names only when they exist: its identity (times) stays in the key.
             signatures[name] = (stat.S_IFDIR,)
             continue
         budget[1] = max(budget[1], st.st_mtime_ns, st.st_ctime_ns)
