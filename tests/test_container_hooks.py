@@ -22,6 +22,7 @@ import pytest
 import hook_env
 import oci_env
 from cdi_hook.cli import main
+from ci_rules import TIME_FACTOR
 from conftest import require
 from cdi_hook.errors import HookError
 from cdi_hook.live import containerhooks
@@ -203,6 +204,11 @@ def test_a_hook_without_env_gets_an_empty_env_not_the_containers(runc, tmp_path,
     assert "TERM" in records["edits"]  # runc spec's process.env: PATH, TERM
 
 
+# The recorder is a Python script: under TCG emulation (the QEMU guest) it needs seconds to
+# print before it sleeps, so its timeout stretches with the machine.
+HOOK_TIMEOUT_S = max(1, round(TIME_FACTOR))
+
+
 @pytest.mark.parametrize("case", ["exit 1", "timeout", "exec format error"])
 def test_failing_create_container_hook_stops_the_container_and_undoes(runc, tmp_path, case):
     recorder = _recorder(tmp_path)
@@ -211,7 +217,8 @@ def test_failing_create_container_hook_stops_the_container_and_undoes(runc, tmp_
         (tmp_path / "garbage").chmod(0o755)
         hooks = [{"hookName": "createContainer", "path": str(tmp_path / "garbage")}]
     else:
-        hooks = _hooks(recorder, action="fail") if case == "exit 1" else _hooks(recorder, action="sleep", timeout=1)
+        hooks = _hooks(recorder, action="fail") if case == "exit 1" else \
+            _hooks(recorder, action="sleep", timeout=HOOK_TIMEOUT_S)
     spec = _spec(tmp_path, hooks)
     rootfs = hook_env.glibc_like_rootfs(tmp_path / "bundle" / "rootfs")
     before = oci_env.tree_snapshot(rootfs)
@@ -227,8 +234,8 @@ def test_failing_create_container_hook_stops_the_container_and_undoes(runc, tmp_
     elif case == "exec format error":
         assert f"spec hook for {ALL}: cannot run createContainer hook {tmp_path / 'garbage'}: Exec format error" in error
     else:
-        assert time.monotonic() - started < 30
-        assert (f"spec hook for {ALL}: createContainer hook {recorder} timed out after 1s "
+        assert time.monotonic() - started < 30 * TIME_FACTOR
+        assert (f"spec hook for {ALL}: createContainer hook {recorder} timed out after {HOOK_TIMEOUT_S}s "
                 "(its process group was killed): about to sleep") in error, error
     assert oci_env.tree_snapshot(rootfs) == before  # cdi-hook's node, mount point and file gone
     assert oci_env.new_host_mounts(mounts_before, oci_env.host_mount_points(), tmp_path) == []
