@@ -4,12 +4,12 @@ The hook process itself never changes namespace: it forks a worker, then clones 
 mounts' host sources and hands them over (start()). The worker opens what else it needs
 from the host (the host's ldconfig, the ldconfig memo, under a user namespace clones of the
 host's device nodes) while still in the host's mount namespace, then setns()'s into the
-container process's mount namespace (through its pidfd), opens the rootfs (the path as the container's namespace sees it: for runc at
-createRuntime/prestart the rootfs is not yet pivoted, so the bundle's rootfs path is
-right) and creates nodes, mounts and the loader cache there. It reports one JSON line on a pipe, then
-waits for the hook's verdicts, one byte each: "h" runs the spec's createContainer hooks
-(containerhooks.py; opened on the host by the hook before the fork) and reports a second
-line; "c" commits, keeping everything; anything else (a later step failed, the hook died)
+container process's mount namespace (through its pidfd), opens the rootfs (the path as the
+container's namespace sees it: for runc at createRuntime/prestart the rootfs is not yet
+pivoted, so the bundle's rootfs path is right) and creates nodes, mounts and the loader
+cache there. It reports one JSON line on a pipe, then waits for the hook's verdicts, one
+byte each: "h" runs the spec's createContainer hooks (containerhooks.py; opened on the host
+by the hook before the fork) and reports a second line; "c" commits, keeping everything; anything else (a later step failed, the hook died)
 undoes what it made. A failing createContainer hook is undone like any failed step; what
 the hook itself wrote into the rootfs cannot be, but the container never starts.
 """
@@ -132,7 +132,7 @@ def start(container_pidfd: int, work: RootfsWork) -> Worker:
             os.close(verdict_w)
             if sources is not None:
                 sources[0].close()
-            code = _child(ns_fd, work, report_w, verdict_r, sources[1] if sources is not None else None)
+            code = _child(ns_fd, work, report_w, verdict_r, sources[1] if sources is not None else None, binds)
         finally:
             os._exit(code)
     os.close(ns_fd)
@@ -197,7 +197,8 @@ def _receive_sources(sock, binds: list) -> None:
             job.source_is_dir = kind == ord("d")
 
 
-def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int, sources) -> int:
+def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int, sources, binds: list) -> int:
+    """sources: the worker's end of the socket pair the bind jobs' clones (binds) come on."""
     mounted: list[int] = []
     notes: list[str] = []
     steps_ms: dict[str, float] = {}
@@ -262,7 +263,7 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int, source
                              clone_late if host_ns_fd is not None else None)
         started = _timed(steps_ms, "nodes", started)
         if sources is not None:
-            _receive_sources(sources, [job for job in work.mounts if job.options.bind])
+            _receive_sources(sources, binds)
             sources.close()
             started = _timed(steps_ms, "sources", started)
         mounts.apply(rootfs, work.mounts, mounted, notes)
