@@ -22,6 +22,15 @@ from cdi_hook.errors import CdiError, SpecError
 from cdi_hook.spec.model import ContainerEdits, Device, DeviceNode, Hook, IntelRdt, Mount, NetDevice, Spec
 from cdi_hook.spec.names import quote
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Mapping, Sequence
+    from typing import Any
+
+    import yaml
+
+    _Convert = Callable[[Any, str], Any]  # (value from the document, field path) -> model value
+
 DEFAULT_MAX_SPEC_SIZE = 4 * 1024 * 1024
 MAX_SPEC_SIZE_ENV = "CDI_HOOK_MAX_SPEC_SIZE"
 JSON_SUFFIXES = (".json",)
@@ -96,12 +105,12 @@ def read_spec_bytes(path: str, max_size: int | None = None) -> tuple[bytes, os.s
 class _DuplicateKeys(dict):
     """A mapping that had a key twice; the builder reports it with its field path."""
 
-    def __init__(self, pairs, duplicate):
+    def __init__(self, pairs: Sequence[tuple[Any, Any]] | dict[Any, Any], duplicate: Any) -> None:
         super().__init__(pairs)
         self.duplicate = duplicate
 
 
-def _json_object(pairs):
+def _json_object(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     obj = dict(pairs)
     if len(obj) == len(pairs):
         return obj
@@ -113,7 +122,7 @@ def _json_object(pairs):
     raise AssertionError("unreachable")
 
 
-def decode_document(data: bytes, path: str):
+def decode_document(data: bytes, path: str) -> Any:
     """The document as plain Python data (dicts, lists, scalars); SpecError on bad syntax."""
     if not data.strip():
         raise SpecError(path, "", "file is empty")
@@ -134,7 +143,7 @@ def decode_document(data: bytes, path: str):
 _yaml_loader = None
 
 
-def _strict_yaml_loader():
+def _strict_yaml_loader() -> type[yaml.SafeLoader]:
     """A safe loader class (libyaml's CSafeLoader when present) that marks duplicate keys."""
     global _yaml_loader
     if _yaml_loader is not None:
@@ -143,14 +152,14 @@ def _strict_yaml_loader():
 
     base = getattr(yaml, "CSafeLoader", None) or yaml.SafeLoader
 
-    class StrictSafeLoader(base):
-        def construct_strict_map(self, node):
+    class StrictSafeLoader(base):  # type: ignore[misc,valid-type]  # a base chosen at run time
+        def construct_strict_map(self, node: yaml.MappingNode) -> Iterator[dict[Any, Any]]:
             duplicate = self._duplicate_key(node)
             data = {} if duplicate is None else _DuplicateKeys((), duplicate)
             yield data
             data.update(self.construct_mapping(node))
 
-        def _duplicate_key(self, node):
+        def _duplicate_key(self, node: yaml.MappingNode) -> Any:
             seen = set()
             for key_node, _ in node.value:
                 # "<<" merge keys may legitimately override; only literal keys count.
@@ -170,7 +179,7 @@ def _strict_yaml_loader():
     return StrictSafeLoader
 
 
-def _alias_expansion(root) -> int:
+def _alias_expansion(root: yaml.Node) -> int:
     """How many nodes aliases add when the document is expanded; ValueError on a recursive alias.
 
     Memoized per node, so it costs one pass over the distinct nodes however far the aliases
@@ -178,7 +187,7 @@ def _alias_expansion(root) -> int:
     """
     sizes: dict[int, int] = {}
 
-    def size(node) -> int:
+    def size(node: yaml.Node) -> int:
         known = sizes.get(id(node))
         if known is not None:
             if known < 0:
@@ -206,7 +215,7 @@ _YAML_MAP = "tag:yaml.org,2002:map"
 _YAML_MERGE = "tag:yaml.org,2002:merge"
 
 
-def _yaml_to_python(loader, root):
+def _yaml_to_python(loader: yaml.SafeLoader, root: yaml.Node) -> Any:
     """Plain data from the composed nodes.
 
     Strings, lists and mappings (nearly all of a spec) are converted here directly, which is
@@ -218,7 +227,7 @@ def _yaml_to_python(loader, root):
 
     scalar, sequence, mapping = yaml.ScalarNode, yaml.SequenceNode, yaml.MappingNode
 
-    def convert(node):
+    def convert(node: yaml.Node) -> Any:
         tag = node.tag
         kind = type(node)
         if tag == _YAML_STR and kind is scalar:
@@ -243,7 +252,7 @@ def _yaml_to_python(loader, root):
     return convert(root)
 
 
-def _decode_yaml(data: bytes, path: str):
+def _decode_yaml(data: bytes, path: str) -> Any:
     import yaml
 
     loader = _strict_yaml_loader()(data)
@@ -294,7 +303,7 @@ def _child(path: str, key: str) -> str:
     return path + name if name.startswith("[") else f"{path}.{name}"
 
 
-def _describe(value) -> str:
+def _describe(value: object) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -312,20 +321,20 @@ def _describe(value) -> str:
     return f"a {type(value).__name__}"
 
 
-def _string(value, path):
+def _string(value: Any, path: str) -> str:
     if type(value) is not str:
         raise _FieldError(path, f"expected a string, got {_describe(value)}")
     return value
 
 
-def _boolean(value, path):
+def _boolean(value: Any, path: str) -> bool:
     if type(value) is not bool:
         raise _FieldError(path, f"expected true or false, got {_describe(value)}")
     return value
 
 
-def _integer(low: int, high: int, what: str = "an integer"):
-    def convert(value, path):
+def _integer(low: int, high: int, what: str = "an integer") -> Callable[[Any, str], int]:
+    def convert(value: Any, path: str) -> int:
         if type(value) is not int:  # bool is an int subclass: refused here on purpose
             raise _FieldError(path, f"expected {what}, got {_describe(value)}")
         if value < low:
@@ -337,8 +346,8 @@ def _integer(low: int, high: int, what: str = "an integer"):
     return convert
 
 
-def _list_of(convert_item):
-    def convert(value, path):
+def _list_of(convert_item: _Convert) -> Callable[[Any, str], tuple[Any, ...]]:
+    def convert(value: Any, path: str) -> tuple[Any, ...]:
         if type(value) is not list:
             raise _FieldError(path, f"expected a list, got {_describe(value)}")
         return tuple(convert_item(item, f"{path}[{i}]") for i, item in enumerate(value))
@@ -346,15 +355,15 @@ def _list_of(convert_item):
     return convert
 
 
-def _mapping(value, path):
+def _mapping(value: Any, path: str) -> dict[Any, Any]:
     if not isinstance(value, dict):
         raise _FieldError(path, f"expected a mapping, got {_describe(value)}")
     if type(value) is not dict:
-        raise _FieldError(path, f"duplicate key {quote(value.duplicate)}")
+        raise _FieldError(path, f"duplicate key {quote(value.duplicate)}")  # type: ignore[attr-defined]  # _DuplicateKeys
     return value
 
 
-def _string_map(value, path):
+def _string_map(value: Any, path: str) -> tuple[tuple[str, str], ...]:
     """annotations: str -> str, kept in file order as pairs (the model is frozen)."""
     pairs = []
     for key, item in _mapping(value, path).items():
@@ -364,8 +373,8 @@ def _string_map(value, path):
     return tuple(pairs)
 
 
-def _object(cls, fields: dict):
-    def convert(value, path):
+def _object(cls: Callable[..., Any], fields: Mapping[str, tuple[str, _Convert]]) -> _Convert:
+    def convert(value: Any, path: str) -> Any:
         kwargs = {}
         for key, item in _mapping(value, path).items():
             field = fields.get(key) if type(key) is str else None
@@ -380,8 +389,8 @@ def _object(cls, fields: dict):
             kwargs[attr] = convert_field(item, where)
         return cls(**kwargs)
 
-    convert.fields = fields
-    convert.cls = cls
+    convert.fields = fields  # type: ignore[attr-defined]  # for introspection
+    convert.cls = cls  # type: ignore[attr-defined]
     return convert
 
 
@@ -425,10 +434,10 @@ NET_DEVICE_FIELDS = {
 }
 
 
-def _with_defaults(cls, **defaults):
+def _with_defaults(cls: Callable[..., Any], **defaults: Any) -> Callable[..., Any]:
     """cls(...) with the zero values of required fields filled in, for validate.py to judge."""
 
-    def make(**kwargs):
+    def make(**kwargs: Any) -> Any:
         return cls(**{**defaults, **kwargs})
 
     return make
@@ -461,7 +470,7 @@ SPEC_FIELDS = {
 _spec = _object(_with_defaults(Spec, cdi_version="", kind="", devices=()), SPEC_FIELDS)
 
 
-def build_spec(document, path: str) -> Spec:
+def build_spec(document: Any, path: str) -> Spec:
     """The Spec for a decoded document; SpecError(path, field path, problem) on a shape error."""
     if document is None:  # "null", or a YAML document with no content
         raise SpecError(path, "", "file is empty")
@@ -489,7 +498,7 @@ def load_spec(path: str, max_size: int | None = None) -> Spec:
 # ---------------------------------------------------------------------------------------
 # The way back: model -> CDI camelCase data (for `show`, and for tests that write specs)
 
-_EDIT_TABLES = {
+_EDIT_TABLES: dict[type, Mapping[str, tuple[str, _Convert]]] = {
     DeviceNode: DEVICE_NODE_FIELDS,
     Mount: MOUNT_FIELDS,
     Hook: HOOK_FIELDS,
@@ -501,12 +510,12 @@ _EDIT_TABLES = {
 }
 
 
-def to_cdi_data(obj):
+def to_cdi_data(obj: Any) -> Any:
     """A model object as CDI JSON data: camelCase keys, absent/empty fields left out."""
     fields = _EDIT_TABLES.get(type(obj))
     if fields is None:
         return obj
-    out = {}
+    out: dict[str, Any] = {}
     for json_name, (attr, _) in fields.items():
         value = getattr(obj, attr)
         if value is None or value == "" or value == () or value is False:

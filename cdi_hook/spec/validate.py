@@ -86,7 +86,7 @@ class _Checker:
         if not versions.at_least(self.version, needed):
             self.error(field, f"{what} needs cdiVersion {needed} or later; the spec declares {quote(self.declared)}")
 
-    def annotations(self, field: str, annotations) -> None:
+    def annotations(self, field: str, annotations: tuple[tuple[str, str], ...]) -> None:
         if not annotations:
             return
         self.need(field, versions.ANNOTATIONS, "annotations")
