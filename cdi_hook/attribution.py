@@ -35,6 +35,11 @@ from collections import namedtuple
 
 from cdi_hook.request import ANNOTATION_PREFIX, parse_annotation
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any
+
 KUBELET, POD, ADMIN, UNKNOWN = "kubelet", "pod", "admin", "unknown"
 SOURCES = (KUBELET, POD, ADMIN, UNKNOWN)
 
@@ -97,7 +102,8 @@ def classify(annotations: dict) -> Container:
     return Container("oci", "", "", "")
 
 
-def attribute(annotations: dict, names, *, containerd_kubelet_only: bool = False) -> tuple[Container, list[Request]]:
+def attribute(annotations: dict, names: Iterable[str], *,
+              containerd_kubelet_only: bool = False) -> tuple[Container, list[Request]]:
     """The container and one Request per requested name (in `names`' order).
 
     annotations: the config.json's annotations; names: the devices still to apply.
@@ -149,7 +155,7 @@ def _request_keys(annotations: dict) -> dict[str, str]:
     return keys
 
 
-def _kubelet_annotations(annotations: dict):
+def _kubelet_annotations(annotations: dict) -> dict[str, str] | str:
     """CRI-O's JSON object of the kubelet's annotations, or a string saying why it is unusable.
 
     CRI-O writes it with Go's json.Marshal of a map: one object, string values, no key
@@ -161,7 +167,7 @@ def _kubelet_annotations(annotations: dict):
     if not isinstance(raw, str):
         return f"{CRIO_KUBELET_ANNOTATIONS} is not a string"
 
-    def strict_object(pairs):
+    def strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         obj = dict(pairs)
         if len(obj) != len(pairs):
             raise ValueError("a key appears twice")
@@ -180,11 +186,11 @@ def _kubelet_annotations(annotations: dict):
     return decoded
 
 
-def _text(value) -> str:
+def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _show(value) -> str:
+def _show(value: object) -> str:
     from cdi_hook import jsonio
 
     return "absent" if value is None else jsonio.dumps(value)[:80]

@@ -32,6 +32,13 @@ from cdi_hook.errors import CdiError
 from cdi_hook.plan import Plan, mount_depth
 from cdi_hook.request import APPLIED_ANNOTATION, applied_devices
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from cdi_hook.plan import PlannedNode
+    from cdi_hook.spec.model import Hook, IntelRdt, Mount
+
 
 def process_ids(config: dict) -> tuple[int, int]:
     """process.user uid and gid of a config.json (0 when absent), for plan.build."""
@@ -40,7 +47,8 @@ def process_ids(config: dict) -> tuple[int, int]:
     if not isinstance(user, dict):
         return 0, 0
     ids = [user.get(field) for field in ("uid", "gid")]
-    return tuple(v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0 for v in ids)
+    uid, gid = (v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0 for v in ids)
+    return uid, gid
 
 
 def apply_plan(config: dict, plan: Plan) -> dict:
@@ -101,7 +109,7 @@ def _apply_env(config: dict, plan: Plan) -> None:
             index[name] = len(env) - 1
 
 
-def oci_device(planned) -> dict:
+def oci_device(planned: PlannedNode) -> dict:
     """The linux.devices entry for a plan.PlannedNode."""
     node = planned.node
     device = {"path": node.path, "type": node.type, "major": node.major or 0, "minor": node.minor or 0}
@@ -132,7 +140,7 @@ def _apply_device_nodes(config: dict, plan: Plan) -> None:
             rules.append(entry)
 
 
-def _remove_first(items: list, key: str, value) -> None:
+def _remove_first(items: list, key: str, value: object) -> None:
     for i, item in enumerate(items):
         if isinstance(item, dict) and item.get(key) == value:
             del items[i]
@@ -155,7 +163,7 @@ def _apply_net_devices(config: dict, plan: Plan) -> None:
         table[device.host_interface_name] = {"name": device.name} if device.name else {}
 
 
-def oci_mount(mount) -> dict:
+def oci_mount(mount: Mount) -> dict:
     entry = {"destination": mount.container_path}
     if mount.type:
         entry["type"] = mount.type
@@ -176,7 +184,7 @@ def _apply_mounts(config: dict, plan: Plan) -> None:
     mounts.sort(key=lambda m: mount_depth(m.get("destination", "") if isinstance(m, dict) else ""))
 
 
-def oci_hook(hook) -> dict:
+def oci_hook(hook: Hook) -> dict:
     entry = {"path": hook.path}
     if hook.args:
         entry["args"] = list(hook.args)
@@ -196,7 +204,7 @@ def _apply_hooks(config: dict, plan: Plan) -> None:
         entries.extend(oci_hook(hook) for _, hook in hooks)
 
 
-def oci_intel_rdt(rdt) -> dict:
+def oci_intel_rdt(rdt: IntelRdt) -> dict:
     entry: dict = {}
     if rdt.clos_id:
         entry["closID"] = rdt.clos_id
@@ -235,7 +243,7 @@ def annotations_of(config: dict) -> dict:
     return annotations
 
 
-def mark_applied(config: dict, names) -> None:
+def mark_applied(config: dict, names: Iterable[str]) -> None:
     merged = applied_devices(annotations_of(config))
     merged += [name for name in names if name not in merged]
     if merged:

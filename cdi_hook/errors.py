@@ -11,6 +11,12 @@ image cannot put a terminal escape sequence in front of an operator, break the o
 format, or make one line megabytes long.
 """
 
+from __future__ import annotations
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
 MAX_MESSAGE_LENGTH = 3000  # characters of one error or warning line; ldconfig's and a spec hook's output tails are 2000
 MAX_LISTED = 10  # items a message lists before "... (N more)"
 
@@ -37,7 +43,7 @@ def printable(text: object, limit: int = MAX_MESSAGE_LENGTH) -> str:
     return text
 
 
-def listed(items, limit: int = MAX_LISTED, separator: str = ", ") -> str:
+def listed(items: Iterable[object], limit: int = MAX_LISTED, separator: str = ", ") -> str:
     """items joined, at most limit of them, then "... (N more)": a message naming every one
     of 10,000 annotations would be longer than anyone reads."""
     items = list(items)

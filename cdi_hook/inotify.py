@@ -44,7 +44,7 @@ def _check(result: int, what: str) -> int:
 class Inotify:
     """One inotify instance (non-blocking, close-on-exec)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.fd = _check(_libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC), "inotify_init1")
 
     def fileno(self) -> int:
@@ -59,7 +59,7 @@ class Inotify:
 
     def read_events(self) -> list[tuple[int, int, str]]:
         """Every queued event as (wd, mask, name); [] when none is queued."""
-        events = []
+        events: list[tuple[int, int, str]] = []
         while True:
             try:
                 data = os.read(self.fd, _READ_SIZE)

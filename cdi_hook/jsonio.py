@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import _json
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
 _WHITESPACE = " \t\n\r"  # json.decoder.WHITESPACE
 _CONSTANTS = {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}
 
@@ -30,13 +34,14 @@ class _Decoder:
     parse_constant = _CONSTANTS.__getitem__
 
 
-_scan_once = _json.make_scanner(_Decoder())
+_scan_once = _json.make_scanner(_Decoder())  # type: ignore[arg-type]  # typeshed: any object with its attributes
 
 
-def loads(data: bytes | bytearray | str):
+def loads(data: bytes | bytearray | str) -> Any:
     """json.loads(data)."""
-    text = data
-    if not isinstance(data, str):
+    if isinstance(data, str):
+        text = data
+    else:
         if data[:1] in (b"\xef", b"\xfe", b"\xff") or b"\x00" in data[:4]:  # a BOM, UTF-16/32
             return _json_loads(data)
         try:
@@ -57,18 +62,18 @@ def loads(data: bytes | bytearray | str):
     return value
 
 
-def _json_loads(data):
+def _json_loads(data: bytes | bytearray | str) -> Any:
     import json
 
     return json.loads(data)
 
 
-def dumps(value) -> str:
+def dumps(value: object) -> str:
     """json.dumps(value): ASCII, separators ", " and ": ", NaN allowed, circular references refused."""
     encode = _json.make_encoder({}, _not_serializable, _json.encode_basestring_ascii, None, ": ", ", ",
                                 False, False, True)
     return "".join(encode(value, 0))
 
 
-def _not_serializable(value):
+def _not_serializable(value: object) -> NoReturn:
     raise TypeError(f"Object of type {value.__class__.__name__} is not JSON serializable")

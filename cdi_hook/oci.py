@@ -13,6 +13,10 @@ from itertools import accumulate
 from cdi_hook import jsonio
 from cdi_hook.errors import CdiError, printable
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from typing import Literal, overload
+
 MAX_STATE_SIZE = 1 << 20
 MAX_CONFIG_SIZE = 16 << 20
 # Real states and config.json files nest 6 levels at most (linux.seccomp.syscalls[].args[]).
@@ -156,6 +160,13 @@ def parse_config(doc: dict, bundle: str, path: str) -> Config:
     )
 
 
+if TYPE_CHECKING:
+    @overload
+    def _string(doc: dict, key: str, where: str, required: Literal[True]) -> str: ...
+    @overload
+    def _string(doc: dict, key: str, where: str, required: bool = False) -> str | None: ...
+
+
 def _string(doc: dict, key: str, where: str, required: bool = False) -> str | None:
     value = doc.get(key)
     if value is None:
@@ -167,7 +178,7 @@ def _string(doc: dict, key: str, where: str, required: bool = False) -> str | No
     return value
 
 
-def _shown(value) -> str:
+def _shown(value: object) -> str:
     """A bad value in an error: its repr, short (a 1 MB string is not worth echoing)."""
     return printable(repr(value), 80)
 

@@ -37,6 +37,14 @@ from cdi_hook.errors import CdiError
 from cdi_hook.spec import HOOK_STAGES
 from cdi_hook.spec.rules import NO_PERMISSIONS, is_interface_name_template, mount_destination_problem
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any
+
+    from cdi_hook.registry import Selection
+    from cdi_hook.spec.model import DeviceNode
+
 # origin: "vendor.com/class=name" or "vendor.com/class (spec-level)". node: a completed
 # DeviceNode; uid/gid: the owner to give it, None for the runtime's default (root).
 PlannedNode = namedtuple("PlannedNode", ["origin", "node", "uid", "gid"])
@@ -62,7 +70,8 @@ class Plan(namedtuple("Plan", ["devices", "nodes", "device_rules", "mounts", "en
                     or self.additional_gids or self.intel_rdt is not None or self.net_devices)
 
 
-def resolve(names, spec_dirs=None, *, process_uid: int = 0, process_gid: int = 0) -> Plan:
+def resolve(names: Iterable[str], spec_dirs: Iterable[str] | None = None, *, process_uid: int = 0,
+            process_gid: int = 0) -> Plan:
     """The Plan for requested names against the spec dirs (through the compiled cache).
 
     ResolveError (a CdiError) names every unknown device; CdiError names the device and the
@@ -73,7 +82,7 @@ def resolve(names, spec_dirs=None, *, process_uid: int = 0, process_gid: int = 0
     return build(cache.select(names, spec_dirs), process_uid=process_uid, process_gid=process_gid)
 
 
-def build(selection, *, process_uid: int = 0, process_gid: int = 0, stat_host: bool = True) -> Plan:
+def build(selection: Selection, *, process_uid: int = 0, process_gid: int = 0, stat_host: bool = True) -> Plan:
     """Decide everything about a registry.Selection for a container whose process runs as
     process_uid:process_gid. stat_host=False takes device nodes as the spec gives them
     (fully specified ones, in tests); otherwise they are completed from the host."""
@@ -91,7 +100,8 @@ def build(selection, *, process_uid: int = 0, process_gid: int = 0, stat_host: b
     )
 
 
-def _nodes(selection, process_uid: int, process_gid: int, stat_host: bool):
+def _nodes(selection: Selection, process_uid: int, process_gid: int,
+           stat_host: bool) -> tuple[tuple[PlannedNode, ...], tuple[DeviceRule, ...]]:
     from cdi_hook.hostdev import complete_node
 
     nodes: list[PlannedNode] = []
@@ -115,7 +125,7 @@ def _nodes(selection, process_uid: int, process_gid: int, stat_host: bool):
     return tuple(nodes), tuple(rules)
 
 
-def cgroup_access(node) -> str:
+def cgroup_access(node: DeviceNode) -> str:
     if node.permissions == "":
         return "rwm"
     if node.permissions == NO_PERMISSIONS:
@@ -131,7 +141,7 @@ def mount_depth(destination: str) -> int:
     return cleaned.count("/")
 
 
-def _mounts(selection) -> tuple:
+def _mounts(selection: Selection) -> tuple:
     planned: list[tuple] = []
     for origin, mount in selection.each("mounts"):
         problem = mount_destination_problem(mount.container_path)
@@ -146,14 +156,14 @@ def _mounts(selection) -> tuple:
     return tuple(planned)
 
 
-def _env(selection) -> tuple:
+def _env(selection: Selection) -> tuple:
     merged: dict[str, tuple[str, str]] = {}  # name -> (origin, NAME=VALUE); keeps first position
     for origin, variable in selection.each("env"):
         merged[variable.split("=", 1)[0]] = (origin, variable)
     return tuple(merged.values())
 
 
-def _hooks(selection) -> tuple:
+def _hooks(selection: Selection) -> tuple:
     by_stage: dict[str, list] = {}
     for origin, hook in selection.each("hooks"):
         if hook.hook_name not in HOOK_STAGES:
@@ -162,7 +172,7 @@ def _hooks(selection) -> tuple:
     return tuple((stage, tuple(by_stage[stage])) for stage in HOOK_STAGES if stage in by_stage)
 
 
-def _gids(selection) -> tuple:
+def _gids(selection: Selection) -> tuple:
     seen: dict[int, str] = {}
     for origin, gid in selection.each("additional_gids"):
         if gid != 0 and gid not in seen:  # the reference skips gid 0
@@ -170,7 +180,7 @@ def _gids(selection) -> tuple:
     return tuple((origin, gid) for gid, origin in seen.items())
 
 
-def _last(selection, field: str):
+def _last(selection: Selection, field: str) -> tuple[str, Any] | None:
     found = None
     for part in selection.parts:
         value = getattr(part.edits, field)
@@ -179,7 +189,7 @@ def _last(selection, field: str):
     return found
 
 
-def _net_devices(selection) -> tuple:
+def _net_devices(selection: Selection) -> tuple:
     host_names: dict[str, str] = {}
     inner_names: dict[str, str] = {}
     planned = []

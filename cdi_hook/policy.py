@@ -29,6 +29,15 @@ from cdi_hook.attribution import ADMIN, KUBELET, POD, SOURCES, UNKNOWN
 from cdi_hook.errors import CdiError
 from cdi_hook.spec.names import device_name_problem, kind_problem, quote
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from typing import Any, NoReturn
+
+    from cdi_hook.attribution import Container, Request
+
+    _Fail = Callable[[str, str], NoReturn]  # (field, message): raises CdiError
+
 POLICY_ENV = "CDI_HOOK_POLICY"
 DEFAULT_POLICY = "/etc/cdi-hook/policy.yaml"
 POLICY_VERSION = "1"
@@ -108,9 +117,9 @@ def read(path: str) -> Policy:
     return parse(document, path)
 
 
-def parse(document, path: str) -> Policy:
+def parse(document: Any, path: str) -> Policy:
     """A Policy from the decoded document; CdiError "FILE: field: message" on the first problem."""
-    def fail(field: str, message: str):
+    def fail(field: str, message: str) -> NoReturn:
         raise CdiError(f"{path}: {field}: {message}")
 
     top = _mapping(document, "(top level)", fail, {"version", "containerd", "rules", "exclusive"})
@@ -189,7 +198,7 @@ def _namespace_matches(pattern: str, namespace: str) -> bool:
     return namespace.startswith(pattern[:-1]) if pattern.endswith("*") else namespace == pattern
 
 
-def decide(policy: Policy, container, requests) -> list[Decision]:
+def decide(policy: Policy, container: Container, requests: Iterable[Request]) -> list[Decision]:
     """One Decision per attribution.Request: the first matching rule, else the default."""
     decisions = []
     for request in requests:
@@ -197,7 +206,7 @@ def decide(policy: Policy, container, requests) -> list[Decision]:
     return decisions
 
 
-def _decide_one(policy: Policy, container, request) -> Decision:
+def _decide_one(policy: Policy, container: Container, request: Request) -> Decision:
     for rule in policy.rules:
         if request.source not in rule.sources:
             continue
@@ -214,7 +223,7 @@ def _decide_one(policy: Policy, container, request) -> Decision:
     return Decision(request, False, f"{what} is refused by default")
 
 
-def refusal_message(container, decisions) -> str:
+def refusal_message(container: Container, decisions: Iterable[Decision]) -> str:
     """One line naming every refused device, its requester, the pod, why, and how to allow it."""
     refused = [d for d in decisions if not d.allowed]
     where = f"pod {container.namespace}/{container.pod}" if container.pod or container.namespace else \
@@ -226,7 +235,7 @@ def refusal_message(container, decisions) -> str:
     return f"refused CDI request{'s' if len(refused) > 1 else ''} in {where}: {'; '.join(parts)}; {hint}"
 
 
-def authorize(policy: Policy, annotations: dict, names) -> tuple:
+def authorize(policy: Policy, annotations: dict, names: Iterable[str]) -> tuple[Container, list[Decision]]:
     """(container, decisions) for the names a container asks for; CdiError when any is refused.
 
     Fails closed: every name must be honoured before anything on the host changes.
@@ -241,10 +250,10 @@ def authorize(policy: Policy, annotations: dict, names) -> tuple:
     return container, decisions
 
 
-def _mapping(value, field: str, fail, allowed: set) -> dict:
+def _mapping(value: Any, field: str, fail: _Fail, allowed: set[str]) -> dict:
     if type(value) is not dict:
         if isinstance(value, dict):
-            fail(field, f"duplicate key {quote(value.duplicate)}")
+            fail(field, f"duplicate key {quote(value.duplicate)}")  # type: ignore[attr-defined]  # _DuplicateKeys
         fail(field, "expected a mapping")
     for key in value:
         if key not in allowed:
@@ -260,13 +269,13 @@ def _fullmatch(pattern: str, text: str) -> bool:
     return re.fullmatch(pattern, text) is not None
 
 
-def _list(value, field: str, fail) -> list:
+def _list(value: Any, field: str, fail: _Fail) -> list:
     if not isinstance(value, list):
         fail(field, "expected a list")
     return value
 
 
-def _strings(value, field: str, fail) -> list:
+def _strings(value: Any, field: str, fail: _Fail) -> list:
     items = _list(value, field, fail)
     for j, item in enumerate(items):
         if not isinstance(item, str):
@@ -274,6 +283,6 @@ def _strings(value, field: str, fail) -> list:
     return items
 
 
-def exclusive_devices(policy: Policy, names) -> list[str]:
+def exclusive_devices(policy: Policy, names: Iterable[str]) -> list[str]:
     """The requested names the policy makes exclusive."""
     return [name for name in names if any(device_matches(p, name) for p in policy.exclusive)]

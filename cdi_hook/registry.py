@@ -26,6 +26,11 @@ from cdi_hook.errors import MAX_LISTED, CdiError, ResolveError, listed
 from cdi_hook.spec.model import ContainerEdits, Device, Spec
 from cdi_hook.spec.names import is_qualified_name, quote
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator, Mapping
+    from typing import Any
+
 DEFAULT_SPEC_DIRS = ("/etc/cdi", "/var/run/cdi")
 
 # origin: "vendor.com/class=name" or "vendor.com/class (spec-level)"; edits: ContainerEdits.
@@ -42,7 +47,7 @@ class Selection(namedtuple("Selection", ["devices", "parts"])):
 
     __slots__ = ()
 
-    def each(self, edit_field: str):
+    def each(self, edit_field: str) -> Iterator[tuple[str, Any]]:
         """(origin, item) for every item of one ContainerEdits field ("mounts", ...), in order."""
         for part in self.parts:
             for item in getattr(part.edits, edit_field):
@@ -134,7 +139,8 @@ class Registry:
         self.invalid_kinds: dict[str, list[str]] = {}  # kind -> invalid spec files
 
     @classmethod
-    def load(cls, spec_dirs=None, *, insecure: bool | None = None, max_size: int | None = None) -> Registry:
+    def load(cls, spec_dirs: Iterable[str] | None = None, *, insecure: bool | None = None,
+             max_size: int | None = None) -> Registry:
         """Scan spec_dirs (default /etc/cdi, /var/run/cdi; later dirs win) and index every valid spec."""
         registry = cls(tuple(DEFAULT_SPEC_DIRS if spec_dirs is None else spec_dirs))
         require_trusted = os.geteuid() == 0 and not insecure_specs_allowed(insecure)
@@ -190,7 +196,7 @@ class Registry:
             self.conflicts[qualified] = paths
             self.devices.pop(qualified, None)
 
-    def select(self, names) -> Selection:
+    def select(self, names: Iterable[str]) -> Selection:
         """The Selection for the requested qualified names (request order, repeats once).
 
         Spec-level edits come once per spec, the first time one of its devices is met, then
@@ -228,7 +234,7 @@ class Registry:
         return [line for lines in self.errors.values() for line in lines]
 
 
-def select(wanted: list[str], devices) -> Selection:
+def select(wanted: list[str], devices: Mapping[str, tuple[Spec, Device]]) -> Selection:
     """The Selection for known, distinct names; devices maps each to its (Spec, Device)."""
     parts: list[EditsPart] = []
     specs_met: set[str] = set()

@@ -10,6 +10,10 @@ from __future__ import annotations
 from cdi_hook.errors import CdiError
 from cdi_hook.spec.names import ALNUM, fits_pattern, parse_qualified_name, quote
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
 ANNOTATION_PREFIX = "cdi.k8s.io/"
 # Written by the config.json editors (precreate, inject --mode edits): the devices they
 # applied, which the live hook then skips, so a device is applied once when both run.
@@ -34,7 +38,7 @@ def key_name_problem(name: str) -> str | None:
     return None
 
 
-def parse_annotation(key: str, value) -> list[str]:
+def parse_annotation(key: str, value: object) -> list[str]:
     """The qualified names in one cdi.k8s.io/ annotation; CdiError naming the key if malformed."""
     problem = key_name_problem(key[len(ANNOTATION_PREFIX):])
     if problem:
@@ -52,7 +56,7 @@ def parse_annotation(key: str, value) -> list[str]:
     return names
 
 
-def requested_devices(*annotation_maps) -> list[str]:
+def requested_devices(*annotation_maps: object) -> list[str]:
     """Qualified names from every cdi.k8s.io/ annotation of the maps, in order, each once.
 
     Maps may be None (a config.json without annotations). Other annotations are ignored.
@@ -91,7 +95,7 @@ def annotation_key(plugin_name: str, device_id: str) -> str:
     return ANNOTATION_PREFIX + name
 
 
-def annotation_value(devices) -> str:
+def annotation_value(devices: Iterable[str]) -> str:
     """The comma-separated value for a list of qualified names (each checked)."""
     devices = list(devices)
     if not devices:
@@ -101,7 +105,8 @@ def annotation_value(devices) -> str:
     return ",".join(devices)
 
 
-def build_annotations(plugin_name: str, device_id: str, devices, annotations: dict | None = None) -> dict:
+def build_annotations(plugin_name: str, device_id: str, devices: Iterable[str],
+                      annotations: dict | None = None) -> dict:
     """annotations (copied) plus one cdi.k8s.io/ annotation requesting devices."""
     key = annotation_key(plugin_name, device_id)
     out = dict(annotations or {})
@@ -111,7 +116,7 @@ def build_annotations(plugin_name: str, device_id: str, devices, annotations: di
     return out
 
 
-def applied_devices(*annotation_maps) -> list[str]:
+def applied_devices(*annotation_maps: object) -> list[str]:
     """The names the APPLIED_ANNOTATION of the maps lists (a config.json editor applied them)."""
     names: dict[str, None] = {}
     for annotation_map in annotation_maps:
@@ -121,7 +126,7 @@ def applied_devices(*annotation_maps) -> list[str]:
     return list(names)
 
 
-def pending_devices(*annotation_maps) -> list[str]:
+def pending_devices(*annotation_maps: object) -> list[str]:
     """Requested names minus those an editor already applied: each device is applied once,
     by whichever path (precreate, inject --mode edits, the live hook) meets it first."""
     applied = set(applied_devices(*annotation_maps))
