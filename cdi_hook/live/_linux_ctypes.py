@@ -34,56 +34,56 @@ class _MountAttr(ctypes.Structure):
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
-def _check(result: int, what) -> int:
+def _check(result: int, what: str) -> int:
     if result < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), what)
     return result
 
 
-def openat2(dirfd: int, path: bytes, flags: int, resolve: int, mode: int, what) -> int:
+def openat2(dirfd: int, path: bytes, flags: int, resolve: int, mode: int, what: str) -> int:
     how = _OpenHow(flags, mode, resolve)
     return _check(_syscall(SYS_OPENAT2, dirfd, path, ctypes.byref(how), ctypes.sizeof(how)), what)
 
 
-def open_tree(dirfd: int, path: bytes, flags: int, what) -> int:
+def open_tree(dirfd: int, path: bytes, flags: int, what: str) -> int:
     return _check(_syscall(SYS_OPEN_TREE, dirfd, path, ctypes.c_uint(flags)), what)
 
 
-def move_mount(from_fd: int, to_fd: int, flags: int, what) -> None:
+def move_mount(from_fd: int, to_fd: int, flags: int, what: str) -> None:
     _check(_syscall(SYS_MOVE_MOUNT, from_fd, b"", to_fd, b"", ctypes.c_uint(flags)), what)
 
 
-def mount_setattr(fd: int, flags: int, attr_set: int, attr_clr: int, propagation: int, what) -> None:
+def mount_setattr(fd: int, flags: int, attr_set: int, attr_clr: int, propagation: int, what: str) -> None:
     attr = _MountAttr(attr_set, attr_clr, propagation, 0)
     _check(_syscall(SYS_MOUNT_SETATTR, fd, b"", ctypes.c_uint(flags), ctypes.byref(attr), ctypes.sizeof(attr)), what)
 
 
-def setns(fd: int, nstype: int, what) -> None:
+def setns(fd: int, nstype: int, what: str) -> None:
     _check(_libc.setns(fd, nstype), what)
 
 
-def mount(source: bytes | None, target: bytes, fstype: bytes | None, flags: int, data: bytes | None, what) -> None:
+def mount(source: bytes | None, target: bytes, fstype: bytes | None, flags: int, data: bytes | None, what: str) -> None:
     _check(_libc.mount(source, target, fstype, ctypes.c_ulong(flags), data), what)
 
 
-def umount2(target: bytes, flags: int, what) -> None:
+def umount2(target: bytes, flags: int, what: str) -> None:
     _check(_libc.umount2(target, flags), what)
 
 
-def fsopen(fstype: bytes, flags: int, what) -> int:
+def fsopen(fstype: bytes, flags: int, what: str) -> int:
     return _check(_syscall(SYS_FSOPEN, fstype, ctypes.c_uint(flags)), what)
 
 
-def fsconfig(fd: int, cmd: int, key: bytes | None, value: bytes | None, aux: int, what) -> None:
+def fsconfig(fd: int, cmd: int, key: bytes | None, value: bytes | None, aux: int, what: str) -> None:
     _check(_syscall(SYS_FSCONFIG, fd, ctypes.c_uint(cmd), key, value, aux), what)
 
 
-def fsmount(fd: int, flags: int, attr: int, what) -> int:
+def fsmount(fd: int, flags: int, attr: int, what: str) -> int:
     return _check(_syscall(SYS_FSMOUNT, fd, ctypes.c_uint(flags), ctypes.c_uint(attr)), what)
 
 
-def fchown_fd(fd: int, uid: int, gid: int, what) -> None:
+def fchown_fd(fd: int, uid: int, gid: int, what: str) -> None:
     _check(_libc.fchownat(fd, b"", uid, gid, AT_EMPTY_PATH), what)
 
 
@@ -92,7 +92,7 @@ _STATX_SIZE = 256  # struct statx (linux/stat.h)
 _STX_MNT_ID_OFFSET = 0x90
 
 
-def statx_mount_id(fd: int, what) -> int | None:
+def statx_mount_id(fd: int, what: str) -> int | None:
     """The id of the mount fd is on (statx STATX_MNT_ID, Linux >= 5.8; glibc's statx()
     because its syscall number differs between architectures); None when the kernel does
     not report it."""

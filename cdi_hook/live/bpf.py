@@ -216,7 +216,7 @@ def _bpf(cmd: int, attr: ctypes.Array) -> int:
     return result
 
 
-def _attr(layout: str, *values) -> ctypes.Array:
+def _attr(layout: str, *values: int | bytes) -> ctypes.Array:
     attr = ctypes.create_string_buffer(_ATTR_SIZE)
     struct.pack_into("=" + layout, attr, 0, *values)
     return attr
@@ -304,7 +304,10 @@ def prog_load(prog_type: int, insns: Sequence[Insn], license: str, name: str = "
         try:
             return load(log_buffer)
         except OSError as second:
-            raise ProgLoadError(second.errno or first.errno, log_buffer.value.decode(errors="replace")) from None
+            err = second.errno or first.errno
+            if err is None:  # not the kernel refusing the program: no bpf(2) on this machine
+                raise
+            raise ProgLoadError(err, log_buffer.value.decode(errors="replace")) from None
 
 
 def prog_attach(target_fd: int, prog_fd: int, attach_type: int, flags: int, replace_fd: int = 0) -> None:

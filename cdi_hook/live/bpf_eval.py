@@ -14,8 +14,14 @@ from __future__ import annotations
 
 import sys
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
-def run_device_program(insns, access_type: int, major: int, minor: int, max_steps: int = 100000) -> int:
+    from cdi_hook.live.bpf import Insn
+
+
+def run_device_program(insns: Sequence[Insn], access_type: int, major: int, minor: int, max_steps: int = 100000) -> int:
     """Run a BPF_PROG_TYPE_CGROUP_DEVICE program on one request, as the kernel would: the
     context is struct bpf_cgroup_dev_ctx {u32 access_type, major, minor}. Only the
     instructions such programs use (ALU, ALU64, JMP, JMP32, loads from the context) are

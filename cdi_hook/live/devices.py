@@ -257,4 +257,4 @@ def _rdev(node: DeviceNode) -> int:
 
 def _why(error: OSError) -> str:
     where = f" ({error.filename})" if error.filename else ""
-    return f"{error.strerror or errno.errorcode.get(error.errno, error.errno)}{where}"
+    return f"{error.strerror or errno.errorcode.get(error.errno, error.errno)}{where}"  # type: ignore[arg-type]  # None: no name

@@ -168,6 +168,7 @@ def _apply_one(rootfs: Rootfs, job: MountJob, mounted_fds: list[int]) -> str:
             raise HookError(STEP, job.origin, f"{where}: mount point in the container is a "
                                               f"{'directory' if is_dir else 'file'}, the source is not")
         if job.options.bind:
+            assert job.tree_fd is not None  # clone_sources opened it
             source = os.fstat(job.tree_fd)
             if (source.st_dev, source.st_ino) == (target.st_dev, target.st_ino):
                 # Already there (the hook ran at an earlier stage too): do not stack a second mount.
