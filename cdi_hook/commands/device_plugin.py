@@ -53,6 +53,17 @@ from cdi_hook.log import LEVELS, configured_level, structlog_logger
 from cdi_hook.registry import Registry
 from cdi_hook.request import build_annotations
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Iterator, Sequence
+    from types import FrameType
+    from typing import Any, TextIO
+
+    from cdi_hook.spec.model import DeviceNode
+
+    SocketIdentity = tuple[int, int, int]  # st_dev, st_ino, st_ctime_ns
+
 API_VERSION = "v1beta1"
 KUBELET_SOCKET = "kubelet.sock"
 HEALTHY, UNHEALTHY = "Healthy", "Unhealthy"
@@ -72,7 +83,7 @@ class Log:
     """JSON lines on stderr through structlog (cdi_hook.log's processors); every string
     escaped and cut (errors.printable): device names and spec errors come from spec files."""
 
-    def __init__(self, stream=None):
+    def __init__(self, stream: TextIO | None = None) -> None:
         self.logger = structlog_logger(stream or sys.stderr)
         self.level = configured_level()
 
@@ -81,17 +92,17 @@ class Log:
             clean = {key: printable(value) if isinstance(value, str) else value for key, value in fields.items()}
             getattr(self.logger, level)(event, **clean)
 
-    def info(self, event: str, **fields) -> None:
+    def info(self, event: str, **fields: Any) -> None:
         self._emit("info", event, fields)
 
-    def warning(self, event: str, **fields) -> None:
+    def warning(self, event: str, **fields: Any) -> None:
         self._emit("warning", event, fields)
 
-    def error(self, event: str, **fields) -> None:
+    def error(self, event: str, **fields: Any) -> None:
         self._emit("error", event, fields)
 
 
-def node_problem(node, host_root: str = "/") -> str | None:
+def node_problem(node: DeviceNode, host_root: str = "/") -> str | None:
     """Why a spec's device node is not present on the host as the spec names it, or None.
 
     host_root: where the host's filesystem is seen ("/" on the host; "/host" in a container
@@ -133,7 +144,7 @@ def inventory(registry: Registry, host_root: str = "/") -> dict[str, dict[str, t
     return kinds
 
 
-def socket_identity(path: str):
+def socket_identity(path: str) -> SocketIdentity | None:
     """Which unix socket is at path (None: none): a socket removed and made again is another.
 
     The inode number alone does not tell: a filesystem hands a freed inode number to the
@@ -167,7 +178,7 @@ def annotation_id(kind: str) -> str:
         return "sha256-" + hashlib.sha256(kind.encode()).hexdigest()[:32]
 
 
-def preferred(request) -> list[str]:
+def preferred(request: Any) -> list[str]:
     """The must-include devices, then the first available ones, up to allocation_size."""
     chosen = list(dict.fromkeys(request.must_include_deviceIDs))
     for device_id in request.available_deviceIDs:
@@ -190,9 +201,9 @@ class Resource(api_pb2_grpc.DevicePluginServicer):
         self.devices: dict[str, str] = {}  # name -> health
         self.changed = threading.Condition()
         self.version = 0  # bumped on every change of self.devices; streams send when it moves
-        self.server = None
-        self.serving = None  # socket_identity of the socket self.server listens on
-        self.registered_with = None  # socket_identity of the kubelet.sock we registered with
+        self.server: grpc.Server | None = None
+        self.serving: SocketIdentity | None = None  # socket_identity of the socket self.server listens on
+        self.registered_with: SocketIdentity | None = None  # socket_identity of the kubelet.sock we registered with
         self.last_problem = ""  # the last serve/register error logged, so a retry logs nothing new
         self.stopping = False  # set by stop(): ends this server's ListAndWatch streams
 
@@ -265,7 +276,7 @@ class Resource(api_pb2_grpc.DevicePluginServicer):
         self.log.info("serving", resource=self.kind, socket=self.path, devices=len(self.devices))
         return True
 
-    def register(self, kubelet_path: str, kubelet_identity) -> None:
+    def register(self, kubelet_path: str, kubelet_identity: SocketIdentity) -> None:
         """Register with the kubelet at kubelet_path unless already registered with this one."""
         if self.registered_with == kubelet_identity:
             return
@@ -302,10 +313,10 @@ class Resource(api_pb2_grpc.DevicePluginServicer):
 
     # -- the DevicePlugin service, from gRPC's threads ----------------------------------
 
-    def GetDevicePluginOptions(self, request, context):
+    def GetDevicePluginOptions(self, request: Any, context: grpc.ServicerContext) -> Any:
         return OPTIONS
 
-    def ListAndWatch(self, request, context):
+    def ListAndWatch(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         sent = None
         while True:
             with self.changed:
@@ -318,11 +329,11 @@ class Resource(api_pb2_grpc.DevicePluginServicer):
                 devices = [api_pb2.Device(ID=name, health=health) for name, health in sorted(self.devices.items())]
             yield api_pb2.ListAndWatchResponse(devices=devices)
 
-    def GetPreferredAllocation(self, request, context):
+    def GetPreferredAllocation(self, request: Any, context: grpc.ServicerContext) -> Any:
         return api_pb2.PreferredAllocationResponse(container_responses=[
             api_pb2.ContainerPreferredAllocationResponse(deviceIDs=preferred(r)) for r in request.container_requests])
 
-    def Allocate(self, request, context):
+    def Allocate(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self.changed:
             known = dict(self.devices)
         responses = []
@@ -348,14 +359,14 @@ class Resource(api_pb2_grpc.DevicePluginServicer):
             self.log.info("allocated", resource=self.kind, devices=listed(names), annotations=annotations)
         return api_pb2.AllocateResponse(container_responses=responses)
 
-    def PreStartContainer(self, request, context):
+    def PreStartContainer(self, request: Any, context: grpc.ServicerContext) -> Any:
         return api_pb2.PreStartContainerResponse()  # pre_start_required is false: nothing to do
 
 
 class Plugin:
     """Every resource, kept in step with the spec dirs and the kubelet by poll()."""
 
-    def __init__(self, socket_dir: str, spec_dirs, log: Log, host_root: str = "/"):
+    def __init__(self, socket_dir: str, spec_dirs: Sequence[str] | None, log: Log, host_root: str = "/"):
         self.socket_dir = socket_dir
         self.host_root = host_root
         self.kubelet_path = os.path.join(socket_dir, KUBELET_SOCKET)
@@ -363,7 +374,7 @@ class Plugin:
         self.log = log
         self.resources: dict[str, Resource] = {}
         self.spec_errors: list[str] = []
-        self.kubelet_identity = "not looked at yet"  # then socket_identity(kubelet.sock)
+        self.kubelet_identity: SocketIdentity | str | None = "not looked at yet"  # then socket_identity(kubelet.sock)
 
     def poll(self) -> None:
         registry = Registry.load(self.spec_dirs)
@@ -397,13 +408,13 @@ class Plugin:
         self.resources.clear()
 
 
-def cmd_device_plugin(args, spec_dirs) -> int:
+def cmd_device_plugin(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int:
     if not 0 < args.poll_interval <= 3600:
         raise CdiError(f"--poll-interval {args.poll_interval}: must be more than 0 and at most 3600 seconds")
     log = Log()
     stop = threading.Event()
 
-    def on_signal(signum, frame):
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)

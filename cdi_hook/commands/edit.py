@@ -22,17 +22,26 @@ from cdi_hook.errors import CdiError
 from cdi_hook.files import write_file_atomic
 from cdi_hook.request import annotation_value, applied_devices, pending_devices
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
+    from typing import Any, BinaryIO
+
+    from cdi_hook.plan import Plan
+    from cdi_hook.policy import Policy
+
 INJECT_ANNOTATION = "cdi.k8s.io/cdi-hook"  # the key `inject --mode hook` requests devices under
 
 
-def _plan_for(config: dict, names: list[str], spec_dirs):
+def _plan_for(config: dict, names: list[str], spec_dirs: Sequence[str] | None) -> Plan:
     from cdi_hook import plan
 
     uid, gid = config_editor.process_ids(config)
     return plan.resolve(names, spec_dirs, process_uid=uid, process_gid=gid)
 
 
-def cmd_precreate(spec_dirs, stdin, stdout) -> int:
+def cmd_precreate(spec_dirs: Sequence[str] | None, stdin: BinaryIO, stdout: BinaryIO) -> int:
     """Podman's precreate filter: config.json on stdin, the edited config.json on stdout.
 
     With no device requested (or all already applied), the input goes back byte for byte.
@@ -58,7 +67,7 @@ def cmd_precreate(spec_dirs, stdin, stdout) -> int:
     return 0
 
 
-def _refuse_exclusive(rules, names) -> None:
+def _refuse_exclusive(rules: Policy, names: list[str]) -> None:
     """An exclusive device is held from createRuntime to poststop, which only the live hook
     sees; an edited config.json would give it away with no hold."""
     from cdi_hook import policy
@@ -79,7 +88,7 @@ def read_bundle_config(bundle: str) -> tuple[str, bytes, dict]:
     return path, raw, config
 
 
-def add_hook_request(config: dict, names: list[str], spec_dirs) -> dict:
+def add_hook_request(config: dict, names: list[str], spec_dirs: Sequence[str] | None) -> dict:
     """A copy of config that asks the live hook for names: the annotation plus hook entries."""
     from cdi_hook.hook_entry import LIVE_HOOK_STAGES, live_hook_entry
 
@@ -106,19 +115,19 @@ def add_hook_request(config: dict, names: list[str], spec_dirs) -> dict:
     return edited
 
 
-def _same_hook(existing, entry: dict) -> bool:
+def _same_hook(existing: Any, entry: dict) -> bool:
     """The same interpreter running the same cdi-hook command, in today's entry form or the
     -m form older versions wrote (a bundle edited by one is not given a second hook)."""
     from cdi_hook.hook_entry import is_cdi_hook_argv
 
     if not isinstance(existing, dict) or existing.get("path") != entry["path"]:
         return False
-    args = existing.get("args")
+    args: Any = existing.get("args")
     return args == entry["args"] or (is_cdi_hook_argv(args) and args[0] == entry["args"][0]
                                      and args[4:] == entry["args"][4:])
 
 
-def cmd_inject(args, spec_dirs) -> int:
+def cmd_inject(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int:
     """Edit a bundle's config.json so that runc gives the container the named devices.
 
     Everything is decided before anything is written: an invalid bundle or an unknown

@@ -52,6 +52,12 @@ from cdi_hook.files import write_file_atomic
 from cdi_hook.hook_entry import (HOOK_PATH_ENV, LIVE_HOOK_STAGES, carried_settings, interpreter, is_cdi_hook_argv,
                                  live_hook_entry, precreate_entry)
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Iterable
+    from typing import TextIO
+
 DEFAULT_HOOKS_DIR = "/usr/share/containers/oci/hooks.d"
 PODMAN_HOOKS_DIR = DEFAULT_HOOKS_DIR
 CRIO_HOOKS_DIR = DEFAULT_HOOKS_DIR
@@ -88,13 +94,13 @@ def render(definition: dict) -> bytes:
     return (json.dumps(definition, indent=2) + "\n").encode()
 
 
-def hooks_dir_of(args) -> str:
+def hooks_dir_of(args: argparse.Namespace) -> str:
     if getattr(args, "hooks_dir", None):
         return os.path.abspath(args.hooks_dir)
     return PODMAN_HOOKS_DIR if getattr(args, "podman", False) else CRIO_HOOKS_DIR
 
 
-def default_mode(args) -> str:
+def default_mode(args: argparse.Namespace) -> str:
     # Podman: precreate can also apply env and additionalGids, which a live hook cannot.
     return "precreate" if getattr(args, "podman", False) else "hook"
 
@@ -128,7 +134,7 @@ def _check_interpreter(python: str) -> None:
 
 
 def install(hooks_dir: str, mode: str, *, python: str | None = None, spec_dirs: list[str] | None = None,
-            dry_run: bool = False, out=None) -> list[str]:
+            dry_run: bool = False, out: TextIO | None = None) -> list[str]:
     """Write the mode's files into hooks_dir, remove the other mode's; returns what it wrote."""
     out = out or sys.stdout
     python = os.path.abspath(python or interpreter())
@@ -162,7 +168,7 @@ def install(hooks_dir: str, mode: str, *, python: str | None = None, spec_dirs: 
     return written
 
 
-def _remove(hooks_dir: str, names, dry_run: bool, out) -> list[str]:
+def _remove(hooks_dir: str, names: Iterable[str], dry_run: bool, out: TextIO) -> list[str]:
     removed = []
     for name in names:
         target = os.path.join(hooks_dir, name)
@@ -183,7 +189,7 @@ def _remove(hooks_dir: str, names, dry_run: bool, out) -> list[str]:
     return removed
 
 
-def uninstall(hooks_dir: str, *, dry_run: bool = False, out=None) -> list[str]:
+def uninstall(hooks_dir: str, *, dry_run: bool = False, out: TextIO | None = None) -> list[str]:
     out = out or sys.stdout
     removed = _remove(hooks_dir, ALL_FILES, dry_run, out)
     if not removed and not dry_run:
@@ -254,7 +260,7 @@ KillMode=process
 
 
 def install_watch_unit(systemd_dir: str, *, python: str | None = None, spec_dirs: list[str] | None = None,
-                       serve: bool = False, dry_run: bool = False, out=None) -> str | None:
+                       serve: bool = False, dry_run: bool = False, out: TextIO | None = None) -> str | None:
     out = out or sys.stdout
     python = os.path.abspath(python or interpreter())
     _check_interpreter(python)
@@ -290,7 +296,7 @@ def _is_our_unit(path: str) -> bool:
         return False
 
 
-def uninstall_watch_unit(systemd_dir: str, *, dry_run: bool = False, out=None) -> str | None:
+def uninstall_watch_unit(systemd_dir: str, *, dry_run: bool = False, out: TextIO | None = None) -> str | None:
     out = out or sys.stdout
     target = os.path.join(systemd_dir, WATCH_UNIT)
     if not os.path.lexists(target):
@@ -309,7 +315,7 @@ def uninstall_watch_unit(systemd_dir: str, *, dry_run: bool = False, out=None) -
     return target
 
 
-def cmd_install(args) -> int:
+def cmd_install(args: argparse.Namespace) -> int:
     if getattr(args, "serve", False) and not getattr(args, "watch", False):
         raise CdiError("install: --serve is an option of --watch (the unit it writes)")
     install(hooks_dir_of(args), args.mode or default_mode(args), spec_dirs=_spec_dirs_from_env(),
@@ -320,7 +326,7 @@ def cmd_install(args) -> int:
     return 0
 
 
-def cmd_uninstall(args) -> int:
+def cmd_uninstall(args: argparse.Namespace) -> int:
     uninstall(hooks_dir_of(args), dry_run=args.dry_run)
     if getattr(args, "watch", False):
         uninstall_watch_unit(args.systemd_dir or SYSTEMD_DIR, dry_run=args.dry_run)

@@ -9,8 +9,13 @@ from cdi_hook import oci, policy
 from cdi_hook.errors import CdiError, printable
 from cdi_hook.request import pending_devices
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
 
-def cmd_policy_check(args) -> int:
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
     """Validate a policy file (default: the one in force); one line per problem, exit 1."""
     path = args.file or policy.policy_path()
     try:
@@ -23,7 +28,7 @@ def cmd_policy_check(args) -> int:
     return 0
 
 
-def cmd_explain(args) -> int:
+def cmd_explain(args: argparse.Namespace) -> int:
     """Which devices a container asks for, from which source, and whether each is honoured.
 
     Reads the bundle's config.json (--bundle), or an OCI state on stdin whose bundle it
@@ -46,7 +51,7 @@ def cmd_explain(args) -> int:
     decisions = policy.decide(rules, container, requests)
     exclusive = set(policy.exclusive_devices(rules, names))
     held = holds.holders() if exclusive else {}
-    report = {
+    report: dict[str, Any] = {
         "container": {"runtime": container.runtime, "namespace": container.namespace, "pod": container.pod},
         "policy": rules.path or "built-in default",
         "requests": [{"device": d.request.device, "annotation": d.request.key, "source": d.request.source,

@@ -29,6 +29,11 @@ from __future__ import annotations
 import os
 import sys
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    import _socket
+    from collections.abc import Iterable, Mapping
+
 # registry.DEFAULT_SPEC_DIRS, repeated so the client imports no registry
 # (tests/test_serve.py checks they agree).
 DEFAULT_SPEC_DIRS = ("/etc/cdi", "/var/run/cdi")
@@ -40,7 +45,7 @@ MAX_REQUEST = 1 << 16
 PASSED_FDS = 5  # stdin, stdout, stderr, cwd, pidfd
 
 
-def socket_path(spec_dirs, environ=os.environ) -> str | None:
+def socket_path(spec_dirs: Iterable[str] | None, environ: Mapping[str, str] = os.environ) -> str | None:
     """The server socket of a watcher of these spec dirs (None: no usable cache dir).
     The same key as cache.generation_path."""
     import zlib
@@ -52,12 +57,12 @@ def socket_path(spec_dirs, environ=os.environ) -> str | None:
     return os.path.join(directory, f"inject-{zlib.crc32(repr(dirs).encode()):08x}.sock")
 
 
-def settings(environ) -> dict[str, str]:
+def settings(environ: Mapping[str, str]) -> dict[str, str]:
     """What must be equal between a hook and the server that works for it."""
     return {k: v for k, v in environ.items() if k.startswith("CDI_") or k == "PATH"}
 
 
-def _peer_uid(sock) -> int:
+def _peer_uid(sock: _socket.socket) -> int:
     import _socket
 
     creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
@@ -68,7 +73,7 @@ def _peer_uid(sock) -> int:
 # the client: in the hook process
 
 
-def ask(argv: list[str], spec_dirs) -> int | None:
+def ask(argv: list[str], spec_dirs: Iterable[str] | None) -> int | None:
     """The exit code of a server that did the work; None when none took it (then the hook
     works in-process). A server lost after "go" is a one-line error and exit code 1."""
     path = socket_path(spec_dirs)

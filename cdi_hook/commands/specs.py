@@ -12,8 +12,13 @@ import sys
 from cdi_hook.registry import Registry, load_spec_file
 from cdi_hook.spec.parse import to_cdi_data
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
 
-def _dump(data, fmt: str) -> str:
+
+def _dump(data: object, fmt: str) -> str:
     if fmt == "yaml":
         import yaml
 
@@ -27,7 +32,7 @@ def _warn_errors(registry: Registry) -> None:
               "run `cdi-hook validate`", file=sys.stderr)
 
 
-def cmd_list(args, spec_dirs) -> int:
+def cmd_list(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int:
     """Every resolvable device with the spec file defining it."""
     registry = Registry.load(spec_dirs)
     rows = [
@@ -48,7 +53,7 @@ def cmd_list(args, spec_dirs) -> int:
     return 0
 
 
-def cmd_validate(args, spec_dirs) -> int:
+def cmd_validate(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int:
     """The given files, or every spec in the spec dirs (with conflicts); 1 if anything is wrong."""
     files = list(getattr(args, "files", None) or ())
     if files:
@@ -70,7 +75,7 @@ def cmd_validate(args, spec_dirs) -> int:
     return 1 if errors else 0
 
 
-def cmd_show(args, spec_dirs) -> int:
+def cmd_show(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int:
     """The merged edits the named devices would apply, in CDI field names."""
     selection = Registry.load(spec_dirs).select(args.names)
     data = {"devices": list(selection.devices), "containerEdits": to_cdi_data(selection.merged())}
