@@ -10,6 +10,15 @@ import sys
 from cdi_hook.commands.serve import (ACCEPTED, DEFAULT_SPEC_DIRS, GO, GO_TIMEOUT_S, MAGIC, MAX_REQUEST, PASSED_FDS,
                                      _peer_uid, settings, socket_path)
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    import _socket
+    import argparse
+    from collections.abc import Callable
+
+    # argv, environment -> (args, spec dirs) of a plain `hook` invocation, or None
+    ParseHook = Callable[[list[str], dict[str, str]], tuple[argparse.Namespace, list[str] | None] | None]
+
 
 class Server:
     """The listening socket of a watcher and its spare: one process forked in advance that
@@ -26,7 +35,8 @@ class Server:
     (its end closes) or, sooner, when another hook is waiting on the socket: a fork is a few
     ms of CPU, which would otherwise compete with the request being served."""
 
-    def __init__(self, spec_dirs: tuple[str, ...], parse_hook, run_hook, log):
+    def __init__(self, spec_dirs: tuple[str, ...], parse_hook: ParseHook, run_hook: Callable[[argparse.Namespace], int],
+                 log: Callable[[str], None]) -> None:
         import _socket
 
         self.dirs = tuple(spec_dirs)
@@ -37,9 +47,9 @@ class Server:
         self.run_hook = run_hook
         self.log = log
         self.path = socket_path(self.dirs)
-        self.sock = None
-        self.spare: tuple[int, object] | None = None  # (pid, the watcher's end of its socketpair)
-        self.busy = None  # the socketpair of the spare serving the latest request, until it ends
+        self.sock: _socket.socket | None = None
+        self.spare: tuple[int, _socket.socket] | None = None  # (pid, the watcher's end of its socketpair)
+        self.busy: _socket.socket | None = None  # the socketpair of the spare serving the latest request, until it ends
         self.children: set[int] = set()  # spares and the requests they became, until reaped
         problem = confinement()
         if problem:
@@ -152,13 +162,13 @@ class Server:
             self.sock.close()
             self.sock = None
             try:
-                os.unlink(self.path)
+                os.unlink(self.path)  # type: ignore[arg-type]  # a path: __init__ made a socket there
             except OSError:
                 pass
 
     # -- in the spare -------------------------------------------------------------------
 
-    def _spare(self, pair) -> None:
+    def _spare(self, pair: _socket.socket) -> None:
         """Wait for a request (or for the watcher to let go), then serve it; never returns."""
         import select
         import signal
@@ -169,6 +179,7 @@ class Server:
         # Nothing of the watcher's stays open here (its generation file's flock above all:
         # a dead watcher must stop being trusted at once). Its stderr stays for log lines
         # until the hook's stdio replaces it.
+        assert self.sock is not None  # replace_spare forks a spare only while listening
         keep = {0, 1, 2, self.sock.fileno(), pair.fileno()}
         for fd in [int(n) for n in os.listdir("/proc/self/fd")]:
             if fd not in keep:
@@ -184,7 +195,7 @@ class Server:
             if pair.fileno() in ready:
                 os._exit(0)  # retired, or the watcher is gone
             try:
-                conn_fd, _ = self.sock._accept()
+                conn_fd, _ = self.sock._accept()  # type: ignore[attr-defined]  # typeshed lacks _socket.socket._accept
                 break
             except BlockingIOError:
                 continue  # a retiring spare took it
@@ -227,7 +238,7 @@ class Server:
         except OSError as error:
             self.log(f"injection request dropped: {error}")
 
-    def _parse(self, data: bytes, fds: list[int]):
+    def _parse(self, data: bytes, fds: list[int]) -> tuple[list[str], dict[str, str], argparse.Namespace] | None:
         """(argv, env, args) of a request this server may serve, else None (logged)."""
         fields = data.split(b"\0")
         if len(fds) != PASSED_FDS or fields[0] != MAGIC or len(fields) < 2 or not fields[1].isdigit() \
@@ -246,7 +257,8 @@ class Server:
             return None  # another installation's hook: it works in-process
         return argv, env, args
 
-    def _serve(self, conn, fds: list[int], argv, env, args) -> None:
+    def _serve(self, conn: _socket.socket, fds: list[int], argv: list[str], env: dict[str, str],
+               args: argparse.Namespace) -> None:
         from cdi_hook.live import syscalls
 
         stdin, stdout, stderr, cwd, pidfd = fds
@@ -345,15 +357,15 @@ def _umask(pidfd: int) -> int | None:
 
 
 def _code_files() -> list[str]:
-    return sorted(m.__file__ for name, m in list(sys.modules.items())
+    return sorted(m.__file__ for name, m in list(sys.modules.items())  # type: ignore[misc]  # only with a __file__
                   if name.startswith("cdi_hook") and getattr(m, "__file__", None))
 
 
-def _code_identity(files: list[str]) -> list:
+def _code_identity(files: list[str]) -> list[tuple[int, int] | None]:
     """(size, mtime) of cdi_hook's module files loaded when serving began: an upgrade on disk
     changes it, and a spare (the watcher's code) then refuses, so a hook never runs older
     code than its own."""
-    identity = []
+    identity: list[tuple[int, int] | None] = []
     for path in files:
         try:
             st = os.stat(path)

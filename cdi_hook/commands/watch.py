@@ -41,6 +41,17 @@ from cdi_hook import cache
 from cdi_hook import inotify as ino
 from cdi_hook.errors import CdiError, printable
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Sequence
+    from types import FrameType
+    from typing import NoReturn
+
+    from cdi_hook.commands.injection_server import Server
+
+    ServerFactory = Callable[[tuple[str, ...], Callable[[str], None]], Server]
+
 NO_TRUST = bytes(16)  # the generation written while the watcher cannot vouch for the files
 DEBOUNCE_S = 0.05  # a rebuild starts once the files were quiet this long...
 MAX_DELAY_S = 1.0  # ...or this long after the first change it covers
@@ -63,7 +74,7 @@ class _Stop(Exception):
     """SIGTERM or SIGINT: leave the loop and clean up."""
 
 
-def cmd_watch(args, spec_dirs, server=None) -> int:
+def cmd_watch(args: argparse.Namespace, spec_dirs: Sequence[str] | None, server: ServerFactory | None = None) -> int:
     """server: with --serve, cli's factory of the injection server (commands/injection_server.py)."""
     if os.geteuid() != 0:
         raise CdiError("watch: must run as root (the cache it keeps is root's)")
@@ -76,15 +87,16 @@ def log(message: str) -> None:
 
 
 class Watcher:
-    def __init__(self, dirs: tuple[str, ...], server=None):
+    def __init__(self, dirs: tuple[str, ...], server: ServerFactory | None = None):
         self.dirs = dirs
         self.make_server = server
-        self.server = None
+        self.server: Server | None = None
         self.server_fds: list[int] = []
-        self.poller = None
-        self.path = cache.generation_path(dirs)
-        if self.path is None:
+        self.poller: select.poll | None = None
+        path = cache.generation_path(dirs)
+        if path is None:
             raise CdiError(f"watch: {cache.CACHE_DIR_ENV} must be an absolute path")
+        self.path = path
         self.inotify = ino.Inotify()
         self.watches: dict[int, tuple[str, str]] = {}  # wd -> (kind, the name that matters / the path)
         self.file_inodes: dict[str, tuple[int, int]] = {}  # spec file path -> (st_dev, st_ino) watched
@@ -93,7 +105,7 @@ class Watcher:
         self.mounts: list = []
         self.dirty_since: float | None = None  # a change not yet covered by a rebuild
         self.last_change = 0.0
-        self.child: subprocess.Popen | None = None
+        self.child: subprocess.Popen[bytes] | None = None
         self.child_generation = NO_TRUST
         self.ready = False
         self.vouching = True
@@ -227,13 +239,13 @@ class Watcher:
 
     # -- events -------------------------------------------------------------------------
 
-    def handle(self, events) -> None:
+    def handle(self, events: list[tuple[int, int, str]]) -> None:
         changed = rearm = False
         for wd, mask, name in events:
             if mask & ino.IN_Q_OVERFLOW:
                 changed = rearm = True
                 continue
-            kind, what = self.watches.get(wd, (None, None))
+            kind, what = self.watches.get(wd, (None, ""))
             if kind is None:
                 continue  # a watch removed since
             if kind == SPEC_FILE:
@@ -291,6 +303,7 @@ class Watcher:
 
     def finish_rebuild(self) -> None:
         child, self.child = self.child, None
+        assert child is not None and child.stdout is not None  # start_rebuild started it, stdout a pipe
         output = child.stdout.read().decode(errors="replace").split("\n")[0]
         child.stdout.close()
         code = child.wait()
@@ -318,6 +331,7 @@ class Watcher:
 
     def server_event(self, fd: int | None) -> None:
         """Let the server handle fd (None: fork a new spare), then poll what it wants polled."""
+        assert self.server is not None and self.poller is not None  # run() set both up
         for old in self.server_fds:
             self.poller.unregister(old)
         if fd is None:
@@ -331,7 +345,7 @@ class Watcher:
     # -- the loop -----------------------------------------------------------------------
 
     def run(self) -> int:
-        def stop(signum, frame):
+        def stop(signum: int, frame: FrameType | None) -> NoReturn:
             raise _Stop()
 
         old_handlers = [signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)]
@@ -359,6 +373,7 @@ class Watcher:
                 now = time.monotonic()
                 if self.rebuild_due(now):
                     self.start_rebuild()
+                    assert self.child is not None and self.child.stdout is not None
                     poller.register(self.child.stdout.fileno(), select.POLLIN | select.POLLHUP)
                 if now >= next_beat:
                     if not self.still_ours():
@@ -381,7 +396,7 @@ class Watcher:
                         self.mounts_changed()
                     elif self.server is not None and fd in self.server_fds:
                         self.server_event(fd)
-                    elif self.child is not None and fd == self.child.stdout.fileno():
+                    elif self.child is not None and self.child.stdout is not None and fd == self.child.stdout.fileno():
                         poller.unregister(fd)
                         self.finish_rebuild()
         except _Stop:
