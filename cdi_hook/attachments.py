@@ -21,6 +21,10 @@ from cdi_hook import jsonio
 from cdi_hook.errors import CdiError
 from cdi_hook.files import is_private_file, write_file_atomic
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
 STATE_DIR_ENV = "CDI_HOOK_STATE_DIR"  # as live/holds.py: the records live beside the holds
 DEFAULT_STATE_DIR = "/run/cdi-hook/held"
 MAX_RECORD = 1 << 20
@@ -58,7 +62,7 @@ def lock_path(container_id: str) -> str:
 
 
 @contextlib.contextmanager
-def locked(container_id: str):
+def locked(container_id: str) -> Iterator[None]:
     """Hold the container's lock (flock on its own lock file in the records' dir) from the
     load of its record to the save: attach and detach of one container at the same time would
     each save what it loaded plus its own change, losing the other's. The lock file stays (an

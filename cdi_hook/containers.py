@@ -17,6 +17,10 @@ from collections import namedtuple
 from cdi_hook import jsonio, oci
 from cdi_hook.errors import CdiError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any
+
 DEFAULT_RUNC_ROOT = "/run/runc"
 RUNTIME_TIMEOUT_S = 30
 
@@ -119,7 +123,7 @@ def _podman_state(name: str) -> dict:
         raise CdiError(f"{what}: podman inspect printed no JSON") from None
     if not isinstance(found, list) or len(found) != 1 or not isinstance(found[0], dict):
         raise CdiError(f"{what}: podman inspect names no single container")
-    doc = found[0]
+    doc: Any = found[0]
     state = doc.get("State") if isinstance(doc.get("State"), dict) else {}
     status = state.get("Status")
     if state.get("Paused"):

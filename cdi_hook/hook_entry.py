@@ -12,6 +12,10 @@ from __future__ import annotations
 import os
 import sys
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
 HOOK_PATH_ENV = "/usr/sbin:/usr/bin:/sbin:/bin"
 HOOK_TIMEOUT_S = 60
 LIVE_HOOK_STAGES = ("createRuntime", "poststart", "poststop")
@@ -53,14 +57,14 @@ def argv(python: str, *command: str) -> list[str]:
     return [python, *ENTRY_FORMS[0], *command]
 
 
-def is_cdi_hook_argv(args) -> bool:
+def is_cdi_hook_argv(args: object) -> bool:
     """Whether an entry's args run cdi-hook the way argv() writes them, now or before."""
     return isinstance(args, list) and args[1:4] in ENTRY_FORMS
 
 
 
-def hook_entry(*command: str, python: str | None = None, spec_dirs=None, settings: dict | None = None,
-               timeout: int = HOOK_TIMEOUT_S) -> dict:
+def hook_entry(*command: str, python: str | None = None, spec_dirs: Iterable[str] | None = None,
+               settings: dict | None = None, timeout: int = HOOK_TIMEOUT_S) -> dict:
     """{"path", "args", "env", "timeout"} running `cdi-hook COMMAND...`."""
     python = os.path.abspath(python or interpreter())
     env = [f"PATH={HOOK_PATH_ENV}"]
@@ -70,10 +74,10 @@ def hook_entry(*command: str, python: str | None = None, spec_dirs=None, setting
     return {"path": python, "args": argv(python, *command), "env": env, "timeout": timeout}
 
 
-def live_hook_entry(stage: str, python: str | None = None, spec_dirs=None) -> dict:
+def live_hook_entry(stage: str, python: str | None = None, spec_dirs: Iterable[str] | None = None) -> dict:
     """The entry that runs `cdi-hook hook --stage STAGE` with the carried settings."""
     return hook_entry("hook", "--stage", stage, python=python, spec_dirs=spec_dirs, settings=carried_settings())
 
 
-def precreate_entry(python: str | None = None, spec_dirs=None) -> dict:
+def precreate_entry(python: str | None = None, spec_dirs: Iterable[str] | None = None) -> dict:
     return hook_entry("precreate", python=python, spec_dirs=spec_dirs, settings=carried_settings())

@@ -21,6 +21,12 @@ import time
 
 from cdi_hook.errors import MAX_MESSAGE_LENGTH, printable
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from typing import Any, TextIO
+
+    from structlog.typing import Processor
+
 DEFAULT_LOG_FILE = "/var/log/cdi-hook.log"
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 # Bounds of the log line: a list (devices, warnings, notes, sources) keeps its first
@@ -88,7 +94,7 @@ class ContainerLog:
         _write(level, "cdi-hook injected" if not error else "cdi-hook failed", fields)
 
 
-def _bounded(value):
+def _bounded(value: Any) -> Any:
     """A log field safe and short: strings escaped and cut, lists and dicts summarised."""
     if isinstance(value, str):
         return printable(value, MAX_LOG_ITEM)
@@ -113,7 +119,7 @@ class _Step:
     def __enter__(self) -> None:
         self.started = time.monotonic()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.log.record_step(self.name, (time.monotonic() - self.started) * 1000)
 
 
@@ -137,10 +143,10 @@ def _write(level: str, event: str, fields: dict) -> None:
         getattr(structlog_logger(log_file), level)(event, **fields)
 
 
-_PROCESSORS = None
+_PROCESSORS: list[Processor] | None = None
 
 
-def structlog_logger(log_file):
+def structlog_logger(log_file: TextIO) -> Any:
     """A structlog logger writing JSON lines to log_file; the processors are built once."""
     global _PROCESSORS
     import structlog

@@ -10,8 +10,16 @@ config.json, and nothing more. This is the hot path's one lazy boundary.
 
 from __future__ import annotations
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
-def run(stage: str, spec_dirs: list[str] | None, stdin) -> int:
+    from cdi_hook.log import ContainerLog
+    from cdi_hook.oci import Config, State
+    from cdi_hook.plan import Plan
+
+
+def run(stage: str, spec_dirs: list[str] | None, stdin: BinaryIO) -> int:
     from cdi_hook import oci
 
     state = oci.parse_state(stdin.read(oci.MAX_STATE_SIZE + 1))
@@ -67,7 +75,8 @@ def run(stage: str, spec_dirs: list[str] | None, stdin) -> int:
     return 0
 
 
-def _inject_holding(exclusive: list[str], stage: str, container_plan, state, config, log) -> None:
+def _inject_holding(exclusive: list[str], stage: str, container_plan: Plan, state: State, config: Config,
+                    log: ContainerLog) -> None:
     """Inject with the policy's exclusive devices held; a failed start gives them back."""
     from cdi_hook.live import inject
 

@@ -18,6 +18,10 @@ from collections.abc import Sequence
 
 from cdi_hook.errors import HookError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 STEP = "device cgroup"
 # The cgroup mount point systemd and runtimes use; the runtime is in unified (v2) mode when
 # it holds a cgroup2 file system, like runc's IsCgroup2UnifiedMode decides.
@@ -133,7 +137,7 @@ def _replace_program(cgroup_fd: int, cgroup_dir: str, prog_id: int, attach_flags
     """Swap one attached program for its extension; the old one stays until the swap."""
     from cdi_hook.live import bpf
 
-    def fail(what: str, detail: str):
+    def fail(what: str, detail: str | None) -> HookError:
         return HookError(STEP, names, f"{what} (device program {prog_id} of {cgroup_dir}): {detail}")
 
     try:
@@ -263,7 +267,7 @@ def _prefer_mount_point(mounts: list[_Mount], mount_point: str) -> list[_Mount]:
     return at_point + [m for m in mounts if m.mount_point != mount_point]
 
 
-def _cgroup_dir(mounts: list[_Mount], cgroup_path: str, wanted) -> str | None:
+def _cgroup_dir(mounts: list[_Mount], cgroup_path: str, wanted: Callable[[_Mount], bool]) -> str | None:
     """The directory of `cgroup_path` under the first wanted mount that shows it."""
     for mount in mounts:
         if not wanted(mount):

@@ -45,7 +45,7 @@ class _LockedDir:
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self.fd
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         os.close(self.fd)  # closing drops the flock
 
 

@@ -236,7 +236,7 @@ def release(origin: str, rdt: IntelRdt, *, container_id: str = "") -> None:
         _remove_group(group, "resctrl group", origin)
 
 
-def _remove_group(path, what: str, origin: str) -> None:
+def _remove_group(path: Path, what: str, origin: str) -> None:
     """rmdir a resctrl group (the kernel moves its tasks back); gone already is fine."""
     try:
         path.rmdir()

@@ -14,6 +14,10 @@ import os
 
 from cdi_hook.live import _linux_ctypes as _sys
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from typing import overload
+
 SYS_OPEN_TREE = 428
 SYS_MOVE_MOUNT = 429
 SYS_OPENAT2 = 437
@@ -66,6 +70,13 @@ MOUNT_ATTR_RELATIME = 0x00
 MOUNT_ATTR_NOATIME = 0x10
 MOUNT_ATTR_STRICTATIME = 0x20
 MOUNT_ATTR_NODIRATIME = 0x80
+
+
+if TYPE_CHECKING:
+    @overload
+    def _bytes(path: str) -> bytes: ...
+    @overload
+    def _bytes(path: str | None) -> bytes | None: ...
 
 
 def _bytes(path: str | None) -> bytes | None:

@@ -25,6 +25,10 @@ from cdi_hook.errors import CdiError, HookError
 from cdi_hook.live import devices, ldcache, ldmemo, mounts, syscalls
 from cdi_hook.live.rootfs import Rootfs
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    import _socket
+
 
 class RootfsWork:
     def __init__(self, rootfs: str, nodes: list[devices.NodeJob], mounts: list[mounts.MountJob],
@@ -158,13 +162,13 @@ def start(container_pidfd: int, work: RootfsWork) -> Worker:
 _FDS_PER_MESSAGE = 250
 
 
-def _socket_pair():
+def _socket_pair() -> tuple[_socket.socket, _socket.socket]:
     import _socket  # not socket.py: its enum and selectors imports cost a start ~2 ms
 
     return _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
 
 
-def _send_sources(sock, binds: list) -> None:
+def _send_sources(sock: _socket.socket, binds: list) -> None:
     """Each bind job's clone fd, in job order; per fd a byte: b"d" for a folder, b"f" otherwise."""
     import _socket
 
@@ -178,7 +182,7 @@ def _send_sources(sock, binds: list) -> None:
             raise HookError("inject", "", f"passing the mounts' host sources to the worker: {error.strerror}") from None
 
 
-def _receive_sources(sock, binds: list) -> None:
+def _receive_sources(sock: _socket.socket, binds: list) -> None:
     """The worker's side of _send_sources; HookError when the hook sent none (it failed)."""
     import _socket
 
@@ -197,7 +201,8 @@ def _receive_sources(sock, binds: list) -> None:
             job.source_is_dir = kind == ord("d")
 
 
-def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int, sources, binds: list) -> int:
+def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int, sources: _socket.socket | None,
+           binds: list) -> int:
     """sources: the worker's end of the socket pair the bind jobs' clones (binds) come on."""
     mounted: list[int] = []
     notes: list[str] = []
@@ -226,10 +231,11 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int, source
         send({"ok": False, "error": message + _undo_note(undo())})
         return 1
 
-    host_ns_fd = None
+    host_ns_fd: int | None = None
 
     def clone_late(job: devices.NodeJob) -> None:
         """mknod was refused: back to the host's mount namespace for a clone of its node."""
+        assert host_ns_fd is not None  # given to create_nodes only with it
         syscalls.setns(host_ns_fd, syscalls.CLONE_NEWNS)
         try:
             devices.clone_host_nodes([job])
