@@ -62,6 +62,15 @@ from array import array
 from cdi_hook import __version__
 from cdi_hook.files import is_private_file
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from types import ModuleType
+    from typing import Any
+
+    from cdi_hook.registry import Registry, Selection
+    from cdi_hook.spec.model import Device, Spec
+
 CACHE_DIR_ENV = "CDI_HOOK_CACHE_DIR"
 DEFAULT_CACHE_DIR = "/run/cdi-hook"
 CACHE_FORMAT = 5  # bump when the layout below changes
@@ -91,7 +100,7 @@ def cache_dir() -> str | None:
     return directory if os.path.isabs(directory) else None
 
 
-def select(names, spec_dirs=None):
+def select(names: Iterable[str], spec_dirs: Iterable[str] | None = None) -> Selection:
     """Registry.load(spec_dirs).select(names), answered from the cache when it is valid and
     covers every name: the same Selection, the same errors."""
     from cdi_hook import registry
@@ -125,13 +134,13 @@ def select(names, spec_dirs=None):
     return loaded.select(wanted)
 
 
-def spec_dir_tuple(spec_dirs) -> tuple[str, ...]:
+def spec_dir_tuple(spec_dirs: Iterable[str] | None) -> tuple[str, ...]:
     from cdi_hook import registry
 
     return tuple(registry.DEFAULT_SPEC_DIRS if spec_dirs is None else spec_dirs)
 
 
-def _key(dirs: tuple[str, ...], registry) -> tuple:
+def _key(dirs: tuple[str, ...], registry: ModuleType) -> tuple:
     """What the answer depends on besides the files. The size setting as written: a bad
     value has no cache (the full load that reports it writes none)."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -146,14 +155,16 @@ def _key(dirs: tuple[str, ...], registry) -> tuple:
 def cache_path(key: tuple) -> str:
     """One file per configuration (dirs, trust, size limit), so two set-ups never fight."""
     tag = zlib.crc32(repr(key[3:]).encode())
-    return os.path.join(cache_dir(), f"registry-{tag:08x}.cache")
+    directory = cache_dir()
+    assert directory is not None  # callers check cache_dir() first
+    return os.path.join(directory, f"registry-{tag:08x}.cache")
 
 
 # ---------------------------------------------------------------------------------------
 # What the spec dirs look like now
 
 
-def snapshot(dirs) -> tuple:
+def snapshot(dirs: Iterable[str]) -> tuple:
     """Per dir: (dir, its stat signature, spec file names, their stat signatures).
 
     The per-file part is the hot loop at 10,000 files, so it is kept flat: the names as
@@ -162,7 +173,7 @@ def snapshot(dirs) -> tuple:
     as bytes with the cached ones. listdir's order is kept (stable while a dir is
     unchanged): a different order only means a rebuild, never a wrong answer.
     """
-    listing = []
+    listing: list[tuple[str, tuple, str, bytes]] = []
     for spec_dir in dirs:
         try:
             fd = os.open(spec_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -178,7 +189,7 @@ def snapshot(dirs) -> tuple:
                 try:
                     st = os.stat(name, dir_fd=fd)  # follows symlinks, as reading the spec does
                 except OSError as error:
-                    sigs.extend((-1, error.errno, 0, 0, 0))
+                    sigs.extend((-1, error.errno, 0, 0, 0))  # type: ignore[arg-type]  # os.stat's OSError has one
                     continue
                 sigs.extend((st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
         except OSError as error:
@@ -269,7 +280,8 @@ def generation_content(dirs: tuple[str, ...], generation: bytes) -> bytes:
 # Reading
 
 
-def lookup(path: str, key: tuple, listing: tuple | None, wanted: list[str], generation: bytes | None = None):
+def lookup(path: str, key: tuple, listing: tuple | None, wanted: list[str],
+           generation: bytes | None = None) -> dict[str, tuple[Spec, Device]] | None:
     """{name: (Spec, Device)} for every wanted name from a valid cache, else None. Valid:
     the key matches, and the generation (when given) or else the listing is the recorded one."""
     try:
@@ -300,7 +312,8 @@ def _root_only(st: os.stat_result) -> bool:
     return st.st_uid == 0 and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
-def _lookup(fd: int, key: tuple, listing: tuple | None, wanted: list[str], generation: bytes | None):
+def _lookup(fd: int, key: tuple, listing: tuple | None, wanted: list[str],
+            generation: bytes | None) -> dict[str, tuple[Spec, Device]] | None:
     header = os.pread(fd, 16, 0)
     if header[:8] != MAGIC:
         return None
@@ -318,8 +331,8 @@ def _lookup(fd: int, key: tuple, listing: tuple | None, wanted: list[str], gener
     elif listing_part is None or marshal.loads(_pread(fd, base, *listing_part)) != listing:
         return None
     table_offset, _, _ = table_part
-    found = {}
-    specs = {}
+    found: dict[str, tuple[Spec, Device]] = {}
+    specs: dict[int, Any] = {}
     for name in wanted:
         entry = array("q", _pread(fd, base, table_offset + 24 * (zlib.crc32(name.encode()) % bucket_count), 24, None))
         entry = marshal.loads(_pread(fd, base, *entry)).get(name)
@@ -349,7 +362,7 @@ def _pread(fd: int, base: int, offset: int, length: int, crc: int | None) -> byt
 # Writing
 
 
-def write(path: str, key: tuple, listing: tuple | None, registry, generation: bytes | None = None) -> bool:
+def write(path: str, key: tuple, listing: tuple | None, registry: Registry, generation: bytes | None = None) -> bool:
     """Write the cache for a loaded registry atomically; False (and no file) when it cannot.
     listing None: valid only while the watcher's generation is still `generation`."""
     if os.geteuid() != 0:
@@ -395,7 +408,7 @@ def ensure_private_dir(directory: str) -> None:
         raise PermissionError(f"{directory}: not a root-only directory")
 
 
-def encode(key: tuple, listing: tuple | None, registry, generation: bytes | None = None) -> bytes:
+def encode(key: tuple, listing: tuple | None, registry: Registry, generation: bytes | None = None) -> bytes:
     spec_blobs: list[bytes] = []
     spec_index: dict[int, int] = {}  # id(spec) -> blob number
     entries: dict[str, tuple[int, int]] = {}  # name -> (blob number, device index)
@@ -452,7 +465,7 @@ def _model_classes() -> tuple:
     return _CLASSES
 
 
-def plain(value):
+def plain(value: Any) -> Any:
     """A model object as marshal-able data: [class number, field values...]; tuples stay tuples."""
     classes = _model_classes()
     if type(value) in classes:  # before the tuple case: model records are namedtuples
@@ -464,7 +477,7 @@ def plain(value):
     raise ValueError(f"cannot cache a {type(value).__name__}")
 
 
-def decode(data):
+def decode(data: Any) -> Any:
     """plain()'s inverse, through the model's constructors. Scalars (most of the items) are
     taken as they are without a call: this runs for every field of every requested spec."""
     if type(data) is list:
@@ -485,7 +498,9 @@ _POLICY_MODULES = ("cache.py", "policy.py", "attribution.py", "spec/names.py")
 
 
 def _policy_cache_path(signature: tuple) -> str:
-    return os.path.join(cache_dir(), f"policy-{zlib.crc32(signature[0].encode()):08x}.cache")
+    directory = cache_dir()
+    assert directory is not None  # callers check cache_dir() first
+    return os.path.join(directory, f"policy-{zlib.crc32(signature[0].encode()):08x}.cache")
 
 
 def _policy_key(signature: tuple) -> tuple:
@@ -495,7 +510,7 @@ def _policy_key(signature: tuple) -> tuple:
     return (CACHE_FORMAT, __version__, code, signature)
 
 
-def load_policy(signature: tuple):
+def load_policy(signature: tuple) -> Any:
     """The compiled policy (plain tuples: policy.py rebuilds it) for a file with this stat
     signature, or None."""
     if os.geteuid() != 0 or cache_dir() is None:

@@ -11,8 +11,16 @@ import sys
 
 from cdi_hook.spec import HOOK_STAGES as STAGES
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Mapping
+    from typing import Any
 
-def _spec_dirs(args, environ=os.environ) -> list[str] | None:
+    from cdi_hook.commands.injection_server import Server
+
+
+def _spec_dirs(args: Any, environ: Mapping[str, str] = os.environ) -> list[str] | None:  # Namespace or HookArgs
     """--spec-dir wins over CDI_SPEC_DIRS, which wins over the defaults (None)."""
     if getattr(args, "spec_dir", None):
         return list(args.spec_dir)
@@ -22,7 +30,7 @@ def _spec_dirs(args, environ=os.environ) -> list[str] | None:
     return None
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -32,7 +40,7 @@ def build_parser():
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def with_specs(p):
+    def with_specs(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument(
             "--spec-dir",
             action="append",
@@ -131,7 +139,7 @@ def build_parser():
     return parser
 
 
-def dispatch(args) -> int:
+def dispatch(args: Any) -> int:  # argparse's Namespace, or HookArgs for a plain `hook` argv
     command = args.command
     if command in ("list", "validate", "show"):
         from cdi_hook.commands import specs
@@ -177,7 +185,7 @@ def dispatch(args) -> int:
     raise AssertionError(command)
 
 
-def fast_hook_args(argv: list[str]):
+def fast_hook_args(argv: list[str]) -> HookArgs | None:
     """The hook's usual argv (`hook [--stage S] [--spec-dir D]...`) without argparse.
 
     Every container start runs `cdi-hook hook`; argparse with its sub-parsers costs ~3 ms
@@ -219,6 +227,7 @@ class HookArgs:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args: argparse.Namespace | HookArgs | None
     args = fast_hook_args(sys.argv[1:] if argv is None else argv)
     if args is None:
         args = build_parser().parse_args(argv)
@@ -227,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     return run(args)
 
 
-def _hook_process(args) -> int:
+def _hook_process(args: HookArgs) -> int:
     """Every container start runs this: no cyclic garbage collection (the process lives for
     milliseconds, allocating mostly while it imports), and no interpreter finalization at
     the end (tearing down every module costs ~3-5 ms and does nothing the hook needs: its
@@ -247,7 +256,7 @@ def _hook_process(args) -> int:
         os._exit(code)
 
 
-def run(args) -> int:
+def run(args: Any) -> int:  # argparse's Namespace, or HookArgs for a plain `hook` argv
     # Here, not at the top: a hook served by `watch --serve` never needs it (~0.4 ms).
     from cdi_hook.errors import CdiError, printable
 
@@ -274,13 +283,13 @@ def run(args) -> int:
         return 1
 
 
-def _parse_hook_request(argv: list[str], environ) -> tuple | None:
+def _parse_hook_request(argv: list[str], environ: Mapping[str, str]) -> tuple[HookArgs, list[str] | None] | None:
     """(args, spec dirs) of a hook's argv sent to the injection server; None unless plain."""
     args = fast_hook_args(argv)
     return None if args is None else (args, _spec_dirs(args, environ))
 
 
-def _injection_server(dirs: tuple[str, ...], log):
+def _injection_server(dirs: tuple[str, ...], log: Callable[[str], None]) -> Server:
     from cdi_hook.commands import injection_server
 
     return injection_server.Server(dirs, _parse_hook_request, run, log)

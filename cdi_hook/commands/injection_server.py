@@ -13,11 +13,12 @@ from cdi_hook.commands.serve import (ACCEPTED, DEFAULT_SPEC_DIRS, GO, GO_TIMEOUT
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     import _socket
-    import argparse
     from collections.abc import Callable
 
+    from cdi_hook.cli import HookArgs
+
     # argv, environment -> (args, spec dirs) of a plain `hook` invocation, or None
-    ParseHook = Callable[[list[str], dict[str, str]], tuple[argparse.Namespace, list[str] | None] | None]
+    ParseHook = Callable[[list[str], dict[str, str]], tuple[HookArgs, list[str] | None] | None]
 
 
 class Server:
@@ -35,7 +36,7 @@ class Server:
     (its end closes) or, sooner, when another hook is waiting on the socket: a fork is a few
     ms of CPU, which would otherwise compete with the request being served."""
 
-    def __init__(self, spec_dirs: tuple[str, ...], parse_hook: ParseHook, run_hook: Callable[[argparse.Namespace], int],
+    def __init__(self, spec_dirs: tuple[str, ...], parse_hook: ParseHook, run_hook: Callable[[HookArgs], int],
                  log: Callable[[str], None]) -> None:
         import _socket
 
@@ -238,7 +239,7 @@ class Server:
         except OSError as error:
             self.log(f"injection request dropped: {error}")
 
-    def _parse(self, data: bytes, fds: list[int]) -> tuple[list[str], dict[str, str], argparse.Namespace] | None:
+    def _parse(self, data: bytes, fds: list[int]) -> tuple[list[str], dict[str, str], HookArgs] | None:
         """(argv, env, args) of a request this server may serve, else None (logged)."""
         fields = data.split(b"\0")
         if len(fds) != PASSED_FDS or fields[0] != MAGIC or len(fields) < 2 or not fields[1].isdigit() \
@@ -258,7 +259,7 @@ class Server:
         return argv, env, args
 
     def _serve(self, conn: _socket.socket, fds: list[int], argv: list[str], env: dict[str, str],
-               args: argparse.Namespace) -> None:
+               args: HookArgs) -> None:
         from cdi_hook.live import syscalls
 
         stdin, stdout, stderr, cwd, pidfd = fds
