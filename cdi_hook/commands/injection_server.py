@@ -14,8 +14,9 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run t
 if TYPE_CHECKING:
     import _socket
     from collections.abc import Callable
+    from typing import Any
 
-    from cdi_hook.cli import HookArgs
+    HookArgs = Any  # cli.HookArgs (cli is a layer above: tests/test_layout.py)
 
     # argv, environment -> (args, spec dirs) of a plain `hook` invocation, or None
     ParseHook = Callable[[list[str], dict[str, str]], tuple[HookArgs, list[str] | None] | None]

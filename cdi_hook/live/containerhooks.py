@@ -39,6 +39,14 @@ from cdi_hook.errors import HookError
 from cdi_hook.live import syscalls
 from cdi_hook.live.spechooks import OUTPUT_LIMIT, STEP, _tail
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from cdi_hook.spec.model import Hook
+
+    _Refuse = Callable[[str], HookError]  # a message -> the HookError naming the hook
+
 STAGE = "createContainer"
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -62,7 +70,7 @@ class Program:
         self.argv, self.env, self.timeout = argv, env, timeout
 
 
-def open_programs(hooks) -> list[Program]:
+def open_programs(hooks: Iterable[tuple[str, Hook]]) -> list[Program]:
     """(origin, Hook) pairs → Programs, in order; HookError naming the device and path when a
     hook cannot be run (missing, not a regular file, not executable, a bad interpreter line)."""
     programs: list[Program] = []
@@ -85,7 +93,7 @@ def close_programs(programs: list[Program]) -> None:
                     pass
 
 
-def _open_program(origin: str, hook) -> Program:
+def _open_program(origin: str, hook: Hook) -> Program:
     def refuse(message: str) -> HookError:
         return HookError(STEP, origin, f"{STAGE} hook {hook.path}: {message}")
 
@@ -119,7 +127,7 @@ def _open_program(origin: str, hook) -> Program:
     return Program(origin, hook.path, interpreter_fd, fd, argv, env, hook.timeout)
 
 
-def _open_executable(path: str, refuse, what: str = "") -> int:
+def _open_executable(path: str, refuse: _Refuse, what: str = "") -> int:
     """path opened on the host (following symlinks, as exec does); a regular file or HookError."""
     what = f"{what}: " if what else ""
     try:
@@ -133,7 +141,7 @@ def _open_executable(path: str, refuse, what: str = "") -> int:
     return fd
 
 
-def _interpreter_line(head: bytes, refuse) -> tuple[str, str]:
+def _interpreter_line(head: bytes, refuse: _Refuse) -> tuple[str, str]:
     """(interpreter, its one optional argument) as binfmt_script parses a `#!` line: blanks
     around the interpreter skipped, everything after it up to the end of the line (trailing
     blanks cut) is one argument. Stricter than the kernel: the whole line must fit in its

@@ -20,10 +20,23 @@ import os
 
 from cdi_hook.errors import CdiError, HookError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from cdi_hook.live.cgroups import DeviceRule
+    from cdi_hook.live.devices import NodeJob
+    from cdi_hook.live.mounts import MountJob
+    from cdi_hook.live.worker import Worker
+    from cdi_hook.log import ContainerLog
+    from cdi_hook.oci import Config, IdMapping, State
+    from cdi_hook.plan import Plan
+    from cdi_hook.spec.model import Hook
+
 INJECTION_STAGES = ("createRuntime", "prestart")
 
 
-def run_stage(stage: str, plan, state, config, log, spec_hooks: bool = True) -> None:
+def run_stage(stage: str, plan: Plan, state: State, config: Config, log: ContainerLog, spec_hooks: bool = True) -> None:
     """spec_hooks=False: at poststop, only undo what createRuntime did (a request the policy
     no longer honours gets no spec hook run)."""
     if stage not in INJECTION_STAGES:
@@ -37,7 +50,7 @@ def run_stage(stage: str, plan, state, config, log, spec_hooks: bool = True) -> 
     inject(stage, plan, state, config, log)
 
 
-def inject(stage: str, plan, state, config, log) -> None:
+def inject(stage: str, plan: Plan, state: State, config: Config, log: ContainerLog) -> None:
     if not state.pid:
         raise CdiError(f"OCI state on stdin: pid: missing, needed at {stage} to reach the container")
     _refuse_start_container_hooks(plan)
@@ -90,14 +103,14 @@ def inject(stage: str, plan, state, config, log) -> None:
                 log.warning(f"undo: {problem}")
 
 
-def _run_spec_hooks(hooks, state) -> None:
+def _run_spec_hooks(hooks: list[tuple[str, Hook]], state: State) -> None:
     if hooks:  # spechooks imports subprocess (~2 ms): only when a spec has hooks to run
         from cdi_hook.live import spechooks
 
         spechooks.run_hooks(hooks, state.raw)
 
 
-def _return_net_devices(state, config, plan, log) -> None:
+def _return_net_devices(state: State, config: Config, plan: Plan, log: ContainerLog) -> None:
     """At poststop the container is gone already: a device that cannot go home is a warning."""
     if not plan.net_devices:
         return
@@ -110,7 +123,7 @@ def _return_net_devices(state, config, plan, log) -> None:
         log.warning(str(error))
 
 
-def node_jobs(plan) -> list:
+def node_jobs(plan: Plan) -> list[NodeJob]:
     """The worker's device node jobs, in plan order. The plan's None owner is the runtime's
     default: the container's root."""
     from cdi_hook.live.devices import NodeJob
@@ -119,14 +132,14 @@ def node_jobs(plan) -> list:
             for p in plan.nodes]
 
 
-def mount_jobs(plan) -> list:
+def mount_jobs(plan: Plan) -> list[MountJob]:
     """The worker's mount jobs, in plan order (parents before children)."""
     from cdi_hook.live import mounts
 
     return [mounts.MountJob(origin, mount, mounts.parse_options(mount)) for origin, mount in plan.mounts]
 
 
-def cgroup_rules(plan) -> list:
+def cgroup_rules(plan: Plan) -> list[DeviceRule]:
     """The device cgroup rules to add. A planned rule with no access ("none") allows nothing,
     so it adds nothing: the runtime's deny stays."""
     from cdi_hook.live import cgroups
@@ -134,7 +147,7 @@ def cgroup_rules(plan) -> list:
     return [cgroups.DeviceRule(r.type, r.major, r.minor, r.access) for r in plan.device_rules if r.access]
 
 
-def _refuse_start_container_hooks(plan) -> None:
+def _refuse_start_container_hooks(plan: Plan) -> None:
     """startContainer hooks run inside the container after pivot_root, just before the user's
     program: a hook, which runs before the runtime pivots, has no faithful way to run them."""
     hooks = plan.hooks_at("startContainer")
@@ -148,7 +161,7 @@ def _refuse_start_container_hooks(plan) -> None:
                         "which hand it to the runtime")
 
 
-def _start_rootfs_work(pidfd: int, config, plan, log, state):
+def _start_rootfs_work(pidfd: int, config: Config, plan: Plan, log: ContainerLog, state: State) -> Worker | None:
     nodes, mounts = node_jobs(plan), mount_jobs(plan)
     for job in mounts:
         if job.options.ignored:
@@ -178,7 +191,7 @@ def _start_rootfs_work(pidfd: int, config, plan, log, state):
             containerhooks.close_programs(programs)  # the worker has its own copies
 
 
-def _wait_rootfs_work(handle, log) -> None:
+def _wait_rootfs_work(handle: Worker, log: ContainerLog) -> None:
     """The worker's report: its notes and step times logged; CdiError when it failed (it has
     undone its work and exited then)."""
     report = handle.wait_report()
@@ -188,11 +201,11 @@ def _wait_rootfs_work(handle, log) -> None:
         log.record_step(step, ms)
 
 
-def host_ids_of_container_root(config) -> tuple[int, int] | None:
+def host_ids_of_container_root(config: Config) -> tuple[int, int] | None:
     if not config.user_namespace:
         return None
 
-    def host_id(mappings) -> int:
+    def host_id(mappings: Iterable[IdMapping]) -> int:
         for m in mappings:
             if m.container_id <= 0 < m.container_id + m.size:
                 return m.host_id - m.container_id
@@ -201,7 +214,7 @@ def host_ids_of_container_root(config) -> tuple[int, int] | None:
     return host_id(config.uid_mappings), host_id(config.gid_mappings)
 
 
-def _allow_devices(pid: int, plan) -> None:
+def _allow_devices(pid: int, plan: Plan) -> None:
     rules = cgroup_rules(plan)
     if not rules:
         return
@@ -215,7 +228,7 @@ def _allow_devices(pid: int, plan) -> None:
         raise HookError(error.step, origins, f"{error.device}: {error.detail}" if error.device else error.detail) from None
 
 
-def _warn_unapplicable(plan, log) -> None:
+def _warn_unapplicable(plan: Plan, log: ContainerLog) -> None:
     """env and additionalGids belong to config.json; a live hook is too late for them."""
     for items, what in ((plan.env, "environment variables"), (plan.additional_gids, "additional GIDs")):
         by_origin: dict[str, list[str]] = {}
@@ -226,7 +239,7 @@ def _warn_unapplicable(plan, log) -> None:
                         "use `cdi-hook precreate` or `cdi-hook inject --mode edits` for them")
 
 
-def _release_rdt(state, plan, log) -> None:
+def _release_rdt(state: State, plan: Plan, log: ContainerLog) -> None:
     """At poststop the container's MON group (and a group named after it) goes; failures only warn."""
     if not plan.intel_rdt:
         return

@@ -45,6 +45,11 @@ from cdi_hook.errors import HookError
 from cdi_hook.live import syscalls as sc
 from cdi_hook.live.rootfs import Rootfs
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from types import ModuleType
+    from typing import Literal
+
 STEP = "ldconfig"
 CONF_DIR = "etc/ld.so.conf.d"
 CONF_NAME = "00-cdi-hook.conf"
@@ -110,6 +115,7 @@ def is_static_elf(fd: int) -> bool:
     header = os.pread(fd, 64, 0)
     if len(header) < 52 or header[:4] != b"\x7fELF" or header[4] not in (1, 2) or header[5] not in (1, 2):
         return False
+    order: Literal["little", "big"]
     is_64, order = header[4] == 2, "little" if header[5] == 1 else "big"
 
     def number(data: bytes, offset: int, size: int) -> int:
@@ -437,7 +443,7 @@ def _run_chrooted(root_fd: int, program_fd: int, argv: list[str], cwd_fd: int | 
     return status, output.decode("utf-8", "replace")
 
 
-def _confine(prctl) -> None:
+def _confine(prctl: ModuleType) -> None:
     """In the forked child just before exec: ldconfig keeps only the capabilities it needs to
     read and write the image's files, can never gain privileges, and has CPU/memory bounds."""
     import resource
@@ -451,7 +457,7 @@ def _confine(prctl) -> None:
 
 def _collect(pid: int, fd: int) -> tuple[bytes, str]:
     """Output and end of a child, killing it after TIMEOUT_S."""
-    chunks = []
+    chunks: list[bytes] = []
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while True:

@@ -43,6 +43,11 @@ import zlib
 from cdi_hook.files import is_private_file
 from cdi_hook.live import syscalls as sc
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
+
 FORMAT = 1
 MAGIC = b"CDIHKL%02d" % FORMAT
 SUBDIR = "ldconfig"
@@ -83,7 +88,7 @@ def open_dir() -> int | None:
 # The key
 
 
-def conf_key(view_fd: int, ldconfig_fd: int, argv: list[str]) -> bytes | None:
+def conf_key(view_fd: int, ldconfig_fd: int, argv: Sequence[str]) -> bytes | None:
     """Part one of the key: ldconfig's identity and arguments and every conf file it reads
     (path and content, in the order it reads them). None when not supported."""
     st = os.fstat(ldconfig_fd)
@@ -111,8 +116,8 @@ def _read_conf(view_fd: int, path: str, files: list, depth: int) -> None:
         if not line:
             continue
         if line.startswith(b"include") and line[7:8] in (b" ", b"\t"):
-            for pattern in line[8:].split():
-                pattern = os.fsdecode(pattern)
+            for word in line[8:].split():
+                pattern = os.fsdecode(word)
                 if not pattern.startswith("/"):
                     pattern = posixpath.join(posixpath.dirname(path), pattern)
                 for match in _glob(view_fd, pattern):
@@ -219,7 +224,7 @@ def state_key(view_fd: int, folders: tuple) -> tuple[bytes, int] | None:
     """Part two of the key: each folder's state now (missing, not a folder, which earlier one
     it is the same folder as, and for a scanned one its listing). Also the newest timestamp
     seen, for the freshness rule. None when a folder cannot be looked at."""
-    states = []
+    states: list[tuple] = []
     seen: dict[tuple[int, int], int] = {}
     budget = [MAX_ENTRIES, 0]  # entries left, newest timestamp
     for index, (path, kind) in enumerate(folders):
@@ -260,7 +265,7 @@ def _listing(view_fd: int, fd: int, path: str, budget: list) -> tuple | None:
     if budget[0] < 0:
         return None
     found.sort()
-    signatures = {}
+    signatures: dict[str, tuple] = {}
     for name, is_file in found:
         if is_file and not _is_library_like(name):
             signatures[name] = ()
@@ -319,7 +324,7 @@ class Attempt:
         self.started_ns = started_ns
 
 
-def lookup(memo_fd: int, view_fd: int, ldconfig_fd: int, argv: list[str]) -> tuple[bytes | None, Attempt]:
+def lookup(memo_fd: int, view_fd: int, ldconfig_fd: int, argv: Sequence[str]) -> tuple[bytes | None, Attempt]:
     """(the remembered cache for the input as it is now, or None; what remember() needs)."""
     started = time.time_ns()
     conf = conf_key(view_fd, ldconfig_fd, argv)
@@ -339,7 +344,7 @@ def lookup(memo_fd: int, view_fd: int, ldconfig_fd: int, argv: list[str]) -> tup
     return None, Attempt(conf, folders, state[0], started)
 
 
-def remember(memo_fd: int, view_fd: int, ldconfig_fd: int, argv: list[str], attempt: Attempt,
+def remember(memo_fd: int, view_fd: int, ldconfig_fd: int, argv: Sequence[str], attempt: Attempt,
              verbose: bytes, errors: str, cache: bytes) -> bool:
     """Keep the cache ldconfig just made, when its input provably did not change while it ran.
 
@@ -374,7 +379,7 @@ def _cache_name(conf: bytes, state: bytes) -> str:
     return f"cache-{zlib.crc32(conf):08x}-{zlib.crc32(state):08x}-{len(state):x}"
 
 
-def _load(memo_fd: int, name: str, key):
+def _load(memo_fd: int, name: str, key: object) -> Any:
     """The value stored under name for exactly this key; None for anything else."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=memo_fd)
@@ -395,7 +400,7 @@ def _load(memo_fd: int, name: str, key):
         os.close(fd)
 
 
-def _store(memo_fd: int, name: str, key, value) -> bool:
+def _store(memo_fd: int, name: str, key: Any, value: Any) -> bool:  # marshal-able
     """Write MAGIC + marshal((key, value)) as name, atomically (temp file + rename), 0600."""
     temp = f".{name}.{os.getpid()}.tmp"
     try:
