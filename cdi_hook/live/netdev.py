@@ -46,6 +46,16 @@ from cdi_hook.errors import HookError
 from cdi_hook.spec.model import NetDevice
 from cdi_hook.spec.rules import interface_name_problem, is_interface_name_template
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from typing import Any
+
+    from pyroute2 import IPRoute  # no type information: Any
+
+    from cdi_hook.oci import Config, State
+
+    _Link = Any  # a pyroute2 link message (ifinfmsg)
+
 STEP = "network device"
 
 IFA_F_PERMANENT = 0x80  # linux/if_addr.h
@@ -83,7 +93,7 @@ def _is_errno(error: Exception, number: int) -> bool:
     return getattr(error, "code", None) == number or getattr(error, "errno", None) == number
 
 
-def _find_link(ipr, name: str):
+def _find_link(ipr: IPRoute, name: str) -> _Link | None:
     """The link message for `name` in the socket's namespace, or None."""
     from pyroute2.netlink.exceptions import NetlinkError
 
@@ -95,7 +105,7 @@ def _find_link(ipr, name: str):
         raise
 
 
-def _addresses_to_keep(ipr, index: int) -> tuple[Address, ...]:
+def _addresses_to_keep(ipr: IPRoute, index: int) -> tuple[Address, ...]:
     kept = []
     for msg in ipr.addr("dump", index=index):
         flags = msg.get_attr("IFA_FLAGS")
@@ -115,7 +125,7 @@ def _addresses_to_keep(ipr, index: int) -> tuple[Address, ...]:
     return tuple(kept)
 
 
-def _link_state(ipr, link) -> LinkState:
+def _link_state(ipr: IPRoute, link: _Link) -> LinkState:
     index = link["index"]
     return LinkState(
         index=index,
@@ -126,7 +136,7 @@ def _link_state(ipr, link) -> LinkState:
     )
 
 
-def _add_address(ipr, index: int, address: Address) -> None:
+def _add_address(ipr: IPRoute, index: int, address: Address) -> None:
     request = {"index": index, "family": address.family, "prefixlen": address.prefixlen}
     if address.peer:
         request.update(local=address.local, address=address.peer)
@@ -137,7 +147,7 @@ def _add_address(ipr, index: int, address: Address) -> None:
     ipr.addr("add", **request)
 
 
-def _configure(ipr, index: int, state: LinkState, *, up: bool) -> None:
+def _configure(ipr: IPRoute, index: int, state: LinkState, *, up: bool) -> None:
     """Give the link at `index` the captured MTU and addresses, then set it up or down."""
     link = ipr.link("get", index=index)[0]
     if state.mtu and link.get_attr("IFLA_MTU") != state.mtu:
@@ -198,7 +208,8 @@ def move_into_container(container_pid: int, items: list[tuple[str, NetDevice]], 
         os.close(netns_fd)
 
 
-def _check_all(host, inner, items) -> list[tuple[str, NetDevice, LinkState]]:
+def _check_all(host: IPRoute, inner: IPRoute,
+               items: list[tuple[str, NetDevice]]) -> list[tuple[str, NetDevice, LinkState]]:
     """Every refusal that can be known before anything moves."""
     plan = []
     for origin, device in items:
@@ -217,7 +228,8 @@ def _check_all(host, inner, items) -> list[tuple[str, NetDevice, LinkState]]:
     return plan
 
 
-def _move_all(host, inner, netns_fd: int, plan, container_id: str) -> None:
+def _move_all(host: IPRoute, inner: IPRoute, netns_fd: int, plan: list[tuple[str, NetDevice, LinkState]],
+              container_id: str) -> None:
     moved: list[_Moved] = []
     try:
         for origin, device, state in plan:
@@ -235,7 +247,7 @@ def _move_all(host, inner, netns_fd: int, plan, container_id: str) -> None:
         raise
 
 
-def _move_one(host, inner, netns_fd: int, origin: str, device: NetDevice, state: LinkState,
+def _move_one(host: IPRoute, inner: IPRoute, netns_fd: int, origin: str, device: NetDevice, state: LinkState,
               moved: list[_Moved]) -> None:
     cname = container_name(device)
     try:
@@ -269,7 +281,7 @@ def _message(error: HookError) -> str:
     return text[len(prefix):] if text.startswith(prefix) else text
 
 
-def _moved_index(inner, cname: str, before: set[int]) -> int:
+def _moved_index(inner: IPRoute, cname: str, before: set[int]) -> int:
     if not is_interface_name_template(cname):
         return inner.link("get", ifname=cname)[0]["index"]
     new = [link["index"] for link in inner.link("dump") if link["index"] not in before]
@@ -278,7 +290,7 @@ def _moved_index(inner, cname: str, before: set[int]) -> int:
     return new[0]
 
 
-def _move_back(host, inner, moved: list[_Moved]) -> str:
+def _move_back(host: IPRoute, inner: IPRoute, moved: list[_Moved]) -> str:
     """Undo a partial move: each interface home under its name, as it was. '' if all went well."""
     problems = []
     host_fd = _open_namespace("/proc/self/ns/net")
@@ -298,7 +310,7 @@ def _move_back(host, inner, moved: list[_Moved]) -> str:
 # --- poststop --------------------------------------------------------------------------
 
 
-def container_netns(state, config) -> tuple[int | None, str]:
+def container_netns(state: State | dict[str, Any], config: Config | dict[str, Any]) -> tuple[int | None, str]:
     """An open fd on the container's network namespace, or None and why there is none.
 
     A namespace outlives the container's processes only when something pins it: a
@@ -315,7 +327,7 @@ def container_netns(state, config) -> tuple[int | None, str]:
     network = next((ns for ns in namespaces if isinstance(ns, dict) and ns.get("type") == "network"), None)
     if network is None:
         return None, "the container used the runtime's network namespace"
-    path = network.get("path")
+    path: Any = network.get("path")
     where = path
     if not path:
         pid = (state or {}).get("pid")
@@ -336,7 +348,8 @@ GONE_NOTE = ("the kernel already moved physical interfaces back to the initial n
              "(under their container-side names) and destroyed virtual ones (veth, macvlan, ...)")
 
 
-def return_to_host(state, config, items: list[tuple[str, NetDevice]]) -> list[str]:
+def return_to_host(state: State | dict[str, Any], config: Config | dict[str, Any],
+                   items: list[tuple[str, NetDevice]]) -> list[str]:
     """Bring the interfaces moved in at createRuntime back under their host names.
 
     `state` and `config` are the OCI state and config.json, as dicts or as cdi_hook.oci's
@@ -370,7 +383,8 @@ def return_to_host(state, config, items: list[tuple[str, NetDevice]]) -> list[st
     return notes
 
 
-def _return_all(record, netns_fd: int, items, notes: list[str], failures: list[str]) -> None:
+def _return_all(record: dict | None, netns_fd: int, items: list[tuple[str, NetDevice]], notes: list[str],
+                failures: list[str]) -> None:
     from pyroute2 import IPRoute
 
     # A record made for another namespace (the same container id, started again) says nothing here.
@@ -391,7 +405,8 @@ def _return_all(record, netns_fd: int, items, notes: list[str], failures: list[s
         os.close(host_fd)
 
 
-def _return_one(host, inner, host_fd: int, netns_fd: int, device: NetDevice, moved) -> tuple[bool, str]:
+def _return_one(host: IPRoute, inner: IPRoute, host_fd: int, netns_fd: int, device: NetDevice,
+                moved: Any) -> tuple[bool, str]:
     """Send home the interface `moved` (its record) describes, if it is still that one."""
     hname = device.host_interface_name
     if not isinstance(moved, dict) or not isinstance(moved.get("identity"), dict):
@@ -423,7 +438,7 @@ def _return_one(host, inner, host_fd: int, netns_fd: int, device: NetDevice, mov
     return True, f"'{name}' returned to the host as '{hname}' (down, without addresses)"
 
 
-def _drop_altnames(inner, link) -> None:
+def _drop_altnames(inner: IPRoute, link: _Link) -> None:
     """Alternative names travel with an interface across namespaces: the container could
     name a host interface's name (and so keep this one from coming home), or one the host
     uses later."""
@@ -433,7 +448,7 @@ def _drop_altnames(inner, link) -> None:
         inner.link("property_del", index=link["index"], altname=altnames)
 
 
-def _strand_back(host, inner, netns_fd: int, index: int, recorded: dict, name: str) -> str:
+def _strand_back(host: IPRoute, inner: IPRoute, netns_fd: int, index: int, recorded: dict, name: str) -> str:
     """A move whose rename failed leaves the interface on the host under its container-side
     name: send it back to the container's namespace rather than leave a stray name on the
     host. Had that name been taken on the host, the kernel would not have moved it."""
@@ -453,7 +468,7 @@ def _strand_back(host, inner, netns_fd: int, index: int, recorded: dict, name: s
 # --- the record: what each moved interface is inside the container ---------------------
 
 
-def _identity(link) -> dict:
+def _identity(link: _Link) -> dict:
     """What identifies an interface cdi-hook moved in, as the container's namespace shows it.
 
     The index and MAC say which one it is. The container can give an interface it makes any
@@ -473,7 +488,7 @@ def _identity(link) -> dict:
     }
 
 
-def _link_at(ipr, index: int):
+def _link_at(ipr: IPRoute, index: int) -> _Link | None:
     """The link message for `index` in the socket's namespace, or None."""
     from pyroute2.netlink.exceptions import NetlinkError
 
@@ -497,7 +512,7 @@ def record_dir() -> str:
     return os.path.join(os.path.dirname(state_dir()), "netdev")
 
 
-def _record_name(container_id) -> str:
+def _record_name(container_id: object) -> str:
     if not isinstance(container_id, str) or not container_id:
         raise ValueError("the OCI state has no container id")
     return container_id.replace("%", "%25").replace("/", "%2F") + ".json"
@@ -524,7 +539,7 @@ def _open_record_dir(create: bool) -> int | None:
     return fd
 
 
-def _save_record(container_id: str, netns_fd: int, inner, moved: list[_Moved]) -> None:
+def _save_record(container_id: str, netns_fd: int, inner: IPRoute, moved: list[_Moved]) -> None:
     import json
 
     devices = {}
@@ -534,6 +549,7 @@ def _save_record(container_id: str, netns_fd: int, inner, moved: list[_Moved]) -
     data = json.dumps({"netns": list(_namespace_id(netns_fd)), "devices": devices}).encode()
     name = _record_name(container_id)
     dir_fd = _open_record_dir(create=True)
+    assert dir_fd is not None  # create=True: made, or an error raised
     try:
         temp = f".{name}.{os.getpid()}.tmp"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
@@ -546,7 +562,7 @@ def _save_record(container_id: str, netns_fd: int, inner, moved: list[_Moved]) -
         os.close(dir_fd)
 
 
-def _take_record(container_id) -> dict | None:
+def _take_record(container_id: object) -> dict | None:
     """This container's record, removed from the dir; None when there is none."""
     import json
 
