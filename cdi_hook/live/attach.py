@@ -29,6 +29,20 @@ from cdi_hook.live import bpf, bpf_eval, cgroups, devices, ldcache, mounts, sysc
 from cdi_hook.live.rootfs import Rootfs
 from cdi_hook.live.syscalls import mount_id
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+    from typing import Any
+
+    from cdi_hook.live.devices import NodeJob
+    from cdi_hook.live.mounts import MountJob
+    from cdi_hook.plan import Plan, PlannedNode
+    from cdi_hook.spec.model import Mount
+
+    _Send = Callable[[dict], None]  # a report to the parent
+    _Wait = Callable[[], bytes]  # the parent's verdict: b"c" commit, else roll back
+    _Work = Callable[[Any, _Send, _Wait], None]  # (what prepare() returned, send, wait_verdict)
+
 # --- the child in the container's mount namespace ----------------------------------------
 
 
@@ -94,7 +108,7 @@ class _Child:
 CLONE_NEWPID = 0x20000000
 
 
-def _fork(pidfd: int, prepare, work) -> _Child:
+def _fork(pidfd: int, prepare: Callable[[], Any], work: _Work) -> _Child:
     """Run prepare() in a child on the host side (clones of host sources are taken in the
     host's mount namespace), then work(prepared, send, wait_verdict) in the container.
 
@@ -176,12 +190,12 @@ def _preload() -> None:
         pass  # ldcache says so itself when it needs it
 
 
-def _enter(creator_ids=None) -> Rootfs:
+def _enter(creator_ids: tuple[int, int] | None = None) -> Rootfs:
     # setns made the namespace's root ours: after pivot_root, the container's root.
     return Rootfs.open("/", creator_ids)
 
 
-def path_and_parents(paths) -> list[str]:
+def path_and_parents(paths: Iterable[str]) -> list[str]:
     """Every path and each of its parents, parents first, each once (normalised, absolute)."""
     found: dict[str, None] = {}
     for path in paths:
@@ -195,7 +209,8 @@ def path_and_parents(paths) -> list[str]:
 
 
 class AttachWork:
-    def __init__(self, node_jobs, mount_jobs, library_dirs, libraries: str, by_bind_mount: bool, creator_ids):
+    def __init__(self, node_jobs: list[NodeJob], mount_jobs: list[MountJob], library_dirs: list[str], libraries: str,
+                 by_bind_mount: bool, creator_ids: tuple[int, int] | None):
         self.node_jobs = node_jobs
         self.mount_jobs = mount_jobs
         self.library_dirs = library_dirs  # every mounted library's folder, old and new: the conf lists them all
@@ -208,12 +223,12 @@ def start_attach(pidfd: int, work: AttachWork) -> _Child:
     """Fork the child that makes nodes, mounts and the loader cache; its first report is
     {"ok", "notes", "created"} or {"ok": false, "error"} (then it has undone its work)."""
 
-    def prepare():
+    def prepare() -> int | None:
         devices.clone_host_nodes(work.node_jobs)
         mounts.clone_sources(work.mount_jobs)
         return ldcache.open_host_ldconfig() if work.libraries else None
 
-    def body(ldconfig_fd, send, wait_verdict) -> None:
+    def body(ldconfig_fd: int | None, send: _Send, wait_verdict: _Wait) -> None:
         mounted: list[int] = []
         notes: list[str] = []
         rootfs = None
@@ -254,7 +269,9 @@ def start_attach(pidfd: int, work: AttachWork) -> _Child:
 
 
 class DetachWork:
-    def __init__(self, nodes, mounts_, created, library_dirs, rebuild_cache: bool, libraries: str, creator_ids):
+    def __init__(self, nodes: list[tuple[str, str, str, int, bool]], mounts_: list[tuple[str, str, Any, str]],
+                 created: list[str], library_dirs: list[str], rebuild_cache: bool, libraries: str,
+                 creator_ids: tuple[int, int] | None):
         self.nodes = nodes  # [(device, path, type, rdev, remove)]: remove False = unmount only, never unlink
         self.mounts = mounts_  # [(device, destination, (st_dev, st_ino) of the host source or None, fstype)]
         self.created = created  # paths attach created (mount points, folders): removed when empty
@@ -267,10 +284,10 @@ class DetachWork:
 def run_detach(pidfd: int, work: DetachWork) -> dict:
     """{"ok", "notes", "problems"} (or {"ok": false, "error"}): best effort, every problem named."""
 
-    def prepare():
+    def prepare() -> int | None:
         return ldcache.open_host_ldconfig() if work.rebuild_cache else None
 
-    def body(ldconfig_fd, send, _wait) -> None:
+    def body(ldconfig_fd: int | None, send: _Send, _wait: _Wait) -> None:
         notes: list[str] = []
         problems: list[str] = []
         rootfs = _enter(work.creator_ids)
@@ -309,7 +326,8 @@ def _split(path: str) -> tuple[str, str]:
     return "/".join(parts[:-1]) or ".", parts[-1] if parts else ""
 
 
-def _unmount(rootfs: Rootfs, device: str, where: str, source, fstype: str, notes, problems) -> None:
+def _unmount(rootfs: Rootfs, device: str, where: str, source: Sequence[int] | None, fstype: str, notes: list[str],
+             problems: list[str]) -> None:
     try:
         fd = rootfs.open_path(where)
     except OSError as error:
@@ -344,7 +362,7 @@ def _mount_types() -> dict[int, str]:
     return types
 
 
-def _resolved_entry(rootfs: Rootfs, path: str):
+def _resolved_entry(rootfs: Rootfs, path: str) -> tuple[int, str, os.stat_result] | None:
     """(fd of the parent folder, name, stat) of the entry path leads to inside the rootfs, its
     symlinks followed in-root as attach followed them; None when there is none. The entry is
     found again by name in its folder and must be the same inode: what is removed by name
@@ -375,7 +393,8 @@ def _resolved_entry(rootfs: Rootfs, path: str):
     return parent_fd, name, st
 
 
-def _remove_node(rootfs: Rootfs, device: str, path: str, kind: str, rdev: int, remove: bool, notes, problems) -> None:
+def _remove_node(rootfs: Rootfs, device: str, path: str, kind: str, rdev: int, remove: bool, notes: list[str],
+                 problems: list[str]) -> None:
     found = _resolved_entry(rootfs, path)
     if found is None:
         notes.append(f"{device}: node {path} was gone already")
@@ -405,7 +424,7 @@ def _remove_node(rootfs: Rootfs, device: str, path: str, kind: str, rdev: int, r
         os.close(parent_fd)
 
 
-def _remove_if_empty(rootfs: Rootfs, path: str, notes) -> None:
+def _remove_if_empty(rootfs: Rootfs, path: str, notes: list[str]) -> None:
     """A mount point or folder attach made: removed when it is still an empty dir or file."""
     found = _resolved_entry(rootfs, path)
     if found is None:
@@ -428,11 +447,12 @@ def _remove_if_empty(rootfs: Rootfs, path: str, notes) -> None:
 # --- verify -------------------------------------------------------------------------------
 
 
-def check_rootfs(pidfd: int, plan, node_owner, host_sources: dict) -> list[dict]:
+def check_rootfs(pidfd: int, plan: Plan, node_owner: Callable[[PlannedNode], tuple[int, int]],
+                 host_sources: dict) -> list[dict]:
     """{device, item, ok, detail} for every node, mount and mounted library of the plan, seen
     from inside the container. host_sources: host path -> (st_dev, st_ino), taken on the host."""
 
-    def body(_, send, _wait) -> None:
+    def body(_: None, send: _Send, _wait: _Wait) -> None:
         rootfs = _enter()
         checks = []
         for planned in plan.nodes:
@@ -461,15 +481,15 @@ def check_rootfs(pidfd: int, plan, node_owner, host_sources: dict) -> list[dict]
     return report["checks"]
 
 
-def _is_bind(mount) -> bool:
+def _is_bind(mount: Mount) -> bool:
     return mount.type in ("", "bind", "rbind") or bool({"bind", "rbind"} & set(mount.options))
 
 
-def _check_node(rootfs: Rootfs, planned, owner) -> dict:
+def _check_node(rootfs: Rootfs, planned: PlannedNode, owner: tuple[int, int]) -> dict:
     node = planned.node
     item = f"node {node.path}"
 
-    def result(ok: bool, detail: str) -> dict:
+    def result(ok: bool, detail: str | None) -> dict:
         return {"device": planned.origin, "item": item, "ok": ok, "detail": detail}
 
     try:
@@ -507,11 +527,12 @@ def _mount_info() -> dict[int, tuple[list[str], str]]:
     return found
 
 
-def _check_mount(rootfs: Rootfs, origin: str, mount, source, types) -> dict:
+def _check_mount(rootfs: Rootfs, origin: str, mount: Mount, source: tuple[int, int] | None,
+                 types: dict[int, tuple[list[str], str]]) -> dict:
     where = mount.container_path
     item = f"mount {where}"
 
-    def result(ok: bool, detail: str) -> dict:
+    def result(ok: bool, detail: str | None) -> dict:
         return {"device": origin, "item": item, "ok": ok, "detail": detail}
 
     try:
@@ -587,7 +608,7 @@ def access_bits(access: str) -> int:
     return sum({"m": bpf.ACC_MKNOD, "r": bpf.ACC_READ, "w": bpf.ACC_WRITE}[c] for c in set(access))
 
 
-def _allow(rule) -> "bpf.DeviceAllow":
+def _allow(rule: cgroups.DeviceRule) -> "bpf.DeviceAllow":
     return bpf.DeviceAllow(bpf.DEV_BLOCK if rule.type == "b" else bpf.DEV_CHAR, rule.major, rule.minor,
                            access_bits(rule.permissions))
 
@@ -603,7 +624,7 @@ def v1_list(directory: str) -> list[tuple[str, str, str, str]]:
     return entries
 
 
-def v1_allows(entries, rule) -> bool:
+def v1_allows(entries: Iterable[tuple[str, str, str, str]], rule: cgroups.DeviceRule) -> bool:
     """Whether one entry of devices.list grants all of the rule's access (the kernel looks for
     one exception that covers the whole request)."""
     for kind, major, minor, access in entries:
@@ -613,14 +634,14 @@ def v1_allows(entries, rule) -> bool:
     return False
 
 
-def _v1_missing(entries, rule):
+def _v1_missing(entries: list[tuple[str, str, str, str]], rule: cgroups.DeviceRule) -> cgroups.DeviceRule:
     """The rule less the access letters devices.list allowed already: what allowing it adds,
     and all that undoing it may deny (had r, asked rw: only w goes again)."""
     return rule._replace(access="".join(c for c in rule.permissions
                                         if not v1_allows(entries, rule._replace(access=c))))
 
 
-def _v1_write(directory: str, name: str, rules) -> None:
+def _v1_write(directory: str, name: str, rules: Iterable[cgroups.DeviceRule]) -> None:
     path = os.path.join(directory, name)
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
@@ -633,16 +654,20 @@ def _v1_write(directory: str, name: str, rules) -> None:
 class CgroupChange:
     """Allow rules now; undo() gives the cgroup back what it had (only what this added goes)."""
 
-    def __init__(self, pid: int, rules, names: str):
+    def __init__(self, pid: int, rules: Sequence[cgroups.DeviceRule], names: str):
         self.rules = cgroups._normalise(rules)
         self.names = names
+        self.version: str | None
+        self.directory: str | None
         self.version, self.directory = cgroups.device_cgroup(pid, self.rules) if self.rules else (None, None)
-        self._undo = None
+        self._undo: Callable[[], None] | None = None
 
     def allow(self) -> None:
         if not self.rules:
             return
+        assert self.directory is not None  # device_cgroup found it: there are rules
         try:
+            before: list
             if self.version == "v1":
                 before = v1_list(self.directory)
                 added = [m for m in (_v1_missing(before, r) for r in self.rules) if m.access]
@@ -690,7 +715,7 @@ def _programs(directory: str) -> list[tuple[int, list]]:
     return programs
 
 
-def set_prologues(directory: str, choose) -> None:
+def set_prologues(directory: str, choose: Callable[[int, list[bpf.DeviceAllow]], list[bpf.DeviceAllow]]) -> None:
     """Replace each attached program by its original code behind a prologue allowing
     choose(index, current allows); no prologue at all when that is empty. The runtime's code
     after the prologue is never changed."""
@@ -725,7 +750,7 @@ def set_prologues(directory: str, choose) -> None:
         os.close(cgroup_fd)
 
 
-def withdraw(pid: int, rules, names: str) -> list[str]:
+def withdraw(pid: int, rules: Sequence[cgroups.DeviceRule], names: str) -> list[str]:
     """Take the rules' access away again; notes of what was done."""
     rules = cgroups._normalise(rules)
     if not rules:
@@ -743,7 +768,7 @@ def withdraw(pid: int, rules, names: str) -> list[str]:
     return [f"device cgroup: withdrew {', '.join(str(r) for r in rules)}"]
 
 
-def check_cgroup(pid: int, rule) -> tuple[bool, str]:
+def check_cgroup(pid: int, rule: cgroups.DeviceRule) -> tuple[bool, str]:
     """Whether the container's device cgroup lets the planned access through, and how we know."""
     rule = cgroups._normalise([rule])[0]
     version, directory = cgroups.device_cgroup(pid, [rule])
