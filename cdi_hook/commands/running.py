@@ -28,6 +28,16 @@ import sys
 
 from cdi_hook.errors import CdiError, HookError, listed
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Iterable, Sequence
+
+    from cdi_hook.containers import Target
+    from cdi_hook.live.cgroups import DeviceRule
+    from cdi_hook.oci import Config
+    from cdi_hook.plan import Plan, PlannedNode
+
 RUNC_DEFAULT_ALLOWED = (  # runc's own rules beside config.json's (libcontainer/specconv.AllowedDevices)
     ("c", None, None, "m"), ("b", None, None, "m"), ("c", 1, 3, "rwm"), ("c", 1, 8, "rwm"),
     ("c", 1, 7, "rwm"), ("c", 5, 0, "rwm"), ("c", 1, 5, "rwm"), ("c", 1, 9, "rwm"),
@@ -35,7 +45,7 @@ RUNC_DEFAULT_ALLOWED = (  # runc's own rules beside config.json's (libcontainer/
 )
 
 
-def _target(args):
+def _target(args: argparse.Namespace) -> Target:
     from cdi_hook import containers
 
     return containers.resolve(args.container, runc_root=args.runc_root, bundle=args.bundle)
@@ -59,7 +69,7 @@ def _host_user_namespace() -> bool:
         return False
 
 
-def _state(target):
+def _state(target: Target) -> tuple[dict, list[str], list[str]]:
     """(record, creation devices still given, attached devices)."""
     from cdi_hook import attachments
     from cdi_hook.request import requested_devices
@@ -69,17 +79,17 @@ def _state(target):
     return record, creation, attachments.attached_names(record)
 
 
-def _resolve(names, spec_dirs, config):
+def _resolve(names: list[str], spec_dirs: Sequence[str] | None, config: Config) -> Plan:
     from cdi_hook import plan
 
     return plan.resolve(names, spec_dirs, process_uid=config.process_uid, process_gid=config.process_gid)
 
 
-def _owner(planned) -> tuple[int, int]:
+def _owner(planned: PlannedNode) -> tuple[int, int]:
     return (0 if planned.uid is None else planned.uid, 0 if planned.gid is None else planned.gid)
 
 
-def _library_mounts(container_plan) -> list:
+def _library_mounts(container_plan: Plan) -> list:
     from cdi_hook.live import ldcache
 
     return [(origin, m) for origin, m in container_plan.mounts
@@ -87,7 +97,7 @@ def _library_mounts(container_plan) -> list:
                                                               or {"bind", "rbind"} & set(m.options))]
 
 
-def cmd_verify(args, spec_dirs) -> int:
+def cmd_verify(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int:
     _require_root("verify")
     target = _target(args)
     try:
@@ -109,7 +119,7 @@ def cmd_verify(args, spec_dirs) -> int:
     return 0 if all(check["ok"] for check in checks) else 1
 
 
-def _verify(target, spec_dirs) -> list[dict]:
+def _verify(target: Target, spec_dirs: Sequence[str] | None) -> list[dict]:
     from cdi_hook import containers
     from cdi_hook.live import attach
 
@@ -138,7 +148,7 @@ def _verify(target, spec_dirs) -> list[dict]:
     return checks
 
 
-def _refuse_unapplicable(new_plan) -> None:
+def _refuse_unapplicable(new_plan: Plan) -> None:
     problems = []
     for items, what, why in (
             (new_plan.env, "environment variables", "a running process's environment is its own"),
@@ -156,7 +166,7 @@ def _refuse_unapplicable(new_plan) -> None:
                        "request the device when the container is created instead")
 
 
-def cmd_attach(args, spec_dirs) -> int:
+def cmd_attach(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int:
     _require_root("attach")
     names = list(dict.fromkeys(args.devices))
     target = _target(args)
@@ -175,7 +185,7 @@ def cmd_attach(args, spec_dirs) -> int:
     return 0
 
 
-def _attach(target, names, spec_dirs) -> list[str]:
+def _attach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -> list[str]:
     from cdi_hook import attachments, attribution, policy
     from cdi_hook.live import attach, holds, inject
 
@@ -239,7 +249,7 @@ def _attach(target, names, spec_dirs) -> list[str]:
     return report.get("notes", [])
 
 
-def _refuse_conflicts(current_plan, new_plan) -> None:
+def _refuse_conflicts(current_plan: Plan, new_plan: Plan) -> None:
     nodes = {p.node.path: p for p in current_plan.nodes}
     for planned in new_plan.nodes:
         old = nodes.get(planned.node.path)
@@ -253,7 +263,7 @@ def _refuse_conflicts(current_plan, new_plan) -> None:
                            f"{destinations[mount.container_path]}")
 
 
-def _entry(name: str, new_plan, created: list[str]) -> dict:
+def _entry(name: str, new_plan: Plan, created: list[str]) -> dict:
     nodes = [p for p in new_plan.nodes if p.origin == name]
     mount_list = [m for origin, m in new_plan.mounts if origin == name]
     own = {p.node.path for p in nodes} | {m.container_path for m in mount_list}
@@ -269,7 +279,7 @@ def _entry(name: str, new_plan, created: list[str]) -> dict:
     }
 
 
-def cmd_detach(args, spec_dirs) -> int:
+def cmd_detach(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int:
     _require_root("detach")
     names = list(dict.fromkeys(args.devices))
     target = _target(args)
@@ -292,7 +302,7 @@ def cmd_detach(args, spec_dirs) -> int:
     return 0
 
 
-def _detach(target, names, spec_dirs):
+def _detach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -> tuple[list[str], list[str]]:
     from cdi_hook import attachments, policy
     from cdi_hook.live import attach, holds, inject, ldcache
     from cdi_hook.live.cgroups import DeviceRule
@@ -354,6 +364,8 @@ def _detach(target, names, spec_dirs):
             library_paths.append(destination)
 
     notes, problems = [], []
+    withdraw: list[DeviceRule]
+    runtime_kept: list[DeviceRule]
     withdraw, runtime_kept = [], []
     for origin, kind, major, minor, access in rules:
         if (kind, major, minor) in keep_rules:
@@ -387,13 +399,13 @@ def _detach(target, names, spec_dirs):
     return notes, problems
 
 
-def _ancestors_of(paths) -> list[str]:
+def _ancestors_of(paths: Iterable[str]) -> list[str]:
     from cdi_hook.live.attach import path_and_parents
 
     return path_and_parents(paths)
 
 
-def _runtime_allows(config, rule) -> bool:
+def _runtime_allows(config: Config, rule: DeviceRule) -> bool:
     """Whether the runtime itself allows the rule: config.json's linux.resources.devices
     (the last matching entry decides, as runc applies them in order) or runc's defaults."""
     entries = config.raw.get("linux", {}).get("resources", {}).get("devices", []) or []
