@@ -58,6 +58,13 @@ from cdi_hook.errors import CdiError, printable
 from cdi_hook.hook_entry import CARRIED_SETTINGS, LIVE_HOOK_STAGES, is_cdi_hook_argv
 from cdi_hook.registry import DEFAULT_SPEC_DIRS, INSECURE_ENV, Registry, untrusted_problem
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Iterable
+    from types import ModuleType
+    from typing import Any
+
 OK, WARN, FAIL = "ok", "warn", "fail"
 RUNTIMES = ("podman", "crio", "runc", "crun", "containerd")
 PODMAN_CONFS = ("/usr/share/containers/containers.conf", "/etc/containers/containers.conf")
@@ -75,7 +82,7 @@ COMMAND_TIMEOUT_S = 120
 
 
 class Report:
-    def __init__(self):
+    def __init__(self) -> None:
         self.findings: list[dict] = []
 
     def add(self, check: str, status: str, detail: str, fix: str = "") -> None:
@@ -119,7 +126,7 @@ def under(root: str | None, path: str) -> str:
     return os.path.join(root, path.lstrip("/")) if root else path
 
 
-def cmd_doctor(args) -> int:
+def cmd_doctor(args: argparse.Namespace) -> int:
     root = os.path.abspath(args.config_root) if args.config_root else None
     report = Report()
     if os.geteuid() != 0:
@@ -174,13 +181,13 @@ def _version(path: str) -> str:
     return lines[0] if lines else "version unknown"
 
 
-def _toml_files(paths) -> list[str]:
+def _toml_files(paths: Iterable[str]) -> list[str]:
     return [p for p in paths if os.path.isfile(p)]
 
 
 def _walk_sorted(directory: str, suffix: str = "") -> list[str]:
     """Files under directory in lexical order, depth first (Go's filepath.Walk)."""
-    found = []
+    found: list[str] = []
     try:
         names = sorted(os.listdir(directory))
     except OSError:
@@ -194,7 +201,8 @@ def _walk_sorted(directory: str, suffix: str = "") -> list[str]:
     return found
 
 
-def _hooks_dir_setting(report: Report, check: str, files: list[str], table: tuple[str, ...]):
+def _hooks_dir_setting(report: Report, check: str, files: list[str],
+                       table: tuple[str, ...]) -> tuple[list[str] | None, str | None]:
     """(hooks_dir, the file that set it) from the last file setting it, or (None, None)."""
     import tomllib
 
@@ -202,7 +210,7 @@ def _hooks_dir_setting(report: Report, check: str, files: list[str], table: tupl
     for path in files:
         try:
             with open(path, "rb") as f:
-                data = tomllib.load(f)
+                data: Any = tomllib.load(f)
         except (OSError, tomllib.TOMLDecodeError) as error:
             report.add(check, FAIL, f"cannot read {path}: {error}; the runtime refuses to start with it",
                        f"fix the TOML in {path}")
@@ -218,7 +226,7 @@ def _hooks_dir_setting(report: Report, check: str, files: list[str], table: tupl
     return value, source
 
 
-def runtime_hooks_dirs(report: Report, root: str | None, runtimes: dict) -> dict[str, tuple[list[str], str]]:
+def runtime_hooks_dirs(report: Report, root: str | None, runtimes: dict) -> dict[str, tuple[list[str], str | None]]:
     """runtime -> (hooks dirs it reads, in order, later wins; where that came from)."""
     views = {}
     if "podman" in runtimes:
@@ -441,7 +449,7 @@ class applied:
         if root and not self.values.get(cache.CACHE_DIR_ENV):
             self.values[cache.CACHE_DIR_ENV] = under(root, cache.DEFAULT_CACHE_DIR)
 
-    def __enter__(self):
+    def __enter__(self) -> applied:
         self.saved = {name: os.environ.get(name) for name in self.NAMES}
         for name in self.NAMES:
             os.environ.pop(name, None)
@@ -449,7 +457,7 @@ class applied:
                 os.environ[name] = self.values[name]
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         for name, value in self.saved.items():
             os.environ.pop(name, None)
             if value is not None:
@@ -460,7 +468,8 @@ def _split(value: str) -> list[str]:
     return [d for d in value.split(":") if d]
 
 
-def spec_dirs_of(report: Report, root, option, settings) -> tuple[list[str], list[str]]:
+def spec_dirs_of(report: Report, root: str | None, option: list[str] | None,
+                 settings: dict[str, str] | None) -> tuple[list[str], list[str]]:
     """(the dirs to check, the dirs the installed hook itself reads: the probe's)."""
     if settings is not None:
         hook_dirs = _split(settings["CDI_SPEC_DIRS"]) if "CDI_SPEC_DIRS" in settings else list(DEFAULT_SPEC_DIRS)
@@ -479,7 +488,7 @@ def spec_dirs_of(report: Report, root, option, settings) -> tuple[list[str], lis
     return checked, hook_dirs
 
 
-def check_spec_dirs(report: Report, spec_dirs: list[str], settings) -> None:
+def check_spec_dirs(report: Report, spec_dirs: list[str], settings: dict[str, str] | None) -> None:
     insecure = os.environ.get(INSECURE_ENV) == "1"
     for spec_dir in spec_dirs:
         check = f"spec dir {spec_dir}"
@@ -518,7 +527,7 @@ def check_spec_dirs(report: Report, spec_dirs: list[str], settings) -> None:
                "" if not registry.errors else "cdi-hook validate")
 
 
-def check_cache(report: Report, root, spec_dirs: list[str], settings) -> None:
+def check_cache(report: Report, root: str | None, spec_dirs: list[str], settings: dict[str, str] | None) -> None:
     from cdi_hook import registry as registry_module
 
     directory = cache.cache_dir()
@@ -542,7 +551,7 @@ def check_cache(report: Report, root, spec_dirs: list[str], settings) -> None:
     _check_watcher(report, root, dirs, directory, settings)
 
 
-def _check_compiled(report: Report, dirs: tuple, registry_module) -> None:
+def _check_compiled(report: Report, dirs: tuple, registry_module: ModuleType) -> None:
     key = cache._key(dirs, registry_module)  # the hook's own key: the same file the hook reads
     path = cache.cache_path(key)
     if not os.path.lexists(path):
@@ -596,10 +605,12 @@ def _watcher_problem(path: str, dirs: tuple) -> str:
     return "not trusted"
 
 
-def _check_watcher(report: Report, root, dirs: tuple, directory: str, settings) -> None:
+def _check_watcher(report: Report, root: str | None, dirs: tuple, directory: str,
+                   settings: dict[str, str] | None) -> None:
     unit = os.path.join(under(root, install.SYSTEMD_DIR), install.WATCH_UNIT)
     unit_ours = os.path.lexists(unit) and install._is_our_unit(unit)
     path = cache.generation_path(dirs)
+    assert path is not None  # check_cache found the cache dir
     if cache.watched_generation(dirs) is not None:
         report.add("watcher", OK, "cdi-hook watch runs for these spec dirs and is healthy: starts skip the "
                    "per-file checks")
@@ -648,7 +659,7 @@ def _check_unit(report: Report, unit: str, dirs: tuple, directory: str) -> None:
         report.add("watcher unit", OK, f"{unit} (same interpreter, spec dirs and cache dir as the hooks)")
 
 
-def check_policy(report: Report, root, settings) -> None:
+def check_policy(report: Report, root: str | None, settings: dict[str, str] | None) -> None:
     from cdi_hook import policy
 
     explicit = os.environ.get(policy.POLICY_ENV)
@@ -684,7 +695,7 @@ def check_policy(report: Report, root, settings) -> None:
 # --probe
 
 
-def probe(report: Report, runtimes: dict, views: dict, primary: dict[str, HookFile], hook_spec_dirs) -> None:
+def probe(report: Report, runtimes: dict, views: dict, primary: dict[str, HookFile], hook_spec_dirs: list[str]) -> None:
     if os.geteuid() != 0:
         report.add("probe", FAIL, "needs root (it runs containers and writes a spec)", "run as root")
         return
