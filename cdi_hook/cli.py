@@ -111,6 +111,10 @@ def build_parser():
         p.add_argument("--runc-root", default="/run/runc", metavar="DIR", help="runc's --root (default: %(default)s)")
         p.add_argument("--bundle", metavar="DIR", help="the container's bundle, when its runtime does not say")
 
+    p = with_specs(sub.add_parser("stale", help="list the running containers whose devices' specs changed since "
+                                                "they got them (after a driver upgrade: which to restart)"))
+    p.add_argument("--format", choices=("text", "json"), default="text")
+
     p = sub.add_parser("uninstall", help="remove the hooks.d files install wrote")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--podman", action="store_true")
@@ -166,7 +170,7 @@ def dispatch(args) -> int:
         from cdi_hook.commands import doctor
 
         return doctor.cmd_doctor(args)
-    if command in ("verify", "attach", "detach"):
+    if command in ("verify", "attach", "detach", "stale"):
         from cdi_hook.commands import running
 
         return getattr(running, "cmd_" + command)(args, _spec_dirs(args))

@@ -60,13 +60,30 @@ def _host_user_namespace() -> bool:
 
 
 def _state(target):
-    """(record, creation devices still given, attached devices)."""
-    from cdi_hook import attachments
+    """(attachment record, container record or None, creation devices still given, attached
+    devices). The devices given at creation are the container record's: what the hook gave,
+    not what config.json asks today nor what today's specs would give. A container started
+    before records existed has none: its config.json's requests, resolved the older way."""
+    from cdi_hook import attachments, record
     from cdi_hook.request import requested_devices
 
-    record = attachments.load(target.id, target.pid, target.start_time)
-    creation = [n for n in requested_devices(target.config.annotations) if n not in record["detached"]]
-    return record, creation, attachments.attached_names(record)
+    attached = attachments.load(target.id, target.pid, target.start_time)
+    given = record.load(target.id)
+    if given is not None and (given.pid, given.start_time) != (target.pid, target.start_time):
+        given = None  # an earlier container's under this id
+    requested = given.devices if given is not None else requested_devices(target.config.annotations)
+    creation = [n for n in requested if n not in attached["detached"]]
+    return attached, given, creation, attachments.attached_names(attached)
+
+
+def _given_plan(target, given, names, spec_dirs):
+    """What the devices given at creation are in the container: the record's items; for a
+    container without a record, today's specs (the older way, the only one it has)."""
+    if given is not None:
+        from cdi_hook import record
+
+        return record.given_plan(given, names)
+    return _resolve(names, spec_dirs, target.config)
 
 
 def _resolve(names, spec_dirs, config):
@@ -110,16 +127,23 @@ def cmd_verify(args, spec_dirs) -> int:
 
 
 def _verify(target, spec_dirs) -> list[dict]:
-    from cdi_hook import containers
+    from cdi_hook import containers, record
     from cdi_hook.live import attach
 
-    _, creation, attached = _state(target)
+    _, given, creation, attached = _state(target)
     names = creation + attached
     if not names:
         return []
-    container_plan = _resolve(names, spec_dirs, target.config)
+    creation_plan = _given_plan(target, given, creation, spec_dirs) if creation else None
+    attached_plan = _resolve(attached, spec_dirs, target.config) if attached else None
+    container_plan = record.joined(p for p in (creation_plan, attached_plan) if p is not None)
     sources = {}
+    identities = record.mount_identities(given) if given is not None else {}
     for _, mount in container_plan.mounts:
+        recorded = identities.get(mount.container_path, (None, None))[0]
+        if recorded is not None:
+            sources[mount.host_path] = recorded  # what was mounted, even if the host file changed since
+            continue
         try:
             st = os.stat(mount.host_path)
             sources[mount.host_path] = (st.st_dev, st.st_ino)
@@ -135,6 +159,12 @@ def _verify(target, spec_dirs) -> list[dict]:
                            "ok": ok, "detail": detail})
     if containers.has_exited(target.pidfd):  # the cgroup was read through /proc/PID: still that process?
         raise CdiError(f"container {target.name}: it stopped while cdi-hook verified it")
+    if given is not None and creation:
+        # What was given holds; does it still match today's specs? A driver upgrade rewrites
+        # them: the container then runs an older version of the device until it restarts.
+        for device, changes in record.stale_devices(given, spec_dirs, only=creation).items():
+            checks.append({"device": device, "item": "spec", "ok": False, "stale": True,
+                           "detail": "stale: the container runs an older version of it: " + "; ".join(changes)})
     return checks
 
 
@@ -179,7 +209,7 @@ def _attach(target, names, spec_dirs) -> list[str]:
     from cdi_hook import attachments, attribution, policy
     from cdi_hook.live import attach, holds, inject
 
-    record, creation, attached = _state(target)
+    record, given_record, creation, attached = _state(target)
     current = creation + attached
     given = [n for n in names if n in current]
     if given:
@@ -192,7 +222,7 @@ def _attach(target, names, spec_dirs) -> list[str]:
         raise CdiError(policy.refusal_message(container, decisions))
     new_plan = _resolve(names, spec_dirs, target.config)
     _refuse_unapplicable(new_plan)
-    current_plan = _resolve(current, spec_dirs, target.config) if current else None
+    current_plan = _current_plan(target, given_record, creation, attached, spec_dirs)
     if current_plan is not None:
         _refuse_conflicts(current_plan, new_plan)
     new_libraries = _library_mounts(new_plan)
@@ -237,6 +267,17 @@ def _attach(target, names, spec_dirs) -> list[str]:
         if problems:
             print(f"cdi-hook: attach: undo incomplete: {'; '.join(problems)}", file=sys.stderr)
     return report.get("notes", [])
+
+
+def _current_plan(target, given_record, creation, attached, spec_dirs):
+    """What the container has now: the record's items for the devices given at creation,
+    the devices attached since as today's specs describe them; None when it has none."""
+    from cdi_hook import record
+
+    plans = [_given_plan(target, given_record, creation, spec_dirs)] if creation else []
+    if attached:
+        plans.append(_resolve(attached, spec_dirs, target.config))
+    return record.joined(plans) if plans else None
 
 
 def _refuse_conflicts(current_plan, new_plan) -> None:
@@ -297,14 +338,20 @@ def _detach(target, names, spec_dirs):
     from cdi_hook.live import attach, holds, inject, ldcache
     from cdi_hook.live.cgroups import DeviceRule
 
-    record, creation, attached = _state(target)
+    record, given, creation, attached = _state(target)
     unknown = [n for n in names if n not in creation and n not in attached]
     if unknown:
         raise CdiError(f"detach: {listed(unknown)}: not given to container {target.name}")
-    remaining = [n for n in creation + attached if n not in names]
-    remaining_plan = _resolve(remaining, spec_dirs, target.config) if remaining else None
+    remaining_plan = _current_plan(target, given, [n for n in creation if n not in names],
+                                   [n for n in attached if n not in names], spec_dirs)
     from_creation = [n for n in names if n in creation]
-    creation_plan = _resolve(from_creation, spec_dirs, target.config) if from_creation else None
+    # Exactly what the container got, from its record: never today's specs, which after a
+    # driver upgrade name other nodes and libraries than the ones in the container.
+    creation_plan = _given_plan(target, given, from_creation, spec_dirs) if from_creation else None
+    from cdi_hook import record as container_record
+
+    identities = container_record.mount_identities(given) if given is not None else {}
+    from_record = {m.container_path for _, m in creation_plan.mounts} if creation_plan and given is not None else set()
     entries = {e["device"]: e for e in record["attached"] if e["device"] in names}
 
     keep_nodes = {p.node.path for p in remaining_plan.nodes} if remaining_plan else set()
@@ -342,7 +389,10 @@ def _detach(target, names, spec_dirs):
             continue
         bind = kind in ("", "bind", "rbind") or bool({"bind", "rbind"} & set(options))
         source = None
-        if bind:
+        recorded = identities.get(destination, (None, None))[0] if destination in from_record else None
+        if bind and recorded is not None:
+            source = recorded  # the identity the hook saw when it mounted it
+        elif bind:
             try:
                 st = os.stat(host_path)
                 source = (st.st_dev, st.st_ino)
@@ -410,3 +460,50 @@ def _runtime_allows(config, rule) -> bool:
         return True
     return any(kind == rule.type and major in (None, rule.major) and minor in (None, rule.minor)
                and set(rule.permissions) <= set(access) for kind, major, minor, access in RUNC_DEFAULT_ALLOWED)
+
+
+def cmd_stale(args, spec_dirs) -> int:
+    """Every running container cdi-hook gave devices to whose devices no longer match today's
+    specs, from the records; the records of containers that ended are removed on the way."""
+    _require_root("stale")
+    from cdi_hook import attachments, jsonio, record
+    from cdi_hook.errors import printable
+
+    found = []
+    for given, where in record.all_records():
+        if given is None:
+            print(printable(f"cdi-hook: stale: {where}: not a record cdi-hook wrote; skipped"), file=sys.stderr)
+            continue
+        if not record.is_alive(given):
+            record.remove(given.container)
+            continue
+        detached = attachments.load(given.container, given.pid, given.start_time)["detached"]
+        still = [d for d in given.devices if d not in detached]
+        devices = record.stale_devices(given, spec_dirs, only=still)
+        if devices:
+            found.append({"container": given.container, "name": _runtime_name(given.bundle), "pid": given.pid,
+                          "bundle": given.bundle, "devices": devices})
+    if args.format == "json":
+        print(jsonio.dumps(found))
+    else:
+        for item in found:
+            name = f" ({item['name']})" if item["name"] else ""
+            devices = ", ".join(f"{d} ({'; '.join(changes)})" for d, changes in item["devices"].items())
+            print(printable(f"{item['container']}{name}: {devices}"))
+        if not found:
+            print("no running container has a device whose spec changed since it started")
+    return 1 if found else 0
+
+
+def _runtime_name(bundle: str) -> str:
+    """The name Kubernetes (CRI-O, containerd) gives the container, from its config.json's
+    annotations; "" when it has none (runc's and Podman's id is the name)."""
+    from cdi_hook import oci
+
+    try:
+        annotations = oci.read_config(bundle).annotations
+    except (CdiError, OSError):
+        return ""
+    pod = [annotations.get(k, "") for k in ("io.kubernetes.pod.namespace", "io.kubernetes.pod.name",
+                                             "io.kubernetes.container.name")]
+    return "/".join(pod) if all(pod) else ""
