@@ -91,9 +91,6 @@ class _Child:
         os.waitpid(self.pid, 0)
 
 
-CLONE_NEWPID = 0x20000000
-
-
 def _fork(pidfd: int, prepare, work) -> _Child:
     """Run prepare() in a child on the host side (clones of host sources are taken in the
     host's mount namespace), then work(prepared, send, wait_verdict) in the container.
@@ -132,7 +129,7 @@ def _fork(pidfd: int, prepare, work) -> _Child:
                 prepared = prepare()
                 _preload()
                 try:
-                    syscalls.setns(pidfd, syscalls.CLONE_NEWNS | CLONE_NEWPID)
+                    syscalls.setns(pidfd, syscalls.CLONE_NEWNS | syscalls.CLONE_NEWPID)
                 except OSError as error:
                     raise HookError("enter container", "", f"setns into its namespaces: {error.strerror}") from None
                 worker = os.fork()
