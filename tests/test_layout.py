@@ -15,13 +15,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cdi_hook"
 # the graph stays acyclic). Modules not listed sit in the layer of their package.
 LAYERS = [
     {"cdi_hook", "cdi_hook.errors", "cdi_hook.spec", "cdi_hook.files", "cdi_hook.hook_entry", "cdi_hook.log",
-     "cdi_hook.jsonio", "cdi_hook.inotify"},
+     "cdi_hook.jsonio", "cdi_hook.inotify", "cdi_hook.settings", "cdi_hook.state"},
     {"cdi_hook.spec.*", "cdi_hook.oci", "cdi_hook.request", "cdi_hook.attribution",
      "cdi_hook.kubelet", "cdi_hook.kubelet.*", "cdi_hook.containers", "cdi_hook.attachments"},
     {"cdi_hook.registry"},
     {"cdi_hook.cache"},
     {"cdi_hook.hostdev", "cdi_hook.plan", "cdi_hook.policy"},
-    {"cdi_hook.config_editor", "cdi_hook.live", "cdi_hook.live.*"},
+    {"cdi_hook.config_editor", "cdi_hook.live", "cdi_hook.live.*", "cdi_hook.record"},
     {"cdi_hook.commands", "cdi_hook.commands.*"},
     {"cdi_hook.cli", "cdi_hook.__main__"},
 ]

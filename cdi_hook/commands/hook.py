@@ -156,13 +156,30 @@ def _carry_out_record(stage: str, found, state) -> None:
     log.fields["from"] = "record"
     try:
         given = record.given_plan(found)
-        config = oci.read_config(state.bundle) if given.net_devices else None
-        inject.run_stage(stage, given, state, config, log)
+        config = oci.read_config(state.bundle) if given.net_devices or given.hooks_at(stage) else None
+        refusal = _policy_refusal(found, state, config) if given.hooks_at(stage) else None
+        # A refused request still gets its undo (interfaces, RDT, holds); only its spec hooks do not run.
+        inject.run_stage(stage, given, state, config, log, spec_hooks=refusal is None)
         if stage == "poststop" and found.items.get("holds"):
             from cdi_hook.live import holds
 
             holds.release(found.items["holds"], state.id)
+        if refusal is not None:
+            raise refusal
     except CdiError as error:
         log.finish(error=str(error))
         raise
     log.finish()
+
+
+def _policy_refusal(found, state, config):
+    """The spec hooks a record holds run code on the host: the node's policy of today is
+    asked again before they run (an operator may have withdrawn the device meanwhile)."""
+    from cdi_hook import policy
+    from cdi_hook.errors import CdiError
+
+    try:
+        policy.authorize(policy.load(), {**state.annotations, **config.annotations}, found.devices)
+    except CdiError as error:
+        return error
+    return None
