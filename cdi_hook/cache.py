@@ -26,12 +26,11 @@ the trust and size settings, and on what the spec dirs hold, known one of two wa
   stat()ing every spec file. Without a healthy watcher, the listing decides, as above.
 
 Trust: the cache says what gets mounted into containers, so it must be as trusted as the
-specs themselves: it is read only when the reader is root, the directory and the file are
-root-owned and not writable by group or others (file mode 0600, dir 0700 when we create
-it), and it is opened without following a symlink. The generation file is held to the
-same rule. Anything else, or any error while reading, means "no cache": rebuilt from the
-files and written again (atomically, temp file + rename). Non-root callers never read or
-write it.
+specs themselves: it is read only when the reader is root, and the directory and the file
+are private to root (state.py's one rule: root's, nobody else may read or write, no
+symlink). The generation file is held to the same rule. Anything else, or any error while
+reading, means "no cache": rebuilt from the files and written again (state.write_atomic,
+not durable: a cache lost to a crash is rebuilt). Non-root callers never read or write it.
 
 Format: marshal only, no pickle. A spec is stored as plain data (a model record as a
 list [class number, field values...], tuples and scalars as themselves) and rebuilt by
@@ -54,18 +53,18 @@ from __future__ import annotations
 
 import marshal
 import os
-import stat
 import time
 import zlib
 from array import array
 
 from cdi_hook import __version__
-from cdi_hook.files import is_private_file
+from cdi_hook import state
 
 CACHE_DIR_ENV = "CDI_HOOK_CACHE_DIR"
 DEFAULT_CACHE_DIR = "/run/cdi-hook"
 CACHE_FORMAT = 5  # bump when the layout below changes
 MAGIC = b"CDIHKC%02d" % CACHE_FORMAT
+MAX_CACHE = 1 << 40  # read at offsets, never whole: no bound but the file system's
 FRESH_NS = 2_000_000_000  # files changed more recently than this are not cached yet
 NAMES_PER_BUCKET = 32
 # What the registry reads (spec.parse.SPEC_SUFFIXES, not imported: parse is not needed on
@@ -232,7 +231,7 @@ def watched_generation(dirs: tuple[str, ...], now_ns: int | None = None) -> byte
         return None
     try:
         st = os.fstat(fd)
-        if not is_private_file(st):
+        if not state.is_private_file(st):
             return None
         if (time.time_ns() if now_ns is None else now_ns) - st.st_mtime_ns > HEARTBEAT_TIMEOUT_NS:
             return None
@@ -285,19 +284,22 @@ def lookup(path: str, key: tuple, listing: tuple | None, wanted: list[str], gene
 
 
 def _open_trusted(path: str) -> int:
-    directory = os.lstat(os.path.dirname(path))
-    if not _root_only(directory) or not stat.S_ISDIR(directory.st_mode):
-        raise PermissionError(path)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or not _root_only(st):
-        os.close(fd)
-        raise PermissionError(path)
+    """An fd of the cache file at path, its folder and itself held to the state layer's
+    rules; OSError (read as "no cache") for anything else."""
+    directory, name = os.path.split(path)
+    try:
+        dir_fd = state.open_private_dir(directory)
+        if dir_fd is None:
+            raise FileNotFoundError(directory)
+        try:
+            fd = state.open_trusted(dir_fd, name, path, MAX_CACHE)
+        finally:
+            os.close(dir_fd)
+    except state.StateError as error:
+        raise PermissionError(str(error)) from None
+    if fd is None:
+        raise FileNotFoundError(path)
     return fd
-
-
-def _root_only(st: os.stat_result) -> bool:
-    return st.st_uid == 0 and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
 def _lookup(fd: int, key: tuple, listing: tuple | None, wanted: list[str], generation: bytes | None):
@@ -355,44 +357,21 @@ def write(path: str, key: tuple, listing: tuple | None, registry, generation: by
     if os.geteuid() != 0:
         return False
     try:
-        ensure_private_dir(os.path.dirname(path))
+        state.ensure_private_dir(os.path.dirname(path))
         data = encode(key, listing, registry, generation)
-    except (OSError, ValueError):
+    except (OSError, ValueError, state.StateError):
         return False
     return _write_private(path, data)
 
 
 def _write_private(path: str, data: bytes) -> bool:
-    """Write a root-only 0600 file atomically (temp file + rename); False when it cannot."""
-    temp = os.path.join(os.path.dirname(path), f".cache-{os.getpid()}-{time.monotonic_ns()}.tmp")
+    """Write a root-only 0600 file atomically; False when it cannot (a cache is best effort).
+    Not durable: a cache lost to a crash is rebuilt by the next start."""
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temp, path)
+        state.write_atomic(path, data, durable=False)
     except OSError:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
         return False
     return True
-
-
-def ensure_private_dir(directory: str) -> None:
-    """directory, made 0700 when missing; PermissionError unless it is a root-only dir."""
-    try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(directory)
-    if not stat.S_ISDIR(st.st_mode) or not _root_only(st):
-        raise PermissionError(f"{directory}: not a root-only directory")
 
 
 def encode(key: tuple, listing: tuple | None, registry, generation: bytes | None = None) -> bytes:
@@ -524,8 +503,8 @@ def store_policy(signature: tuple, plain_policy: tuple, st: os.stat_result) -> b
         return False
     path = _policy_cache_path(signature)
     try:
-        ensure_private_dir(os.path.dirname(path))
+        state.ensure_private_dir(os.path.dirname(path))
         data = b"CDIHKP%02d" % CACHE_FORMAT + marshal.dumps((_policy_key(signature), plain_policy))
-    except (OSError, ValueError):
+    except (OSError, ValueError, state.StateError):
         return False
     return _write_private(path, data)

@@ -52,11 +52,12 @@ def is_private_file(st: os.stat_result) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o077
 
 
-def private_dir_problem(st: os.stat_result) -> str | None:
-    """Why a folder with this stat may not hold cdi-hook's records, or None."""
+def private_dir_problem(st: os.stat_result, owner: int | None = None) -> str | None:
+    """Why a folder with this stat may not hold cdi-hook's records, or None. owner: the uid
+    it must have (default: ours; doctor asks for the hooks', root's)."""
     if not stat.S_ISDIR(st.st_mode):
         return "not a directory"
-    if st.st_uid != os.geteuid():
+    if st.st_uid != (os.geteuid() if owner is None else owner):
         return f"owned by uid {st.st_uid}"
     if st.st_mode & 0o077:
         return f"mode {stat.S_IMODE(st.st_mode):o}, open to others"
@@ -89,33 +90,51 @@ def open_private_dir(path: str, create: bool = False) -> int | None:
     return fd
 
 
-def read_trusted(dir_fd: int, name: str, where: str, max_size: int = MAX_RECORD) -> bytes | None:
-    """The bytes of name in the private folder dir_fd; None when there is none. where: the
-    path for messages. StateError for a symlink, a file not root's or open to others, or
-    one over max_size."""
+def ensure_private_dir(path: str) -> None:
+    """open_private_dir(path, create=True) for a caller that keeps paths, not fds (a socket's
+    folder, a cache folder made at install)."""
+    os.close(open_private_dir(path, create=True))
+
+
+def open_trusted(dir_fd: int, name: str, where: str, max_size: int = MAX_RECORD) -> int | None:
+    """An fd of name in the private folder dir_fd, for a reader that reads only parts of it
+    (a cache read at offsets); None when there is none. StateError as read_trusted."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     except OSError as error:
         raise StateError(f"{where}: cannot read: {error.strerror} (a symlink?); refusing to believe it") from None
+    st = os.fstat(fd)
+    if not is_private_file(st):
+        os.close(fd)
+        raise StateError(f"{where}: not a private file of root's (owner {st.st_uid}, mode "
+                         f"{stat.S_IMODE(st.st_mode):o}); refusing to believe it")
+    if st.st_size > max_size:
+        os.close(fd)
+        raise StateError(f"{where}: {st.st_size} bytes, more than a record can be ({max_size})")
+    return fd
+
+
+def read_trusted(dir_fd: int, name: str, where: str, max_size: int = MAX_RECORD) -> bytes | None:
+    """The bytes of name in the private folder dir_fd; None when there is none. where: the
+    path for messages. StateError for a symlink, a file not root's or open to others, or
+    one over max_size."""
+    fd = open_trusted(dir_fd, name, where, max_size)
+    if fd is None:
+        return None
     try:
-        st = os.fstat(fd)
-        if not is_private_file(st):
-            raise StateError(f"{where}: not a private file of root's (owner {st.st_uid}, mode "
-                             f"{stat.S_IMODE(st.st_mode):o}); refusing to believe it")
-        if st.st_size > max_size:
-            raise StateError(f"{where}: {st.st_size} bytes, more than a record can be ({max_size})")
         chunks = []
-        while True:
-            chunk = os.read(fd, max_size + 1)
+        size = 0
+        while size <= max_size:  # the file may grow after the fstat
+            chunk = os.read(fd, max_size + 1 - size)
             if not chunk:
                 break
             chunks.append(chunk)
-        data = b"".join(chunks)
-        if len(data) > max_size:
+            size += len(chunk)
+        if size > max_size:
             raise StateError(f"{where}: more than {max_size} bytes, more than a record can be")
-        return data
+        return b"".join(chunks)
     finally:
         os.close(fd)
 
@@ -125,7 +144,9 @@ def write_atomic_at(dir_fd: int, name: str, data: bytes, mode: int = 0o600,
     """Replace name in the folder dir_fd with data all at once (see the module's text).
     durable=False skips the fsyncs: for files that are only a faster way to an answer
     (caches) or that die with the container (its rootfs), where a crash costs nothing."""
-    temp = f".{name}.{os.getpid()}.{id(data):x}.tmp"
+    # Unguessable: in a container's rootfs the image could otherwise put a file under the
+    # temp name first and make the write fail (O_EXCL never writes through what is there).
+    temp = f".{name}.{os.urandom(6).hex()}.tmp"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     try:
         try:
@@ -134,8 +155,7 @@ def write_atomic_at(dir_fd: int, name: str, data: bytes, mode: int = 0o600,
                 view = view[os.write(fd, view):]
             if owner is not None and os.geteuid() == 0:
                 os.fchown(fd, *owner)
-            if mode != 0o600:
-                os.fchmod(fd, mode)  # after fchown, which clears set-id bits
+            os.fchmod(fd, mode)  # after fchown, which clears set-id bits; and whatever the umask
             if durable:
                 os.fsync(fd)
         finally:
@@ -161,6 +181,13 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600, owner: tuple[int, in
         write_atomic_at(dir_fd, name, data, mode, owner, durable)
     finally:
         os.close(dir_fd)
+
+
+def rename_into_place(temp: str, name: str, dir_fd: int | None = None) -> None:
+    """Rename an inode its caller made aside and checked (a device node, a symlink, a file it
+    must keep open and locked) over name. Not a write: kept here so that every rename into
+    place is in this one module, and none can be added elsewhere without being seen."""
+    os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
 def remove_at(dir_fd: int, name: str) -> bool:
@@ -192,11 +219,18 @@ def encode_record(document: object) -> bytes:
     return b"crc32 %08x\n" % zlib.crc32(body) + body
 
 
-def decode_record(data: bytes, where: str) -> object:
+def decode_record(data: bytes, where: str, plain_json: bool = False) -> object:
+    """The document of a record's bytes. plain_json: a record with no checksum line is read
+    as plain JSON, as cdi-hook wrote records before this layer; see read_record."""
     import zlib
 
     from cdi_hook import jsonio
 
+    if plain_json and not data.startswith(b"crc32 "):
+        try:
+            return jsonio.loads(data)
+        except ValueError:
+            raise StateError(f"{where}: not JSON; refusing to believe it") from None
     head, _, body = data.partition(b"\n")
     if not head.startswith(b"crc32 ") or head[6:] != b"%08x" % zlib.crc32(body):
         raise StateError(f"{where}: its checksum does not hold (a damaged record); refusing to believe it")
@@ -206,10 +240,17 @@ def decode_record(data: bytes, where: str) -> object:
         raise StateError(f"{where}: not JSON; refusing to believe it") from None
 
 
-def read_record(dir_fd: int, name: str, where: str, max_size: int = MAX_RECORD) -> object | None:
-    """The document of a record written by write_record; None when there is none."""
+def read_record(dir_fd: int, name: str, where: str, max_size: int = MAX_RECORD,
+                plain_json: bool = False) -> object | None:
+    """The document of a record written by write_record; None when there is none.
+
+    plain_json=True also believes a record without a checksum line (plain JSON, in the same
+    private folder, under the same trusted-read rules): records written by the cdi-hook
+    before this layer, for containers that still run. An upgrade on a busy node must not
+    strand what they describe (an interface moved into a container, a hold, an attached
+    device). Those records go with their containers; the next writer writes a checksum."""
     data = read_trusted(dir_fd, name, where, max_size)
-    return None if data is None else decode_record(data, where)
+    return None if data is None else decode_record(data, where, plain_json)
 
 
 def write_record(dir_fd: int, name: str, document: object) -> None:

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from cdi_hook import cache, cli, log
+from cdi_hook import cache, cli, log, state
 from cdi_hook.errors import ResolveError
 from cdi_hook.registry import Registry
 from oci_env import write_spec
@@ -344,7 +344,7 @@ class FakeWatcher:
         import fcntl
 
         path = cache.generation_path(tuple(dirs))
-        cache.ensure_private_dir(os.path.dirname(path))
+        state.ensure_private_dir(os.path.dirname(path))
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         self.path, self.dirs = path, tuple(dirs)

@@ -14,8 +14,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cdi_hook"
 # Each module may import only modules of a lower layer (or of its own layer, as long as
 # the graph stays acyclic). Modules not listed sit in the layer of their package.
 LAYERS = [
-    {"cdi_hook", "cdi_hook.errors", "cdi_hook.spec", "cdi_hook.files", "cdi_hook.hook_entry", "cdi_hook.log",
-     "cdi_hook.jsonio", "cdi_hook.inotify", "cdi_hook.settings", "cdi_hook.state"},
+    {"cdi_hook", "cdi_hook.errors", "cdi_hook.spec", "cdi_hook.state", "cdi_hook.settings", "cdi_hook.hook_entry",
+     "cdi_hook.log", "cdi_hook.jsonio", "cdi_hook.inotify"},
     {"cdi_hook.spec.*", "cdi_hook.oci", "cdi_hook.request", "cdi_hook.attribution",
      "cdi_hook.kubelet", "cdi_hook.kubelet.*", "cdi_hook.containers", "cdi_hook.attachments"},
     {"cdi_hook.registry"},
@@ -122,3 +122,63 @@ def test_namespace_flags_are_defined_once():
                     if isinstance(node, ast.Assign)
                     for target in node.targets if isinstance(target, ast.Name) and target.id.startswith("CLONE_")})
     assert homes == ["cdi_hook.live.syscalls"]
+
+
+# The state layer (cdi_hook/state.py) is the one place that renames files into place and
+# the one that says what a private folder or file is: one rule, never five near copies.
+STATE_LAYER = "cdi_hook.state"
+_RENAMES = {"rename", "renames", "replace"}
+# Mode bits a private folder check masks with: "nobody else may read or write" (0o077),
+# "nobody else may write" (0o022), or the two write bits or'ed together.
+_PRIVATE_MASKS = {0o077, 0o022}
+_PRIVATE_BITS = {"S_IWGRP", "S_IWOTH"}
+
+
+def _trees():
+    for name, path in MODULES.items():
+        if name != STATE_LAYER:
+            yield name, ast.parse(path.read_text())
+
+
+def test_nothing_outside_the_state_layer_renames_files():
+    found = []
+    for name, tree in _trees():
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr in _RENAMES and isinstance(node.value, ast.Name)
+                    and node.value.id == "os"):
+                found.append(f"{name}:{node.lineno}: os.{node.attr}")
+            elif isinstance(node, ast.ImportFrom) and node.module in ("os", "shutil"):
+                found += [f"{name}:{node.lineno}: from {node.module} import {a.name}" for a in node.names
+                          if a.name in _RENAMES | {"move"}]
+            elif (isinstance(node, ast.Attribute) and node.attr == "move" and isinstance(node.value, ast.Name)
+                  and node.value.id == "shutil"):
+                found.append(f"{name}:{node.lineno}: shutil.move")
+    assert found == [], "use cdi_hook.state (write_atomic, write_atomic_at, rename_into_place)"
+
+
+def test_files_py_is_gone_into_the_state_layer():
+    assert not (PACKAGE / "files.py").exists()
+    assert not [name for name, targets in GRAPH.items() if "cdi_hook.files" in targets]
+
+
+def _is_private_mask(node) -> bool:
+    if isinstance(node, ast.Constant):
+        return node.value in _PRIVATE_MASKS
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        names = {n.attr if isinstance(n, ast.Attribute) else getattr(n, "id", None) for n in (node.left, node.right)}
+        return names == _PRIVATE_BITS
+    return False
+
+
+def test_no_private_folder_check_by_hand():
+    """`st_mode & 0o077` (or 0o022, or S_IWGRP | S_IWOTH) is a private folder or file check:
+    state.open_private_dir, state.is_private_file or state.private_dir_problem make it. The
+    spec files' trust (registry.py: others may not write, group only gid 0) is another rule,
+    on single bits, and stays where it is."""
+    found = [f"{name}:{node.lineno}" for name, tree in _trees() for node in ast.walk(tree)
+             if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitAnd)
+             and (_is_private_mask(node.left) or _is_private_mask(node.right))]
+    found += [f"{name}:{node.lineno}: def {node.name}" for name, tree in _trees() for node in ast.walk(tree)
+              if isinstance(node, ast.FunctionDef) and node.name in ("is_private_file", "private_dir_problem",
+                                                                     "_root_only", "ensure_private_dir")]
+    assert found == [], "use cdi_hook.state"

@@ -166,8 +166,10 @@ def test_exclusive_hold_of_a_vanished_container_is_taken_over(runc, tmp_path):
 
     held = Path(os.environ["CDI_HOOK_STATE_DIR"])
     held.mkdir(mode=0o700, exist_ok=True)
-    (held / (ALL.replace("/", "%2F") + ".json")).write_text(json.dumps({"container": "gone", "pid": 999999999,
-                                                                         "start": 1}))
+    from cdi_hook import state
+
+    state.write_atomic(str(held / (ALL.replace("/", "%2F") + ".json")),
+                       state.encode_record({"container": "gone", "pid": 999999999, "start": 1}))
     result = oci_env.run_container(b)
     assert result.returncode == 0, result.stderr
 

@@ -52,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 
-from cdi_hook import cache
+from cdi_hook import cache, state
 from cdi_hook.commands import install
 from cdi_hook.errors import CdiError, printable
 from cdi_hook.hook_entry import CARRIED_SETTINGS, LIVE_HOOK_STAGES, is_cdi_hook_argv
@@ -534,9 +534,10 @@ def check_cache(report: Report, root, spec_dirs: list[str], settings) -> None:
         report.add("cache dir", OK, f"{directory} not created yet: the first container start creates it")
         st = None
     if st is not None:
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            report.add("cache dir", WARN, f"{directory} is not a root-only directory: the hooks ignore it (every "
-                       "start parses the specs)", f"chown root:root {directory} && chmod 0700 {directory}")
+        problem = state.private_dir_problem(st, owner=0)  # the hooks' own rule
+        if problem:
+            report.add("cache dir", WARN, f"{directory} is not a root-only directory ({problem}): the hooks ignore "
+                       "it (every start parses the specs)", f"chown root:root {directory} && chmod 0700 {directory}")
         else:
             report.add("cache dir", OK, f"{directory} (mode {stat.S_IMODE(st.st_mode):04o}, root's)")
             _check_compiled(report, dirs, registry_module)
@@ -572,7 +573,7 @@ def _watcher_problem(path: str, dirs: tuple) -> str:
         return f"its generation file {path} cannot be opened: {error.strerror}"
     try:
         st = os.fstat(fd)
-        if not (stat.S_ISREG(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o077):
+        if not state.is_private_file(st):
             return f"its generation file {path} is not a root-only regular file"
         age = time.time_ns() - st.st_mtime_ns
         try:
@@ -709,9 +710,9 @@ def probe(report: Report, runtimes: dict, views: dict, primary: dict[str, HookFi
         spec_path = os.path.join(spec_dir, f"cdi-hook-doctor-probe-{token}.json")
         spec = {"cdiVersion": "0.5.0", "kind": PROBE_KIND, "devices": [{"name": f"p{token}", "containerEdits": {
             "deviceNodes": [{"path": PROBE_PATH, "hostPath": "/dev/null"}]}}]}
-        from cdi_hook.files import write_file_atomic
+        from cdi_hook.state import write_atomic
 
-        write_file_atomic(spec_path, json.dumps(spec).encode(), 0o644, owner=(0, 0))
+        write_atomic(spec_path, json.dumps(spec).encode(), 0o644, owner=(0, 0))
         report.add("probe spec", OK, f"wrote {spec_path} ({device}: /dev/null at {PROBE_PATH}); removed afterwards"
                    + (f", with the dir {created_dir} it created" if created_dir else ""))
         if "podman" in runtimes:

@@ -51,9 +51,13 @@ class Server:
         _preload()  # and the code they are, before a hook can find the socket
         self.code_files = _code_files()
         self.code = _code_identity(self.code_files)
-        from cdi_hook import cache
+        from cdi_hook import state
 
-        cache.ensure_private_dir(os.path.dirname(self.path))
+        try:
+            state.ensure_private_dir(os.path.dirname(self.path))
+        except state.StateError as error:
+            self.log(f"not serving injections: {error}")
+            return
         try:
             os.unlink(self.path)
         except FileNotFoundError:

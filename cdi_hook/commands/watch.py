@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-from cdi_hook import cache
+from cdi_hook import cache, state
 from cdi_hook import inotify as ino
 from cdi_hook.errors import CdiError, printable
 from cdi_hook.live import mountinfo
@@ -106,7 +106,7 @@ class Watcher:
         unlocked, nor this watcher's lock on a file holding an older watcher's generation."""
         import fcntl
 
-        cache.ensure_private_dir(os.path.dirname(self.path))
+        state.ensure_private_dir(os.path.dirname(self.path))
         try:
             old = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
@@ -123,7 +123,7 @@ class Watcher:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.pwrite(fd, cache.generation_content(self.dirs, NO_TRUST), 0)
-            os.rename(temp, self.path)
+            state.rename_into_place(temp, self.path)  # the fd stays open: its flock says the watcher lives
         except BaseException:
             os.close(fd)
             os.unlink(temp)
@@ -297,7 +297,7 @@ class Watcher:
             if self.generation != NO_TRUST:
                 self.set_generation(NO_TRUST)
         elif target and self.generation == self.child_generation:
-            os.rename(temp, target)  # still current: no change came in while it looked
+            state.rename_into_place(temp, target)  # still current: no change came in while it looked
         elif target:
             os.unlink(temp)  # a change came in: the next rebuild covers it
         if self.server is not None:
@@ -411,7 +411,7 @@ def rebuild(generation: bytes, dirs: tuple[str, ...]) -> None:
         return
     data = cache.encode(key, listing if settled else None, loaded, generation if generation != NO_TRUST else None)
     target = cache.cache_path(key)
-    cache.ensure_private_dir(os.path.dirname(target))
+    state.ensure_private_dir(os.path.dirname(target))
     temp = f"{target}.{os.getpid()}.tmp"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as out:

@@ -32,6 +32,7 @@ import os
 import stat
 from collections.abc import Callable
 
+from cdi_hook import state
 from cdi_hook.errors import HookError
 from cdi_hook.live import syscalls
 from cdi_hook.live.rootfs import Rootfs, create_empty_file
@@ -174,7 +175,7 @@ def _replace_existing(rootfs: Rootfs, job: NodeJob, same: bool, notes: list[str]
                 _set_owner_mode(fd, job.uid, job.gid, mode)
             finally:
                 os.close(fd)
-            os.rename(temp, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+            state.rename_into_place(temp, name, parent_fd)  # a node made and checked aside: no write
         except BaseException:
             try:
                 os.unlink(temp, dir_fd=parent_fd)

@@ -41,6 +41,7 @@ import select
 import stat
 import time
 
+from cdi_hook import state
 from cdi_hook.errors import HookError
 from cdi_hook.live import syscalls as sc
 from cdi_hook.live.rootfs import Rootfs
@@ -350,30 +351,25 @@ def _install(dir_fd: int, name: str, content: bytes | str, mode: int, owner: tup
 
     Made under a fresh name with O_EXCL (or symlink(), which never follows): whatever the
     image holds under name, or links there, is only unlinked by the rename, never written.
-    Owner and mode are set through an fd of the new inode.
+    Owner and mode are set through an fd of the new inode. Not durable (no fsync): the file
+    dies with the container, and dir_fd is an O_PATH fd, which fsync refuses.
     """
+    if not isinstance(content, str):
+        state.write_atomic_at(dir_fd, name, content, mode, owner, durable=False)
+        return
     temp = f".{name}.{os.urandom(6).hex()}.cdi-hook"
     try:
-        if isinstance(content, str):
-            os.symlink(content, temp, dir_fd=dir_fd)
-            fd = os.open(temp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISLNK(st.st_mode) or st.st_nlink != 1:  # swapped for a link to another inode
-                    raise OSError(errno.EEXIST, "replaced while being made", temp)
-                if owner is not None:
-                    sc.fchown_fd(fd, *owner)
-            finally:
-                os.close(fd)
-        else:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=dir_fd)
-            with os.fdopen(fd, "wb") as new:
-                new.write(content)
-                if owner is not None:
-                    os.fchown(fd, *owner)
-                os.fchmod(fd, mode)  # after the chown, which would clear set-id bits
-        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.symlink(content, temp, dir_fd=dir_fd)
+        fd = os.open(temp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISLNK(st.st_mode) or st.st_nlink != 1:  # swapped for a link to another inode
+                raise OSError(errno.EEXIST, "replaced while being made", temp)
+            if owner is not None:
+                sc.fchown_fd(fd, *owner)
+        finally:
+            os.close(fd)
+        state.rename_into_place(temp, name, dir_fd)
     except BaseException:
         try:
             os.unlink(temp, dir_fd=dir_fd)
