@@ -181,3 +181,27 @@ def test_refused_records(upgraded):
         path.with_suffix(".real").unlink(missing_ok=True)
         path.write_bytes(good)
         os.chmod(path, 0o600)
+
+
+def test_hook_killed_half_way_leaves_no_record(runc, tmp_path):
+    """The runtime kills the hook (its timeout) while a spec's createRuntime hook runs, after
+    the nodes and mounts were made: no record is left, so no later step believes the container
+    got what it did not keep."""
+    sources = tmp_path / "host"
+    sources.mkdir()
+    shutil.copy(os.path.realpath(hook_env.LIBRARY_SOURCE), sources / LIB)
+    spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "slow", "containerEdits": {
+        "deviceNodes": [{"path": "/dev/cdi-null", "hostPath": "/dev/null"}],
+        "mounts": [{"hostPath": str(sources / LIB), "containerPath": f"{LIB_DIR}/{LIB}", "options": ["ro", "bind"]}],
+        "hooks": [{"hookName": "createRuntime", "path": "/bin/sleep", "args": ["sleep", "30"]}]}}]}
+    bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [f"{hook_env.VENDOR}=slow"], "true")
+    config = json.loads((bundle / "config.json").read_text())
+    config["hooks"]["createRuntime"][0]["timeout"] = 2
+    (bundle / "config.json").write_text(json.dumps(config))
+    records = Path(os.environ["CDI_HOOK_STATE_DIR"]).parent / "containers"
+    before = sorted(records.iterdir()) if records.is_dir() else []
+    done = oci_env.run_container(bundle, runc=runc)
+    assert done.returncode != 0 and "timeout" in (done.stdout + done.stderr).lower(), done
+    after = sorted(records.iterdir()) if records.is_dir() else []
+    assert after == before
+    assert subprocess.run(["pgrep", "-f", "^sleep 30$"], capture_output=True).returncode == 1, "the spec hook ran on alone"
