@@ -97,3 +97,28 @@ def test_no_module_shadows_the_standard_library():
 
     shadowing = [name for name in MODULES if name.rsplit(".", 1)[-1] in sys.stdlib_module_names]
     assert shadowing == []
+
+
+def strings_in_code(name: str) -> list[str]:
+    """The str and bytes literals of a module (f-string parts too), docstrings left out."""
+    tree = ast.parse(MODULES[name].read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [node.value if isinstance(node.value, str) else node.value.decode("latin-1") for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, (str, bytes)) and id(node) not in docstrings]
+
+
+def test_only_live_mountinfo_reads_mountinfo():
+    # Its escapes and non-UTF-8 names are easy to get wrong: it was once parsed six ways,
+    # one of which (unicode_escape) never matched a non-ASCII mount point.
+    readers = [name for name in MODULES if any("mountinfo" in s for s in strings_in_code(name))]
+    assert readers == ["cdi_hook.live.mountinfo"]
+
+
+def test_namespace_flags_are_defined_once():
+    # setns(2)'s CLONE_* flags live beside the setns wrapper; a second copy could drift.
+    homes = sorted({name for name in MODULES for node in ast.walk(ast.parse(MODULES[name].read_text()))
+                    if isinstance(node, ast.Assign)
+                    for target in node.targets if isinstance(target, ast.Name) and target.id.startswith("CLONE_")})
+    assert homes == ["cdi_hook.live.syscalls"]

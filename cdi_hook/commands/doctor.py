@@ -56,6 +56,7 @@ from cdi_hook import cache
 from cdi_hook.commands import install
 from cdi_hook.errors import CdiError, printable
 from cdi_hook.hook_entry import CARRIED_SETTINGS, LIVE_HOOK_STAGES, is_cdi_hook_argv
+from cdi_hook.live import mountinfo
 from cdi_hook.registry import DEFAULT_SPEC_DIRS, INSECURE_ENV, Registry, untrusted_problem
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -837,8 +838,7 @@ def _probe_runc(report: Report, runc: str, primary: dict[str, HookFile], device:
 def _remove_tree(top: str) -> None:
     """The probe's temp dir, after unmounting anything a runtime left mounted under it."""
     try:
-        with open("/proc/self/mountinfo") as f:
-            targets = [line.split()[4] for line in f]
+        targets = [mount.mount_point for mount in mountinfo.read()]
     except OSError:
         targets = []
     for target in sorted((t for t in targets if t.startswith(top + "/")), key=len, reverse=True):

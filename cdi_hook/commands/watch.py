@@ -40,6 +40,7 @@ import time
 from cdi_hook import cache
 from cdi_hook import inotify as ino
 from cdi_hook.errors import CdiError, printable
+from cdi_hook.live import mountinfo
 
 NO_TRUST = bytes(16)  # the generation written while the watcher cannot vouch for the files
 DEBOUNCE_S = 0.05  # a rebuild starts once the files were quiet this long...
@@ -213,17 +214,13 @@ class Watcher:
                     if path == "/":
                         break
                     path = os.path.dirname(path)
-        found = []
         try:
-            with open("/proc/self/mountinfo", "rb") as info:
-                for line in info:
-                    fields = line.split()
-                    point = _unescape(os.fsdecode(fields[4]))
-                    if point in on or point.startswith(tuple(under)):
-                        found.append((point, fields[0], fields[2], fields[3]))
-        except (OSError, IndexError):
+            mounts = mountinfo.read()
+        except OSError:
             return [None]  # unreadable: compare unequal to anything, so a change is assumed
-        return sorted(found)
+        prefixes = tuple(under)
+        return sorted((m.mount_point, m.mount_id, m.major, m.minor, m.root) for m in mounts
+                      if m.mount_point in on or m.mount_point.startswith(prefixes))
 
     # -- events -------------------------------------------------------------------------
 
@@ -335,14 +332,14 @@ class Watcher:
             raise _Stop()
 
         old_handlers = [signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)]
-        mountinfo = open("/proc/self/mountinfo", "rb")
+        mount_table = open(mountinfo.path(), "rb")  # POLLPRI when a mount comes or goes
         try:
             self.take_generation_file()
             self.arm()
             self.dirty_since = self.last_change = time.monotonic() - MAX_DELAY_S
             poller = select.poll()
             poller.register(self.inotify.fileno(), select.POLLIN)
-            poller.register(mountinfo.fileno(), select.POLLPRI | select.POLLERR)
+            poller.register(mount_table.fileno(), select.POLLPRI | select.POLLERR)
             if self.make_server is not None:
                 try:
                     self.server = self.make_server(self.dirs, log)
@@ -377,7 +374,7 @@ class Watcher:
                 for fd, _ in poller.poll(max(1, int(wait * 1000))):
                     if fd == self.inotify.fileno():
                         self.handle(self.inotify.read_events())
-                    elif fd == mountinfo.fileno():
+                    elif fd == mount_table.fileno():
                         self.mounts_changed()
                     elif self.server is not None and fd in self.server_fds:
                         self.server_event(fd)
@@ -395,7 +392,7 @@ class Watcher:
                 self.child.wait()
             self.release_generation_file()
             self.inotify.close()
-            mountinfo.close()
+            mount_table.close()
             for s, handler in zip((signal.SIGTERM, signal.SIGINT), old_handlers):
                 signal.signal(s, handler)
 
@@ -444,11 +441,3 @@ def _watchdog_interval() -> bool:
     pid = os.environ.get("WATCHDOG_PID")
     return bool(os.environ.get("WATCHDOG_USEC")) and (not pid or pid == str(os.getpid()))
 
-
-def _unescape(field: str) -> str:
-    """mountinfo's octal escapes (\\040 for a space)."""
-    if "\\" not in field:
-        return field
-    parts = field.split("\\")
-    return parts[0] + "".join(chr(int(p[:3], 8)) + p[3:] if len(p) >= 3 and set(p[:3]) <= set("01234567")
-                              else "\\" + p for p in parts[1:])

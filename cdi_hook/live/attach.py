@@ -25,7 +25,7 @@ import stat
 
 from cdi_hook import jsonio
 from cdi_hook.errors import CdiError, HookError
-from cdi_hook.live import bpf, bpf_eval, cgroups, devices, ldcache, mounts, syscalls
+from cdi_hook.live import bpf, bpf_eval, cgroups, devices, ldcache, mountinfo, mounts, syscalls
 from cdi_hook.live.rootfs import Rootfs
 from cdi_hook.live.syscalls import mount_id
 
@@ -91,9 +91,6 @@ class _Child:
         os.waitpid(self.pid, 0)
 
 
-CLONE_NEWPID = 0x20000000
-
-
 def _fork(pidfd: int, prepare, work) -> _Child:
     """Run prepare() in a child on the host side (clones of host sources are taken in the
     host's mount namespace), then work(prepared, send, wait_verdict) in the container.
@@ -132,7 +129,7 @@ def _fork(pidfd: int, prepare, work) -> _Child:
                 prepared = prepare()
                 _preload()
                 try:
-                    syscalls.setns(pidfd, syscalls.CLONE_NEWNS | CLONE_NEWPID)
+                    syscalls.setns(pidfd, syscalls.CLONE_NEWNS | syscalls.CLONE_NEWPID)
                 except OSError as error:
                     raise HookError("enter container", "", f"setns into its namespaces: {error.strerror}") from None
                 worker = os.fork()
@@ -336,12 +333,7 @@ def _unmount(rootfs: Rootfs, device: str, where: str, source, fstype: str, notes
 
 
 def _mount_types() -> dict[int, str]:
-    types = {}
-    with open("/proc/self/mountinfo", "rb") as info:
-        for raw in info:
-            fields = raw.decode(errors="replace").split()
-            types[int(fields[0])] = fields[fields.index("-", 6) + 1]
-    return types
+    return {mount.mount_id: mount.fs_type for mount in mountinfo.read()}
 
 
 def _resolved_entry(rootfs: Rootfs, path: str):
@@ -499,12 +491,7 @@ def _check_node(rootfs: Rootfs, planned, owner) -> dict:
 
 def _mount_info() -> dict[int, tuple[list[str], str]]:
     """mount id -> (its per-mount options, fs type), of this (the container's) namespace."""
-    found = {}
-    with open("/proc/self/mountinfo", "rb") as info:
-        for raw in info:
-            fields = raw.decode(errors="replace").split()
-            found[int(fields[0])] = (fields[5].split(","), fields[fields.index("-", 6) + 1])
-    return found
+    return {mount.mount_id: (mount.options.split(","), mount.fs_type) for mount in mountinfo.read()}
 
 
 def _check_mount(rootfs: Rootfs, origin: str, mount, source, types) -> dict:

@@ -17,6 +17,8 @@ from collections import namedtuple
 from collections.abc import Sequence
 
 from cdi_hook.errors import HookError
+from cdi_hook.live import mountinfo
+from cdi_hook.live.mountinfo import MountInfo
 
 STEP = "device cgroup"
 # The cgroup mount point systemd and runtimes use; the runtime is in unified (v2) mode when
@@ -62,11 +64,11 @@ def device_cgroup(container_pid: int, rules: Sequence[DeviceRule] = ()) -> tuple
     """("v1", its devices cgroup dir) or ("v2", its cgroup2 dir) for the process; HookError
     naming `rules` when neither can be found. Also used by `cdi-hook attach/detach/verify`."""
     memberships = _read_memberships(container_pid, rules)
-    mounts = _read_mountinfo()
+    mounts = mountinfo.read()
     # Decide as the runtime does: cgroup2 on /sys/fs/cgroup means v2. The kernel still lists
     # a v1 devices line on a hybrid host even for a runtime running in v2 mode.
     if not _is_unified(DEFAULT_CGROUP_ROOT, mounts) and "devices" in memberships:
-        directory = _cgroup_dir(mounts, memberships["devices"], lambda m: m.fstype == "cgroup"
+        directory = _cgroup_dir(mounts, memberships["devices"], lambda m: m.fs_type == "cgroup"
                                 and "devices" in m.super_options.split(","))
         if directory is not None:
             return "v1", directory
@@ -77,7 +79,7 @@ def device_cgroup(container_pid: int, rules: Sequence[DeviceRule] = ()) -> tuple
         raise HookError(STEP, _names(rules), f"process {container_pid} has no devices cgroup (v1) "
                         "and no cgroup v2 membership")
     directory = _cgroup_dir(_prefer_mount_point(mounts, DEFAULT_CGROUP_ROOT), memberships[""],
-                            lambda m: m.fstype == "cgroup2")
+                            lambda m: m.fs_type == "cgroup2")
     if directory is None:
         raise HookError(STEP, _names(rules), f"no cgroup2 mount holds {memberships['']!r} "
                         f"(cgroup of process {container_pid})")
@@ -222,48 +224,13 @@ def _read_memberships(pid: int, rules: Sequence[DeviceRule]) -> dict[str, str]:
     return memberships
 
 
-_Mount = namedtuple("_Mount", ["root", "mount_point", "fstype", "super_options"])
-
-
-def _unescape(field: str) -> str:
-    """mountinfo's octal escapes (\\040 for a space) decoded; without re, which the hook
-    does not otherwise import."""
-    if "\\" not in field:
-        return field
-    parts = field.split("\\")
-    out = [parts[0]]
-    for part in parts[1:]:
-        code = part[:3]
-        if len(code) == 3 and all(c in "01234567" for c in code):
-            out.append(chr(int(code, 8)) + part[3:])
-        else:
-            out.append("\\" + part)
-    return "".join(out)
-
-
-def _read_mountinfo() -> list[_Mount]:
-    mounts = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            try:
-                separator = fields.index("-")
-            except ValueError:
-                continue
-            if len(fields) < separator + 4:
-                continue
-            mounts.append(_Mount(_unescape(fields[3]), _unescape(fields[4]),
-                                 fields[separator + 1], fields[separator + 3]))
-    return mounts
-
-
-def _prefer_mount_point(mounts: list[_Mount], mount_point: str) -> list[_Mount]:
+def _prefer_mount_point(mounts: list[MountInfo], mount_point: str) -> list[MountInfo]:
     """Mounts at `mount_point` first, the latest (the visible one) first among them."""
     at_point = [m for m in reversed(mounts) if m.mount_point == mount_point]
     return at_point + [m for m in mounts if m.mount_point != mount_point]
 
 
-def _cgroup_dir(mounts: list[_Mount], cgroup_path: str, wanted) -> str | None:
+def _cgroup_dir(mounts: list[MountInfo], cgroup_path: str, wanted) -> str | None:
     """The directory of `cgroup_path` under the first wanted mount that shows it."""
     for mount in mounts:
         if not wanted(mount):
@@ -276,15 +243,15 @@ def _cgroup_dir(mounts: list[_Mount], cgroup_path: str, wanted) -> str | None:
     return None
 
 
-def _is_unified(path: str, mounts: list[_Mount] | None = None) -> bool:
+def _is_unified(path: str, mounts: list[MountInfo] | None = None) -> bool:
     """True when the mount visible at `path` is a cgroup2 file system: the last mountinfo
     entry at that point (a later mount over it hides the earlier ones). Read from mountinfo,
     which this step reads anyway; statfs(2)'s f_type would need ctypes (~3 ms of a start)."""
     visible = None
-    for mount in _read_mountinfo() if mounts is None else mounts:
+    for mount in mountinfo.read() if mounts is None else mounts:
         if mount.mount_point == path:
             visible = mount
-    return visible is not None and visible.fstype == "cgroup2"
+    return visible is not None and visible.fs_type == "cgroup2"
 
 
 def _last_lines(log: str, count: int = 3) -> str:
