@@ -66,14 +66,12 @@ NodeRecord = namedtuple("NodeRecord", ["origin", "path", "type", "major", "minor
 _FIELDS = ("kind", "ok", "error", "notes", "steps_ms", "problems", "mounts", "nodes", "created", "checks", "sent_at")
 
 
-class Report(namedtuple("Report", _FIELDS, defaults=(True, "", (), None, (), (), (), (), (), None))):
-    """One message of a child. notes: lines for the log; steps_ms: step -> ms; problems:
-    what an undo (or a best-effort detach) could not do; mounts, nodes: MountRecord,
-    NodeRecord lists; created: paths attach made (folders, mount points); checks: verify's
-    items; sent_at: time.monotonic() at sending (CLOCK_MONOTONIC is system-wide), for the
-    time a report waited for the parent."""
-
-    __slots__ = ()
+# One message of a child. notes: lines for the log; steps_ms: step -> ms; problems: what an
+# undo (or a best-effort detach) could not do; mounts, nodes: MountRecord, NodeRecord lists;
+# created: paths attach made (folders, mount points); checks: verify's items; sent_at:
+# time.monotonic() at sending (CLOCK_MONOTONIC is system-wide), for the time a report waited
+# for the parent. A plain namedtuple, no subclass: each class made costs a start its time.
+Report = namedtuple("Report", _FIELDS, defaults=(True, "", (), None, (), (), (), (), (), None))
 
 
 def failure(error: str) -> Report:
