@@ -4,7 +4,7 @@ CONTAINER is runc:ID, podman:NAME-OR-ID or pid:N (containers.py). The devices a 
 has are the ones its config.json requested (cdi.k8s.io/ annotations) and the hook gave it,
 less those detached since, plus those attached since (attachments.py keeps both lists).
 Everything a device means comes from the same plan the hook uses (plan.resolve); the live
-work is live/attach.py.
+work in the container is live/attach.py's, the device cgroup's live/cgroups.py's.
 
 All three are root's, of the host's user namespace, checked before anything is read: attach
 and detach are the administrator's acts (the node's policy sees their requests as source
@@ -152,9 +152,10 @@ def _verify(target, spec_dirs) -> list[dict]:
     checks = attach.check_rootfs(target.pidfd, container_plan, _owner, sources)
     for rule in container_plan.device_rules:
         if rule.access:
-            from cdi_hook.live.cgroups import DeviceRule
+            from cdi_hook.live import cgroups
 
-            ok, detail = attach.check_cgroup(target.pid, DeviceRule(rule.type, rule.major, rule.minor, rule.access))
+            ok, detail = cgroups.check_cgroup(target.pid, cgroups.DeviceRule(rule.type, rule.major, rule.minor,
+                                                                              rule.access))
             checks.append({"device": rule.origin, "item": f"cgroup {rule.type} {rule.major}:{rule.minor} {rule.access}",
                            "ok": ok, "detail": detail})
     if containers.has_exited(target.pidfd):  # the cgroup was read through /proc/PID: still that process?
@@ -207,7 +208,7 @@ def cmd_attach(args, spec_dirs) -> int:
 
 def _attach(target, names, spec_dirs) -> list[str]:
     from cdi_hook import attachments, attribution, policy
-    from cdi_hook.live import attach, holds, inject
+    from cdi_hook.live import attach, cgroups, holds, inject
 
     record, given_record, creation, attached = _state(target)
     current = creation + attached
@@ -234,19 +235,19 @@ def _attach(target, names, spec_dirs) -> list[str]:
                              ", ".join(dict.fromkeys(o for o, _ in new_libraries)),
                              target.config.user_namespace, inject.host_ids_of_container_root(target.config))
     exclusive = policy.exclusive_devices(rules, names)
-    taken, cgroup, child, report = [], None, None, {}
+    taken, cgroup, handle, report = [], None, None, None
     committed = False
     try:
         taken = holds.hold(exclusive, target.id, target.pid)
-        child = attach.start_attach(target.pidfd, work)
-        report = child.read()
-        if not report.get("ok"):
-            raise CdiError(f"attach: {report.get('error')}")
-        cgroup = attach.CgroupChange(target.pid, inject.cgroup_rules(new_plan), ", ".join(names))
+        handle = attach.start_attach(target.pidfd, work)
+        report = handle.read()
+        if not report.ok:
+            raise CdiError(f"attach: {report.error}")
+        cgroup = cgroups.CgroupChange(target.pid, inject.cgroup_rules(new_plan), ", ".join(names))
         cgroup.allow()
-        created = report.get("created", [])
+        mount_ids = {m.path: m.mount_id for m in report.mounts}
         for name in names:
-            record["attached"].append(_entry(name, new_plan, created))
+            record["attached"].append(_entry(name, new_plan, list(report.created), mount_ids))
         attachments.save(record)
         committed = True
     finally:
@@ -258,15 +259,14 @@ def _attach(target, names, spec_dirs) -> list[str]:
                 holds.release(taken, target.id)
             except (OSError, HookError) as error:
                 problems.append(str(error))
-        if child is not None:
-            final = child.verdict(committed)
-            child.close()
-            problems += final.get("problems", [])
-            if report.get("ok") and not final.get("ok"):  # it stopped answering after its work
-                problems.append(final.get("error", ""))
+        if handle is not None:
+            if report is not None and report.ok:
+                problems += attach.finish_attach(handle, committed)
+            else:  # it failed and undid its work: only reaped
+                handle.close()
         if problems:
             print(f"cdi-hook: attach: undo incomplete: {'; '.join(problems)}", file=sys.stderr)
-    return report.get("notes", [])
+    return list(report.notes) if report is not None else []
 
 
 def _current_plan(target, given_record, creation, attached, spec_dirs):
@@ -294,7 +294,9 @@ def _refuse_conflicts(current_plan, new_plan) -> None:
                            f"{destinations[mount.container_path]}")
 
 
-def _entry(name: str, new_plan, created: list[str]) -> dict:
+def _entry(name: str, new_plan, created: list[str], mount_ids: dict[str, int]) -> dict:
+    """What attach gave the container for one device; each mount with the id it got in the
+    container's mount table (None when attach found it mounted already), for detach."""
     nodes = [p for p in new_plan.nodes if p.origin == name]
     mount_list = [m for origin, m in new_plan.mounts if origin == name]
     own = {p.node.path for p in nodes} | {m.container_path for m in mount_list}
@@ -304,7 +306,8 @@ def _entry(name: str, new_plan, created: list[str]) -> dict:
     return {
         "device": name,
         "nodes": [[p.node.path, p.node.type, p.node.major or 0, p.node.minor or 0] for p in nodes],
-        "mounts": [[m.container_path, m.host_path, m.type, list(m.options)] for m in mount_list],
+        "mounts": [[m.container_path, m.host_path, m.type, list(m.options), mount_ids.get(m.container_path)]
+                   for m in mount_list],
         "rules": [[r.type, r.major, r.minor, r.access] for r in new_plan.device_rules if r.origin == name and r.access],
         "created": [p for p in created if p in mine],
     }
@@ -335,7 +338,7 @@ def cmd_detach(args, spec_dirs) -> int:
 
 def _detach(target, names, spec_dirs):
     from cdi_hook import attachments, policy
-    from cdi_hook.live import attach, holds, inject, ldcache
+    from cdi_hook.live import attach, cgroups, holds, inject, ldcache
     from cdi_hook.live.cgroups import DeviceRule
 
     record, given, creation, attached = _state(target)
@@ -366,8 +369,8 @@ def _detach(target, names, spec_dirs):
         if node.path not in keep_nodes:
             nodes.append((planned.origin, node.path, node.type, os.makedev(node.major or 0, node.minor or 0),
                           node.path not in runtime_nodes))
-    for origin, mount in creation_plan.mounts if creation_plan else ():
-        mount_list.append((origin, mount.container_path, mount.host_path, mount.type, list(mount.options)))
+    for origin, mount in creation_plan.mounts if creation_plan else ():  # no ids: the hook records none yet
+        mount_list.append((origin, mount.container_path, mount.host_path, mount.type, list(mount.options), None))
     for rule in creation_plan.device_rules if creation_plan else ():
         if rule.access:
             rules.append((rule.origin, rule.type, rule.major, rule.minor, rule.access))
@@ -375,8 +378,8 @@ def _detach(target, names, spec_dirs):
         for path, kind, major, minor in entry["nodes"]:
             if path not in keep_nodes:
                 nodes.append((name, path, kind, os.makedev(major, minor), path in entry["created"]))
-        for destination, host_path, kind, options in entry["mounts"]:
-            mount_list.append((name, destination, host_path, kind, options))
+        for destination, host_path, kind, options, *recorded in entry["mounts"]:  # no id: an older record
+            mount_list.append((name, destination, host_path, kind, options, recorded[0] if recorded else None))
         for kind, major, minor, access in entry["rules"]:
             rules.append((name, kind, major, minor, access))
         created += entry["created"]
@@ -384,7 +387,7 @@ def _detach(target, names, spec_dirs):
     created = [p for p in dict.fromkeys(sorted(created, key=lambda p: p.count("/"))) if p not in keep_paths]
 
     mounts_work = []
-    for origin, destination, host_path, kind, options in mount_list:
+    for origin, destination, host_path, kind, options, recorded_id in mount_list:
         if destination in keep_mounts:
             continue
         bind = kind in ("", "bind", "rbind") or bool({"bind", "rbind"} & set(options))
@@ -399,7 +402,7 @@ def _detach(target, names, spec_dirs):
             except OSError as error:
                 raise CdiError(f"detach: {origin}: host source {host_path}: {error.strerror}; cannot tell "
                                "its mount in the container") from None
-        mounts_work.append((origin, destination, source, kind))
+        mounts_work.append((origin, destination, source, kind, recorded_id))
         if bind and ldcache.is_library_name(destination):
             library_paths.append(destination)
 
@@ -415,7 +418,7 @@ def _detach(target, names, spec_dirs):
     # Access first: from here on no new open of the device succeeds. When it cannot be taken
     # away nothing else is done: the record keeps the device attached, for a later detach.
     try:
-        notes += attach.withdraw(target.pid, withdraw, ", ".join(names))
+        notes += cgroups.withdraw(target.pid, withdraw, ", ".join(names))
     except CdiError as error:
         raise CdiError(f"detach: {error}; nothing else was changed: {listed(names)} stay attached") from None
     remaining_libraries = ldcache.library_dirs([m.container_path for _, m in _library_mounts(remaining_plan)]) \
@@ -423,10 +426,10 @@ def _detach(target, names, spec_dirs):
     work = attach.DetachWork(nodes, mounts_work, created, remaining_libraries, bool(library_paths),
                              ", ".join(names), inject.host_ids_of_container_root(target.config))
     report = attach.run_detach(target.pidfd, work)
-    if not report.get("ok"):
-        problems.append(report.get("error") or "the worker in the container failed")
-    notes += report.get("notes", [])
-    problems += report.get("problems", [])
+    if not report.ok:
+        problems.append(report.error or "the worker in the container failed")
+    notes += report.notes
+    problems += report.problems
     record["attached"] = [e for e in record["attached"] if e["device"] not in names]
     record["detached"] = list(dict.fromkeys(record["detached"] + from_creation))
     attachments.save(record)

@@ -182,9 +182,9 @@ def _wait_rootfs_work(handle, log) -> None:
     """The worker's report: its notes and step times logged; CdiError when it failed (it has
     undone its work and exited then)."""
     report = handle.wait_report()
-    for note in report.get("notes", []):
+    for note in report.notes:
         log.note(note)
-    for step, ms in report.get("steps_ms", {}).items():
+    for step, ms in (report.steps_ms or {}).items():
         log.record_step(step, ms)
 
 

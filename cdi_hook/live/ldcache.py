@@ -469,3 +469,46 @@ def _collect(pid: int, fd: int) -> tuple[bytes, str]:
     code = os.waitstatus_to_exitcode(wait_status)
     status = "0" if code == 0 else (f"exit status {code}" if code > 0 else f"killed by signal {-code}")
     return b"".join(chunks), status
+
+
+# --- reading a cache (verify) -------------------------------------------------------------
+
+
+def cached_paths(rootfs: Rootfs) -> set[str] | None:
+    """The library paths etc/ld.so.cache lists (glibc's new format), None when unreadable."""
+    try:
+        fd = sc.openat2(rootfs.root_fd, CACHE, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC,
+                              sc.RESOLVE_IN_ROOT | sc.RESOLVE_NO_MAGICLINKS)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        data = f.read(MAX_CACHE)
+    return parse_cache(data)
+
+
+_NEW_MAGIC = b"glibc-ld.so.cache1.1"
+
+
+def parse_cache(data: bytes) -> set[str] | None:
+    """Paths of the entries of an ld.so.cache (new format, alone or after the old one).
+
+    Header: magic (20 bytes), nlibs, len_strings, flags and padding, extension offset, 3
+    unused words (48 bytes); then nlibs entries of 24 bytes (flags, key, value, osversion,
+    hwcap). key and value are string offsets from the start of the new header."""
+    start = data.find(_NEW_MAGIC)
+    if start < 0 or len(data) < start + 48:
+        return None
+    count = int.from_bytes(data[start + 20:start + 24], "little")
+    paths = set()
+    for i in range(count):
+        entry = start + 48 + 24 * i
+        if entry + 24 > len(data):
+            return None
+        value = start + int.from_bytes(data[entry + 8:entry + 12], "little")
+        end = data.find(b"\0", value)
+        if value >= len(data) or end < 0:
+            return None
+        paths.add(data[value:end].decode(errors="replace"))
+    return paths
