@@ -17,17 +17,15 @@ import fcntl
 import os
 import stat
 
-from cdi_hook import jsonio
+from cdi_hook import jsonio, settings
 from cdi_hook.errors import CdiError
 from cdi_hook.files import is_private_file, write_file_atomic
 
-STATE_DIR_ENV = "CDI_HOOK_STATE_DIR"  # as live/holds.py: the records live beside the holds
-DEFAULT_STATE_DIR = "/run/cdi-hook/held"
 MAX_RECORD = 1 << 20
 
 
 def record_dir() -> str:
-    return os.path.join(os.path.dirname(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR), "attachments")
+    return os.path.join(settings.current().state_root, "attachments")  # beside the holds
 
 
 def _path(container_id: str) -> str:

@@ -40,6 +40,7 @@ import time
 from cdi_hook import cache
 from cdi_hook import inotify as ino
 from cdi_hook.errors import CdiError, printable
+from cdi_hook.settings import CACHE_DIR_ENV
 
 NO_TRUST = bytes(16)  # the generation written while the watcher cannot vouch for the files
 DEBOUNCE_S = 0.05  # a rebuild starts once the files were quiet this long...
@@ -84,7 +85,7 @@ class Watcher:
         self.poller = None
         self.path = cache.generation_path(dirs)
         if self.path is None:
-            raise CdiError(f"watch: {cache.CACHE_DIR_ENV} must be an absolute path")
+            raise CdiError(f"watch: {CACHE_DIR_ENV} must be an absolute path")
         self.inotify = ino.Inotify()
         self.watches: dict[int, tuple[str, str]] = {}  # wd -> (kind, the name that matters / the path)
         self.file_inodes: dict[str, tuple[int, int]] = {}  # spec file path -> (st_dev, st_ino) watched

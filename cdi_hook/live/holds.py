@@ -16,16 +16,15 @@ import json
 import os
 import stat
 
+from cdi_hook import settings
 from cdi_hook.containers import process_start_time
 from cdi_hook.errors import HookError
 
 STEP = "exclusive device"
-STATE_DIR_ENV = "CDI_HOOK_STATE_DIR"
-DEFAULT_STATE_DIR = "/run/cdi-hook/held"
 
 
 def state_dir() -> str:
-    return os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
+    return settings.current().state_dir
 
 
 def _record_name(device: str) -> str:
