@@ -16,15 +16,13 @@ import contextlib
 import fcntl
 import os
 
-from cdi_hook import state
+from cdi_hook import settings, state
 from cdi_hook.errors import CdiError
 
-STATE_DIR_ENV = "CDI_HOOK_STATE_DIR"  # as live/holds.py: the records live beside the holds
-DEFAULT_STATE_DIR = "/run/cdi-hook/held"
 
 
 def record_dir() -> str:
-    return os.path.join(os.path.dirname(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR), "attachments")
+    return os.path.join(settings.current().state_root, "attachments")  # beside the holds
 
 
 def _name(container_id: str) -> str:

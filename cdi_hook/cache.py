@@ -59,18 +59,17 @@ from array import array
 
 from cdi_hook import __version__
 from cdi_hook import state
+from cdi_hook.settings import Settings
+from cdi_hook.settings import current as current_settings
 
-CACHE_DIR_ENV = "CDI_HOOK_CACHE_DIR"
-DEFAULT_CACHE_DIR = "/run/cdi-hook"
 CACHE_FORMAT = 5  # bump when the layout below changes
 MAGIC = b"CDIHKC%02d" % CACHE_FORMAT
 MAX_CACHE = 1 << 40  # read at offsets, never whole: no bound but the file system's
 FRESH_NS = 2_000_000_000  # files changed more recently than this are not cached yet
 NAMES_PER_BUCKET = 32
 # What the registry reads (spec.parse.SPEC_SUFFIXES, not imported: parse is not needed on
-# a hit; tests/test_cache.py holds the two equal) and its size setting's variable.
+# a hit; tests/test_cache.py holds the two equal).
 SPEC_SUFFIXES = (".json", ".yaml", ".yml")
-MAX_SPEC_SIZE_ENV = "CDI_HOOK_MAX_SPEC_SIZE"
 
 # The watcher's generation file (see the module docstring and commands/watch.py).
 GENERATION_MAGIC = b"CDIHKG01"
@@ -83,11 +82,10 @@ _CODE_MODULES = ("cache.py", "registry.py", "spec/model.py", "spec/parse.py",
                  "spec/validate.py", "spec/names.py", "spec/version.py", "spec/rules.py")
 
 
-def cache_dir() -> str | None:
+def cache_dir(settings: Settings | None = None) -> str | None:
     """$CDI_HOOK_CACHE_DIR or /run/cdi-hook; None (no cache) for a relative path, which
     would depend on the directory the runtime happens to start the hook in."""
-    directory = os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR
-    return directory if os.path.isabs(directory) else None
+    return (settings or current_settings()).cache_dir
 
 
 def select(names, spec_dirs=None):
@@ -130,22 +128,23 @@ def spec_dir_tuple(spec_dirs) -> tuple[str, ...]:
     return tuple(registry.DEFAULT_SPEC_DIRS if spec_dirs is None else spec_dirs)
 
 
-def _key(dirs: tuple[str, ...], registry) -> tuple:
-    """What the answer depends on besides the files. The size setting as written: a bad
-    value has no cache (the full load that reports it writes none)."""
+def _key(dirs: tuple[str, ...], registry, settings: Settings | None = None) -> tuple:
+    """What the answer depends on besides the files: the code, the dirs and the settings
+    the registry reads (trust, size limit)."""
+    settings = settings or current_settings()
     here = os.path.dirname(os.path.abspath(__file__))
     code = []
     for name in _CODE_MODULES:
         st = os.stat(os.path.join(here, name))
         code.append((name, st.st_size, st.st_mtime_ns))
-    require_trusted = not registry.insecure_specs_allowed()
-    return (CACHE_FORMAT, __version__, tuple(code), dirs, require_trusted, os.environ.get(MAX_SPEC_SIZE_ENV) or "")
+    require_trusted = not registry.insecure_specs_allowed(None, settings)
+    return (CACHE_FORMAT, __version__, tuple(code), dirs, require_trusted, settings.max_spec_size)
 
 
-def cache_path(key: tuple) -> str:
+def cache_path(key: tuple, settings: Settings | None = None) -> str:
     """One file per configuration (dirs, trust, size limit), so two set-ups never fight."""
     tag = zlib.crc32(repr(key[3:]).encode())
-    return os.path.join(cache_dir(), f"registry-{tag:08x}.cache")
+    return os.path.join(cache_dir(settings), f"registry-{tag:08x}.cache")
 
 
 # ---------------------------------------------------------------------------------------
@@ -206,15 +205,16 @@ def is_settled(listing: tuple | None, now_ns: int | None = None) -> bool:
 # The watcher's generation
 
 
-def generation_path(dirs: tuple[str, ...]) -> str | None:
+def generation_path(dirs: tuple[str, ...], settings: Settings | None = None) -> str | None:
     """The generation file of a watcher of these spec dirs (None: no cache dir)."""
-    directory = cache_dir()
+    directory = cache_dir(settings)
     if directory is None:
         return None
     return os.path.join(directory, f"watch-{zlib.crc32(repr(tuple(dirs)).encode()):08x}.generation")
 
 
-def watched_generation(dirs: tuple[str, ...], now_ns: int | None = None) -> bytes | None:
+def watched_generation(dirs: tuple[str, ...], now_ns: int | None = None,
+                       settings: Settings | None = None) -> bytes | None:
     """The generation of a healthy watcher of exactly these dirs, else None.
 
     Healthy: the file is root-only and regular, its content names these dirs, the watcher
@@ -222,7 +222,7 @@ def watched_generation(dirs: tuple[str, ...], now_ns: int | None = None) -> byte
     and its heartbeat (mtime) is at most HEARTBEAT_TIMEOUT_NS old (a stopped or stuck
     watcher sees no changes). Five syscalls, whatever the number of spec files.
     """
-    path = generation_path(dirs)
+    path = generation_path(dirs, settings)
     if path is None:
         return None
     try:
@@ -463,8 +463,8 @@ _NESTED = (list, tuple)
 _POLICY_MODULES = ("cache.py", "policy.py", "attribution.py", "spec/names.py")
 
 
-def _policy_cache_path(signature: tuple) -> str:
-    return os.path.join(cache_dir(), f"policy-{zlib.crc32(signature[0].encode()):08x}.cache")
+def _policy_cache_path(signature: tuple, settings: Settings | None = None) -> str:
+    return os.path.join(cache_dir(settings), f"policy-{zlib.crc32(signature[0].encode()):08x}.cache")
 
 
 def _policy_key(signature: tuple) -> tuple:
@@ -474,13 +474,13 @@ def _policy_key(signature: tuple) -> tuple:
     return (CACHE_FORMAT, __version__, code, signature)
 
 
-def load_policy(signature: tuple):
+def load_policy(signature: tuple, settings: Settings | None = None):
     """The compiled policy (plain tuples: policy.py rebuilds it) for a file with this stat
     signature, or None."""
-    if os.geteuid() != 0 or cache_dir() is None:
+    if os.geteuid() != 0 or cache_dir(settings) is None:
         return None
     try:
-        fd = _open_trusted(_policy_cache_path(signature))
+        fd = _open_trusted(_policy_cache_path(signature, settings))
     except OSError:
         return None
     try:
@@ -495,13 +495,14 @@ def load_policy(signature: tuple):
         os.close(fd)
 
 
-def store_policy(signature: tuple, plain_policy: tuple, st: os.stat_result) -> bool:
+def store_policy(signature: tuple, plain_policy: tuple, st: os.stat_result,
+                 settings: Settings | None = None) -> bool:
     """Keep the compiled policy, unless the file changed within FRESH_NS (timestamp granularity)."""
-    if os.geteuid() != 0 or cache_dir() is None:
+    if os.geteuid() != 0 or cache_dir(settings) is None:
         return False
     if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < FRESH_NS:
         return False
-    path = _policy_cache_path(signature)
+    path = _policy_cache_path(signature, settings)
     try:
         state.ensure_private_dir(os.path.dirname(path))
         data = b"CDIHKP%02d" % CACHE_FORMAT + marshal.dumps((_policy_key(signature), plain_policy))

@@ -9,17 +9,17 @@ from __future__ import annotations
 import os
 import sys
 
+from cdi_hook import settings as config
 from cdi_hook.spec import HOOK_STAGES as STAGES
 
 
-def _spec_dirs(args, environ=os.environ) -> list[str] | None:
-    """--spec-dir wins over CDI_SPEC_DIRS, which wins over the defaults (None)."""
+def _spec_dirs(args, settings=None) -> list[str] | None:
+    """--spec-dir wins over CDI_SPEC_DIRS (the settings', this process's unless given),
+    which wins over the defaults (None)."""
     if getattr(args, "spec_dir", None):
         return list(args.spec_dir)
-    env = environ.get("CDI_SPEC_DIRS")
-    if env is not None:
-        return [d for d in env.split(":") if d]
-    return None
+    dirs = (settings or config.current()).spec_dirs
+    return None if dirs is None else list(dirs)
 
 
 def build_parser():
@@ -239,9 +239,7 @@ def _hook_process(args) -> int:
     import gc
 
     gc.disable()
-    from cdi_hook.commands import serve
-
-    code = serve.ask(sys.argv[1:], _spec_dirs(args))  # a `cdi-hook watch --serve` does it
+    code = _served(args)
     if code is None:
         code = run(args)
     try:
@@ -249,6 +247,17 @@ def _hook_process(args) -> int:
         sys.stderr.flush()
     finally:
         os._exit(code)
+
+
+def _served(args) -> int | None:
+    """The exit code of a `cdi-hook watch --serve` that did the hook's work, else None."""
+    try:
+        spec_dirs = _spec_dirs(args)
+    except Exception:  # a bad setting (CdiError): run() reports it, in-process
+        return None
+    from cdi_hook.commands import serve
+
+    return serve.ask(sys.argv[1:], spec_dirs)
 
 
 def run(args) -> int:
@@ -264,6 +273,7 @@ def run(args) -> int:
         build_parser().print_help(sys.stderr)
         return 2
     try:
+        config.current()  # every CDI_* variable read and checked once, before anything is done
         return dispatch(args)
     except CdiError as error:
         # The one line an operator sees: it can carry image file names and program output.
@@ -278,10 +288,11 @@ def run(args) -> int:
         return 1
 
 
-def _parse_hook_request(argv: list[str], environ) -> tuple | None:
-    """(args, spec dirs) of a hook's argv sent to the injection server; None unless plain."""
+def _parse_hook_request(argv: list[str], settings) -> tuple | None:
+    """(args, spec dirs) of a hook's argv sent to the injection server, with the hook's
+    settings; None unless plain."""
     args = fast_hook_args(argv)
-    return None if args is None else (args, _spec_dirs(args, environ))
+    return None if args is None else (args, _spec_dirs(args, settings))
 
 
 def _injection_server(dirs: tuple[str, ...], log):

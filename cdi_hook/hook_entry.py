@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import sys
 
+from cdi_hook import settings
+
 HOOK_PATH_ENV = "/usr/sbin:/usr/bin:/sbin:/bin"
 HOOK_TIMEOUT_S = 60
 LIVE_HOOK_STAGES = ("createRuntime", "poststart", "poststop")
@@ -33,7 +35,8 @@ def interpreter() -> str:
 
 
 def carried_settings() -> dict[str, str]:
-    return {name: os.environ[name] for name in CARRIED_SETTINGS if os.environ.get(name)}
+    """The CARRIED_SETTINGS this process was given (non-empty), as given."""
+    return {name: value for name, value in settings.current().environ if name in CARRIED_SETTINGS and value}
 
 
 # The program an entry runs: `-c` with this, not `-m cdi_hook`. -m goes through runpy, which

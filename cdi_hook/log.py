@@ -15,14 +15,12 @@ cannot put escape sequences in front of an operator, nor make one line megabytes
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
+from cdi_hook import settings
 from cdi_hook.errors import MAX_MESSAGE_LENGTH, printable
-
-DEFAULT_LOG_FILE = "/var/log/cdi-hook.log"
-LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+from cdi_hook.settings import LOG_LEVELS as LEVELS
 # Bounds of the log line: a list (devices, warnings, notes, sources) keeps its first
 # MAX_LOG_ITEMS entries and a count of the rest; each entry is cut at MAX_LOG_ITEM
 # characters; the error at MAX_MESSAGE_LENGTH, as on stderr. So the line stays a few KB
@@ -35,7 +33,7 @@ MAX_LOG_ITEM = 500
 
 
 def configured_level() -> int:
-    return LEVELS.get(os.environ.get("CDI_HOOK_LOG_LEVEL", "info").strip().lower(), LEVELS["info"])
+    return settings.current().log_level
 
 
 def warn(message: str) -> None:
@@ -118,7 +116,7 @@ class _Step:
 
 
 def _write(level: str, event: str, fields: dict) -> None:
-    path = os.environ.get("CDI_HOOK_LOG") or DEFAULT_LOG_FILE
+    path = settings.current().log_file
     try:
         log_file = open(path, "a", encoding="utf-8")
     except OSError as error:

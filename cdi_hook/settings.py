@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 from collections import namedtuple
-from collections.abc import Mapping
 
-from cdi_hook.errors import CdiError
+TYPE_CHECKING = False  # typing and collections.abc are not otherwise imported by a hook start
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 DEFAULT_SPEC_DIRS = ("/etc/cdi", "/var/run/cdi")  # CDI's defaults: later dirs win
 DEFAULT_LOG_FILE = "/var/log/cdi-hook.log"
@@ -63,6 +64,13 @@ class Settings(namedtuple("Settings", [
         return os.path.dirname(self.state_dir.rstrip("/")) or "/"
 
 
+def _bad(message: str) -> Exception:
+    # errors.py only for a bad value: a served hook start imports nothing else of it
+    from cdi_hook.errors import CdiError
+
+    return CdiError(message)
+
+
 def from_environ(environ: Mapping[str, str]) -> Settings:
     """The settings an environment gives; CdiError naming the variable for a bad value."""
     def get(name: str) -> str:
@@ -72,7 +80,7 @@ def from_environ(environ: Mapping[str, str]) -> Settings:
     spec_dirs = None if raw_dirs is None else tuple(d for d in raw_dirs.split(":") if d)
     level_name = get(LOG_LEVEL_ENV).strip().lower() or "info"
     if level_name not in LOG_LEVELS:
-        raise CdiError(f"{LOG_LEVEL_ENV}={level_name!r}: not a log level ({', '.join(LOG_LEVELS)})")
+        raise _bad(f"{LOG_LEVEL_ENV}={level_name!r}: not a log level ({', '.join(LOG_LEVELS)})")
     cache_dir = get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR
     size_text = get(MAX_SPEC_SIZE_ENV)
     try:
@@ -80,14 +88,14 @@ def from_environ(environ: Mapping[str, str]) -> Settings:
     except ValueError:
         max_spec_size = -1
     if max_spec_size <= 0:
-        raise CdiError(f"{MAX_SPEC_SIZE_ENV}={size_text!r} is not a positive number of bytes")
+        raise _bad(f"{MAX_SPEC_SIZE_ENV}={size_text!r} is not a positive number of bytes")
     state_dir = get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
     if not os.path.isabs(state_dir):
-        raise CdiError(f"{STATE_DIR_ENV}={state_dir!r}: not an absolute path (the records must not depend on "
+        raise _bad(f"{STATE_DIR_ENV}={state_dir!r}: not an absolute path (the records must not depend on "
                        "the folder a runtime starts the hook in)")
     insecure = get(INSECURE_ENV)
     if insecure not in ("", "0", "1"):
-        raise CdiError(f"{INSECURE_ENV}={insecure!r}: 1 or 0")
+        raise _bad(f"{INSECURE_ENV}={insecure!r}: 1 or 0")
     return Settings(
         spec_dirs=spec_dirs,
         log_file=get(LOG_ENV) or DEFAULT_LOG_FILE,

@@ -182,3 +182,47 @@ def test_no_private_folder_check_by_hand():
               if isinstance(node, ast.FunctionDef) and node.name in ("is_private_file", "private_dir_problem",
                                                                      "_root_only", "ensure_private_dir")]
     assert found == [], "use cdi_hook.state"
+
+
+def environment_reads(source: str) -> list[str]:
+    """Where source reads one environment variable (os.environ[...], os.environ.get(...),
+    os.getenv(...), `... in os.environ`) by anything but a string literal that is not a
+    CDI_* name: a variable name could hold one (e.g. a loop over CDI_* names)."""
+    def is_environ(node) -> bool:
+        return isinstance(node, ast.Attribute) and node.attr == "environ" and \
+            isinstance(node.value, ast.Name) and node.value.id == "os"
+
+    def allowed(key) -> bool:
+        return isinstance(key, ast.Constant) and isinstance(key.value, str) and not key.value.startswith("CDI_")
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        key = None
+        if isinstance(node, ast.Subscript) and is_environ(node.value):
+            key = node.slice
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args and (
+                (node.func.attr in ("get", "pop", "setdefault") and is_environ(node.func.value))
+                or (node.func.attr == "getenv" and isinstance(node.func.value, ast.Name) and node.func.value.id == "os")):
+            key = node.args[0]
+        elif isinstance(node, ast.Compare) and any(is_environ(c) for c in node.comparators):
+            key = node.left
+        else:
+            continue
+        if not allowed(key):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_only_settings_reads_cdi_variables_from_the_environment():
+    """Every CDI_* variable is read once, in settings.py; the rest of cdi_hook asks
+    settings.current() or is handed a Settings (doctor, the injection server). Other
+    programs' variables (NOTIFY_SOCKET, CONTAINERS_CONF, PATH) are read by their literal name."""
+    readers = {name: reads for name, path in MODULES.items() if name != "cdi_hook.settings"
+               for reads in [environment_reads(path.read_text())] if reads}
+    assert readers == {}
+
+
+def test_the_environment_checker_sees_reads_by_variable():
+    source = ('import os\nNAME = "CDI_HOOK_LOG"\na = os.environ.get(NAME)\nb = os.environ["CDI_X"]\n'
+              'c = os.getenv("CDI_Y")\nd = "CDI_Z" in os.environ\ne = os.environ.get("NOTIFY_SOCKET")\n')
+    assert [line.split(":")[0] for line in environment_reads(source)] == ["line 3", "line 4", "line 5", "line 6"]

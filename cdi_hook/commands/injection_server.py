@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import sys
 
+from cdi_hook import settings
+from cdi_hook.errors import CdiError
 from cdi_hook.commands.serve import (ACCEPTED, DEFAULT_SPEC_DIRS, GO, GO_TIMEOUT_S, MAGIC, MAX_REQUEST, PASSED_FDS,
-                                     _peer_uid, settings, socket_path)
+                                     _peer_uid, socket_path)
 
 
 class Server:
@@ -31,7 +33,7 @@ class Server:
 
         self.dirs = tuple(spec_dirs)
         self.pid = os.getpid()
-        # From cli (a higher layer): parse_hook(argv, environ) -> (args, spec dirs) of a plain
+        # From cli (a higher layer): parse_hook(argv, settings) -> (args, spec dirs) of a plain
         # `hook` argv or None; run_hook(args) -> exit code, what the hook process runs.
         self.parse_hook = parse_hook
         self.run_hook = run_hook
@@ -232,7 +234,7 @@ class Server:
             self.log(f"injection request dropped: {error}")
 
     def _parse(self, data: bytes, fds: list[int]):
-        """(argv, env, args) of a request this server may serve, else None (logged)."""
+        """(argv, the hook's settings, args) of a request this server may serve, else None (logged)."""
         fields = data.split(b"\0")
         if len(fds) != PASSED_FDS or fields[0] != MAGIC or len(fields) < 2 or not fields[1].isdigit() \
                 or len(fields) < 2 + int(fields[1]):
@@ -241,16 +243,21 @@ class Server:
         end = 2 + int(fields[1])
         argv = [os.fsdecode(f) for f in fields[2:end]]
         env = dict(os.fsdecode(f).partition("=")[::2] for f in fields[end:] if b"=" in f)
-        parsed = self.parse_hook(argv, env)
+        try:
+            hook = settings.from_environ(env)
+        except CdiError:  # a bad CDI_* value: the hook says so itself, in-process
+            return None
+        parsed = self.parse_hook(argv, hook)
         if parsed is None:
             self.log("refused an injection request that is not a plain `hook` invocation")
             return None
         args, spec_dirs = parsed
-        if tuple(DEFAULT_SPEC_DIRS if spec_dirs is None else spec_dirs) != self.dirs or settings(env) != settings(os.environ):
+        if tuple(DEFAULT_SPEC_DIRS if spec_dirs is None else spec_dirs) != self.dirs or hook != settings.current() \
+                or env.get("PATH") != os.environ.get("PATH"):
             return None  # another installation's hook: it works in-process
-        return argv, env, args
+        return argv, hook, args
 
-    def _serve(self, conn, fds: list[int], argv, env, args) -> None:
+    def _serve(self, conn, fds: list[int], argv, hook, args) -> None:
         from cdi_hook.live import syscalls
 
         stdin, stdout, stderr, cwd, pidfd = fds
@@ -267,8 +274,9 @@ class Server:
         sys.stdin = open(0, "r", closefd=False)
         sys.stdout = open(1, "w", closefd=False)
         sys.stderr = open(2, "w", closefd=False, buffering=1)
-        os.environ.clear()
-        os.environ.update(env)
+        # The hook's settings, equal to this process's but its own (their environ too); nothing
+        # the hook does reads os.environ (spec hooks and ldconfig get explicit environments).
+        settings.use(hook)
         sys.argv = ["-c", *argv]
         conn.sendall(ACCEPTED)
         if conn.recv(1) != GO:

@@ -111,10 +111,9 @@ def is_ours(path: str) -> bool:
 
 
 def _spec_dirs_from_env() -> list[str] | None:
-    value = os.environ.get("CDI_SPEC_DIRS")
-    if not value:
-        return None
-    return [d for d in value.split(":") if d]
+    from cdi_hook import settings
+
+    return list(settings.current().spec_dirs or ()) or None
 
 
 def _check_interpreter(python: str) -> None:

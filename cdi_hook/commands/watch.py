@@ -41,6 +41,7 @@ from cdi_hook import cache, state
 from cdi_hook import inotify as ino
 from cdi_hook.errors import CdiError, printable
 from cdi_hook.live import mountinfo
+from cdi_hook.settings import CACHE_DIR_ENV
 
 NO_TRUST = bytes(16)  # the generation written while the watcher cannot vouch for the files
 DEBOUNCE_S = 0.05  # a rebuild starts once the files were quiet this long...
@@ -85,7 +86,7 @@ class Watcher:
         self.poller = None
         self.path = cache.generation_path(dirs)
         if self.path is None:
-            raise CdiError(f"watch: {cache.CACHE_DIR_ENV} must be an absolute path")
+            raise CdiError(f"watch: {CACHE_DIR_ENV} must be an absolute path")
         self.inotify = ino.Inotify()
         self.watches: dict[int, tuple[str, str]] = {}  # wd -> (kind, the name that matters / the path)
         self.file_inodes: dict[str, tuple[int, int]] = {}  # spec file path -> (st_dev, st_ino) watched

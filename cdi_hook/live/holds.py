@@ -14,17 +14,16 @@ from __future__ import annotations
 import fcntl
 import os
 
+from cdi_hook import settings
 from cdi_hook.containers import process_start_time
 from cdi_hook.errors import HookError
 from cdi_hook.state import StateError, file_name, open_private_dir, read_record, remove_at, write_record
 
 STEP = "exclusive device"
-STATE_DIR_ENV = "CDI_HOOK_STATE_DIR"
-DEFAULT_STATE_DIR = "/run/cdi-hook/held"
 
 
 def state_dir() -> str:
-    return os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
+    return settings.current().state_dir
 
 
 def _record_name(device: str) -> str:

@@ -493,9 +493,9 @@ def _namespace_id(fd: int) -> tuple[int, int]:
 
 def record_dir() -> str:
     """$CDI_HOOK_STATE_DIR/../netdev: beside the exclusive-device holds (default /run/cdi-hook/netdev)."""
-    from cdi_hook.live.holds import state_dir
+    from cdi_hook import settings
 
-    return os.path.join(os.path.dirname(state_dir()), "netdev")
+    return os.path.join(settings.current().state_root, "netdev")
 
 
 def _record_name(container_id) -> str:

@@ -26,19 +26,20 @@ import errno
 import os
 from pathlib import Path
 
+from cdi_hook import settings
 from cdi_hook.errors import HookError
 from cdi_hook.live import mountinfo
+from cdi_hook.settings import DEFAULT_RESCTRL
 from cdi_hook.spec.model import IntelRdt
 
 STEP = "intel RDT"
-DEFAULT_RESCTRL = "/sys/fs/resctrl"
 # Names the kernel keeps for itself in the resctrl root (and in every CTRL_MON group).
 RESERVED_NAMES = {"info", "mon_groups", "mon_data", "tasks", "schemata", "cpus", "cpus_list",
                   "mode", "size"}
 
 
 def resctrl_root() -> Path:
-    return Path(os.environ.get("CDI_HOOK_RESCTRL") or DEFAULT_RESCTRL)
+    return Path(settings.current().resctrl)
 
 
 def is_resctrl_mount(path: Path) -> bool:
