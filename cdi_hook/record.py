@@ -29,6 +29,7 @@ from cdi_hook.errors import CdiError
 
 TYPE_CHECKING = False  # typing costs ~2 ms of import on every start; type checkers treat this name as true
 if TYPE_CHECKING:
+    from cdi_hook.live.child import Report
     from cdi_hook.plan import Plan
     from cdi_hook.settings import Settings
 
@@ -57,22 +58,34 @@ def _where(container_id: str) -> tuple[str, str]:
 # --- writing (createRuntime) -------------------------------------------------------------
 
 def from_plan(plan: Plan, container_id: str, pid: int, start_time: int | None, bundle: str,
-              sources: dict[str, str], holds: list[str], mount_ids: dict[str, int] | None = None) -> Record:
-    """The record of a container given plan at createRuntime. mount_ids: destination -> the
-    id of the mount the worker made there (when it reported them)."""
-    items = _items(plan, mount_ids or {})
+              sources: dict[str, str], holds: list[str], made: Report | None = None) -> Record:
+    """The record of a container given plan at createRuntime. made: the worker's report of
+    what it made (each mount's id and source identity, each node created or found, and
+    what it replaced); None when there was no rootfs work."""
+    items = _items(plan, made)
     items["holds"] = list(holds)
     return Record(container_id, pid, start_time, bundle, list(plan.devices), dict(sources), items,
                   work_of(items))
 
 
-def _items(plan: Plan, mount_ids: dict[str, int]) -> dict:
+def _items(plan: Plan, made: Report | None) -> dict:
+    mounted = {m.path: m for m in made.mounts} if made is not None else {}
+    outcomes = {n.path: n for n in made.nodes} if made is not None else {}
     mounts = []
     for origin, mount in plan.mounts:
+        seen = mounted.get(mount.container_path)
         mounts.append([origin, list(mount[:2]) + [list(mount.options), mount.type],
-                       _source_identity(mount.host_path), mount_ids.get(mount.container_path)])
+                       [seen.source_dev, seen.source_ino] if seen else _source_identity(mount.host_path),
+                       seen.mount_id if seen else None])
+    nodes = []
+    for p in plan.nodes:
+        outcome = outcomes.get(p.node.path)
+        # created: False for a node that was there already as the spec says (the image's,
+        # the runtime's): detach must not remove what the container had without the device
+        nodes.append([p.origin, list(p.node), p.uid, p.gid, outcome.created if outcome else None,
+                      outcome.replaced if outcome else None])
     return {
-        "nodes": [[p.origin, list(p.node), p.uid, p.gid] for p in plan.nodes],
+        "nodes": nodes,
         "rules": [list(rule) for rule in plan.device_rules],
         "mounts": mounts,
         "library_dirs": _library_dirs(plan),
@@ -231,7 +244,7 @@ def given_plan(record: Record, devices: list[str] | None = None) -> Plan:
             hooks.append((stage, stage_hooks))
     return Plan(
         devices=tuple(d for d in record.devices if d in wanted),
-        nodes=tuple(PlannedNode(o, DeviceNode(*node), uid, gid) for o, node, uid, gid in items.get("nodes", ())
+        nodes=tuple(PlannedNode(o, DeviceNode(*node), uid, gid) for o, node, uid, gid, *_ in items.get("nodes", ())
                     if mine(o)),
         device_rules=tuple(DeviceRule(*rule) for rule in items.get("rules", ()) if mine(rule[0])),
         mounts=tuple((o, Mount(m[0], m[1], tuple(m[2]), m[3])) for o, m, _, _ in items.get("mounts", ()) if mine(o)),
@@ -257,6 +270,12 @@ def joined(plans) -> Plan:
 
 def _tuples(values: list) -> list:
     return [tuple(v) if isinstance(v, list) else v for v in values]
+
+
+def node_created(record: Record) -> dict[str, bool | None]:
+    """path -> whether the hook made the node (False: it was there already as the spec says;
+    None: not known)."""
+    return {node[1][0]: created for node in record.items.get("nodes", ()) for created in node[4:5]}
 
 
 def mount_identities(record: Record) -> dict[str, tuple[tuple[int, int] | None, int | None]]:

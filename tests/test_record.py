@@ -205,3 +205,18 @@ def test_hook_killed_half_way_leaves_no_record(runc, tmp_path):
     after = sorted(records.iterdir()) if records.is_dir() else []
     assert after == before
     assert subprocess.run(["pgrep", "-f", "^sleep 30$"], capture_output=True).returncode == 1, "the spec hook ran on alone"
+
+
+def test_detach_finds_a_creation_mount_the_container_moved(upgraded):
+    """The record holds each mount's id as the hook made it: the container renames the
+    folder holding the library's mount point, and detach still finds and removes that mount
+    (a path lookup would miss it, report the device removed, and leave it mounted)."""
+    c = upgraded
+    moved = c.exec(["sh", "-c", f"mv {LIB_DIR} /opt/moved && ls /opt/moved"])
+    assert moved.returncode == 0 and LIB in moved.stdout, moved
+    assert f"/opt/moved/{LIB}" in env.mountinfo_of(c.pid)
+    done = env.cli(c.spec_dir, "detach", c.address, GPU)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert f"now at /opt/moved/{LIB}" in done.stdout, done.stdout
+    assert f"/opt/moved/{LIB}" not in env.mountinfo_of(c.pid)
+    oci_env.assert_refused(c, "/tmp/loop0", "r")

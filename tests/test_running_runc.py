@@ -16,6 +16,7 @@ import stat
 import pytest
 
 import hook_env
+from cdi_hook import state
 import oci_env
 import running_env as env
 from ci_rules import require_cgroup_v1
@@ -264,8 +265,8 @@ def test_detach_finds_a_mount_the_container_moved(started):
     c = started
     done = env.cli(c.spec_dir, "attach", c.address, KVM)
     assert done.returncode == 0, done.stderr
-    entry = json.loads(open(os.path.join(os.path.dirname(os.environ["CDI_HOOK_STATE_DIR"]), "attachments",
-                                         f"{c.id}.json")).read())["attached"][0]
+    path = os.path.join(os.path.dirname(os.environ["CDI_HOOK_STATE_DIR"]), "attachments", f"{c.id}.json")
+    entry = state.decode_record(open(path, "rb").read(), path)["attached"][0]
     assert all(isinstance(mount[4], int) for mount in entry["mounts"]), entry  # the ids detach uses
     library = c.sources["library_in_container"]
     moved = c.exec(["sh", "-c", "mv /opt/cdi-libs /opt/cdi-moved && ls /opt/cdi-moved"])

@@ -77,8 +77,8 @@ def _inject_holding(exclusive: list[str], stage: str, container_plan, state, con
     from cdi_hook.live import inject
 
     if not exclusive:
-        inject.run_stage(stage, container_plan, state, config, log)
-        _save_record(container_plan, state, log, holds=[])
+        made = inject.run_stage(stage, container_plan, state, config, log)
+        _save_record(container_plan, state, log, [], made)
         return
     from cdi_hook.errors import CdiError, HookError
     from cdi_hook.live import holds
@@ -87,8 +87,8 @@ def _inject_holding(exclusive: list[str], stage: str, container_plan, state, con
         raise CdiError(f"OCI state on stdin: pid: missing, needed at {stage} to reach the container")
     taken = holds.hold(exclusive, state.id, state.pid)
     try:
-        inject.run_stage(stage, container_plan, state, config, log)
-        _save_record(container_plan, state, log, holds=exclusive)
+        made = inject.run_stage(stage, container_plan, state, config, log)
+        _save_record(container_plan, state, log, exclusive, made)
     except BaseException:
         try:
             holds.release(taken, state.id)
@@ -97,7 +97,7 @@ def _inject_holding(exclusive: list[str], stage: str, container_plan, state, con
         raise
 
 
-def _save_record(container_plan, state, log, holds: list[str]) -> None:
+def _save_record(container_plan, state, log, holds: list[str], made) -> None:
     """The container's record, after every step succeeded: what later stages and commands
     read instead of today's specs. A record that cannot be written fails the start (the
     runtime then deletes the container, and poststop undoes the rest the older way): a
@@ -107,8 +107,7 @@ def _save_record(container_plan, state, log, holds: list[str]) -> None:
 
     with log.step("record"):
         record.save(record.from_plan(container_plan, state.id, state.pid, process_start_time(state.pid),
-                                     state.bundle, log.fields.get("sources", {}), holds,
-                                     log.fields.pop("mount_ids", None)))
+                                     state.bundle, log.fields.get("sources", {}), holds, made))
 
 
 def _later_stage_from_record(stage: str, state) -> bool:

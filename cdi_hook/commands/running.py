@@ -364,13 +364,17 @@ def _detach(target, names, spec_dirs):
                      if isinstance(d, dict)}
 
     nodes, mount_list, rules, created, library_paths = [], [], [], [], []
+    made_by_hook = container_record.node_created(given) if given is not None else {}
     for planned in creation_plan.nodes if creation_plan else ():
         node = planned.node
         if node.path not in keep_nodes:
-            nodes.append((planned.origin, node.path, node.type, os.makedev(node.major or 0, node.minor or 0),
-                          node.path not in runtime_nodes))
-    for origin, mount in creation_plan.mounts if creation_plan else ():  # no ids: the hook records none yet
-        mount_list.append((origin, mount.container_path, mount.host_path, mount.type, list(mount.options), None))
+            # a node the hook found already there as the spec says stays: the container had it
+            remove = node.path not in runtime_nodes and made_by_hook.get(node.path) is not False
+            nodes.append((planned.origin, node.path, node.type, os.makedev(node.major or 0, node.minor or 0), remove))
+    for origin, mount in creation_plan.mounts if creation_plan else ():
+        # the mount's id as the hook saw it (a record has it): found wherever the container moved it
+        mount_list.append((origin, mount.container_path, mount.host_path, mount.type, list(mount.options),
+                           identities.get(mount.container_path, (None, None))[1]))
     for rule in creation_plan.device_rules if creation_plan else ():
         if rule.access:
             rules.append((rule.origin, rule.type, rule.major, rule.minor, rule.access))

@@ -23,9 +23,10 @@ from cdi_hook.errors import CdiError, HookError
 INJECTION_STAGES = ("createRuntime", "prestart")
 
 
-def run_stage(stage: str, plan, state, config, log, spec_hooks: bool = True) -> None:
+def run_stage(stage: str, plan, state, config, log, spec_hooks: bool = True):
     """spec_hooks=False: at poststop, only undo what createRuntime did (a request the policy
-    no longer honours gets no spec hook run)."""
+    no longer honours gets no spec hook run). At an injection stage: the worker's READY
+    report (what it made, by identity: for the container record), or None without one."""
     if stage not in INJECTION_STAGES:
         if stage == "poststop":
             _return_net_devices(state, config, plan, log)
@@ -33,11 +34,11 @@ def run_stage(stage: str, plan, state, config, log, spec_hooks: bool = True) -> 
         if spec_hooks:
             with log.step("spec hooks"):
                 _run_spec_hooks(plan.hooks_at(stage), state)
-        return
-    inject(stage, plan, state, config, log)
+        return None
+    return inject(stage, plan, state, config, log)
 
 
-def inject(stage: str, plan, state, config, log) -> None:
+def inject(stage: str, plan, state, config, log):
     if not state.pid:
         raise CdiError(f"OCI state on stdin: pid: missing, needed at {stage} to reach the container")
     _refuse_start_container_hooks(plan)
@@ -52,6 +53,7 @@ def inject(stage: str, plan, state, config, log) -> None:
         os.close(pidfd)
     committed = False
     moved_net_devices = False
+    made = None
     try:
         # The device cgroup is the runtime's, on the host: opened while the worker works in
         # the container (on another CPU). The two steps are independent; if either fails,
@@ -60,7 +62,7 @@ def inject(stage: str, plan, state, config, log) -> None:
             _allow_devices(state.pid, plan)
         if worker is not None:
             with log.step("worker"):
-                _wait_rootfs_work(worker, log)
+                made = _wait_rootfs_work(worker, log)
         if plan.intel_rdt:
             from cdi_hook.live import rdt
 
@@ -88,6 +90,7 @@ def inject(stage: str, plan, state, config, log) -> None:
         if worker is not None:
             for problem in worker.finish(commit=committed):
                 log.warning(f"undo: {problem}")
+    return made
 
 
 def _run_spec_hooks(hooks, state) -> None:
@@ -178,14 +181,15 @@ def _start_rootfs_work(pidfd: int, config, plan, log, state):
             containerhooks.close_programs(programs)  # the worker has its own copies
 
 
-def _wait_rootfs_work(handle, log) -> None:
-    """The worker's report: its notes and step times logged; CdiError when it failed (it has
-    undone its work and exited then)."""
+def _wait_rootfs_work(handle, log):
+    """The worker's READY report, its notes and step times logged; CdiError when it failed
+    (it has undone its work and exited then)."""
     report = handle.wait_report()
     for note in report.notes:
         log.note(note)
     for step, ms in (report.steps_ms or {}).items():
         log.record_step(step, ms)
+    return report
 
 
 def host_ids_of_container_root(config) -> tuple[int, int] | None:
