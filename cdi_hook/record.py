@@ -220,6 +220,49 @@ def prune() -> list[str]:
     return removed
 
 
+# --- containers edited before creation (precreate, inject --mode edits) -----------------
+
+def with_edited_devices(found: Record | None, devices: list[str], config_raw: dict, today: Plan, pid: int,
+                        start_time: int | None, bundle: str, container_id: str) -> Record:
+    """The record of a container whose config.json an editor gave devices (the applied
+    annotation lists them), derived the first time a command needs it: what each device got
+    is what config.json holds at the places today's specs name for it (its node paths, its
+    mount destinations, its cgroup rules), so the values are the container's, not today's
+    specs'. An item today's specs no longer name cannot be told apart and is not recorded;
+    one they name anew is absent from config.json, and shows as stale. found: the hook's
+    own record of the same container (devices it gave live), extended."""
+    linux = config_raw.get("linux") if isinstance(config_raw.get("linux"), dict) else {}
+    nodes_in_config = {d.get("path"): d for d in linux.get("devices") or () if isinstance(d, dict)}
+    mounts_in_config = {m.get("destination"): m for m in config_raw.get("mounts") or () if isinstance(m, dict)}
+    resources = linux.get("resources") if isinstance(linux.get("resources"), dict) else {}
+    allowed = {(r.get("type"), r.get("major"), r.get("minor")) for r in resources.get("devices") or ()
+               if isinstance(r, dict) and r.get("allow")}
+    nodes, mounts, rules = [], [], []
+    for p in today.nodes:
+        entry = nodes_in_config.get(p.node.path)
+        if entry is not None:
+            node = p.node._replace(type=entry.get("type", p.node.type), major=entry.get("major"),
+                                   minor=entry.get("minor"), file_mode=entry.get("fileMode"),
+                                   uid=entry.get("uid"), gid=entry.get("gid"))
+            nodes.append([p.origin, list(node), entry.get("uid"), entry.get("gid"), None, None])
+    for origin, mount in today.mounts:
+        entry = mounts_in_config.get(mount.container_path)
+        if entry is not None:
+            source = entry.get("source", mount.host_path)
+            mounts.append([origin, [source, mount.container_path, list(entry.get("options") or ()),
+                                    entry.get("type") or ""], _source_identity(source), None])
+    for rule in today.device_rules:
+        if rule.access and (rule.type, rule.major, rule.minor) in allowed:
+            rules.append(list(rule))
+    items = dict(found.items) if found is not None else {"library_dirs": [], "net_devices": [], "rdt": None,
+                                                         "hooks": {}, "holds": []}
+    for key, added in (("nodes", nodes), ("mounts", mounts), ("rules", rules)):
+        items[key] = list(items.get(key, ())) + added
+    earlier = found.devices if found is not None else []
+    return Record(container_id, pid, start_time, bundle, earlier + [d for d in devices if d not in earlier],
+                  found.sources if found is not None else {}, items, work_of(items))
+
+
 # --- the plan a record describes --------------------------------------------------------
 
 def given_plan(record: Record, devices: list[str] | None = None) -> Plan:

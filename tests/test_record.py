@@ -220,3 +220,41 @@ def test_detach_finds_a_creation_mount_the_container_moved(upgraded):
     assert f"now at /opt/moved/{LIB}" in done.stdout, done.stdout
     assert f"/opt/moved/{LIB}" not in env.mountinfo_of(c.pid)
     oci_env.assert_refused(c, "/tmp/loop0", "r")
+
+
+def test_container_edited_before_creation_gets_its_record_when_first_needed(runc, tmp_path):
+    """`inject --mode edits` gives the devices through config.json (runc makes them): the
+    first verify derives the record from config.json and keeps it, so a later driver upgrade
+    shows as stale and detach takes back what the container got."""
+    require(os.path.exists("/dev/loop0") and os.path.exists("/dev/loop1"), "needs /dev/loop0 and /dev/loop1")
+    sources = tmp_path / "host"
+    real = os.path.realpath(hook_env.LIBRARY_SOURCE)
+    for version in (1, 2):
+        (sources / f"v{version}").mkdir(parents=True)
+        shutil.copy(real, sources / f"v{version}" / LIB)
+    spec_dir = tmp_path / "cdi"
+    oci_env.write_spec(spec_dir, "test.json", _spec(sources, 1))
+    bundle = oci_env.make_bundle(tmp_path / "bundle", ["sleep", "120"], rootfs=hook_env.glibc_like_rootfs(
+        tmp_path / "bundle" / "rootfs"))
+    done = env.cli(spec_dir, "inject", "--bundle", str(bundle), "--device", GPU, "--mode", "edits")
+    assert done.returncode == 0, done.stderr
+    records = Path(os.environ["CDI_HOOK_STATE_DIR"]).parent / "containers"
+    with oci_env.detached_container(bundle, runc=runc) as c:
+        address = f"runc:{c.id}"
+        assert not (records / f"{c.id}.json").exists()  # no hook ran: nothing recorded yet
+        rc, checks = env.verify_json(spec_dir, address)
+        # (runc runs no ldconfig for an edited config.json: the loader cache lists no library)
+        assert checks and [x["item"] for x in checks if not x["ok"]] == [f"ld cache {_library(1)}"], checks
+        assert (records / f"{c.id}.json").exists()  # derived from config.json, kept
+        oci_env.write_spec(spec_dir, "test.json", _spec(sources, 2))
+        rc, checks = env.verify_json(spec_dir, address)
+        assert rc == 1 and [x["device"] for x in checks if x.get("stale")] == [GPU], checks
+        assert [x["item"] for x in checks if not x["ok"] and not x.get("stale")] == [f"ld cache {_library(1)}"]
+        listed = env.cli(spec_dir, "stale")
+        assert listed.returncode == 1 and c.id in listed.stdout, listed
+        done = env.cli(spec_dir, "detach", address, GPU)
+        assert done.returncode == 0, done.stderr
+        assert _library(1) not in env.mountinfo_of(c.pid)
+        # The node and its cgroup rule are config.json's, which runc made and keeps: detach
+        # never removes a node linux.devices lists, and says the rule stays.
+        assert "b 7:0 stays allowed" in done.stdout, done.stdout

@@ -59,21 +59,42 @@ def _host_user_namespace() -> bool:
         return False
 
 
-def _state(target):
+def _state(target, spec_dirs=None):
     """(attachment record, container record or None, creation devices still given, attached
     devices). The devices given at creation are the container record's: what the hook gave,
-    not what config.json asks today nor what today's specs would give. A container started
-    before records existed has none: its config.json's requests, resolved the older way."""
+    not what config.json asks today nor what today's specs would give. Devices a config.json
+    editor applied are added to it the first time they are needed (record.with_edited_devices).
+    A container started before records existed has none: its config.json's requests,
+    resolved the older way."""
     from cdi_hook import attachments, record
-    from cdi_hook.request import requested_devices
+    from cdi_hook.request import applied_devices, requested_devices
 
     attached = attachments.load(target.id, target.pid, target.start_time)
     given = record.load(target.id)
     if given is not None and (given.pid, given.start_time) != (target.pid, target.start_time):
         given = None  # an earlier container's under this id
+    edited = [n for n in applied_devices(target.config.annotations) if given is None or n not in given.devices]
+    if edited:
+        given = _record_edited(target, given, edited, spec_dirs)
     requested = given.devices if given is not None else requested_devices(target.config.annotations)
     creation = [n for n in requested if n not in attached["detached"]]
     return attached, given, creation, attachments.attached_names(attached)
+
+
+def _record_edited(target, given, edited, spec_dirs):
+    """The container's record with the devices an editor applied to its config.json, derived
+    now and saved, so later commands see what it got then, whatever the specs say later."""
+    from cdi_hook import record
+
+    from cdi_hook.request import pending_devices
+
+    if given is None and pending_devices(target.config.annotations):
+        return None  # the hook gave it devices before records existed: the older way for all
+    today = _resolve(edited, spec_dirs, target.config)
+    derived = record.with_edited_devices(given, edited, target.config.raw, today, target.pid, target.start_time,
+                                         os.path.dirname(target.config.path), target.id)
+    record.save(derived)
+    return derived
 
 
 def _given_plan(target, given, names, spec_dirs):
@@ -130,7 +151,7 @@ def _verify(target, spec_dirs) -> list[dict]:
     from cdi_hook import containers, record
     from cdi_hook.live import attach
 
-    _, given, creation, attached = _state(target)
+    _, given, creation, attached = _state(target, spec_dirs)
     names = creation + attached
     if not names:
         return []
@@ -210,7 +231,7 @@ def _attach(target, names, spec_dirs) -> list[str]:
     from cdi_hook import attachments, attribution, policy
     from cdi_hook.live import attach, cgroups, holds, inject
 
-    record, given_record, creation, attached = _state(target)
+    record, given_record, creation, attached = _state(target, spec_dirs)
     current = creation + attached
     given = [n for n in names if n in current]
     if given:
@@ -341,7 +362,7 @@ def _detach(target, names, spec_dirs):
     from cdi_hook.live import attach, cgroups, holds, inject, ldcache
     from cdi_hook.live.cgroups import DeviceRule
 
-    record, given, creation, attached = _state(target)
+    record, given, creation, attached = _state(target, spec_dirs)
     unknown = [n for n in names if n not in creation and n not in attached]
     if unknown:
         raise CdiError(f"detach: {listed(unknown)}: not given to container {target.name}")
