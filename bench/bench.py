@@ -461,17 +461,9 @@ class Watcher:
 
     def generation(self):
         """What a hook start reads: the watcher's generation, None while it does not vouch."""
-        from cdi_hook import cache
+        from cdi_hook import cache, settings
 
-        old = os.environ.get(cache.CACHE_DIR_ENV)
-        os.environ[cache.CACHE_DIR_ENV] = self.cache_dir
-        try:
-            return cache.watched_generation(self.dirs)
-        finally:
-            if old is None:
-                del os.environ[cache.CACHE_DIR_ENV]
-            else:
-                os.environ[cache.CACHE_DIR_ENV] = old
+        return cache.watched_generation(self.dirs, settings=settings.current()._replace(cache_dir=self.cache_dir))
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -527,7 +519,7 @@ def bench_scale(ws: Workspace, sizes: list[int], runs: int, cold_runs: int) -> d
 def bench_watch(ws: Workspace, files: int, edits: int) -> dict:
     """An in-place edit of one spec among `files`: until the watcher has seen it (its
     generation moves), until the cache is trusted again, and whether the next start uses it."""
-    from cdi_hook import cache, plan
+    from cdi_hook import cache, plan, settings
 
     spec_dir = ws.root / f"watch-{files}"
     gen_specs.generate(str(spec_dir), files=files, devices=10)
@@ -536,8 +528,8 @@ def bench_watch(ws: Workspace, files: int, edits: int) -> dict:
     watcher = Watcher(ws, [str(spec_dir)], cache_dir)
     target = spec_dir / "vendor0.json"
     seen, trusted, used = [], [], []
-    old_environ = os.environ.get(cache.CACHE_DIR_ENV)
-    os.environ[cache.CACHE_DIR_ENV] = cache_dir
+    old_settings = settings.current()
+    settings.use(old_settings._replace(cache_dir=cache_dir))  # what the hook's cache.select reads
     try:
         for edit in range(edits):
             before = watcher.generation()
@@ -566,10 +558,7 @@ def bench_watch(ws: Workspace, files: int, edits: int) -> dict:
             time.sleep(0.05)
     finally:
         watcher.stop()
-        if old_environ is None:
-            os.environ.pop(cache.CACHE_DIR_ENV, None)
-        else:
-            os.environ[cache.CACHE_DIR_ENV] = old_environ
+        settings.use(old_settings)
     return {"files": files, "seen": seen, "trusted": trusted, "used": used}
 
 

@@ -2,9 +2,9 @@
 
 One file per container in $CDI_HOOK_STATE_DIR/../attachments (default
 /run/cdi-hook/attachments: gone at reboot, like the containers): root's, 0600, in a 0700
-dir, written whole with files.write_file_atomic. It names the container's init process
-(pid and start time: a record of a container that ended and a new process that took its
-pid number are told apart), the devices attached since the start and what attach created
+dir, a checksummed record written whole (state.write_record). It names the container's
+init process (pid and start time: a record of a container that ended and a new process
+that took its pid number are told apart), the devices attached since the start and what attach created
 for each (so detach removes only that), and the devices given at creation that were
 detached since (so verify no longer expects them). A record that is not a private file of
 root's is refused, never believed.
@@ -15,46 +15,44 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import stat
 
-from cdi_hook import jsonio
+from cdi_hook import settings, state
 from cdi_hook.errors import CdiError
-from cdi_hook.files import is_private_file, write_file_atomic
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-STATE_DIR_ENV = "CDI_HOOK_STATE_DIR"  # as live/holds.py: the records live beside the holds
-DEFAULT_STATE_DIR = "/run/cdi-hook/held"
-MAX_RECORD = 1 << 20
 
 
 def record_dir() -> str:
-    return os.path.join(os.path.dirname(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR), "attachments")
+    return os.path.join(settings.current().state_root, "attachments")  # beside the holds
+
+
+def _name(container_id: str) -> str:
+    if not container_id or container_id in (".", ".."):
+        raise CdiError("attachment record: empty container id")
+    return state.file_name(container_id) + ".json"
 
 
 def _path(container_id: str) -> str:
-    if not container_id or container_id in (".", ".."):
-        raise CdiError("attachment record: empty container id")
-    return os.path.join(record_dir(), container_id.replace("%", "%25").replace("/", "%2F") + ".json")
+    return os.path.join(record_dir(), _name(container_id))
 
 
-def _private_dir(create: bool) -> bool:
+@contextlib.contextmanager
+def _private_dir(create: bool):
+    """An fd of the records' folder (None when it does not exist and create is false),
+    closed after the block."""
     directory = record_dir()
-    if create:
-        try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-        except OSError as error:  # one line, and attach's rollback still runs
-            raise CdiError(f"{directory}: cannot make the attachment records' dir: {error.strerror}") from None
     try:
-        st = os.lstat(directory)
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise CdiError(f"{directory}: not a private directory of root's (owner {st.st_uid}, mode "
-                       f"{stat.S_IMODE(st.st_mode):o}); refusing to keep attachment records there")
-    return True
+        fd = state.open_private_dir(directory, create)
+    except state.StateError as error:  # one line, and attach's rollback still runs
+        raise CdiError(str(error)) from None
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def lock_path(container_id: str) -> str:
@@ -68,12 +66,13 @@ def locked(container_id: str) -> Iterator[None]:
     each save what it loaded plus its own change, losing the other's. The lock file stays (an
     unlinked one could be locked by one while another makes a new one); it is empty, and the
     dir is gone at reboot. Opened read-only: flock needs no write access."""
-    _private_dir(create=True)
     path = lock_path(container_id)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError as error:
-        raise CdiError(f"{path}: cannot open the attachment record's lock: {error.strerror}") from None
+    with _private_dir(create=True) as dir_fd:
+        try:
+            fd = os.open(os.path.basename(path), os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=dir_fd)
+        except OSError as error:
+            raise CdiError(f"{path}: cannot open the attachment record's lock: {error.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -88,26 +87,21 @@ def empty(container_id: str, pid: int, start_time: int) -> dict:
 def load(container_id: str, pid: int, start_time: int) -> dict:
     """The container's record; an empty one when there is none or it is of an earlier process
     (the container was started again under the same id)."""
-    if not _private_dir(create=False):
-        return empty(container_id, pid, start_time)
     path = _path(container_id)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
+    with _private_dir(create=False) as dir_fd:
+        if dir_fd is None:
+            return empty(container_id, pid, start_time)
+        try:
+            # plain_json: records of attach before state.py (no checksum line) stay believed
+            # after an upgrade: detach must still remove what they say was attached.
+            record = state.read_record(dir_fd, _name(container_id), path, plain_json=True)
+        except state.StateError as error:
+            raise CdiError(f"{error}; remove it if the container is gone") from None
+    if record is None:
         return empty(container_id, pid, start_time)
-    except OSError as error:
-        raise CdiError(f"{path}: cannot read: {error.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        if not is_private_file(os.fstat(f.fileno())):
-            raise CdiError(f"{path}: not a private file of root's; refusing to believe it")
-        data = f.read(MAX_RECORD + 1)
-    try:
-        record = jsonio.loads(data)
-        if (not isinstance(record, dict) or not isinstance(record.get("attached"), list)
-                or not isinstance(record.get("detached"), list)):
-            raise ValueError("not a record")
-    except ValueError:
-        raise CdiError(f"{path}: not an attachment record; remove it if the container is gone") from None
+    if (not isinstance(record, dict) or not isinstance(record.get("attached"), list)
+            or not isinstance(record.get("detached"), list)):
+        raise CdiError(f"{path}: not an attachment record; remove it if the container is gone")
     if (record.get("pid"), record.get("start_time")) != (pid, start_time):
         return empty(container_id, pid, start_time)
     return record
@@ -115,38 +109,34 @@ def load(container_id: str, pid: int, start_time: int) -> dict:
 
 def save(record: dict) -> None:
     """Write the record (removed when it says nothing any more)."""
-    _private_dir(create=True)
-    _prune()
     path = _path(record["container"])
-    if not record["attached"] and not record["detached"]:
+    with _private_dir(create=True) as dir_fd:
+        _prune(dir_fd)
+        if not record["attached"] and not record["detached"]:
+            state.remove_at(dir_fd, _name(record["container"]))
+            return
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        return
-    try:
-        write_file_atomic(path, (jsonio.dumps(record) + "\n").encode(), 0o600)
-    except OSError as error:
-        raise CdiError(f"{path}: cannot write the attachment record: {error.strerror}") from None
+            state.write_record(dir_fd, _name(record["container"]), record)
+        except OSError as error:
+            raise CdiError(f"{path}: cannot write the attachment record: {error.strerror}") from None
 
 
-def _prune() -> None:
+def _prune(dir_fd: int) -> None:
     """Remove the records of containers that ended (their process is gone, or its pid is
     another process's now): nothing else would, before the next reboot."""
     from cdi_hook.containers import process_start_time
 
-    directory = record_dir()
-    for name in os.listdir(directory):
-        path = os.path.join(directory, name)
+    for name in os.listdir(dir_fd):
+        if not name.endswith(".json") or name.startswith("."):
+            continue  # the lock files, and a write's temp file
         try:
-            with open(path, "rb") as f:
-                record = jsonio.loads(f.read(MAX_RECORD + 1))
+            record = state.read_record(dir_fd, name, name, plain_json=True)
             alive = process_start_time(record["pid"]) == record["start_time"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, state.StateError, KeyError, TypeError):
             continue  # not ours to judge
         if not alive:
             try:
-                os.unlink(path)
+                state.remove_at(dir_fd, name)
             except OSError:
                 pass
 

@@ -26,12 +26,11 @@ the trust and size settings, and on what the spec dirs hold, known one of two wa
   stat()ing every spec file. Without a healthy watcher, the listing decides, as above.
 
 Trust: the cache says what gets mounted into containers, so it must be as trusted as the
-specs themselves: it is read only when the reader is root, the directory and the file are
-root-owned and not writable by group or others (file mode 0600, dir 0700 when we create
-it), and it is opened without following a symlink. The generation file is held to the
-same rule. Anything else, or any error while reading, means "no cache": rebuilt from the
-files and written again (atomically, temp file + rename). Non-root callers never read or
-write it.
+specs themselves: it is read only when the reader is root, and the directory and the file
+are private to root (state.py's one rule: root's, nobody else may read or write, no
+symlink). The generation file is held to the same rule. Anything else, or any error while
+reading, means "no cache": rebuilt from the files and written again (state.write_atomic,
+not durable: a cache lost to a crash is rebuilt). Non-root callers never read or write it.
 
 Format: marshal only, no pickle. A spec is stored as plain data (a model record as a
 list [class number, field values...], tuples and scalars as themselves) and rebuilt by
@@ -54,13 +53,14 @@ from __future__ import annotations
 
 import marshal
 import os
-import stat
 import time
 import zlib
 from array import array
 
 from cdi_hook import __version__
-from cdi_hook.files import is_private_file
+from cdi_hook import state
+from cdi_hook.settings import Settings
+from cdi_hook.settings import current as current_settings
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
 if TYPE_CHECKING:
@@ -71,16 +71,14 @@ if TYPE_CHECKING:
     from cdi_hook.registry import Registry, Selection
     from cdi_hook.spec.model import Device, Spec
 
-CACHE_DIR_ENV = "CDI_HOOK_CACHE_DIR"
-DEFAULT_CACHE_DIR = "/run/cdi-hook"
 CACHE_FORMAT = 5  # bump when the layout below changes
 MAGIC = b"CDIHKC%02d" % CACHE_FORMAT
+MAX_CACHE = 1 << 40  # read at offsets, never whole: no bound but the file system's
 FRESH_NS = 2_000_000_000  # files changed more recently than this are not cached yet
 NAMES_PER_BUCKET = 32
 # What the registry reads (spec.parse.SPEC_SUFFIXES, not imported: parse is not needed on
-# a hit; tests/test_cache.py holds the two equal) and its size setting's variable.
+# a hit; tests/test_cache.py holds the two equal).
 SPEC_SUFFIXES = (".json", ".yaml", ".yml")
-MAX_SPEC_SIZE_ENV = "CDI_HOOK_MAX_SPEC_SIZE"
 
 # The watcher's generation file (see the module docstring and commands/watch.py).
 GENERATION_MAGIC = b"CDIHKG01"
@@ -93,11 +91,10 @@ _CODE_MODULES = ("cache.py", "registry.py", "spec/model.py", "spec/parse.py",
                  "spec/validate.py", "spec/names.py", "spec/version.py", "spec/rules.py")
 
 
-def cache_dir() -> str | None:
+def cache_dir(settings: Settings | None = None) -> str | None:
     """$CDI_HOOK_CACHE_DIR or /run/cdi-hook; None (no cache) for a relative path, which
     would depend on the directory the runtime happens to start the hook in."""
-    directory = os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR
-    return directory if os.path.isabs(directory) else None
+    return (settings or current_settings()).cache_dir
 
 
 def select(names: Iterable[str], spec_dirs: Iterable[str] | None = None) -> Selection:
@@ -140,22 +137,23 @@ def spec_dir_tuple(spec_dirs: Iterable[str] | None) -> tuple[str, ...]:
     return tuple(registry.DEFAULT_SPEC_DIRS if spec_dirs is None else spec_dirs)
 
 
-def _key(dirs: tuple[str, ...], registry: ModuleType) -> tuple:
-    """What the answer depends on besides the files. The size setting as written: a bad
-    value has no cache (the full load that reports it writes none)."""
+def _key(dirs: tuple[str, ...], registry: ModuleType, settings: Settings | None = None) -> tuple:
+    """What the answer depends on besides the files: the code, the dirs and the settings
+    the registry reads (trust, size limit)."""
+    settings = settings or current_settings()
     here = os.path.dirname(os.path.abspath(__file__))
     code = []
     for name in _CODE_MODULES:
         st = os.stat(os.path.join(here, name))
         code.append((name, st.st_size, st.st_mtime_ns))
-    require_trusted = not registry.insecure_specs_allowed()
-    return (CACHE_FORMAT, __version__, tuple(code), dirs, require_trusted, os.environ.get(MAX_SPEC_SIZE_ENV) or "")
+    require_trusted = not registry.insecure_specs_allowed(None, settings)
+    return (CACHE_FORMAT, __version__, tuple(code), dirs, require_trusted, settings.max_spec_size)
 
 
-def cache_path(key: tuple) -> str:
+def cache_path(key: tuple, settings: Settings | None = None) -> str:
     """One file per configuration (dirs, trust, size limit), so two set-ups never fight."""
     tag = zlib.crc32(repr(key[3:]).encode())
-    directory = cache_dir()
+    directory = cache_dir(settings)
     assert directory is not None  # callers check cache_dir() first
     return os.path.join(directory, f"registry-{tag:08x}.cache")
 
@@ -218,15 +216,16 @@ def is_settled(listing: tuple | None, now_ns: int | None = None) -> bool:
 # The watcher's generation
 
 
-def generation_path(dirs: tuple[str, ...]) -> str | None:
+def generation_path(dirs: tuple[str, ...], settings: Settings | None = None) -> str | None:
     """The generation file of a watcher of these spec dirs (None: no cache dir)."""
-    directory = cache_dir()
+    directory = cache_dir(settings)
     if directory is None:
         return None
     return os.path.join(directory, f"watch-{zlib.crc32(repr(tuple(dirs)).encode()):08x}.generation")
 
 
-def watched_generation(dirs: tuple[str, ...], now_ns: int | None = None) -> bytes | None:
+def watched_generation(dirs: tuple[str, ...], now_ns: int | None = None,
+                       settings: Settings | None = None) -> bytes | None:
     """The generation of a healthy watcher of exactly these dirs, else None.
 
     Healthy: the file is root-only and regular, its content names these dirs, the watcher
@@ -234,7 +233,7 @@ def watched_generation(dirs: tuple[str, ...], now_ns: int | None = None) -> byte
     and its heartbeat (mtime) is at most HEARTBEAT_TIMEOUT_NS old (a stopped or stuck
     watcher sees no changes). Five syscalls, whatever the number of spec files.
     """
-    path = generation_path(dirs)
+    path = generation_path(dirs, settings)
     if path is None:
         return None
     try:
@@ -243,7 +242,7 @@ def watched_generation(dirs: tuple[str, ...], now_ns: int | None = None) -> byte
         return None
     try:
         st = os.fstat(fd)
-        if not is_private_file(st):
+        if not state.is_private_file(st):
             return None
         if (time.time_ns() if now_ns is None else now_ns) - st.st_mtime_ns > HEARTBEAT_TIMEOUT_NS:
             return None
@@ -297,19 +296,22 @@ def lookup(path: str, key: tuple, listing: tuple | None, wanted: list[str],
 
 
 def _open_trusted(path: str) -> int:
-    directory = os.lstat(os.path.dirname(path))
-    if not _root_only(directory) or not stat.S_ISDIR(directory.st_mode):
-        raise PermissionError(path)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or not _root_only(st):
-        os.close(fd)
-        raise PermissionError(path)
+    """An fd of the cache file at path, its folder and itself held to the state layer's
+    rules; OSError (read as "no cache") for anything else."""
+    directory, name = os.path.split(path)
+    try:
+        dir_fd = state.open_private_dir(directory)
+        if dir_fd is None:
+            raise FileNotFoundError(directory)
+        try:
+            fd = state.open_trusted(dir_fd, name, path, MAX_CACHE)
+        finally:
+            os.close(dir_fd)
+    except state.StateError as error:
+        raise PermissionError(str(error)) from None
+    if fd is None:
+        raise FileNotFoundError(path)
     return fd
-
-
-def _root_only(st: os.stat_result) -> bool:
-    return st.st_uid == 0 and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
 def _lookup(fd: int, key: tuple, listing: tuple | None, wanted: list[str],
@@ -368,44 +370,21 @@ def write(path: str, key: tuple, listing: tuple | None, registry: Registry, gene
     if os.geteuid() != 0:
         return False
     try:
-        ensure_private_dir(os.path.dirname(path))
+        state.ensure_private_dir(os.path.dirname(path))
         data = encode(key, listing, registry, generation)
-    except (OSError, ValueError):
+    except (OSError, ValueError, state.StateError):
         return False
     return _write_private(path, data)
 
 
 def _write_private(path: str, data: bytes) -> bool:
-    """Write a root-only 0600 file atomically (temp file + rename); False when it cannot."""
-    temp = os.path.join(os.path.dirname(path), f".cache-{os.getpid()}-{time.monotonic_ns()}.tmp")
+    """Write a root-only 0600 file atomically; False when it cannot (a cache is best effort).
+    Not durable: a cache lost to a crash is rebuilt by the next start."""
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temp, path)
+        state.write_atomic(path, data, durable=False)
     except OSError:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
         return False
     return True
-
-
-def ensure_private_dir(directory: str) -> None:
-    """directory, made 0700 when missing; PermissionError unless it is a root-only dir."""
-    try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(directory)
-    if not stat.S_ISDIR(st.st_mode) or not _root_only(st):
-        raise PermissionError(f"{directory}: not a root-only directory")
 
 
 def encode(key: tuple, listing: tuple | None, registry: Registry, generation: bytes | None = None) -> bytes:
@@ -497,8 +476,8 @@ _NESTED = (list, tuple)
 _POLICY_MODULES = ("cache.py", "policy.py", "attribution.py", "spec/names.py")
 
 
-def _policy_cache_path(signature: tuple) -> str:
-    directory = cache_dir()
+def _policy_cache_path(signature: tuple, settings: Settings | None = None) -> str:
+    directory = cache_dir(settings)
     assert directory is not None  # callers check cache_dir() first
     return os.path.join(directory, f"policy-{zlib.crc32(signature[0].encode()):08x}.cache")
 
@@ -510,13 +489,13 @@ def _policy_key(signature: tuple) -> tuple:
     return (CACHE_FORMAT, __version__, code, signature)
 
 
-def load_policy(signature: tuple) -> Any:
+def load_policy(signature: tuple, settings: Settings | None = None) -> Any:
     """The compiled policy (plain tuples: policy.py rebuilds it) for a file with this stat
     signature, or None."""
-    if os.geteuid() != 0 or cache_dir() is None:
+    if os.geteuid() != 0 or cache_dir(settings) is None:
         return None
     try:
-        fd = _open_trusted(_policy_cache_path(signature))
+        fd = _open_trusted(_policy_cache_path(signature, settings))
     except OSError:
         return None
     try:
@@ -531,16 +510,17 @@ def load_policy(signature: tuple) -> Any:
         os.close(fd)
 
 
-def store_policy(signature: tuple, plain_policy: tuple, st: os.stat_result) -> bool:
+def store_policy(signature: tuple, plain_policy: tuple, st: os.stat_result,
+                 settings: Settings | None = None) -> bool:
     """Keep the compiled policy, unless the file changed within FRESH_NS (timestamp granularity)."""
-    if os.geteuid() != 0 or cache_dir() is None:
+    if os.geteuid() != 0 or cache_dir(settings) is None:
         return False
     if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < FRESH_NS:
         return False
-    path = _policy_cache_path(signature)
+    path = _policy_cache_path(signature, settings)
     try:
-        ensure_private_dir(os.path.dirname(path))
+        state.ensure_private_dir(os.path.dirname(path))
         data = b"CDIHKP%02d" % CACHE_FORMAT + marshal.dumps((_policy_key(signature), plain_policy))
-    except (OSError, ValueError):
+    except (OSError, ValueError, state.StateError):
         return False
     return _write_private(path, data)

@@ -9,25 +9,26 @@ from __future__ import annotations
 import os
 import sys
 
+from cdi_hook import settings as config
 from cdi_hook.spec import HOOK_STAGES as STAGES
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable
     from typing import Any
 
     from cdi_hook.commands.injection_server import Server
+    from cdi_hook.settings import Settings
 
 
-def _spec_dirs(args: Any, environ: Mapping[str, str] = os.environ) -> list[str] | None:  # Namespace or HookArgs
-    """--spec-dir wins over CDI_SPEC_DIRS, which wins over the defaults (None)."""
+def _spec_dirs(args: Any, settings: Settings | None = None) -> list[str] | None:  # Namespace or HookArgs
+    """--spec-dir wins over CDI_SPEC_DIRS (the settings', this process's unless given),
+    which wins over the defaults (None)."""
     if getattr(args, "spec_dir", None):
         return list(args.spec_dir)
-    env = environ.get("CDI_SPEC_DIRS")
-    if env is not None:
-        return [d for d in env.split(":") if d]
-    return None
+    dirs = (settings or config.current()).spec_dirs
+    return None if dirs is None else list(dirs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--runc-root", default="/run/runc", metavar="DIR", help="runc's --root (default: %(default)s)")
         p.add_argument("--bundle", metavar="DIR", help="the container's bundle, when its runtime does not say")
 
+    p = with_specs(sub.add_parser("stale", help="list the running containers whose devices' specs changed since "
+                                                "they got them (after a driver upgrade: which to restart)"))
+    p.add_argument("--format", choices=("text", "json"), default="text")
+
     p = sub.add_parser("uninstall", help="remove the hooks.d files install wrote")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--podman", action="store_true")
@@ -174,7 +179,7 @@ def dispatch(args: Any) -> int:  # argparse's Namespace, or HookArgs for a plain
         from cdi_hook.commands import doctor
 
         return doctor.cmd_doctor(args)
-    if command in ("verify", "attach", "detach"):
+    if command in ("verify", "attach", "detach", "stale"):
         from cdi_hook.commands import running
 
         return getattr(running, "cmd_" + command)(args, _spec_dirs(args))
@@ -244,9 +249,7 @@ def _hook_process(args: HookArgs) -> int:
     import gc
 
     gc.disable()
-    from cdi_hook.commands import serve
-
-    code = serve.ask(sys.argv[1:], _spec_dirs(args))  # a `cdi-hook watch --serve` does it
+    code = _served(args)
     if code is None:
         code = run(args)
     try:
@@ -254,6 +257,17 @@ def _hook_process(args: HookArgs) -> int:
         sys.stderr.flush()
     finally:
         os._exit(code)
+
+
+def _served(args: Any) -> int | None:  # argparse's Namespace, or HookArgs for a plain `hook` argv
+    """The exit code of a `cdi-hook watch --serve` that did the hook's work, else None."""
+    try:
+        spec_dirs = _spec_dirs(args)
+    except Exception:  # a bad setting (CdiError): run() reports it, in-process
+        return None
+    from cdi_hook.commands import serve
+
+    return serve.ask(sys.argv[1:], spec_dirs)
 
 
 def run(args: Any) -> int:  # argparse's Namespace, or HookArgs for a plain `hook` argv
@@ -269,6 +283,7 @@ def run(args: Any) -> int:  # argparse's Namespace, or HookArgs for a plain `hoo
         build_parser().print_help(sys.stderr)
         return 2
     try:
+        config.current()  # every CDI_* variable read and checked once, before anything is done
         return dispatch(args)
     except CdiError as error:
         # The one line an operator sees: it can carry image file names and program output.
@@ -283,10 +298,11 @@ def run(args: Any) -> int:  # argparse's Namespace, or HookArgs for a plain `hoo
         return 1
 
 
-def _parse_hook_request(argv: list[str], environ: Mapping[str, str]) -> tuple[HookArgs, list[str] | None] | None:
-    """(args, spec dirs) of a hook's argv sent to the injection server; None unless plain."""
+def _parse_hook_request(argv: list[str], settings: Settings) -> tuple[HookArgs, list[str] | None] | None:
+    """(args, spec dirs) of a hook's argv sent to the injection server, with the hook's
+    settings; None unless plain."""
     args = fast_hook_args(argv)
-    return None if args is None else (args, _spec_dirs(args, environ))
+    return None if args is None else (args, _spec_dirs(args, settings))
 
 
 def _injection_server(dirs: tuple[str, ...], log: Callable[[str], None]) -> Server:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import sys
 
+from cdi_hook import settings
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -37,7 +39,8 @@ def interpreter() -> str:
 
 
 def carried_settings() -> dict[str, str]:
-    return {name: os.environ[name] for name in CARRIED_SETTINGS if os.environ.get(name)}
+    """The CARRIED_SETTINGS this process was given (non-empty), as given."""
+    return {name: value for name, value in settings.current().environ if name in CARRIED_SETTINGS and value}
 
 
 # The program an entry runs: `-c` with this, not `-m cdi_hook`. -m goes through runpy, which

@@ -15,11 +15,12 @@ cannot put escape sequences in front of an operator, nor make one line megabytes
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
+from cdi_hook import settings
 from cdi_hook.errors import MAX_MESSAGE_LENGTH, printable
+from cdi_hook.settings import LOG_LEVELS as LEVELS
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
 if TYPE_CHECKING:
@@ -27,8 +28,6 @@ if TYPE_CHECKING:
 
     from structlog.typing import Processor
 
-DEFAULT_LOG_FILE = "/var/log/cdi-hook.log"
-LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 # Bounds of the log line: a list (devices, warnings, notes, sources) keeps its first
 # MAX_LOG_ITEMS entries and a count of the rest; each entry is cut at MAX_LOG_ITEM
 # characters; the error at MAX_MESSAGE_LENGTH, as on stderr. So the line stays a few KB
@@ -41,7 +40,7 @@ MAX_LOG_ITEM = 500
 
 
 def configured_level() -> int:
-    return LEVELS.get(os.environ.get("CDI_HOOK_LOG_LEVEL", "info").strip().lower(), LEVELS["info"])
+    return settings.current().log_level
 
 
 def warn(message: str) -> None:
@@ -124,7 +123,7 @@ class _Step:
 
 
 def _write(level: str, event: str, fields: dict) -> None:
-    path = os.environ.get("CDI_HOOK_LOG") or DEFAULT_LOG_FILE
+    path = settings.current().log_file
     try:
         log_file = open(path, "a", encoding="utf-8")
     except OSError as error:

@@ -27,6 +27,8 @@ from collections import namedtuple
 
 from cdi_hook.attribution import ADMIN, KUBELET, POD, SOURCES, UNKNOWN
 from cdi_hook.errors import CdiError
+from cdi_hook.settings import POLICY_ENV, Settings
+from cdi_hook.settings import current as current_settings
 from cdi_hook.spec.names import device_name_problem, kind_problem, quote
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
@@ -38,8 +40,6 @@ if TYPE_CHECKING:
 
     _Fail = Callable[[str, str], NoReturn]  # (field, message): raises CdiError
 
-POLICY_ENV = "CDI_HOOK_POLICY"
-DEFAULT_POLICY = "/etc/cdi-hook/policy.yaml"
 POLICY_VERSION = "1"
 DEFAULT_ALLOWED = (KUBELET, ADMIN)
 MAX_POLICY_SIZE = 1 << 20
@@ -56,16 +56,17 @@ Decision = namedtuple("Decision", ["request", "allowed", "reason"])
 DEFAULT = Policy("", False, (), ())
 
 
-def policy_path() -> str:
-    return os.environ.get(POLICY_ENV) or DEFAULT_POLICY
+def policy_path(settings: Settings | None = None) -> str:
+    return (settings or current_settings()).policy
 
 
-def load(path: str | None = None) -> Policy:
+def load(path: str | None = None, settings: Settings | None = None) -> Policy:
     """The policy in force: the file at path ($CDI_HOOK_POLICY, else the default path), or
     the built-in default when the default path does not exist. A file named by
     $CDI_HOOK_POLICY must exist: a typo must not quietly drop a node's rules."""
-    explicit = path is not None or bool(os.environ.get(POLICY_ENV))
-    path = path or policy_path()
+    settings = settings or current_settings()
+    explicit = path is not None or settings.policy_explicit
+    path = path or settings.policy
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -77,7 +78,7 @@ def load(path: str | None = None) -> Policy:
     from cdi_hook import cache
 
     signature = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_uid, st.st_mode)
-    compiled = cache.load_policy(signature)
+    compiled = cache.load_policy(signature, settings)
     if compiled is not None:
         try:
             path_, kubelet_only, rules, exclusive = compiled
@@ -86,7 +87,7 @@ def load(path: str | None = None) -> Policy:
             pass  # not what this code writes: read the file
     policy = read(path)
     cache.store_policy(signature, (policy.path, policy.containerd_kubelet_only,
-                                   tuple(tuple(rule) for rule in policy.rules), policy.exclusive), st)
+                                   tuple(tuple(rule) for rule in policy.rules), policy.exclusive), st, settings)
     return policy
 
 

@@ -23,6 +23,8 @@ import stat
 from collections import namedtuple
 
 from cdi_hook.errors import MAX_LISTED, CdiError, ResolveError, listed
+from cdi_hook.settings import DEFAULT_SPEC_DIRS, INSECURE_ENV, Settings
+from cdi_hook.settings import current as current_settings
 from cdi_hook.spec.model import ContainerEdits, Device, Spec
 from cdi_hook.spec.names import is_qualified_name, quote
 
@@ -30,8 +32,6 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the h
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping
     from typing import Any
-
-DEFAULT_SPEC_DIRS = ("/etc/cdi", "/var/run/cdi")
 
 # origin: "vendor.com/class=name" or "vendor.com/class (spec-level)"; edits: ContainerEdits.
 EditsPart = namedtuple("EditsPart", ["origin", "spec_path", "edits"])
@@ -68,13 +68,10 @@ class Selection(namedtuple("Selection", ["devices", "parts"])):
             intel_rdt=rdt,
             net_devices=tuple(d for _, d in self.each("net_devices")),
         )
-INSECURE_ENV = "CDI_HOOK_INSECURE_SPECS"
-
-
-def insecure_specs_allowed(insecure: bool | None = None) -> bool:
+def insecure_specs_allowed(insecure: bool | None = None, settings: Settings | None = None) -> bool:
     if insecure is not None:
         return insecure
-    return os.environ.get(INSECURE_ENV) == "1"
+    return (settings or current_settings()).insecure_specs
 
 
 def untrusted_problem(st: os.stat_result) -> str | None:
@@ -140,10 +137,14 @@ class Registry:
 
     @classmethod
     def load(cls, spec_dirs: Iterable[str] | None = None, *, insecure: bool | None = None,
-             max_size: int | None = None) -> Registry:
-        """Scan spec_dirs (default /etc/cdi, /var/run/cdi; later dirs win) and index every valid spec."""
+             max_size: int | None = None, settings: Settings | None = None) -> Registry:
+        """Scan spec_dirs (default /etc/cdi, /var/run/cdi; later dirs win) and index every valid spec.
+        insecure and max_size default to the settings' (this process's unless given: doctor's
+        are the installed hook's)."""
+        settings = settings or current_settings()
         registry = cls(tuple(DEFAULT_SPEC_DIRS if spec_dirs is None else spec_dirs))
-        require_trusted = os.geteuid() == 0 and not insecure_specs_allowed(insecure)
+        require_trusted = os.geteuid() == 0 and not insecure_specs_allowed(insecure, settings)
+        max_size = settings.max_spec_size if max_size is None else max_size
         for spec_dir in registry.spec_dirs:
             registry._load_dir(spec_dir, require_trusted, max_size)
         return registry

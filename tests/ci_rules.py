@@ -73,6 +73,19 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped under CI (not allowed): {reason}"
 
 
+@pytest.fixture(autouse=True)
+def fresh_settings():
+    """cdi-hook reads its settings once per process (cdi_hook.settings.current()): each test
+    starts and ends with them unread, so what it sets in os.environ (monkeypatch.setenv of
+    CDI_*) takes effect. A test that changes them again after cdi-hook has read them calls
+    settings.use(None) itself. Hooks run as subprocesses read their own environment anyway."""
+    from cdi_hook import settings
+
+    settings.use(None)
+    yield
+    settings.use(None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_cache_and_log(tmp_path_factory):
     """cdi-hook's cache and log go to a session temp dir, never /run/cdi-hook or /var/log."""

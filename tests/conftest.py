@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from ci_rules import (IN_CI, private_cache_and_log, pytest_configure, pytest_runtest_makereport,  # noqa: E402,F401
+from ci_rules import (IN_CI, fresh_settings, private_cache_and_log, pytest_configure, pytest_runtest_makereport,  # noqa: E402,F401
                       require)
 
 

@@ -270,6 +270,9 @@ def private_cache_and_log(top: Path):
     os.environ["CDI_HOOK_CACHE_DIR"] = str(top / "cache")
     os.environ["CDI_HOOK_LOG"] = str(top / "cdi-hook.log")
     os.environ["CDI_HOOK_STATE_DIR"] = str(top / "held")
+    from cdi_hook import settings
+
+    settings.use(None)  # read again, with these
     try:
         yield top
     finally:
@@ -278,3 +281,4 @@ def private_cache_and_log(top: Path):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+        settings.use(None)

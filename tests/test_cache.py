@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from cdi_hook import cache, cli, log
+from cdi_hook import cache, cli, log, settings, state
 from cdi_hook.errors import ResolveError
 from cdi_hook.registry import Registry
 from oci_env import write_spec
@@ -34,7 +34,7 @@ def spec(kind: str = "vendor.com/gpu", devices=("gpu0",), env: str = "A=1", path
 def cached(tmp_path, monkeypatch, root_only):
     """A spec dir, a cache dir, and FRESH_NS 0 so a cache is written at once (ns timestamps
     still move on every write; tests that rewrite a file sleep past the clock tick)."""
-    monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(settings.CACHE_DIR_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv("CDI_HOOK_INSECURE_SPECS", raising=False)
     monkeypatch.delenv("CDI_HOOK_MAX_SPEC_SIZE", raising=False)
     monkeypatch.setattr(cache, "FRESH_NS", 0)
@@ -182,7 +182,7 @@ def test_non_root_never_reads_or_writes(cached, monkeypatch):
 
 def test_a_relative_cache_dir_is_not_used(cached, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(cache.CACHE_DIR_ENV, "relative-cache")
+    monkeypatch.setenv(settings.CACHE_DIR_ENV, "relative-cache")
     write_spec(cached, "a.json", spec())
     assert cache.select(["vendor.com/gpu=gpu0"], [str(cached)]).devices == ("vendor.com/gpu=gpu0",)
     assert not (tmp_path / "relative-cache").exists()
@@ -217,9 +217,11 @@ def test_settings_that_change_the_answer_get_their_own_cache(cached, monkeypatch
     write_spec(cached, "a.json", spec())
     cache.select(["vendor.com/gpu=gpu0"], [str(cached)])
     monkeypatch.setenv("CDI_HOOK_MAX_SPEC_SIZE", "10")
+    settings.use(None)  # read again
     with pytest.raises(ResolveError):  # the 10-byte limit makes a.json invalid
         cache.select(["vendor.com/gpu=gpu0"], [str(cached)])
     monkeypatch.setenv("CDI_HOOK_MAX_SPEC_SIZE", "1000000")
+    settings.use(None)
     cache.select(["vendor.com/gpu=gpu0"], [str(cached)])
     assert len(cache_files(cached)) == 3  # default (4 MiB), 10 and 1000000
 
@@ -344,7 +346,7 @@ class FakeWatcher:
         import fcntl
 
         path = cache.generation_path(tuple(dirs))
-        cache.ensure_private_dir(os.path.dirname(path))
+        state.ensure_private_dir(os.path.dirname(path))
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         self.path, self.dirs = path, tuple(dirs)

@@ -12,7 +12,7 @@ import os
 import pytest
 
 from cdi_hook.errors import HookError
-from cdi_hook.live import cgroups
+from cdi_hook.live import cgroups, mountinfo
 from cdi_hook.live.cgroups import DeviceRule, allow_devices
 from conftest import require
 from ci_rules import require_cgroup_v1
@@ -96,13 +96,18 @@ def test_nothing_to_allow_does_nothing():
 def test_cgroup_dir_follows_mount_root(tmp_path):
     (tmp_path / "mnt" / "a" / "b").mkdir(parents=True)
     is_devices = lambda m: "devices" in m.super_options.split(",")  # noqa: E731
-    mounts = [cgroups._Mount("/", str(tmp_path / "other"), "cgroup", "rw,memory"),
-              cgroups._Mount("/outer", str(tmp_path / "mnt"), "cgroup", "rw,devices")]
+    mounts = [mountinfo.MountInfo(30, 1, 0, 30, "/", str(tmp_path / "other"), "rw", (), "cgroup", "cgroup",
+                                  "rw,memory"),
+              mountinfo.MountInfo(31, 1, 0, 31, "/outer", str(tmp_path / "mnt"), "rw", (), "cgroup", "cgroup",
+                                  "rw,devices")]
     # /proc/<pid>/cgroup paths are absolute in the hierarchy; the mount may show a subtree.
     assert cgroups._cgroup_dir(mounts, "/outer/a/b", is_devices) == str(tmp_path / "mnt" / "a" / "b")
     assert cgroups._cgroup_dir(mounts, "/outerx/a", is_devices) is None
     assert cgroups._cgroup_dir(mounts, "/elsewhere", is_devices) is None
 
 
-def test_mountinfo_escapes_are_decoded():
-    assert cgroups._unescape(r"/mnt/dev\040cg") == "/mnt/dev cg"
+def test_mountinfo_escapes_are_decoded(tmp_path):
+    (tmp_path / "dev cg ü" / "a").mkdir(parents=True)
+    point = os.fsencode(tmp_path / "dev cg ü").replace(b" ", b"\\040")
+    mounts = mountinfo.parse(b"31 1 0:31 /outer\\040x " + point + b" rw - cgroup cgroup rw,devices\n")
+    assert cgroups._cgroup_dir(mounts, "/outer x/a", lambda m: True) == str(tmp_path / "dev cg ü" / "a")

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from cdi_hook import cache
+from cdi_hook import cache, state
 from cdi_hook.cli import main
 from cdi_hook.commands import install
 from conftest import require, require_program, require_root
@@ -225,7 +225,7 @@ def test_healthy_watcher_and_current_cache(node, capsys):
     (node.specs / "dev.json").write_text(json.dumps(SPEC))
     dirs = (str(node.specs),)
     path = cache.generation_path(dirs)
-    cache.ensure_private_dir(os.path.dirname(path))
+    state.ensure_private_dir(os.path.dirname(path))
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -19,7 +19,7 @@ from itertools import accumulate
 import pytest
 
 from cdi_hook import jsonio, oci, request
-from cdi_hook.live import _linux_ctypes, cgroups, ldcache
+from cdi_hook.live import _linux_ctypes, ldcache, mountinfo
 from cdi_hook.spec import names
 
 DOCUMENTS = [b'{"a": [1, 2.5, -3e5, true, false, null, "x\\u00e9\\n", {"b": {}}]}', b'  [1]\n ', b'"s"', b"NaN",
@@ -97,11 +97,19 @@ def test_library_names_are_the_regex_it_replaced():
 
 
 def test_mountinfo_unescape_is_the_re_sub_it_replaced():
-    def by_regex(field: str) -> str:
-        return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+    def by_regex(field: bytes) -> str:
+        return os.fsdecode(re.sub(rb"\\([0-3][0-7]{2})", lambda m: bytes((int(m.group(1), 8),)), field))
 
-    for field in (r"/mnt/dev\040cg", r"a\\040", "\\", r"\04", r"\0400", r"x\777y\12", r"\\\040", r"\08", "plain"):
-        assert cgroups._unescape(field) == by_regex(field)
+    fields = [rb"/mnt/dev\040cg", rb"a\\040", b"\\", rb"\04", rb"\0400", rb"x\777y\12", rb"\\\040", rb"\08", b"plain",
+              rb"\303\274", b"\xff\\134"]
+    rng = random.Random(7)
+    alphabet = [b"\\", b"0", b"1", b"3", b"4", b"7", b"8", b"a", b" ", b"\xc3", b"\xbc", b"\xff"]
+    fields += [b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10))) for _ in range(20_000)]
+    for field in fields:
+        assert mountinfo.unescape(field) == by_regex(field), field
+        if b" " not in field:  # parse() decodes the whole line first, then unescapes: the same
+            [mount] = mountinfo.parse(b"1 2 3:4 / /" + field + b" rw - tmpfs none rw\n")
+            assert mount.mount_point == "/" + by_regex(field), field
 
 
 def test_the_static_elf_check_reads_the_program_headers():

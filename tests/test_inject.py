@@ -187,10 +187,10 @@ def test_failed_rename_leaves_config_and_no_temp(bundle, spec_dir, monkeypatch, 
     original = (bundle / "config.json").read_bytes()
     real_rename = os.rename
 
-    def failing_rename(src, dst):
+    def failing_rename(src, dst, **dir_fds):
         if str(dst).endswith("config.json"):
             raise OSError(28, "No space left on device")
-        return real_rename(src, dst)
+        return real_rename(src, dst, **dir_fds)
 
     monkeypatch.setattr(os, "rename", failing_rename)
     assert inject(bundle, spec_dir, "vendor.com/class=zero") == 1

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from cdi_hook import settings
 from cdi_hook.commands import install
 from cdi_hook.cli import main
 from cdi_hook.errors import CdiError
@@ -94,6 +95,7 @@ def test_spec_dirs_from_environment(tmp_path, monkeypatch):
     env = json.loads((tmp_path / "cdi-hook-precreate.json").read_text())["hook"]["env"]
     assert env == ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "CDI_SPEC_DIRS=/etc/cdi:/srv/cdi"]
     monkeypatch.delenv("CDI_SPEC_DIRS")
+    settings.use(None)  # read again
     main(["install", "--hooks-dir", str(tmp_path), "--mode", "precreate"])
     env = json.loads((tmp_path / "cdi-hook-precreate.json").read_text())["hook"]["env"]
     assert env == ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]

@@ -406,7 +406,7 @@ def test_record_dir_must_be_private(runc, tmp_path, runtime_ns, monkeypatch):
     end, _ = veth_pair(runtime_ns)
     with detached_container(container_bundle(tmp_path)) as container:
         with pytest.raises(ChildError, match=f"network device for {ORIGIN}: recording the moved interfaces in "
-                                             f"{top}/netdev: .* is not a private directory"):
+                                             f"{top}/netdev: .* not a private folder"):
             in_netns(runtime_ns, netdev.move_into_container, container.pid, [(ORIGIN, NetDevice(end, "data0"))],
                      container.id)
         assert "data0" not in container.exec(["ip", "link"]).stdout

@@ -8,7 +8,7 @@ import os
 import pytest
 
 import runtime_shapes as shapes
-from cdi_hook import cache, policy
+from cdi_hook import cache, policy, settings
 from cdi_hook.cli import main
 from cdi_hook.errors import CdiError
 
@@ -91,7 +91,7 @@ def test_missing_policy_named_by_the_environment_is_an_error(tmp_path, monkeypat
 
 def test_missing_default_policy_is_the_default(monkeypatch, tmp_path):
     monkeypatch.delenv("CDI_HOOK_POLICY", raising=False)
-    monkeypatch.setattr(policy, "DEFAULT_POLICY", str(tmp_path / "absent.yaml"))
+    settings.use(settings.current()._replace(policy=str(tmp_path / "absent.yaml")))  # the default path, moved
     assert policy.load() == policy.DEFAULT
 
 

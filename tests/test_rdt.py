@@ -7,13 +7,14 @@ in for it and the tests check what the hook writes and what it refuses.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 from cdi_hook.errors import HookError
-from cdi_hook.live import rdt
+from cdi_hook.live import mountinfo, rdt
 from cdi_hook.spec.model import IntelRdt
 
 ORIGIN = "vendor.com/rdt=fast"
@@ -148,6 +149,20 @@ def test_default_path_must_be_a_resctrl_mount(monkeypatch):
 def test_mountinfo_check_finds_only_resctrl_mounts():
     assert rdt.is_resctrl_mount(rdt.Path("/proc")) is False  # a mount, but of type proc
     assert rdt.is_resctrl_mount(rdt.Path("/nonexistent")) is False
+
+
+def test_resctrl_mount_found_at_a_non_ascii_path(tmp_path, monkeypatch):
+    # Was decoded with unicode_escape, which turned UTF-8 "ü" into "Ã¼": never equal to the path.
+    where = tmp_path / os.fsdecode(b"res ctrl \xc3\xbc \xff")
+    where.mkdir()
+    escaped = os.fsencode(where).replace(b" ", b"\\040")
+    table = (b"41 25 0:41 / " + escaped + b" rw,relatime shared:9 - resctrl resctrl rw\n"
+             b"42 25 0:42 / " + escaped + b"x rw,relatime - resctrl resctrl rw\n")
+    monkeypatch.setattr(mountinfo, "read", lambda pid="self": mountinfo.parse(table))
+    assert rdt.is_resctrl_mount(where) is True
+    assert rdt.is_resctrl_mount(tmp_path) is False
+    monkeypatch.setattr(mountinfo, "read", lambda pid="self": mountinfo.parse(table.replace(b"- resctrl", b"- tmpfs")))
+    assert rdt.is_resctrl_mount(where) is False
 
 
 def test_schemata_comparison_is_by_value():

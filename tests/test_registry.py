@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from cdi_hook import settings
 from cdi_hook.errors import ResolveError
 from cdi_hook.plan import resolve
 from cdi_hook.registry import DEFAULT_SPEC_DIRS, EditsPart, Registry
@@ -261,5 +262,6 @@ def test_insecure_override(root_only, tmp_path, monkeypatch):
     assert Registry.load([str(d)]).devices == {}
     assert list(Registry.load([str(d)], insecure=True).devices) == ["acme.com/gpu=gpu0"]
     monkeypatch.setenv("CDI_HOOK_INSECURE_SPECS", "1")
+    settings.use(None)  # read again
     assert list(Registry.load([str(d)]).devices) == ["acme.com/gpu=gpu0"]
     assert Registry.load([str(d)], insecure=False).devices == {}

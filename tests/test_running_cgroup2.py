@@ -13,7 +13,7 @@ import pytest
 import hook_env
 import oci_env
 import running_env as env
-from cdi_hook.live import attach, bpf, bpf_eval
+from cdi_hook.live import bpf, bpf_eval, cgroups
 from conftest import require, require_program
 from running_env import KVM, LOOP, PAIR
 
@@ -41,7 +41,7 @@ def started(runc, tmp_path):
 
 
 def _prologue(cgroup_dir: str) -> list:
-    (allows,) = attach.prologue_allows(cgroup_dir)
+    (allows,) = cgroups.prologue_allows(cgroup_dir)
     return allows
 
 
@@ -78,7 +78,7 @@ def test_attach_verify_detach_v2(started):
 
 
 def _programs(cgroup_dir: str) -> list:
-    return [insns for _, insns in attach._programs(cgroup_dir)]
+    return [insns for _, insns in cgroups.attached_programs(cgroup_dir)]
 
 
 def test_attach_failing_after_the_cgroup_step_restores_the_program(started, tmp_path):

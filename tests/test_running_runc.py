@@ -16,6 +16,7 @@ import stat
 import pytest
 
 import hook_env
+from cdi_hook import state
 import oci_env
 import running_env as env
 from ci_rules import require_cgroup_v1
@@ -255,3 +256,26 @@ def test_attach_whose_worker_cannot_start_releases_the_hold(started, tmp_path):
     done = env.cli(c.spec_dir, "attach", c.address, KVM, env=settings)
     assert done.returncode == 0, done.stderr
     assert held() != before  # the hold a real attach takes is seen there
+
+
+def test_detach_finds_a_mount_the_container_moved(started):
+    """attach records each mount's id; the container then renames the folder holding a mount
+    point (attach made it). detach finds the mount by its id where it is now, checks its
+    source, and unmounts it: the container does not keep a device detach reports removed."""
+    c = started
+    done = env.cli(c.spec_dir, "attach", c.address, KVM)
+    assert done.returncode == 0, done.stderr
+    path = os.path.join(os.path.dirname(os.environ["CDI_HOOK_STATE_DIR"]), "attachments", f"{c.id}.json")
+    entry = state.decode_record(open(path, "rb").read(), path)["attached"][0]
+    assert all(isinstance(mount[4], int) for mount in entry["mounts"]), entry  # the ids detach uses
+    library = c.sources["library_in_container"]
+    moved = c.exec(["sh", "-c", "mv /opt/cdi-libs /opt/cdi-moved && ls /opt/cdi-moved"])
+    assert moved.returncode == 0 and os.path.basename(library) in moved.stdout, moved
+    assert any(point.startswith("/opt/cdi-moved/") for point in env.mountinfo_of(c.pid))
+
+    done = env.cli(c.spec_dir, "detach", c.address, KVM)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert f"now at /opt/cdi-moved/{os.path.basename(library)}" in done.stdout, done.stdout
+    assert not [point for point in env.mountinfo_of(c.pid) if "cdi" in point], env.mountinfo_of(c.pid)
+    oci_env.assert_refused(c, "/tmp/kvm", "r")
+    assert f"{c.id}.json" not in env.record_files()

@@ -17,7 +17,7 @@ import pytest
 import hook_env
 import oci_env
 import running_env as env
-from cdi_hook.live import attach
+from cdi_hook.live import bpf, cgroups
 from ci_rules import require_cgroup_v1
 from conftest import require, require_program
 from running_env import KVM
@@ -86,10 +86,10 @@ def test_verify_devices_the_hook_gave_at_creation(created_with_kvm):
             deny.write("c 10:232 rwm")
         refused = "devices.list does not allow c 10:232 rwm"
     else:  # the hook's prologue taken away: runc's code alone refuses kvm
-        attach.set_prologues(c.cgroup_dir, lambda _index, _current: [])
+        cgroups.set_prologues(c.cgroup_dir, lambda _index, _current: [])
         fd = os.open(c.cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            _, (prog_id,) = attach.bpf.prog_query(fd, attach.bpf.BPF_CGROUP_DEVICE)
+            _, (prog_id,) = bpf.prog_query(fd, bpf.BPF_CGROUP_DEVICE)
         finally:
             os.close(fd)
         refused = f"device program {prog_id} refuses c 10:232 "

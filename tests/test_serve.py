@@ -17,7 +17,7 @@ import pytest
 
 import hook_env
 import oci_env
-from cdi_hook import registry
+from cdi_hook import registry, settings
 from cdi_hook.commands import serve
 
 SCRIPT = "\n".join([
@@ -37,7 +37,7 @@ class Server:
         entry = json.loads((bundle / "config.json").read_text())["hooks"]["createRuntime"][0]
         env = dict(item.split("=", 1) for item in entry["env"])
         env.update(extra_env or {})
-        self.socket = serve.socket_path(env["CDI_SPEC_DIRS"].split(":"), env)
+        self.socket = serve.socket_path(env["CDI_SPEC_DIRS"].split(":"), settings.from_environ(env))
         self.process = subprocess.Popen([oci_env.PYTHON, "-I", "-m", "cdi_hook", "watch", "--serve"], env=env,
                                         stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                         umask=-1 if umask is None else umask)
@@ -252,7 +252,7 @@ def test_a_watcher_under_no_new_privileges_does_not_serve(runc, tmp_path):
         lines = [process.stderr.readline() for _ in range(2)]
         assert "not serving injections: it runs with NoNewPrivileges" in lines[0], lines
         assert "ready" in lines[1], lines
-        assert not os.path.exists(serve.socket_path(env["CDI_SPEC_DIRS"].split(":"), env))
+        assert not os.path.exists(serve.socket_path(env["CDI_SPEC_DIRS"].split(":"), settings.from_environ(env)))
         assert oci_env.run_container(bundle).returncode == 0
     finally:
         process.terminate()

@@ -12,7 +12,9 @@ import pytest
 
 from cdi_hook.errors import SpecError
 from cdi_hook.spec.model import ContainerEdits, Device, DeviceNode, Hook, IntelRdt, Mount, NetDevice
-from cdi_hook.spec.parse import DEFAULT_MAX_SPEC_SIZE, load_spec, parse_spec_bytes, to_cdi_data
+from cdi_hook import settings
+from cdi_hook.settings import DEFAULT_MAX_SPEC_SIZE
+from cdi_hook.spec.parse import load_spec, parse_spec_bytes, to_cdi_data
 
 FULL = {
     "cdiVersion": "1.1.0",
@@ -295,6 +297,7 @@ def test_size_limit_environment(tmp_path, monkeypatch):
     with pytest.raises(SpecError, match="64-byte limit"):
         load_spec(str(path))
     monkeypatch.setenv("CDI_HOOK_MAX_SPEC_SIZE", "lots")
+    settings.use(None)  # read again
     with pytest.raises(Exception, match="CDI_HOOK_MAX_SPEC_SIZE"):
         load_spec(str(path))
 

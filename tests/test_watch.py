@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cdi_hook import cache, plan
+from cdi_hook import cache, plan, settings
 from cdi_hook.commands import install
 from cdi_hook.errors import ResolveError
 from oci_env import PYTHON, REPO, write_spec
@@ -82,7 +82,7 @@ class Watcher:
 @pytest.fixture
 def setup(tmp_path, monkeypatch, root_only):
     cache_dir = tmp_path / "cache"
-    monkeypatch.setenv(cache.CACHE_DIR_ENV, str(cache_dir))
+    monkeypatch.setenv(settings.CACHE_DIR_ENV, str(cache_dir))
     monkeypatch.delenv("CDI_HOOK_INSECURE_SPECS", raising=False)
     monkeypatch.delenv("CDI_HOOK_MAX_SPEC_SIZE", raising=False)
     spec_dir = tmp_path / "specs"
@@ -239,7 +239,7 @@ def test_a_symlinked_spec_is_never_vouched_for(setup, tmp_path):
 def test_a_second_watcher_of_the_same_dirs_refuses(setup, tmp_path):
     spec_dir, start = setup
     watcher = start()
-    second = Watcher(tmp_path, [spec_dir], Path(os.environ[cache.CACHE_DIR_ENV]))
+    second = Watcher(tmp_path, [spec_dir], Path(os.environ[settings.CACHE_DIR_ENV]))
     second.process.wait(timeout=30)
     assert second.stop() == 1 and "another cdi-hook watch" in second.stderr, second.stderr
     assert watcher.generation() is not None

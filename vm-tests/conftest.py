@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # oci_env: rootfs, bundles, runc runs
 
-from ci_rules import (IN_CI, private_cache_and_log, pytest_configure, pytest_runtest_makereport,  # noqa: E402,F401
+from ci_rules import (IN_CI, fresh_settings, private_cache_and_log, pytest_configure, pytest_runtest_makereport,  # noqa: E402,F401
                       require)
 
 

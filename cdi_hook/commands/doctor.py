@@ -52,11 +52,15 @@ import subprocess
 import sys
 import tempfile
 
-from cdi_hook import cache
+from cdi_hook import cache, state
 from cdi_hook.commands import install
 from cdi_hook.errors import CdiError, printable
 from cdi_hook.hook_entry import CARRIED_SETTINGS, LIVE_HOOK_STAGES, is_cdi_hook_argv
-from cdi_hook.registry import DEFAULT_SPEC_DIRS, INSECURE_ENV, Registry, untrusted_problem
+from cdi_hook.live import mountinfo
+from cdi_hook.registry import Registry, untrusted_problem
+from cdi_hook.settings import (CACHE_DIR_ENV, DEFAULT_CACHE_DIR, DEFAULT_POLICY, DEFAULT_SPEC_DIRS, INSECURE_ENV,
+                               POLICY_ENV, SPEC_DIRS_ENV, Settings, from_environ)
+from cdi_hook.settings import current as current_settings
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
@@ -136,12 +140,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     views = runtime_hooks_dirs(report, root, runtimes)
     files = check_hook_files(report, root, views, args.hooks_dir or [])
     primary = primary_files(views, files)
-    settings = hook_settings(report, primary)
-    spec_dirs, hook_spec_dirs = spec_dirs_of(report, root, args.spec_dir, settings)
-    with applied(settings, root):
-        check_spec_dirs(report, spec_dirs, settings)
-        check_cache(report, root, spec_dirs, settings)
-        check_policy(report, root, settings)
+    entry_env = hook_settings(report, primary)
+    hook = installed_settings(report, root, entry_env)
+    spec_dirs, hook_spec_dirs = spec_dirs_of(report, root, args.spec_dir, hook, installed=entry_env is not None)
+    check_spec_dirs(report, spec_dirs, hook)
+    check_cache(report, root, spec_dirs, hook)
+    check_policy(report, root, hook)
     if args.probe:
         probe(report, runtimes, views, primary, hook_spec_dirs)
     if getattr(args, "format", "text") == "json":
@@ -423,7 +427,7 @@ def hook_settings(report: Report, primary: dict[str, HookFile]) -> dict[str, str
     entry = _entry_file(primary)
     if entry is None:
         return None
-    names = (*CARRIED_SETTINGS, "CDI_SPEC_DIRS", INSECURE_ENV)
+    names = (*CARRIED_SETTINGS, SPEC_DIRS_ENV, INSECURE_ENV)
     settings = {k: v for k, v in entry.env.items() if k in names}
     differing = [f.path for f in primary.values()
                  if {k: v for k, v in f.env.items() if k in names} != settings]
@@ -437,46 +441,44 @@ def hook_settings(report: Report, primary: dict[str, HookFile]) -> dict[str, str
 # Spec dirs, cache, watcher, policy: under the hook's settings
 
 
-class applied:
-    """os.environ holds the hook's settings (and the --config-root defaults) inside the
-    block, so cache.py and policy.py see what the hook sees; the old values come back after."""
+def installed_settings(report: Report, root: str | None, entry_env: dict[str, str] | None) -> Settings:
+    """The settings the installed hook runs with: its entry's env (this process's settings
+    when no hook was found), with the cache dir under --config-root unless the env names one.
+    Handed to what the checks call, so they see what the hook sees; os.environ is not touched.
+    A bad value is a finding, and the checks go on with that variable's default."""
+    values = dict(entry_env) if entry_env is not None else dict(current_settings().environ)
+    if root and not values.get(CACHE_DIR_ENV):
+        values[CACHE_DIR_ENV] = under(root, DEFAULT_CACHE_DIR)
+    try:
+        return from_environ(values)
+    except CdiError as error:
+        report.add("hook settings", FAIL, f"{error}: every container asking for a device fails",
+                   "install again with a valid value (or without it)")
+    return from_environ({name: value for name, value in values.items() if _valid_setting(name, value)})
 
-    NAMES = (*CARRIED_SETTINGS, INSECURE_ENV)
 
-    def __init__(self, settings: dict | None, root: str | None):
-        self.values = dict(settings) if settings is not None else {n: os.environ[n] for n in self.NAMES
-                                                                   if os.environ.get(n)}
-        if root and not self.values.get(cache.CACHE_DIR_ENV):
-            self.values[cache.CACHE_DIR_ENV] = under(root, cache.DEFAULT_CACHE_DIR)
-
-    def __enter__(self) -> applied:
-        self.saved = {name: os.environ.get(name) for name in self.NAMES}
-        for name in self.NAMES:
-            os.environ.pop(name, None)
-            if self.values.get(name):
-                os.environ[name] = self.values[name]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for name, value in self.saved.items():
-            os.environ.pop(name, None)
-            if value is not None:
-                os.environ[name] = value
+def _valid_setting(name: str, value: str) -> bool:
+    try:
+        from_environ({name: value})
+    except CdiError:
+        return False
+    return True
 
 
 def _split(value: str) -> list[str]:
     return [d for d in value.split(":") if d]
 
 
-def spec_dirs_of(report: Report, root: str | None, option: list[str] | None,
-                 settings: dict[str, str] | None) -> tuple[list[str], list[str]]:
+def spec_dirs_of(report: Report, root: str | None, option: list[str] | None, hook: Settings,
+                 installed: bool) -> tuple[list[str], list[str]]:
     """(the dirs to check, the dirs the installed hook itself reads: the probe's)."""
-    if settings is not None:
-        hook_dirs = _split(settings["CDI_SPEC_DIRS"]) if "CDI_SPEC_DIRS" in settings else list(DEFAULT_SPEC_DIRS)
-        source = "the installed hook's CDI_SPEC_DIRS" if "CDI_SPEC_DIRS" in settings else "the hook's defaults"
-        checked = hook_dirs if "CDI_SPEC_DIRS" in settings else [under(root, d) for d in DEFAULT_SPEC_DIRS]
-    elif os.environ.get("CDI_SPEC_DIRS") is not None:
-        hook_dirs = checked = _split(os.environ["CDI_SPEC_DIRS"])
+    if installed:
+        named = hook.spec_dirs is not None
+        hook_dirs = list(hook.spec_dirs) if named else list(DEFAULT_SPEC_DIRS)
+        source = "the installed hook's CDI_SPEC_DIRS" if named else "the hook's defaults"
+        checked = hook_dirs if named else [under(root, d) for d in DEFAULT_SPEC_DIRS]
+    elif hook.spec_dirs is not None:
+        hook_dirs = checked = list(hook.spec_dirs)
         source = "$CDI_SPEC_DIRS (no installed hook found)"
     else:
         hook_dirs = list(DEFAULT_SPEC_DIRS)
@@ -488,8 +490,8 @@ def spec_dirs_of(report: Report, root: str | None, option: list[str] | None,
     return checked, hook_dirs
 
 
-def check_spec_dirs(report: Report, spec_dirs: list[str], settings: dict[str, str] | None) -> None:
-    insecure = os.environ.get(INSECURE_ENV) == "1"
+def check_spec_dirs(report: Report, spec_dirs: list[str], hook: Settings) -> None:
+    insecure = hook.insecure_specs
     for spec_dir in spec_dirs:
         check = f"spec dir {spec_dir}"
         try:
@@ -512,7 +514,7 @@ def check_spec_dirs(report: Report, spec_dirs: list[str], settings: dict[str, st
                        f"{spec_dir}")
         else:
             report.add(check, OK, "root-owned, writable by root only")
-    registry = Registry.load(spec_dirs)
+    registry = Registry.load(spec_dirs, settings=hook)
     for path, lines in registry.errors.items():
         if path in spec_dirs:
             continue  # the dir's own refusal is reported above
@@ -527,13 +529,13 @@ def check_spec_dirs(report: Report, spec_dirs: list[str], settings: dict[str, st
                "" if not registry.errors else "cdi-hook validate")
 
 
-def check_cache(report: Report, root: str | None, spec_dirs: list[str], settings: dict[str, str] | None) -> None:
+def check_cache(report: Report, root: str | None, spec_dirs: list[str], hook: Settings) -> None:
     from cdi_hook import registry as registry_module
 
-    directory = cache.cache_dir()
+    directory = cache.cache_dir(hook)
     if directory is None:
-        report.add("cache dir", WARN, f"{cache.CACHE_DIR_ENV} is a relative path: the hooks keep no cache",
-                   f"set {cache.CACHE_DIR_ENV} to an absolute path (or unset it) and install again")
+        report.add("cache dir", WARN, f"{CACHE_DIR_ENV} is a relative path: the hooks keep no cache",
+                   f"set {CACHE_DIR_ENV} to an absolute path (or unset it) and install again")
         return
     dirs = cache.spec_dir_tuple(spec_dirs)
     try:
@@ -542,22 +544,23 @@ def check_cache(report: Report, root: str | None, spec_dirs: list[str], settings
         report.add("cache dir", OK, f"{directory} not created yet: the first container start creates it")
         st = None
     if st is not None:
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            report.add("cache dir", WARN, f"{directory} is not a root-only directory: the hooks ignore it (every "
-                       "start parses the specs)", f"chown root:root {directory} && chmod 0700 {directory}")
+        problem = state.private_dir_problem(st, owner=0)  # the hooks' own rule
+        if problem:
+            report.add("cache dir", WARN, f"{directory} is not a root-only directory ({problem}): the hooks ignore "
+                       "it (every start parses the specs)", f"chown root:root {directory} && chmod 0700 {directory}")
         else:
             report.add("cache dir", OK, f"{directory} (mode {stat.S_IMODE(st.st_mode):04o}, root's)")
-            _check_compiled(report, dirs, registry_module)
-    _check_watcher(report, root, dirs, directory, settings)
+            _check_compiled(report, dirs, registry_module, hook)
+    _check_watcher(report, root, dirs, directory, hook)
 
 
-def _check_compiled(report: Report, dirs: tuple, registry_module: ModuleType) -> None:
-    key = cache._key(dirs, registry_module)  # the hook's own key: the same file the hook reads
-    path = cache.cache_path(key)
+def _check_compiled(report: Report, dirs: tuple, registry_module: ModuleType, hook: Settings) -> None:
+    key = cache._key(dirs, registry_module, hook)  # the hook's own key: the same file the hook reads
+    path = cache.cache_path(key, hook)
     if not os.path.lexists(path):
         report.add("compiled cache", OK, "none for these spec dirs yet: the next container start builds it")
         return
-    generation = cache.watched_generation(dirs)
+    generation = cache.watched_generation(dirs, settings=hook)
     if generation is not None and cache.lookup(path, key, None, [], generation) is not None:
         report.add("compiled cache", OK, f"{path} is current (vouched for by the watcher)")
     elif cache.lookup(path, key, cache.snapshot(dirs), []) is not None:
@@ -580,7 +583,7 @@ def _watcher_problem(path: str, dirs: tuple) -> str:
         return f"its generation file {path} cannot be opened: {error.strerror}"
     try:
         st = os.fstat(fd)
-        if not (stat.S_ISREG(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o077):
+        if not state.is_private_file(st):
             return f"its generation file {path} is not a root-only regular file"
         age = time.time_ns() - st.st_mtime_ns
         try:
@@ -605,13 +608,12 @@ def _watcher_problem(path: str, dirs: tuple) -> str:
     return "not trusted"
 
 
-def _check_watcher(report: Report, root: str | None, dirs: tuple, directory: str,
-                   settings: dict[str, str] | None) -> None:
+def _check_watcher(report: Report, root: str | None, dirs: tuple, directory: str, hook: Settings) -> None:
     unit = os.path.join(under(root, install.SYSTEMD_DIR), install.WATCH_UNIT)
     unit_ours = os.path.lexists(unit) and install._is_our_unit(unit)
-    path = cache.generation_path(dirs)
+    path = cache.generation_path(dirs, hook)
     assert path is not None  # check_cache found the cache dir
-    if cache.watched_generation(dirs) is not None:
+    if cache.watched_generation(dirs, settings=hook) is not None:
         report.add("watcher", OK, "cdi-hook watch runs for these spec dirs and is healthy: starts skip the "
                    "per-file checks")
     else:
@@ -646,11 +648,11 @@ def _check_unit(report: Report, unit: str, dirs: tuple, directory: str) -> None:
     problems = []
     if not exec_start or not os.path.isfile(exec_start[0]) or not os.access(exec_start[0], os.X_OK):
         problems.append(f"its interpreter {exec_start[0] if exec_start else '(none)'} is missing")
-    unit_dirs = tuple(_split(env["CDI_SPEC_DIRS"])) if "CDI_SPEC_DIRS" in env else DEFAULT_SPEC_DIRS
+    unit_dirs = tuple(_split(env[SPEC_DIRS_ENV])) if SPEC_DIRS_ENV in env else DEFAULT_SPEC_DIRS
     if unit_dirs != tuple(dirs):
         problems.append(f"it watches {', '.join(unit_dirs)}, the hooks read {', '.join(dirs)}")
-    if (env.get(cache.CACHE_DIR_ENV) or cache.DEFAULT_CACHE_DIR) != directory:
-        problems.append(f"its cache dir is {env.get(cache.CACHE_DIR_ENV) or cache.DEFAULT_CACHE_DIR}, the hooks' is "
+    if (env.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR) != directory:
+        problems.append(f"its cache dir is {env.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR}, the hooks' is "
                         f"{directory}")
     if problems:
         report.add("watcher unit", WARN, f"{unit}: {'; '.join(problems)}",
@@ -659,17 +661,17 @@ def _check_unit(report: Report, unit: str, dirs: tuple, directory: str) -> None:
         report.add("watcher unit", OK, f"{unit} (same interpreter, spec dirs and cache dir as the hooks)")
 
 
-def check_policy(report: Report, root: str | None, settings: dict[str, str] | None) -> None:
+def check_policy(report: Report, root: str | None, hook: Settings) -> None:
     from cdi_hook import policy
 
-    explicit = os.environ.get(policy.POLICY_ENV)
-    path = explicit or under(root, policy.DEFAULT_POLICY)
+    explicit = hook.policy_explicit
+    path = hook.policy if explicit else under(root, DEFAULT_POLICY)
     try:
         st = os.stat(path)
     except FileNotFoundError:
         if explicit:
-            report.add("policy", FAIL, f"{path} is named by {policy.POLICY_ENV} but does not exist: every "
-                       "container asking for a device fails", f"create {path} or drop {policy.POLICY_ENV}")
+            report.add("policy", FAIL, f"{path} is named by {POLICY_ENV} but does not exist: every "
+                       "container asking for a device fails", f"create {path} or drop {POLICY_ENV}")
         else:
             report.add("policy", OK, f"no {path}: the built-in default (the kubelet's and the administrator's "
                        "requests honoured, pod authors' refused)")
@@ -719,9 +721,9 @@ def probe(report: Report, runtimes: dict, views: dict, primary: dict[str, HookFi
         spec_path = os.path.join(spec_dir, f"cdi-hook-doctor-probe-{token}.json")
         spec = {"cdiVersion": "0.5.0", "kind": PROBE_KIND, "devices": [{"name": f"p{token}", "containerEdits": {
             "deviceNodes": [{"path": PROBE_PATH, "hostPath": "/dev/null"}]}}]}
-        from cdi_hook.files import write_file_atomic
+        from cdi_hook.state import write_atomic
 
-        write_file_atomic(spec_path, json.dumps(spec).encode(), 0o644, owner=(0, 0))
+        write_atomic(spec_path, json.dumps(spec).encode(), 0o644, owner=(0, 0))
         report.add("probe spec", OK, f"wrote {spec_path} ({device}: /dev/null at {PROBE_PATH}); removed afterwards"
                    + (f", with the dir {created_dir} it created" if created_dir else ""))
         if "podman" in runtimes:
@@ -848,8 +850,7 @@ def _probe_runc(report: Report, runc: str, primary: dict[str, HookFile], device:
 def _remove_tree(top: str) -> None:
     """The probe's temp dir, after unmounting anything a runtime left mounted under it."""
     try:
-        with open("/proc/self/mountinfo") as f:
-            targets = [line.split()[4] for line in f]
+        targets = [mount.mount_point for mount in mountinfo.read()]
     except OSError:
         targets = []
     for target in sorted((t for t in targets if t.startswith(top + "/")), key=len, reverse=True):

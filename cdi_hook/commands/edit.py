@@ -19,8 +19,8 @@ import os
 
 from cdi_hook import config_editor, oci
 from cdi_hook.errors import CdiError
-from cdi_hook.files import write_file_atomic
 from cdi_hook.request import annotation_value, applied_devices, pending_devices
+from cdi_hook.state import write_atomic
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
@@ -156,8 +156,8 @@ def cmd_inject(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int
     backup = path + ".orig"
     try:
         if not os.path.lexists(backup):
-            write_file_atomic(backup, raw, mode, (st.st_uid, st.st_gid))
-        write_file_atomic(path, (json.dumps(edited, indent=2) + "\n").encode(), mode, (st.st_uid, st.st_gid))
+            write_atomic(backup, raw, mode, (st.st_uid, st.st_gid))
+        write_atomic(path, (json.dumps(edited, indent=2) + "\n").encode(), mode, (st.st_uid, st.st_gid))
     except OSError as error:
         raise CdiError(f"{path}: cannot write: {error.strerror}") from None
     how = "edits" if args.mode == "edits" else "live hook entries"

@@ -23,6 +23,8 @@ def run(stage: str, spec_dirs: list[str] | None, stdin: BinaryIO) -> int:
     from cdi_hook import oci
 
     state = oci.parse_state(stdin.read(oci.MAX_STATE_SIZE + 1))
+    if stage in ("poststart", "poststop") and _later_stage_from_record(stage, state):
+        return 0
     config = oci.read_config(state.bundle)
     annotation_maps = (state.annotations, config.annotations)
     if not any(key.startswith("cdi.k8s.io/") for m in annotation_maps for key in m):
@@ -61,6 +63,9 @@ def run(stage: str, spec_dirs: list[str] | None, stdin: BinaryIO) -> int:
         if stage in inject.INJECTION_STAGES:
             _inject_holding(policy.exclusive_devices(rules, names), stage, container_plan, state, config, log)
         else:
+            # No record of this container (started by a cdi-hook older than records, or its
+            # record could not be matched): the older way, from today's specs.
+            log.note("no container record: this stage resolved the devices from today's specs")
             inject.run_stage(stage, container_plan, state, config, log, spec_hooks=refusal is None)
             if stage == "poststop":
                 from cdi_hook.live import holds
@@ -81,7 +86,8 @@ def _inject_holding(exclusive: list[str], stage: str, container_plan: Plan, stat
     from cdi_hook.live import inject
 
     if not exclusive:
-        inject.run_stage(stage, container_plan, state, config, log)
+        made = inject.run_stage(stage, container_plan, state, config, log)
+        _save_record(container_plan, state, log, [], made)
         return
     from cdi_hook.errors import CdiError, HookError
     from cdi_hook.live import holds
@@ -90,10 +96,98 @@ def _inject_holding(exclusive: list[str], stage: str, container_plan: Plan, stat
         raise CdiError(f"OCI state on stdin: pid: missing, needed at {stage} to reach the container")
     taken = holds.hold(exclusive, state.id, state.pid)
     try:
-        inject.run_stage(stage, container_plan, state, config, log)
+        made = inject.run_stage(stage, container_plan, state, config, log)
+        _save_record(container_plan, state, log, exclusive, made)
     except BaseException:
         try:
             holds.release(taken, state.id)
         except (OSError, HookError) as error:
             log.warning(f"releasing exclusive devices: {error}")
         raise
+
+
+def _save_record(container_plan, state, log, holds: list[str], made) -> None:
+    """The container's record, after every step succeeded: what later stages and commands
+    read instead of today's specs. A record that cannot be written fails the start (the
+    runtime then deletes the container, and poststop undoes the rest the older way): a
+    container whose gifts nobody could later find or take back must not run."""
+    from cdi_hook import record
+    from cdi_hook.containers import process_start_time
+
+    with log.step("record"):
+        record.save(record.from_plan(container_plan, state.id, state.pid, process_start_time(state.pid),
+                                     state.bundle, log.fields.get("sources", {}), holds, made))
+
+
+def _later_stage_from_record(stage: str, state) -> bool:
+    """poststart or poststop from the container's record; False when it has none (the
+    caller goes the older way). Imports only what reading the record needs unless the record
+    holds work for this stage. A record that is not cdi-hook's own is one line, never acted on."""
+    from cdi_hook import record, state as state_layer
+
+    try:
+        found = record.load(state.id)
+    except state_layer.StateError:
+        # Refused, never acted on; but a container that asked for no device is not held up
+        # by a records folder that went wrong.
+        from cdi_hook import oci
+
+        config = oci.read_config(state.bundle)
+        if not any(key.startswith("cdi.k8s.io/") for m in (state.annotations, config.annotations) for key in m):
+            return True
+        raise
+    if found is None:
+        return False
+    if stage == "poststart":
+        from cdi_hook.containers import process_start_time
+
+        if not state.pid or (found.pid, found.start_time) != (state.pid, process_start_time(state.pid)):
+            return False  # an earlier container's record under this id: not this one's
+        if stage not in found.work:
+            return True
+    elif found.bundle != state.bundle:
+        return False
+    if stage in found.work:
+        _carry_out_record(stage, found, state)
+    if stage == "poststop":
+        record.remove(state.id)
+    return True
+
+
+def _carry_out_record(stage: str, found, state) -> None:
+    from cdi_hook import oci, record
+    from cdi_hook.errors import CdiError
+    from cdi_hook.live import inject
+    from cdi_hook.log import ContainerLog
+
+    log = ContainerLog(state.id, stage, found.devices)
+    log.fields["from"] = "record"
+    try:
+        given = record.given_plan(found)
+        config = oci.read_config(state.bundle) if given.net_devices or given.hooks_at(stage) else None
+        refusal = _policy_refusal(found, state, config) if given.hooks_at(stage) else None
+        # A refused request still gets its undo (interfaces, RDT, holds); only its spec hooks do not run.
+        inject.run_stage(stage, given, state, config, log, spec_hooks=refusal is None)
+        if stage == "poststop" and found.items.get("holds"):
+            from cdi_hook.live import holds
+
+            holds.release(found.items["holds"], state.id)
+        if refusal is not None:
+            raise refusal
+    except CdiError as error:
+        log.finish(error=str(error))
+        raise
+    log.finish()
+
+
+def _policy_refusal(found, state, config):
+    """The spec hooks a record holds run code on the host: the node's policy of today is
+    asked again before they run (an operator may have withdrawn the device meanwhile)."""
+    from cdi_hook import policy
+    from cdi_hook.errors import CdiError
+
+    try:
+        policy.authorize(policy.load(), {**state.annotations, **config.annotations}, found.devices)
+    except CdiError as error:
+        return error
+    return None

@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import sys
 
+from cdi_hook import settings
+from cdi_hook.errors import CdiError
 from cdi_hook.commands.serve import (ACCEPTED, DEFAULT_SPEC_DIRS, GO, GO_TIMEOUT_S, MAGIC, MAX_REQUEST, PASSED_FDS,
-                                     _peer_uid, settings, socket_path)
+                                     _peer_uid, socket_path)
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
@@ -16,10 +18,12 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
+    from cdi_hook.settings import Settings
+
     HookArgs = Any  # cli.HookArgs (cli is a layer above: tests/test_layout.py)
 
-    # argv, environment -> (args, spec dirs) of a plain `hook` invocation, or None
-    ParseHook = Callable[[list[str], dict[str, str]], tuple[HookArgs, list[str] | None] | None]
+    # argv, the hook's settings -> (args, spec dirs) of a plain `hook` invocation, or None
+    ParseHook = Callable[[list[str], Settings], tuple[HookArgs, list[str] | None] | None]
 
 
 class Server:
@@ -43,7 +47,7 @@ class Server:
 
         self.dirs = tuple(spec_dirs)
         self.pid = os.getpid()
-        # From cli (a higher layer): parse_hook(argv, environ) -> (args, spec dirs) of a plain
+        # From cli (a higher layer): parse_hook(argv, settings) -> (args, spec dirs) of a plain
         # `hook` argv or None; run_hook(args) -> exit code, what the hook process runs.
         self.parse_hook = parse_hook
         self.run_hook = run_hook
@@ -63,9 +67,13 @@ class Server:
         _preload()  # and the code they are, before a hook can find the socket
         self.code_files = _code_files()
         self.code = _code_identity(self.code_files)
-        from cdi_hook import cache
+        from cdi_hook import state
 
-        cache.ensure_private_dir(os.path.dirname(self.path))
+        try:
+            state.ensure_private_dir(os.path.dirname(self.path))
+        except state.StateError as error:
+            self.log(f"not serving injections: {error}")
+            return
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -240,8 +248,8 @@ class Server:
         except OSError as error:
             self.log(f"injection request dropped: {error}")
 
-    def _parse(self, data: bytes, fds: list[int]) -> tuple[list[str], dict[str, str], HookArgs] | None:
-        """(argv, env, args) of a request this server may serve, else None (logged)."""
+    def _parse(self, data: bytes, fds: list[int]) -> tuple[list[str], Settings, HookArgs] | None:
+        """(argv, the hook's settings, args) of a request this server may serve, else None (logged)."""
         fields = data.split(b"\0")
         if len(fds) != PASSED_FDS or fields[0] != MAGIC or len(fields) < 2 or not fields[1].isdigit() \
                 or len(fields) < 2 + int(fields[1]):
@@ -250,17 +258,21 @@ class Server:
         end = 2 + int(fields[1])
         argv = [os.fsdecode(f) for f in fields[2:end]]
         env = dict(os.fsdecode(f).partition("=")[::2] for f in fields[end:] if b"=" in f)
-        parsed = self.parse_hook(argv, env)
+        try:
+            hook = settings.from_environ(env)
+        except CdiError:  # a bad CDI_* value: the hook says so itself, in-process
+            return None
+        parsed = self.parse_hook(argv, hook)
         if parsed is None:
             self.log("refused an injection request that is not a plain `hook` invocation")
             return None
         args, spec_dirs = parsed
-        if tuple(DEFAULT_SPEC_DIRS if spec_dirs is None else spec_dirs) != self.dirs or settings(env) != settings(os.environ):
+        if tuple(DEFAULT_SPEC_DIRS if spec_dirs is None else spec_dirs) != self.dirs or hook != settings.current() \
+                or env.get("PATH") != os.environ.get("PATH"):
             return None  # another installation's hook: it works in-process
-        return argv, env, args
+        return argv, hook, args
 
-    def _serve(self, conn: _socket.socket, fds: list[int], argv: list[str], env: dict[str, str],
-               args: HookArgs) -> None:
+    def _serve(self, conn: _socket.socket, fds: list[int], argv: list[str], hook: Settings, args: HookArgs) -> None:
         from cdi_hook.live import syscalls
 
         stdin, stdout, stderr, cwd, pidfd = fds
@@ -277,8 +289,9 @@ class Server:
         sys.stdin = open(0, "r", closefd=False)
         sys.stdout = open(1, "w", closefd=False)
         sys.stderr = open(2, "w", closefd=False, buffering=1)
-        os.environ.clear()
-        os.environ.update(env)
+        # The hook's settings, equal to this process's but its own (their environ too); nothing
+        # the hook does reads os.environ (spec hooks and ldconfig get explicit environments).
+        settings.use(hook)
         sys.argv = ["-c", *argv]
         conn.sendall(ACCEPTED)
         if conn.recv(1) != GO:

@@ -48,7 +48,7 @@ import subprocess
 import sys
 
 from cdi_hook.errors import CdiError
-from cdi_hook.files import write_file_atomic
+from cdi_hook.state import write_atomic
 from cdi_hook.hook_entry import (HOOK_PATH_ENV, LIVE_HOOK_STAGES, carried_settings, interpreter, is_cdi_hook_argv,
                                  live_hook_entry, precreate_entry)
 
@@ -117,10 +117,9 @@ def is_ours(path: str) -> bool:
 
 
 def _spec_dirs_from_env() -> list[str] | None:
-    value = os.environ.get("CDI_SPEC_DIRS")
-    if not value:
-        return None
-    return [d for d in value.split(":") if d]
+    from cdi_hook import settings
+
+    return list(settings.current().spec_dirs or ()) or None
 
 
 def _check_interpreter(python: str) -> None:
@@ -158,7 +157,7 @@ def install(hooks_dir: str, mode: str, *, python: str | None = None, spec_dirs: 
             print(f"would write {target}:", file=out)
         else:
             try:
-                write_file_atomic(target, data, 0o644)
+                write_atomic(target, data, 0o644)
             except OSError as error:
                 raise CdiError(f"cannot write {target}: {error.strerror}") from None
             print(f"wrote {target}:", file=out)
@@ -276,11 +275,11 @@ def install_watch_unit(systemd_dir: str, *, python: str | None = None, spec_dirs
     cache_dir = settings.get("CDI_HOOK_CACHE_DIR")
     try:
         if cache_dir:  # ReadWritePaths= needs it to exist; root-only, as the hooks require
-            from cdi_hook.cache import ensure_private_dir
+            from cdi_hook.state import ensure_private_dir
 
             ensure_private_dir(cache_dir)
         os.makedirs(systemd_dir, mode=0o755, exist_ok=True)
-        write_file_atomic(target, text.encode(), 0o644)
+        write_atomic(target, text.encode(), 0o644)
     except OSError as error:
         raise CdiError(f"cannot write {target}: {error.strerror}") from None
     print(f"wrote {target} (then: systemctl daemon-reload && systemctl enable --now {WATCH_UNIT}):", file=out)

@@ -4,7 +4,7 @@ CONTAINER is runc:ID, podman:NAME-OR-ID or pid:N (containers.py). The devices a 
 has are the ones its config.json requested (cdi.k8s.io/ annotations) and the hook gave it,
 less those detached since, plus those attached since (attachments.py keeps both lists).
 Everything a device means comes from the same plan the hook uses (plan.resolve); the live
-work is live/attach.py.
+work in the container is live/attach.py's, the device cgroup's live/cgroups.py's.
 
 All three are root's, of the host's user namespace, checked before anything is read: attach
 and detach are the administrator's acts (the node's policy sees their requests as source
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from cdi_hook.live.cgroups import DeviceRule
     from cdi_hook.oci import Config
     from cdi_hook.plan import Plan, PlannedNode
+    from cdi_hook.record import Record
 
 RUNC_DEFAULT_ALLOWED = (  # runc's own rules beside config.json's (libcontainer/specconv.AllowedDevices)
     ("c", None, None, "m"), ("b", None, None, "m"), ("c", 1, 3, "rwm"), ("c", 1, 8, "rwm"),
@@ -69,14 +70,53 @@ def _host_user_namespace() -> bool:
         return False
 
 
-def _state(target: Target) -> tuple[dict, list[str], list[str]]:
-    """(record, creation devices still given, attached devices)."""
-    from cdi_hook import attachments
-    from cdi_hook.request import requested_devices
+def _state(target: Target, spec_dirs: Sequence[str] | None = None) -> tuple[dict, Record | None, list[str], list[str]]:
+    """(attachment record, container record or None, creation devices still given, attached
+    devices). The devices given at creation are the container record's: what the hook gave,
+    not what config.json asks today nor what today's specs would give. Devices a config.json
+    editor applied are added to it the first time they are needed (record.with_edited_devices).
+    A container started before records existed has none: its config.json's requests,
+    resolved the older way."""
+    from cdi_hook import attachments, record
+    from cdi_hook.request import applied_devices, requested_devices
 
-    record = attachments.load(target.id, target.pid, target.start_time)
-    creation = [n for n in requested_devices(target.config.annotations) if n not in record["detached"]]
-    return record, creation, attachments.attached_names(record)
+    attached = attachments.load(target.id, target.pid, target.start_time)
+    given = record.load(target.id)
+    if given is not None and (given.pid, given.start_time) != (target.pid, target.start_time):
+        given = None  # an earlier container's under this id
+    edited = [n for n in applied_devices(target.config.annotations) if given is None or n not in given.devices]
+    if edited:
+        given = _record_edited(target, given, edited, spec_dirs)
+    requested = given.devices if given is not None else requested_devices(target.config.annotations)
+    creation = [n for n in requested if n not in attached["detached"]]
+    return attached, given, creation, attachments.attached_names(attached)
+
+
+def _record_edited(target: Target, given: Record | None, edited: list[str],
+                   spec_dirs: Sequence[str] | None) -> Record | None:
+    """The container's record with the devices an editor applied to its config.json, derived
+    now and saved, so later commands see what it got then, whatever the specs say later."""
+    from cdi_hook import record
+
+    from cdi_hook.request import pending_devices
+
+    if given is None and pending_devices(target.config.annotations):
+        return None  # the hook gave it devices before records existed: the older way for all
+    today = _resolve(edited, spec_dirs, target.config)
+    derived = record.with_edited_devices(given, edited, target.config.raw, today, target.pid, target.start_time,
+                                         os.path.dirname(target.config.path), target.id)
+    record.save(derived)
+    return derived
+
+
+def _given_plan(target: Target, given: Record | None, names: list[str], spec_dirs: Sequence[str] | None) -> Plan:
+    """What the devices given at creation are in the container: the record's items; for a
+    container without a record, today's specs (the older way, the only one it has)."""
+    if given is not None:
+        from cdi_hook import record
+
+        return record.given_plan(given, names)
+    return _resolve(names, spec_dirs, target.config)
 
 
 def _resolve(names: list[str], spec_dirs: Sequence[str] | None, config: Config) -> Plan:
@@ -120,16 +160,23 @@ def cmd_verify(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int
 
 
 def _verify(target: Target, spec_dirs: Sequence[str] | None) -> list[dict]:
-    from cdi_hook import containers
+    from cdi_hook import containers, record
     from cdi_hook.live import attach
 
-    _, creation, attached = _state(target)
+    _, given, creation, attached = _state(target, spec_dirs)
     names = creation + attached
     if not names:
         return []
-    container_plan = _resolve(names, spec_dirs, target.config)
+    creation_plan = _given_plan(target, given, creation, spec_dirs) if creation else None
+    attached_plan = _resolve(attached, spec_dirs, target.config) if attached else None
+    container_plan = record.joined(p for p in (creation_plan, attached_plan) if p is not None)
     sources = {}
+    identities = record.mount_identities(given) if given is not None else {}
     for _, mount in container_plan.mounts:
+        recorded = identities.get(mount.container_path, (None, None))[0]
+        if recorded is not None:
+            sources[mount.host_path] = recorded  # what was mounted, even if the host file changed since
+            continue
         try:
             st = os.stat(mount.host_path)
             sources[mount.host_path] = (st.st_dev, st.st_ino)
@@ -138,13 +185,20 @@ def _verify(target: Target, spec_dirs: Sequence[str] | None) -> list[dict]:
     checks = attach.check_rootfs(target.pidfd, container_plan, _owner, sources)
     for rule in container_plan.device_rules:
         if rule.access:
-            from cdi_hook.live.cgroups import DeviceRule
+            from cdi_hook.live import cgroups
 
-            ok, detail = attach.check_cgroup(target.pid, DeviceRule(rule.type, rule.major, rule.minor, rule.access))
+            ok, detail = cgroups.check_cgroup(target.pid, cgroups.DeviceRule(rule.type, rule.major, rule.minor,
+                                                                              rule.access))
             checks.append({"device": rule.origin, "item": f"cgroup {rule.type} {rule.major}:{rule.minor} {rule.access}",
                            "ok": ok, "detail": detail})
     if containers.has_exited(target.pidfd):  # the cgroup was read through /proc/PID: still that process?
         raise CdiError(f"container {target.name}: it stopped while cdi-hook verified it")
+    if given is not None and creation:
+        # What was given holds; does it still match today's specs? A driver upgrade rewrites
+        # them: the container then runs an older version of the device until it restarts.
+        for device, changes in record.stale_devices(given, spec_dirs, only=creation).items():
+            checks.append({"device": device, "item": "spec", "ok": False, "stale": True,
+                           "detail": "stale: the container runs an older version of it: " + "; ".join(changes)})
     return checks
 
 
@@ -187,9 +241,9 @@ def cmd_attach(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int
 
 def _attach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -> list[str]:
     from cdi_hook import attachments, attribution, policy
-    from cdi_hook.live import attach, holds, inject
+    from cdi_hook.live import attach, cgroups, holds, inject
 
-    record, creation, attached = _state(target)
+    record, given_record, creation, attached = _state(target, spec_dirs)
     current = creation + attached
     given = [n for n in names if n in current]
     if given:
@@ -202,7 +256,7 @@ def _attach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -
         raise CdiError(policy.refusal_message(container, decisions))
     new_plan = _resolve(names, spec_dirs, target.config)
     _refuse_unapplicable(new_plan)
-    current_plan = _resolve(current, spec_dirs, target.config) if current else None
+    current_plan = _current_plan(target, given_record, creation, attached, spec_dirs)
     if current_plan is not None:
         _refuse_conflicts(current_plan, new_plan)
     new_libraries = _library_mounts(new_plan)
@@ -214,19 +268,19 @@ def _attach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -
                              ", ".join(dict.fromkeys(o for o, _ in new_libraries)),
                              target.config.user_namespace, inject.host_ids_of_container_root(target.config))
     exclusive = policy.exclusive_devices(rules, names)
-    taken, cgroup, child, report = [], None, None, {}
+    taken, cgroup, handle, report = [], None, None, None
     committed = False
     try:
         taken = holds.hold(exclusive, target.id, target.pid)
-        child = attach.start_attach(target.pidfd, work)
-        report = child.read()
-        if not report.get("ok"):
-            raise CdiError(f"attach: {report.get('error')}")
-        cgroup = attach.CgroupChange(target.pid, inject.cgroup_rules(new_plan), ", ".join(names))
+        handle = attach.start_attach(target.pidfd, work)
+        report = handle.read()
+        if not report.ok:
+            raise CdiError(f"attach: {report.error}")
+        cgroup = cgroups.CgroupChange(target.pid, inject.cgroup_rules(new_plan), ", ".join(names))
         cgroup.allow()
-        created = report.get("created", [])
+        mount_ids = {m.path: m.mount_id for m in report.mounts}
         for name in names:
-            record["attached"].append(_entry(name, new_plan, created))
+            record["attached"].append(_entry(name, new_plan, list(report.created), mount_ids))
         attachments.save(record)
         committed = True
     finally:
@@ -238,15 +292,25 @@ def _attach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -
                 holds.release(taken, target.id)
             except (OSError, HookError) as error:
                 problems.append(str(error))
-        if child is not None:
-            final = child.verdict(committed)
-            child.close()
-            problems += final.get("problems", [])
-            if report.get("ok") and not final.get("ok"):  # it stopped answering after its work
-                problems.append(final.get("error", ""))
+        if handle is not None:
+            if report is not None and report.ok:
+                problems += attach.finish_attach(handle, committed)
+            else:  # it failed and undid its work: only reaped
+                handle.close()
         if problems:
             print(f"cdi-hook: attach: undo incomplete: {'; '.join(problems)}", file=sys.stderr)
-    return report.get("notes", [])
+    return list(report.notes) if report is not None else []
+
+
+def _current_plan(target, given_record, creation, attached, spec_dirs):
+    """What the container has now: the record's items for the devices given at creation,
+    the devices attached since as today's specs describe them; None when it has none."""
+    from cdi_hook import record
+
+    plans = [_given_plan(target, given_record, creation, spec_dirs)] if creation else []
+    if attached:
+        plans.append(_resolve(attached, spec_dirs, target.config))
+    return record.joined(plans) if plans else None
 
 
 def _refuse_conflicts(current_plan: Plan, new_plan: Plan) -> None:
@@ -263,7 +327,9 @@ def _refuse_conflicts(current_plan: Plan, new_plan: Plan) -> None:
                            f"{destinations[mount.container_path]}")
 
 
-def _entry(name: str, new_plan: Plan, created: list[str]) -> dict:
+def _entry(name: str, new_plan: Plan, created: list[str], mount_ids: dict[str, int]) -> dict:
+    """What attach gave the container for one device; each mount with the id it got in the
+    container's mount table (None when attach found it mounted already), for detach."""
     nodes = [p for p in new_plan.nodes if p.origin == name]
     mount_list = [m for origin, m in new_plan.mounts if origin == name]
     own = {p.node.path for p in nodes} | {m.container_path for m in mount_list}
@@ -273,7 +339,8 @@ def _entry(name: str, new_plan: Plan, created: list[str]) -> dict:
     return {
         "device": name,
         "nodes": [[p.node.path, p.node.type, p.node.major or 0, p.node.minor or 0] for p in nodes],
-        "mounts": [[m.container_path, m.host_path, m.type, list(m.options)] for m in mount_list],
+        "mounts": [[m.container_path, m.host_path, m.type, list(m.options), mount_ids.get(m.container_path)]
+                   for m in mount_list],
         "rules": [[r.type, r.major, r.minor, r.access] for r in new_plan.device_rules if r.origin == name and r.access],
         "created": [p for p in created if p in mine],
     }
@@ -304,17 +371,23 @@ def cmd_detach(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int
 
 def _detach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -> tuple[list[str], list[str]]:
     from cdi_hook import attachments, policy
-    from cdi_hook.live import attach, holds, inject, ldcache
+    from cdi_hook.live import attach, cgroups, holds, inject, ldcache
     from cdi_hook.live.cgroups import DeviceRule
 
-    record, creation, attached = _state(target)
+    record, given, creation, attached = _state(target, spec_dirs)
     unknown = [n for n in names if n not in creation and n not in attached]
     if unknown:
         raise CdiError(f"detach: {listed(unknown)}: not given to container {target.name}")
-    remaining = [n for n in creation + attached if n not in names]
-    remaining_plan = _resolve(remaining, spec_dirs, target.config) if remaining else None
+    remaining_plan = _current_plan(target, given, [n for n in creation if n not in names],
+                                   [n for n in attached if n not in names], spec_dirs)
     from_creation = [n for n in names if n in creation]
-    creation_plan = _resolve(from_creation, spec_dirs, target.config) if from_creation else None
+    # Exactly what the container got, from its record: never today's specs, which after a
+    # driver upgrade name other nodes and libraries than the ones in the container.
+    creation_plan = _given_plan(target, given, from_creation, spec_dirs) if from_creation else None
+    from cdi_hook import record as container_record
+
+    identities = container_record.mount_identities(given) if given is not None else {}
+    from_record = {m.container_path for _, m in creation_plan.mounts} if creation_plan and given is not None else set()
     entries = {e["device"]: e for e in record["attached"] if e["device"] in names}
 
     keep_nodes = {p.node.path for p in remaining_plan.nodes} if remaining_plan else set()
@@ -324,13 +397,17 @@ def _detach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -
                      if isinstance(d, dict)}
 
     nodes, mount_list, rules, created, library_paths = [], [], [], [], []
+    made_by_hook = container_record.node_created(given) if given is not None else {}
     for planned in creation_plan.nodes if creation_plan else ():
         node = planned.node
         if node.path not in keep_nodes:
-            nodes.append((planned.origin, node.path, node.type, os.makedev(node.major or 0, node.minor or 0),
-                          node.path not in runtime_nodes))
+            # a node the hook found already there as the spec says stays: the container had it
+            remove = node.path not in runtime_nodes and made_by_hook.get(node.path) is not False
+            nodes.append((planned.origin, node.path, node.type, os.makedev(node.major or 0, node.minor or 0), remove))
     for origin, mount in creation_plan.mounts if creation_plan else ():
-        mount_list.append((origin, mount.container_path, mount.host_path, mount.type, list(mount.options)))
+        # the mount's id as the hook saw it (a record has it): found wherever the container moved it
+        mount_list.append((origin, mount.container_path, mount.host_path, mount.type, list(mount.options),
+                           identities.get(mount.container_path, (None, None))[1]))
     for rule in creation_plan.device_rules if creation_plan else ():
         if rule.access:
             rules.append((rule.origin, rule.type, rule.major, rule.minor, rule.access))
@@ -338,8 +415,8 @@ def _detach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -
         for path, kind, major, minor in entry["nodes"]:
             if path not in keep_nodes:
                 nodes.append((name, path, kind, os.makedev(major, minor), path in entry["created"]))
-        for destination, host_path, kind, options in entry["mounts"]:
-            mount_list.append((name, destination, host_path, kind, options))
+        for destination, host_path, kind, options, *recorded in entry["mounts"]:  # no id: an older record
+            mount_list.append((name, destination, host_path, kind, options, recorded[0] if recorded else None))
         for kind, major, minor, access in entry["rules"]:
             rules.append((name, kind, major, minor, access))
         created += entry["created"]
@@ -347,19 +424,22 @@ def _detach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -
     created = [p for p in dict.fromkeys(sorted(created, key=lambda p: p.count("/"))) if p not in keep_paths]
 
     mounts_work = []
-    for origin, destination, host_path, kind, options in mount_list:
+    for origin, destination, host_path, kind, options, recorded_id in mount_list:
         if destination in keep_mounts:
             continue
         bind = kind in ("", "bind", "rbind") or bool({"bind", "rbind"} & set(options))
         source = None
-        if bind:
+        recorded = identities.get(destination, (None, None))[0] if destination in from_record else None
+        if bind and recorded is not None:
+            source = recorded  # the identity the hook saw when it mounted it
+        elif bind:
             try:
                 st = os.stat(host_path)
                 source = (st.st_dev, st.st_ino)
             except OSError as error:
                 raise CdiError(f"detach: {origin}: host source {host_path}: {error.strerror}; cannot tell "
                                "its mount in the container") from None
-        mounts_work.append((origin, destination, source, kind))
+        mounts_work.append((origin, destination, source, kind, recorded_id))
         if bind and ldcache.is_library_name(destination):
             library_paths.append(destination)
 
@@ -377,7 +457,7 @@ def _detach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -
     # Access first: from here on no new open of the device succeeds. When it cannot be taken
     # away nothing else is done: the record keeps the device attached, for a later detach.
     try:
-        notes += attach.withdraw(target.pid, withdraw, ", ".join(names))
+        notes += cgroups.withdraw(target.pid, withdraw, ", ".join(names))
     except CdiError as error:
         raise CdiError(f"detach: {error}; nothing else was changed: {listed(names)} stay attached") from None
     remaining_libraries = ldcache.library_dirs([m.container_path for _, m in _library_mounts(remaining_plan)]) \
@@ -385,10 +465,10 @@ def _detach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -
     work = attach.DetachWork(nodes, mounts_work, created, remaining_libraries, bool(library_paths),
                              ", ".join(names), inject.host_ids_of_container_root(target.config))
     report = attach.run_detach(target.pidfd, work)
-    if not report.get("ok"):
-        problems.append(report.get("error") or "the worker in the container failed")
-    notes += report.get("notes", [])
-    problems += report.get("problems", [])
+    if not report.ok:
+        problems.append(report.error or "the worker in the container failed")
+    notes += report.notes
+    problems += report.problems
     record["attached"] = [e for e in record["attached"] if e["device"] not in names]
     record["detached"] = list(dict.fromkeys(record["detached"] + from_creation))
     attachments.save(record)
@@ -422,3 +502,50 @@ def _runtime_allows(config: Config, rule: DeviceRule) -> bool:
         return True
     return any(kind == rule.type and major in (None, rule.major) and minor in (None, rule.minor)
                and set(rule.permissions) <= set(access) for kind, major, minor, access in RUNC_DEFAULT_ALLOWED)
+
+
+def cmd_stale(args, spec_dirs) -> int:
+    """Every running container cdi-hook gave devices to whose devices no longer match today's
+    specs, from the records; the records of containers that ended are removed on the way."""
+    _require_root("stale")
+    from cdi_hook import attachments, jsonio, record
+    from cdi_hook.errors import printable
+
+    found = []
+    for given, where in record.all_records():
+        if given is None:
+            print(printable(f"cdi-hook: stale: {where}: not a record cdi-hook wrote; skipped"), file=sys.stderr)
+            continue
+        if not record.is_alive(given):
+            record.remove(given.container)
+            continue
+        detached = attachments.load(given.container, given.pid, given.start_time)["detached"]
+        still = [d for d in given.devices if d not in detached]
+        devices = record.stale_devices(given, spec_dirs, only=still)
+        if devices:
+            found.append({"container": given.container, "name": _runtime_name(given.bundle), "pid": given.pid,
+                          "bundle": given.bundle, "devices": devices})
+    if args.format == "json":
+        print(jsonio.dumps(found))
+    else:
+        for item in found:
+            name = f" ({item['name']})" if item["name"] else ""
+            devices = ", ".join(f"{d} ({'; '.join(changes)})" for d, changes in item["devices"].items())
+            print(printable(f"{item['container']}{name}: {devices}"))
+        if not found:
+            print("no running container has a device whose spec changed since it started")
+    return 1 if found else 0
+
+
+def _runtime_name(bundle: str) -> str:
+    """The name Kubernetes (CRI-O, containerd) gives the container, from its config.json's
+    annotations; "" when it has none (runc's and Podman's id is the name)."""
+    from cdi_hook import oci
+
+    try:
+        annotations = oci.read_config(bundle).annotations
+    except (CdiError, OSError):
+        return ""
+    pod = [annotations.get(k, "") for k in ("io.kubernetes.pod.namespace", "io.kubernetes.pod.name",
+                                             "io.kubernetes.container.name")]
+    return "/".join(pod) if all(pod) else ""

@@ -5,12 +5,12 @@ A hook (cli.main, entered as a runtime runs it) first tries the socket of a watc
 own spec dirs, `<cache dir>/inject-<key>.sock` (a root-only dir; the socket 0600). It sends
 its argv and environment with its stdin, stdout, stderr, current directory and a pidfd of
 itself (SCM_RIGHTS). The server serves only a root peer (SO_PEERCRED) whose `hook` argv
-parses and whose settings (every CDI_* variable, PATH, the spec dirs) equal its own, and
-only while it runs unconfined (no NoNewPrivileges, no seccomp filter: spec hooks and
-netlink must behave as in the hook). The request is taken by the watcher's spare, a process
+parses and whose settings (the Settings its CDI_* variables give, PATH, the spec dirs) equal
+its own, and only while it runs unconfined (no NoNewPrivileges, no seccomp filter: spec
+hooks and netlink must behave as in the hook). The request is taken by the watcher's spare, a process
 forked in advance that closed everything of the watcher's (injection_server.Server); it checks the
 request, says "accepted", enters the hook's namespaces (setns through the pidfd: mount,
-network, IPC, UTS, PID for its children, cgroup) and takes its cwd, stdio, environment and umask;
+network, IPC, UTS, PID for its children, cgroup) and takes its cwd, stdio, settings and umask;
 once the hook has answered "go" it runs the very `cdi-hook hook` the hook would have run
 (cli.run). Its exit code is the verdict.
 
@@ -32,7 +32,9 @@ import sys
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
 if TYPE_CHECKING:
     import _socket
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable
+
+    from cdi_hook.settings import Settings
 
 # registry.DEFAULT_SPEC_DIRS, repeated so the client imports no registry
 # (tests/test_serve.py checks they agree).
@@ -45,21 +47,19 @@ MAX_REQUEST = 1 << 16
 PASSED_FDS = 5  # stdin, stdout, stderr, cwd, pidfd
 
 
-def socket_path(spec_dirs: Iterable[str] | None, environ: Mapping[str, str] = os.environ) -> str | None:
-    """The server socket of a watcher of these spec dirs (None: no usable cache dir).
-    The same key as cache.generation_path."""
+def socket_path(spec_dirs: Iterable[str] | None, settings: Settings | None = None) -> str | None:
+    """The server socket of a watcher of these spec dirs (None: no usable cache dir), under
+    the settings' cache dir (this process's unless given). The same key as cache.generation_path."""
     import zlib
 
-    directory = environ.get("CDI_HOOK_CACHE_DIR") or "/run/cdi-hook"
-    if not os.path.isabs(directory):
+    if settings is None:
+        from cdi_hook.settings import current
+
+        settings = current()
+    if settings.cache_dir is None:  # a relative CDI_HOOK_CACHE_DIR: no cache, no server
         return None
     dirs = tuple(DEFAULT_SPEC_DIRS if spec_dirs is None else spec_dirs)
-    return os.path.join(directory, f"inject-{zlib.crc32(repr(dirs).encode()):08x}.sock")
-
-
-def settings(environ: Mapping[str, str]) -> dict[str, str]:
-    """What must be equal between a hook and the server that works for it."""
-    return {k: v for k, v in environ.items() if k.startswith("CDI_") or k == "PATH"}
+    return os.path.join(settings.cache_dir, f"inject-{zlib.crc32(repr(dirs).encode()):08x}.sock")
 
 
 def _peer_uid(sock: _socket.socket) -> int:

@@ -37,9 +37,11 @@ import subprocess
 import sys
 import time
 
-from cdi_hook import cache
+from cdi_hook import cache, state
 from cdi_hook import inotify as ino
 from cdi_hook.errors import CdiError, printable
+from cdi_hook.live import mountinfo
+from cdi_hook.settings import CACHE_DIR_ENV
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
@@ -95,7 +97,7 @@ class Watcher:
         self.poller: select.poll | None = None
         path = cache.generation_path(dirs)
         if path is None:
-            raise CdiError(f"watch: {cache.CACHE_DIR_ENV} must be an absolute path")
+            raise CdiError(f"watch: {CACHE_DIR_ENV} must be an absolute path")
         self.path = path
         self.inotify = ino.Inotify()
         self.watches: dict[int, tuple[str, str]] = {}  # wd -> (kind, the name that matters / the path)
@@ -117,7 +119,7 @@ class Watcher:
         unlocked, nor this watcher's lock on a file holding an older watcher's generation."""
         import fcntl
 
-        cache.ensure_private_dir(os.path.dirname(self.path))
+        state.ensure_private_dir(os.path.dirname(self.path))
         try:
             old = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
@@ -134,7 +136,7 @@ class Watcher:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.pwrite(fd, cache.generation_content(self.dirs, NO_TRUST), 0)
-            os.rename(temp, self.path)
+            state.rename_into_place(temp, self.path)  # the fd stays open: its flock says the watcher lives
         except BaseException:
             os.close(fd)
             os.unlink(temp)
@@ -225,17 +227,13 @@ class Watcher:
                     if path == "/":
                         break
                     path = os.path.dirname(path)
-        found = []
         try:
-            with open("/proc/self/mountinfo", "rb") as info:
-                for line in info:
-                    fields = line.split()
-                    point = _unescape(os.fsdecode(fields[4]))
-                    if point in on or point.startswith(tuple(under)):
-                        found.append((point, fields[0], fields[2], fields[3]))
-        except (OSError, IndexError):
+            mounts = mountinfo.read()
+        except OSError:
             return [None]  # unreadable: compare unequal to anything, so a change is assumed
-        return sorted(found)
+        prefixes = tuple(under)
+        return sorted((m.mount_point, m.mount_id, m.major, m.minor, m.root) for m in mounts
+                      if m.mount_point in on or m.mount_point.startswith(prefixes))
 
     # -- events -------------------------------------------------------------------------
 
@@ -313,7 +311,7 @@ class Watcher:
             if self.generation != NO_TRUST:
                 self.set_generation(NO_TRUST)
         elif target and self.generation == self.child_generation:
-            os.rename(temp, target)  # still current: no change came in while it looked
+            state.rename_into_place(temp, target)  # still current: no change came in while it looked
         elif target:
             os.unlink(temp)  # a change came in: the next rebuild covers it
         if self.server is not None:
@@ -349,14 +347,14 @@ class Watcher:
             raise _Stop()
 
         old_handlers = [signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)]
-        mountinfo = open("/proc/self/mountinfo", "rb")
+        mount_table = open(mountinfo.path(), "rb")  # POLLPRI when a mount comes or goes
         try:
             self.take_generation_file()
             self.arm()
             self.dirty_since = self.last_change = time.monotonic() - MAX_DELAY_S
             poller = select.poll()
             poller.register(self.inotify.fileno(), select.POLLIN)
-            poller.register(mountinfo.fileno(), select.POLLPRI | select.POLLERR)
+            poller.register(mount_table.fileno(), select.POLLPRI | select.POLLERR)
             if self.make_server is not None:
                 try:
                     self.server = self.make_server(self.dirs, log)
@@ -392,7 +390,7 @@ class Watcher:
                 for fd, _ in poller.poll(max(1, int(wait * 1000))):
                     if fd == self.inotify.fileno():
                         self.handle(self.inotify.read_events())
-                    elif fd == mountinfo.fileno():
+                    elif fd == mount_table.fileno():
                         self.mounts_changed()
                     elif self.server is not None and fd in self.server_fds:
                         self.server_event(fd)
@@ -410,7 +408,7 @@ class Watcher:
                 self.child.wait()
             self.release_generation_file()
             self.inotify.close()
-            mountinfo.close()
+            mount_table.close()
             for s, handler in zip((signal.SIGTERM, signal.SIGINT), old_handlers):
                 signal.signal(s, handler)
 
@@ -429,7 +427,7 @@ def rebuild(generation: bytes, dirs: tuple[str, ...]) -> None:
         return
     data = cache.encode(key, listing if settled else None, loaded, generation if generation != NO_TRUST else None)
     target = cache.cache_path(key)
-    cache.ensure_private_dir(os.path.dirname(target))
+    state.ensure_private_dir(os.path.dirname(target))
     temp = f"{target}.{os.getpid()}.tmp"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as out:
@@ -459,11 +457,3 @@ def _watchdog_interval() -> bool:
     pid = os.environ.get("WATCHDOG_PID")
     return bool(os.environ.get("WATCHDOG_USEC")) and (not pid or pid == str(os.getpid()))
 
-
-def _unescape(field: str) -> str:
-    """mountinfo's octal escapes (\\040 for a space)."""
-    if "\\" not in field:
-        return field
-    parts = field.split("\\")
-    return parts[0] + "".join(chr(int(p[:3], 8)) + p[3:] if len(p) >= 3 and set(p[:3]) <= set("01234567")
-                              else "\\" + p for p in parts[1:])

@@ -8,6 +8,13 @@ runtime stays as it was.
 
 Runs in the runtime's (host) namespaces, while the container's init waits to start the
 user's process.
+
+For the commands on a running container (`attach`, `detach`, `verify`) the same module edits
+and restores: CgroupChange allows rules and, on undo, gives the cgroup back what it had (v1:
+only the access it added is denied; v2: the earlier prologue, the runtime's code behind it
+unchanged), withdraw() takes rules away, check_cgroup() tells whether the cgroup lets a
+rule's access through (v1: devices.list; v2: the attached programs run on the device in
+bpf_eval's small interpreter).
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from collections import namedtuple
 from collections.abc import Sequence
 
 from cdi_hook.errors import HookError
+from cdi_hook.live import mountinfo
+from cdi_hook.live.mountinfo import MountInfo
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
 if TYPE_CHECKING:
@@ -52,7 +61,7 @@ def allow_devices(container_pid: int, rules: Sequence[DeviceRule]) -> None:
     Raises HookError naming the step and the device(s) when the cgroup cannot be found or
     changed. Allowing an already allowed device again is harmless.
     """
-    rules = _normalise(rules)
+    rules = normalise(rules)
     if not rules:
         return
     version, directory = device_cgroup(container_pid, rules)
@@ -66,11 +75,11 @@ def device_cgroup(container_pid: int, rules: Sequence[DeviceRule] = ()) -> tuple
     """("v1", its devices cgroup dir) or ("v2", its cgroup2 dir) for the process; HookError
     naming `rules` when neither can be found. Also used by `cdi-hook attach/detach/verify`."""
     memberships = _read_memberships(container_pid, rules)
-    mounts = _read_mountinfo()
+    mounts = mountinfo.read()
     # Decide as the runtime does: cgroup2 on /sys/fs/cgroup means v2. The kernel still lists
     # a v1 devices line on a hybrid host even for a runtime running in v2 mode.
     if not _is_unified(DEFAULT_CGROUP_ROOT, mounts) and "devices" in memberships:
-        directory = _cgroup_dir(mounts, memberships["devices"], lambda m: m.fstype == "cgroup"
+        directory = _cgroup_dir(mounts, memberships["devices"], lambda m: m.fs_type == "cgroup"
                                 and "devices" in m.super_options.split(","))
         if directory is not None:
             return "v1", directory
@@ -81,7 +90,7 @@ def device_cgroup(container_pid: int, rules: Sequence[DeviceRule] = ()) -> tuple
         raise HookError(STEP, _names(rules), f"process {container_pid} has no devices cgroup (v1) "
                         "and no cgroup v2 membership")
     directory = _cgroup_dir(_prefer_mount_point(mounts, DEFAULT_CGROUP_ROOT), memberships[""],
-                            lambda m: m.fstype == "cgroup2")
+                            lambda m: m.fs_type == "cgroup2")
     if directory is None:
         raise HookError(STEP, _names(rules), f"no cgroup2 mount holds {memberships['']!r} "
                         f"(cgroup of process {container_pid})")
@@ -176,8 +185,8 @@ def _replace_program(cgroup_fd: int, cgroup_dir: str, prog_id: int, attach_flags
 
 # --- helpers ----------------------------------------------------------------------------
 
-def _normalise(rules: Sequence[DeviceRule]) -> list[DeviceRule]:
-    """Checked rules: 'p' dropped (a FIFO is not a device), 'u' as 'c', access validated."""
+def normalise(rules: Sequence[DeviceRule]) -> list[DeviceRule]:
+    """The rules as the kernel takes them, checked: 'p' dropped (a FIFO is not a device), 'u' as 'c', access validated."""
     result = []
     for rule in rules:
         if rule.type == "p":
@@ -226,48 +235,13 @@ def _read_memberships(pid: int, rules: Sequence[DeviceRule]) -> dict[str, str]:
     return memberships
 
 
-_Mount = namedtuple("_Mount", ["root", "mount_point", "fstype", "super_options"])
-
-
-def _unescape(field: str) -> str:
-    """mountinfo's octal escapes (\\040 for a space) decoded; without re, which the hook
-    does not otherwise import."""
-    if "\\" not in field:
-        return field
-    parts = field.split("\\")
-    out = [parts[0]]
-    for part in parts[1:]:
-        code = part[:3]
-        if len(code) == 3 and all(c in "01234567" for c in code):
-            out.append(chr(int(code, 8)) + part[3:])
-        else:
-            out.append("\\" + part)
-    return "".join(out)
-
-
-def _read_mountinfo() -> list[_Mount]:
-    mounts = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            try:
-                separator = fields.index("-")
-            except ValueError:
-                continue
-            if len(fields) < separator + 4:
-                continue
-            mounts.append(_Mount(_unescape(fields[3]), _unescape(fields[4]),
-                                 fields[separator + 1], fields[separator + 3]))
-    return mounts
-
-
-def _prefer_mount_point(mounts: list[_Mount], mount_point: str) -> list[_Mount]:
+def _prefer_mount_point(mounts: list[MountInfo], mount_point: str) -> list[MountInfo]:
     """Mounts at `mount_point` first, the latest (the visible one) first among them."""
     at_point = [m for m in reversed(mounts) if m.mount_point == mount_point]
     return at_point + [m for m in mounts if m.mount_point != mount_point]
 
 
-def _cgroup_dir(mounts: list[_Mount], cgroup_path: str, wanted: Callable[[_Mount], bool]) -> str | None:
+def _cgroup_dir(mounts: list[MountInfo], cgroup_path: str, wanted: Callable[[MountInfo], bool]) -> str | None:
     """The directory of `cgroup_path` under the first wanted mount that shows it."""
     for mount in mounts:
         if not wanted(mount):
@@ -280,17 +254,220 @@ def _cgroup_dir(mounts: list[_Mount], cgroup_path: str, wanted: Callable[[_Mount
     return None
 
 
-def _is_unified(path: str, mounts: list[_Mount] | None = None) -> bool:
+def _is_unified(path: str, mounts: list[MountInfo] | None = None) -> bool:
     """True when the mount visible at `path` is a cgroup2 file system: the last mountinfo
     entry at that point (a later mount over it hides the earlier ones). Read from mountinfo,
     which this step reads anyway; statfs(2)'s f_type would need ctypes (~3 ms of a start)."""
     visible = None
-    for mount in _read_mountinfo() if mounts is None else mounts:
+    for mount in mountinfo.read() if mounts is None else mounts:
         if mount.mount_point == path:
             visible = mount
-    return visible is not None and visible.fstype == "cgroup2"
+    return visible is not None and visible.fs_type == "cgroup2"
 
 
 def _last_lines(log: str, count: int = 3) -> str:
     lines = [line.strip() for line in log.splitlines() if line.strip()]
     return " | ".join(lines[-count:]) or "no verifier log"
+
+
+# --- edit and restore, for `cdi-hook attach`, `detach` and `verify` ----------------------
+# (bpf and bpf_eval are imported in each function: the hook's own step above needs neither
+# bpf_eval nor these, and a start pays for every module imported.)
+
+
+def _allow(rule: DeviceRule):
+    from cdi_hook.live import bpf
+
+    return bpf.DeviceAllow(bpf.DEV_BLOCK if rule.type == "b" else bpf.DEV_CHAR, rule.major, rule.minor,
+                           _access_bits(rule.permissions))
+
+
+def v1_list(directory: str) -> list[tuple[str, str, str, str]]:
+    """devices.list as (type, major, minor, access), '*' kept."""
+    entries = []
+    with open(os.path.join(directory, "devices.list")) as f:
+        for line in f:
+            kind, numbers, access = line.split()
+            major, _, minor = numbers.partition(":")
+            entries.append((kind, major, minor, access))
+    return entries
+
+
+def v1_allows(entries, rule) -> bool:
+    """Whether one entry of devices.list grants all of the rule's access (the kernel looks for
+    one exception that covers the whole request)."""
+    for kind, major, minor, access in entries:
+        if (kind in ("a", rule.type) and major in ("*", str(rule.major)) and minor in ("*", str(rule.minor))
+                and set(rule.permissions) <= set(access)):
+            return True
+    return False
+
+
+def _v1_missing(entries, rule):
+    """The rule less the access letters devices.list allowed already: what allowing it adds,
+    and all that undoing it may deny (had r, asked rw: only w goes again)."""
+    return rule._replace(access="".join(c for c in rule.permissions
+                                        if not v1_allows(entries, rule._replace(access=c))))
+
+
+def _v1_write(directory: str, name: str, rules) -> None:
+    path = os.path.join(directory, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        for rule in rules:
+            os.write(fd, f"{rule.type} {rule.major}:{rule.minor} {rule.permissions}".encode())
+    finally:
+        os.close(fd)
+
+
+class CgroupChange:
+    """Allow rules now; undo() gives the cgroup back what it had (only what this added goes)."""
+
+    def __init__(self, pid: int, rules, names: str):
+        self.rules = normalise(rules)
+        self.names = names
+        self.version, self.directory = device_cgroup(pid, self.rules) if self.rules else (None, None)
+        self._undo = None
+
+    def allow(self) -> None:
+        if not self.rules:
+            return
+        try:
+            if self.version == "v1":
+                before = v1_list(self.directory)
+                added = [m for m in (_v1_missing(before, r) for r in self.rules) if m.access]
+                self._undo = lambda: _v1_write(self.directory, "devices.deny", added)
+                allow_devices_v1(self.directory, self.rules)
+            else:
+                before = prologue_allows(self.directory)
+                self._undo = lambda: set_prologues(self.directory,
+                                                   lambda i, _: before[i] if i < len(before) else [])
+                allow_devices_v2(self.directory, self.rules)
+        except OSError as error:
+            raise HookError(STEP, self.names, f"{self.directory}: {error.strerror}") from None
+
+    def undo(self) -> list[str]:
+        from cdi_hook.errors import CdiError
+
+        if self._undo is None:
+            return []
+        try:
+            self._undo()
+        except (OSError, CdiError) as error:
+            return [f"device cgroup: {error}"]
+        return []
+
+
+def prologue_allows(directory: str) -> list[list]:
+    """The devices cdi-hook's prologue allows, per attached program (in the kernel's order)."""
+    from cdi_hook.live import bpf
+
+    found = []
+    for _, insns in attached_programs(directory):
+        found.append(bpf.split_prologue(insns)[0])
+    return found
+
+
+def attached_programs(directory: str) -> list[tuple[int, list]]:
+    """(id, instructions) of each device program attached to the cgroup dir, in the kernel's order."""
+    from cdi_hook.live import bpf
+
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _, ids = bpf.prog_query(fd, bpf.BPF_CGROUP_DEVICE)
+    finally:
+        os.close(fd)
+    programs = []
+    for prog_id in ids:
+        prog_fd = bpf.prog_get_fd_by_id(prog_id)
+        try:
+            programs.append((prog_id, bpf.prog_info(prog_fd).insns))
+        finally:
+            os.close(prog_fd)
+    return programs
+
+
+def set_prologues(directory: str, choose) -> None:
+    """Replace each attached program by its original code behind a prologue allowing
+    choose(index, current allows); no prologue at all when that is empty. The runtime's code
+    after the prologue is never changed."""
+    from cdi_hook.errors import CdiError
+    from cdi_hook.live import bpf
+
+    cgroup_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        flags, ids = bpf.prog_query(cgroup_fd, bpf.BPF_CGROUP_DEVICE)
+        for index, prog_id in enumerate(ids):
+            old_fd = bpf.prog_get_fd_by_id(prog_id)
+            try:
+                old = bpf.prog_info(old_fd)
+                current, original = bpf.split_prologue(old.insns)
+                wanted = bpf.merge_allows(choose(index, current))
+                if wanted == bpf.merge_allows(current):
+                    continue
+                problem = bpf.reloadable_problem(original)
+                if problem:
+                    raise CdiError(f"device cgroup: cannot reload program {prog_id} of {directory}: {problem}")
+                program = (bpf.build_prologue(wanted) if wanted else []) + original
+                new_fd = bpf.prog_load(bpf.BPF_PROG_TYPE_CGROUP_DEVICE, program,
+                                       "GPL" if old.gpl_compatible else "Apache", "cdi_hook_dev")
+                try:
+                    if flags & bpf.BPF_F_ALLOW_MULTI:
+                        bpf.prog_attach(cgroup_fd, new_fd, bpf.BPF_CGROUP_DEVICE, flags | bpf.BPF_F_REPLACE,
+                                        replace_fd=old_fd)
+                    else:
+                        bpf.prog_attach(cgroup_fd, new_fd, bpf.BPF_CGROUP_DEVICE, flags)
+                finally:
+                    os.close(new_fd)
+            finally:
+                os.close(old_fd)
+    finally:
+        os.close(cgroup_fd)
+
+
+def withdraw(pid: int, rules, names: str) -> list[str]:
+    """Take the rules' access away again; notes of what was done."""
+    rules = normalise(rules)
+    if not rules:
+        return []
+    version, directory = device_cgroup(pid, rules)
+    try:
+        if version == "v1":
+            _v1_write(directory, "devices.deny", rules)
+        else:
+            gone = {(a.dev_type, a.major, a.minor) for a in map(_allow, rules)}
+            set_prologues(directory, lambda _, current: [a for a in current
+                                                        if (a.dev_type, a.major, a.minor) not in gone])
+    except OSError as error:
+        raise HookError(STEP, names, f"{directory}: {error.strerror}") from None
+    return [f"device cgroup: withdrew {', '.join(str(r) for r in rules)}"]
+
+
+def check_cgroup(pid: int, rule) -> tuple[bool, str]:
+    """Whether the container's device cgroup lets the planned access through, and how we know."""
+    from cdi_hook.live import bpf, bpf_eval
+
+    rule = normalise([rule])[0]
+    version, directory = device_cgroup(pid, [rule])
+    if version == "v1":
+        ok = v1_allows(v1_list(directory), rule)
+        return ok, f"devices.list {'allows' if ok else 'does not allow'} {rule} {rule.permissions}"
+    programs = attached_programs(directory)
+    if not programs:
+        return True, "no device program attached: no restriction"
+    allow = _allow(rule)
+    for prog_id, insns in programs:
+        for bits in {allow.access, *(b for b in (bpf.ACC_MKNOD, bpf.ACC_READ, bpf.ACC_WRITE) if allow.access & b)}:
+            try:
+                verdict = bpf_eval.run_device_program(insns, allow.dev_type | bits << 16, rule.major, rule.minor)
+            except ValueError as error:
+                return False, f"cannot evaluate device program {prog_id}: {error}"
+            if not verdict:
+                return False, f"device program {prog_id} refuses {rule} {_access_text(bits)}"
+    return True, f"every attached device program allows {rule} {rule.permissions}"
+
+
+def _access_text(bits: int) -> str:
+    from cdi_hook.live import bpf
+
+    return "".join(c for c, b in (("r", bpf.ACC_READ), ("w", bpf.ACC_WRITE), ("m", bpf.ACC_MKNOD)) if bits & b)

@@ -48,13 +48,9 @@ if TYPE_CHECKING:
     _Refuse = Callable[[str], HookError]  # a message -> the HookError naming the hook
 
 STAGE = "createContainer"
-CLONE_NEWCGROUP = 0x02000000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWPID = 0x20000000
 # The namespaces a hook joins itself; the PID namespace is entered by the worker for its
 # children (setns(CLONE_NEWPID) moves only the caller's future children).
-HOOK_NAMESPACES = syscalls.CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP
+HOOK_NAMESPACES = syscalls.CLONE_NEWNET | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC | syscalls.CLONE_NEWCGROUP
 SHEBANG_LIMIT = 256  # BINPRM_BUF_SIZE: the kernel reads the interpreter line from this many bytes
 KEPT_OUTPUT = 4 * OUTPUT_LIMIT  # bytes of a hook's output kept while it runs (only the tail is shown)
 
@@ -183,7 +179,7 @@ def run_programs(programs: list[Program], state: bytes, rootfs_fd: int, ns_fd: i
     """In the worker, inside the container's mount namespace: run each hook in order; the
     first failure raises HookError (the worker then undoes its rootfs work)."""
     try:
-        syscalls.setns(ns_fd, CLONE_NEWPID)
+        syscalls.setns(ns_fd, syscalls.CLONE_NEWPID)
     except OSError as error:
         raise HookError(STEP, programs[0].origin, f"entering the container's PID namespace: {error.strerror}") from None
     for program in programs:

@@ -32,8 +32,10 @@ import os
 import stat
 from collections.abc import Callable
 
+from cdi_hook import state
 from cdi_hook.errors import HookError
 from cdi_hook.live import syscalls
+from cdi_hook.live.child import MountRecord, NodeRecord
 from cdi_hook.live.rootfs import Rootfs, create_empty_file
 from cdi_hook.live.syscalls import mount_id
 from cdi_hook.spec.model import DeviceNode
@@ -72,19 +74,23 @@ def clone_host_nodes(jobs: list[NodeJob]) -> None:
 
 
 def create_nodes(rootfs: Rootfs, jobs: list[NodeJob], by_bind_mount: bool, mounted_fds: list[int],
-                 notes: list[str], clone_late: Callable[[NodeJob], None] | None = None) -> None:
+                 notes: list[str], clone_late: Callable[[NodeJob], None] | None = None,
+                 nodes_done: list[NodeRecord] | None = None, mounts_done: list[MountRecord] | None = None) -> None:
     """Create every node; bind mounts made are appended to mounted_fds (for undo).
     clone_late(job), when given, takes the host node for a job whose mknod was refused and
-    that clone_host_nodes did not see beforehand."""
+    that clone_host_nodes did not see beforehand. nodes_done gets a NodeRecord per job (a
+    node left as it was too, created False), mounts_done a MountRecord per host node bound."""
+    done: list[NodeRecord] = [] if nodes_done is None else nodes_done
     for job in jobs:
         try:
-            _create_node(rootfs, job, by_bind_mount, mounted_fds, notes, clone_late)
+            _create_node(rootfs, job, by_bind_mount, mounted_fds, notes, clone_late, done, mounts_done)
         except OSError as error:
             raise HookError(STEP, job.origin, f"{job.node.path}: {_why(error)}") from None
 
 
 def _create_node(rootfs: Rootfs, job: NodeJob, by_bind_mount: bool, mounted_fds: list[int],
-                 notes: list[str], clone_late: Callable[[NodeJob], None] | None) -> None:
+                 notes: list[str], clone_late: Callable[[NodeJob], None] | None, done: list[NodeRecord],
+                 mounts_done: list[MountRecord] | None) -> None:
     node = job.node
     want_fmt = _S_IFMT[node.type]
     existing = _existing(rootfs, node.path)
@@ -92,13 +98,15 @@ def _create_node(rootfs: Rootfs, job: NodeJob, by_bind_mount: bool, mounted_fds:
         same = stat.S_IFMT(existing.st_mode) == want_fmt and (node.type == "p" or existing.st_rdev == _rdev(node))
         if same and by_bind_mount:
             notes.append(f"{node.path}: already present, left alone")
+            done.append(_record(job, existing, created=False))
             return
-        if not by_bind_mount and _replace_existing(rootfs, job, same, notes):
+        if not by_bind_mount and _replace_existing(rootfs, job, same, notes, done):
             return
         if not same:
             raise HookError(STEP, job.origin, f"{node.path} already exists in the container and is not "
                                               f"the {node.type} {node.major}:{node.minor} device the spec names")
         notes.append(f"{node.path}: already present, left alone")
+        done.append(_record(job, existing, created=False))
         return
     if not by_bind_mount or node.type == "p":
         mode = node.file_mode if node.file_mode is not None else DEFAULT_FILE_MODE
@@ -115,15 +123,33 @@ def _create_node(rootfs: Rootfs, job: NodeJob, by_bind_mount: bool, mounted_fds:
             try:
                 if not created:  # appeared since we looked: not ours to chown
                     raise HookError(STEP, job.origin, f"{node.path} appeared while cdi-hook created it")
-                _check_inode(os.fstat(fd), node, job.origin)
+                st = os.fstat(fd)
+                _check_inode(st, node, job.origin)
                 os.chown(syscalls.fd_path(fd), job.uid, job.gid)
                 os.chmod(syscalls.fd_path(fd), stat.S_IMODE(mode))
             finally:
                 os.close(fd)
             notes.append(f"{node.path}: mknod {node.type} {node.major}:{node.minor} {mode:o} {job.uid}:{job.gid}")
+            done.append(NodeRecord(job.origin, node.path, node.type, os.major(st.st_rdev), os.minor(st.st_rdev),
+                                   stat.S_IMODE(mode), job.uid, job.gid, True, None))
             return
-    _bind_host_node(rootfs, job, mounted_fds)
+    st, mount_id_ = _bind_host_node(rootfs, job, mounted_fds)
     notes.append(f"{node.path}: bind-mounted host node {node.host_path}")
+    done.append(_record(job, st, created=True))
+    if mounts_done is not None:
+        mounts_done.append(MountRecord(job.origin, node.path, mount_id_, st.st_dev, st.st_ino))
+
+
+def _record(job: NodeJob, st: os.stat_result, created: bool, replaced: str | None = None) -> NodeRecord:
+    return NodeRecord(job.origin, job.node.path, job.node.type, os.major(st.st_rdev), os.minor(st.st_rdev),
+                      stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, created, replaced)
+
+
+def describe(st: os.stat_result) -> str:
+    """An entry as a NodeRecord's replaced names it: "c 10:229 600 0:0"."""
+    kind = {stat.S_IFCHR: "c", stat.S_IFBLK: "b", stat.S_IFIFO: "p"}.get(stat.S_IFMT(st.st_mode), "?")
+    return (f"{kind} {os.major(st.st_rdev)}:{os.minor(st.st_rdev)} {stat.S_IMODE(st.st_mode):o} "
+            f"{st.st_uid}:{st.st_gid}")
 
 
 def _split(path: str) -> tuple[str, str]:
@@ -131,7 +157,7 @@ def _split(path: str) -> tuple[str, str]:
     return "/".join(parts[:-1]), parts[-1] if parts else ""
 
 
-def _replace_existing(rootfs: Rootfs, job: NodeJob, same: bool, notes: list[str]) -> bool:
+def _replace_existing(rootfs: Rootfs, job: NodeJob, same: bool, notes: list[str], done: list[NodeRecord]) -> bool:
     """A node is at the path: unless it is already as the spec says, put a node of our own in
     its place (made beside it, renamed over it; the old one made again on undo). False when the
     entry is no plain node of the image (a symlink as the last component, a mount point) or
@@ -158,6 +184,7 @@ def _replace_existing(rootfs: Rootfs, job: NodeJob, same: bool, notes: list[str]
         mode = stat.S_IMODE(node.file_mode if node.file_mode is not None else default_mode)
         if same and (stat.S_IMODE(old.st_mode), old.st_uid, old.st_gid) == (mode, job.uid, job.gid):
             notes.append(f"{node.path}: already present as the spec says")
+            done.append(_record(job, old, created=False))
             return True
         temp = f".cdi-hook-{os.getpid()}"
         try:
@@ -174,7 +201,7 @@ def _replace_existing(rootfs: Rootfs, job: NodeJob, same: bool, notes: list[str]
                 _set_owner_mode(fd, job.uid, job.gid, mode)
             finally:
                 os.close(fd)
-            os.rename(temp, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+            state.rename_into_place(temp, name, parent_fd)  # a node made and checked aside: no write
         except BaseException:
             try:
                 os.unlink(temp, dir_fd=parent_fd)
@@ -201,6 +228,8 @@ def _replace_existing(rootfs: Rootfs, job: NodeJob, same: bool, notes: list[str]
         notes.append(f"{node.path}: already present, replaced by a node set to {mode:o} {job.uid}:{job.gid}")
     else:
         notes.append(f"{node.path}: replaced the {os.major(old.st_rdev)}:{os.minor(old.st_rdev)} node there")
+    done.append(NodeRecord(job.origin, node.path, node.type, os.major(new.st_rdev), os.minor(new.st_rdev), mode,
+                           job.uid, job.gid, True, describe(old)))
     return True
 
 
@@ -213,7 +242,8 @@ def _set_owner_mode(fd: int, uid: int, gid: int, mode: int, close: bool = False)
             os.close(fd)
 
 
-def _bind_host_node(rootfs: Rootfs, job: NodeJob, mounted_fds: list[int]) -> None:
+def _bind_host_node(rootfs: Rootfs, job: NodeJob, mounted_fds: list[int]) -> tuple[os.stat_result, int]:
+    """(stat of the node now mounted, its mount id)."""
     node = job.node
     if job.host_tree_fd is None:
         raise HookError(STEP, job.origin, f"{node.path} must be bind-mounted from the host "
@@ -231,7 +261,9 @@ def _bind_host_node(rootfs: Rootfs, job: NodeJob, mounted_fds: list[int]) -> Non
         os.close(target_fd)
     mounted = rootfs.open_path(node.path)
     mounted_fds.append(mounted)
-    _check_inode(os.fstat(mounted), node, job.origin)
+    st = os.fstat(mounted)
+    _check_inode(st, node, job.origin)
+    return st, mount_id(mounted)
 
 
 def _existing(rootfs: Rootfs, path: str) -> os.stat_result | None:

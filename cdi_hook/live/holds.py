@@ -1,7 +1,7 @@
 """Exclusive devices: one running container at a time holds each (policy `exclusive`).
 
 A hold is a record file per device in $CDI_HOOK_STATE_DIR (default /run/cdi-hook/held, a
-root-only dir, gone at reboot like the containers): the holder's container id, its init
+private folder (state.py), gone at reboot like the containers): the holder's container id, its init
 pid and that process's start time. A second container asking for the device is refused
 with the holder's id, unless the holder's process is gone (the same pid with another start
 time is another process): then the record is stale and taken over. The hook releases its
@@ -12,36 +12,30 @@ an flock on the dir, so two starts cannot both take one device.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
-import stat
 
+from cdi_hook import settings
 from cdi_hook.containers import process_start_time
 from cdi_hook.errors import HookError
+from cdi_hook.state import StateError, file_name, open_private_dir, read_record, remove_at, write_record
 
 STEP = "exclusive device"
-STATE_DIR_ENV = "CDI_HOOK_STATE_DIR"
-DEFAULT_STATE_DIR = "/run/cdi-hook/held"
 
 
 def state_dir() -> str:
-    return os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
+    return settings.current().state_dir
 
 
 def _record_name(device: str) -> str:
-    return device.replace("/", "%2F") + ".json"
+    return file_name(device) + ".json"  # device names have no "%": the names of before state.py
 
 
 class _LockedDir:
     def __enter__(self) -> int:
-        directory = state_dir()
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        self.fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        st = os.fstat(self.fd)
-        if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            os.close(self.fd)
-            raise HookError(STEP, "", f"{directory} is not a private directory (owner {st.st_uid}, "
-                                      f"mode {stat.S_IMODE(st.st_mode):o}); refusing to keep holds there")
+        try:
+            self.fd = open_private_dir(state_dir(), create=True)
+        except StateError as error:  # fail closed: no hold can be kept, so no start
+            raise HookError(STEP, "", str(error)) from None
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self.fd
 
@@ -50,16 +44,16 @@ class _LockedDir:
 
 
 def _holder(dir_fd: int, name: str) -> dict | None:
+    """The record of name; None when there is none. HookError (fail closed) for one that is
+    not a private file of root's or not whole: a device must not be given twice."""
+    where = os.path.join(state_dir(), name)
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        try:
-            record = json.loads(f.read(4096))
-        except ValueError:
-            return {}
-    return record if isinstance(record, dict) else {}
+        # plain_json: holds taken by the cdi-hook before state.py (no checksum line) still
+        # hold their devices after an upgrade, until their containers end.
+        record = read_record(dir_fd, name, where, 4096, plain_json=True)
+    except StateError as error:
+        raise HookError(STEP, name[:-len(".json")].replace("%2F", "/").replace("%25", "%"), str(error)) from None
+    return record if isinstance(record, dict) or record is None else {}
 
 
 def _alive(record: dict) -> bool:
@@ -93,15 +87,7 @@ def _hold(devices: list[str], container_id: str, pid: int) -> list[str]:
                 if holder is not None and _alive(holder):
                     raise HookError(STEP, device, f"held by running container {holder.get('container')!r} "
                                                   f"(pid {holder.get('pid')}); the policy makes it exclusive")
-                record = json.dumps({"container": container_id, "pid": pid, "start": start}).encode()
-                temp = f".{name}.{os.getpid()}.tmp"
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                             dir_fd=dir_fd)
-                try:
-                    os.write(fd, record)
-                finally:
-                    os.close(fd)
-                os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # replaces a stale record
+                write_record(dir_fd, name, {"container": container_id, "pid": pid, "start": start})  # over a stale one
                 taken.append(device)
         except BaseException:
             _remove(dir_fd, taken, container_id)
@@ -125,27 +111,29 @@ def _remove(dir_fd: int, devices: list[str], container_id: str) -> None:
         name = _record_name(device)
         holder = _holder(dir_fd, name)
         if holder is not None and holder.get("container") == container_id:
-            try:
-                os.unlink(name, dir_fd=dir_fd)
-            except FileNotFoundError:
-                pass
+            remove_at(dir_fd, name)
 
 
 def holders() -> dict[str, dict]:
-    """Device -> its live holder record (for `cdi-hook explain`)."""
+    """Device -> its live holder record (for `cdi-hook explain`); records not believed are
+    left out (a hold refuses starts with its own message)."""
     directory = state_dir()
     try:
-        names = os.listdir(directory)
-    except OSError:
+        dir_fd = open_private_dir(directory)
+    except StateError:
+        return {}
+    if dir_fd is None:
         return {}
     found = {}
-    for name in names:
-        if name.endswith(".json") and not name.startswith("."):
-            try:
-                with open(os.path.join(directory, name), "rb") as f:
-                    record = json.loads(f.read(4096))
-            except (OSError, ValueError):
-                continue
-            if isinstance(record, dict) and _alive(record):
-                found[name[:-5].replace("%2F", "/")] = record
+    try:
+        for name in os.listdir(dir_fd):
+            if name.endswith(".json") and not name.startswith("."):
+                try:
+                    record = read_record(dir_fd, name, os.path.join(directory, name), 4096, plain_json=True)
+                except (OSError, StateError):
+                    continue
+                if isinstance(record, dict) and _alive(record):
+                    found[name[:-5].replace("%2F", "/").replace("%25", "%")] = record
+    finally:
+        os.close(dir_fd)
     return found

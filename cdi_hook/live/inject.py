@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from cdi_hook.live.cgroups import DeviceRule
+    from cdi_hook.live.child import Report
     from cdi_hook.live.devices import NodeJob
     from cdi_hook.live.mounts import MountJob
     from cdi_hook.live.worker import Worker
@@ -36,9 +37,11 @@ if TYPE_CHECKING:
 INJECTION_STAGES = ("createRuntime", "prestart")
 
 
-def run_stage(stage: str, plan: Plan, state: State, config: Config, log: ContainerLog, spec_hooks: bool = True) -> None:
+def run_stage(stage: str, plan: Plan, state: State, config: Config, log: ContainerLog,
+              spec_hooks: bool = True) -> Report | None:
     """spec_hooks=False: at poststop, only undo what createRuntime did (a request the policy
-    no longer honours gets no spec hook run)."""
+    no longer honours gets no spec hook run). At an injection stage: the worker's READY
+    report (what it made, by identity: for the container record), or None without one."""
     if stage not in INJECTION_STAGES:
         if stage == "poststop":
             _return_net_devices(state, config, plan, log)
@@ -46,11 +49,11 @@ def run_stage(stage: str, plan: Plan, state: State, config: Config, log: Contain
         if spec_hooks:
             with log.step("spec hooks"):
                 _run_spec_hooks(plan.hooks_at(stage), state)
-        return
-    inject(stage, plan, state, config, log)
+        return None
+    return inject(stage, plan, state, config, log)
 
 
-def inject(stage: str, plan: Plan, state: State, config: Config, log: ContainerLog) -> None:
+def inject(stage: str, plan: Plan, state: State, config: Config, log: ContainerLog) -> Report | None:
     if not state.pid:
         raise CdiError(f"OCI state on stdin: pid: missing, needed at {stage} to reach the container")
     _refuse_start_container_hooks(plan)
@@ -65,6 +68,7 @@ def inject(stage: str, plan: Plan, state: State, config: Config, log: ContainerL
         os.close(pidfd)
     committed = False
     moved_net_devices = False
+    made = None
     try:
         # The device cgroup is the runtime's, on the host: opened while the worker works in
         # the container (on another CPU). The two steps are independent; if either fails,
@@ -73,7 +77,7 @@ def inject(stage: str, plan: Plan, state: State, config: Config, log: ContainerL
             _allow_devices(state.pid, plan)
         if worker is not None:
             with log.step("worker"):
-                _wait_rootfs_work(worker, log)
+                made = _wait_rootfs_work(worker, log)
         if plan.intel_rdt:
             from cdi_hook.live import rdt
 
@@ -101,6 +105,7 @@ def inject(stage: str, plan: Plan, state: State, config: Config, log: ContainerL
         if worker is not None:
             for problem in worker.finish(commit=committed):
                 log.warning(f"undo: {problem}")
+    return made
 
 
 def _run_spec_hooks(hooks: list[tuple[str, Hook]], state: State) -> None:
@@ -191,14 +196,15 @@ def _start_rootfs_work(pidfd: int, config: Config, plan: Plan, log: ContainerLog
             containerhooks.close_programs(programs)  # the worker has its own copies
 
 
-def _wait_rootfs_work(handle: Worker, log: ContainerLog) -> None:
-    """The worker's report: its notes and step times logged; CdiError when it failed (it has
-    undone its work and exited then)."""
+def _wait_rootfs_work(handle: Worker, log: ContainerLog) -> Report:
+    """The worker's READY report, its notes and step times logged; CdiError when it failed
+    (it has undone its work and exited then)."""
     report = handle.wait_report()
-    for note in report.get("notes", []):
+    for note in report.notes:
         log.note(note)
-    for step, ms in report.get("steps_ms", {}).items():
+    for step, ms in (report.steps_ms or {}).items():
         log.record_step(step, ms)
+    return report
 
 
 def host_ids_of_container_root(config: Config) -> tuple[int, int] | None:

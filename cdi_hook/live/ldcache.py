@@ -41,6 +41,7 @@ import select
 import stat
 import time
 
+from cdi_hook import state
 from cdi_hook.errors import HookError
 from cdi_hook.live import syscalls as sc
 from cdi_hook.live.rootfs import Rootfs
@@ -356,30 +357,25 @@ def _install(dir_fd: int, name: str, content: bytes | str, mode: int, owner: tup
 
     Made under a fresh name with O_EXCL (or symlink(), which never follows): whatever the
     image holds under name, or links there, is only unlinked by the rename, never written.
-    Owner and mode are set through an fd of the new inode.
+    Owner and mode are set through an fd of the new inode. Not durable (no fsync): the file
+    dies with the container, and dir_fd is an O_PATH fd, which fsync refuses.
     """
+    if not isinstance(content, str):
+        state.write_atomic_at(dir_fd, name, content, mode, owner, durable=False)
+        return
     temp = f".{name}.{os.urandom(6).hex()}.cdi-hook"
     try:
-        if isinstance(content, str):
-            os.symlink(content, temp, dir_fd=dir_fd)
-            fd = os.open(temp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISLNK(st.st_mode) or st.st_nlink != 1:  # swapped for a link to another inode
-                    raise OSError(errno.EEXIST, "replaced while being made", temp)
-                if owner is not None:
-                    sc.fchown_fd(fd, *owner)
-            finally:
-                os.close(fd)
-        else:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=dir_fd)
-            with os.fdopen(fd, "wb") as new:
-                new.write(content)
-                if owner is not None:
-                    os.fchown(fd, *owner)
-                os.fchmod(fd, mode)  # after the chown, which would clear set-id bits
-        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.symlink(content, temp, dir_fd=dir_fd)
+        fd = os.open(temp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISLNK(st.st_mode) or st.st_nlink != 1:  # swapped for a link to another inode
+                raise OSError(errno.EEXIST, "replaced while being made", temp)
+            if owner is not None:
+                sc.fchown_fd(fd, *owner)
+        finally:
+            os.close(fd)
+        state.rename_into_place(temp, name, dir_fd)
     except BaseException:
         try:
             os.unlink(temp, dir_fd=dir_fd)
@@ -479,3 +475,46 @@ def _collect(pid: int, fd: int) -> tuple[bytes, str]:
     code = os.waitstatus_to_exitcode(wait_status)
     status = "0" if code == 0 else (f"exit status {code}" if code > 0 else f"killed by signal {-code}")
     return b"".join(chunks), status
+
+
+# --- reading a cache (verify) -------------------------------------------------------------
+
+
+def cached_paths(rootfs: Rootfs) -> set[str] | None:
+    """The library paths etc/ld.so.cache lists (glibc's new format), None when unreadable."""
+    try:
+        fd = sc.openat2(rootfs.root_fd, CACHE, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC,
+                              sc.RESOLVE_IN_ROOT | sc.RESOLVE_NO_MAGICLINKS)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        data = f.read(MAX_CACHE)
+    return parse_cache(data)
+
+
+_NEW_MAGIC = b"glibc-ld.so.cache1.1"
+
+
+def parse_cache(data: bytes) -> set[str] | None:
+    """Paths of the entries of an ld.so.cache (new format, alone or after the old one).
+
+    Header: magic (20 bytes), nlibs, len_strings, flags and padding, extension offset, 3
+    unused words (48 bytes); then nlibs entries of 24 bytes (flags, key, value, osversion,
+    hwcap). key and value are string offsets from the start of the new header."""
+    start = data.find(_NEW_MAGIC)
+    if start < 0 or len(data) < start + 48:
+        return None
+    count = int.from_bytes(data[start + 20:start + 24], "little")
+    paths = set()
+    for i in range(count):
+        entry = start + 48 + 24 * i
+        if entry + 24 > len(data):
+            return None
+        value = start + int.from_bytes(data[entry + 8:entry + 12], "little")
+        end = data.find(b"\0", value)
+        if value >= len(data) or end < 0:
+            return None
+        paths.add(data[value:end].decode(errors="replace"))
+    return paths

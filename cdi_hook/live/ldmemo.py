@@ -40,7 +40,7 @@ import stat
 import time
 import zlib
 
-from cdi_hook.files import is_private_file
+from cdi_hook import state
 from cdi_hook.live import syscalls as sc
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
@@ -58,6 +58,7 @@ MAX_CONF_SIZE = 1 << 20
 MAX_INCLUDE_DEPTH = 16
 MAX_ENTRIES = 100_000  # entries keyed over every scanned folder; beyond: not remembered
 KEEP = 32  # remembered caches kept; the oldest go first
+MAX_MEMO = 1 << 28  # a bound for a remembered value (an ld.so.cache is a few MB at most)
 _GLOB_UNSUPPORTED = ("[", "\\", "{")
 GLIBC_HWCAPS = "glibc-hwcaps"  # its subfolders are scanned by name (glibc >= 2.33, elf/ldconfig.c)
 
@@ -76,11 +77,9 @@ def open_dir() -> int | None:
     if top is None:
         return None
     try:
-        cache.ensure_private_dir(top)
-        path = os.path.join(top, SUBDIR)
-        cache.ensure_private_dir(path)
-        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+        state.ensure_private_dir(top)  # checked too: whoever may write it could swap the memo folder
+        return state.open_private_dir(os.path.join(top, SUBDIR), create=True)
+    except state.StateError:  # a memo is best effort: ldconfig runs
         return None
 
 
@@ -382,43 +381,22 @@ def _cache_name(conf: bytes, state: bytes) -> str:
 def _load(memo_fd: int, name: str, key: object) -> Any:
     """The value stored under name for exactly this key; None for anything else."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=memo_fd)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not is_private_file(st):
-            return None
-        data = os.pread(fd, st.st_size, 0)
-        if data[:len(MAGIC)] != MAGIC:
+        data = state.read_trusted(memo_fd, name, name, MAX_MEMO)
+        if data is None or data[:len(MAGIC)] != MAGIC:
             return None
         stored_key, value = marshal.loads(data[len(MAGIC):])
         return value if stored_key == key else None
     except Exception:  # corrupt or foreign: run ldconfig
         return None
-    finally:
-        os.close(fd)
 
 
 def _store(memo_fd: int, name: str, key: Any, value: Any) -> bool:  # marshal-able
-    """Write MAGIC + marshal((key, value)) as name, atomically (temp file + rename), 0600."""
-    temp = f".{name}.{os.getpid()}.tmp"
+    """Write MAGIC + marshal((key, value)) as name, atomically, 0600; not durable: a memo
+    lost to a crash only means ldconfig runs."""
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=memo_fd)
-        try:
-            data = memoryview(MAGIC + marshal.dumps((key, value)))
-            while data:
-                data = data[os.write(fd, data):]
-        finally:
-            os.close(fd)
-        os.rename(temp, name, src_dir_fd=memo_fd, dst_dir_fd=memo_fd)
+        state.write_atomic_at(memo_fd, name, MAGIC + marshal.dumps((key, value)), durable=False)
         return True
     except (OSError, ValueError):
-        try:
-            os.unlink(temp, dir_fd=memo_fd)
-        except OSError:
-            pass
         return False
 
 

@@ -27,6 +27,7 @@ import stat
 
 from cdi_hook.errors import HookError
 from cdi_hook.live import syscalls as sc
+from cdi_hook.live.child import MountRecord
 from cdi_hook.live.rootfs import Rootfs, create_dir, create_empty_file
 from cdi_hook.spec.model import Mount
 
@@ -142,13 +143,14 @@ def close_sources(jobs: list[MountJob]) -> None:
             job.tree_fd = None
 
 
-def apply(rootfs: Rootfs, jobs: list[MountJob], mounted_fds: list[int], notes: list[str] | None = None) -> None:
+def apply(rootfs: Rootfs, jobs: list[MountJob], mounted_fds: list[int], notes: list[str] | None = None,
+          done: list[MountRecord] | None = None) -> None:
     """Mount every job in the rootfs in the plan's order (parents before children: the plan
-    sorts by depth); new mounts go to mounted_fds."""
+    sorts by depth); new mounts go to mounted_fds, and a MountRecord of each to done."""
     for job in jobs:
         where = job.mount.container_path
         try:
-            note = _apply_one(rootfs, job, mounted_fds)
+            note = _apply_one(rootfs, job, mounted_fds, done)
             if notes is not None:
                 notes.append(note)
         except HookError:
@@ -157,7 +159,7 @@ def apply(rootfs: Rootfs, jobs: list[MountJob], mounted_fds: list[int], notes: l
             raise HookError(STEP, job.origin, f"{job.mount.host_path} on {where}: {error.strerror}") from None
 
 
-def _apply_one(rootfs: Rootfs, job: MountJob, mounted_fds: list[int]) -> str:
+def _apply_one(rootfs: Rootfs, job: MountJob, mounted_fds: list[int], done: list[MountRecord] | None) -> str:
     where = job.mount.container_path
     want_dir = job.source_is_dir or not job.options.bind
     target_fd, _ = rootfs.ensure(where, create_dir if want_dir else create_empty_file)
@@ -185,6 +187,9 @@ def _apply_one(rootfs: Rootfs, job: MountJob, mounted_fds: list[int]) -> str:
     mounted_fds.append(mounted)
     if job.options.propagation:
         sc.mount(None, sc.fd_path(mounted), None, job.options.propagation)
+    if done is not None:  # by identity: the mount's id, and what is mounted (a bind's host source)
+        st = os.fstat(mounted)
+        done.append(MountRecord(job.origin, where, sc.mount_id(mounted), st.st_dev, st.st_ino))
     return f"{where}: mounted {job.mount.host_path} ({job.mount.type or 'bind'} {','.join(job.mount.options)})"
 
 

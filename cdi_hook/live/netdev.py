@@ -29,9 +29,9 @@ The container owns its namespace in between, and with CAP_NET_ADMIN it can renam
 interface it got and make its own under the expected name. So poststop never looks an
 interface up by name: createRuntime records, per container, what each moved interface is
 inside (see _identity), and poststop sends home only an interface that still matches its
-record. A record lives in a root-only dir beside the exclusive-device holds
+record. A record lives in a private folder beside the exclusive-device holds
 ($CDI_HOOK_STATE_DIR/../netdev, by default /run/cdi-hook/netdev: gone at reboot like the
-containers), one file per container id, removed at poststop.
+containers), one checksummed file per container id (state.write_record), removed at poststop.
 
 pyroute2 is imported inside the functions: only specs with network devices pay for it.
 """
@@ -45,6 +45,7 @@ from collections import namedtuple
 from cdi_hook.errors import HookError
 from cdi_hook.spec.model import NetDevice
 from cdi_hook.spec.rules import interface_name_problem, is_interface_name_template
+from cdi_hook.state import file_name, open_private_dir, read_record, remove_at, write_record
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
 if TYPE_CHECKING:
@@ -507,78 +508,42 @@ def _namespace_id(fd: int) -> tuple[int, int]:
 
 def record_dir() -> str:
     """$CDI_HOOK_STATE_DIR/../netdev: beside the exclusive-device holds (default /run/cdi-hook/netdev)."""
-    from cdi_hook.live.holds import state_dir
+    from cdi_hook import settings
 
-    return os.path.join(os.path.dirname(state_dir()), "netdev")
+    return os.path.join(settings.current().state_root, "netdev")
 
 
 def _record_name(container_id: object) -> str:
     if not isinstance(container_id, str) or not container_id:
         raise ValueError("the OCI state has no container id")
-    return container_id.replace("%", "%25").replace("/", "%2F") + ".json"
-
-
-def _open_record_dir(create: bool) -> int | None:
-    """An fd of the record dir, refused unless it is this user's and writable by nobody else;
-    None when it does not exist and create is false."""
-    directory = record_dir()
-    if not os.path.isabs(directory):
-        raise ValueError(f"{directory} is not an absolute path")
-    if create:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        if create:
-            raise
-        return None
-    st = os.fstat(fd)
-    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        os.close(fd)
-        raise ValueError(f"{directory} is not a private directory (owner {st.st_uid}, mode {st.st_mode & 0o7777:o})")
-    return fd
+    return file_name(container_id) + ".json"  # the name records had before state.py too
 
 
 def _save_record(container_id: str, netns_fd: int, inner: IPRoute, moved: list[_Moved]) -> None:
-    import json
-
     devices = {}
     for item in moved:
         link = inner.link("get", index=item.inner_index)[0]
         devices[item.host.name] = {"name": link.get_attr("IFLA_IFNAME"), "identity": _identity(link)}
-    data = json.dumps({"netns": list(_namespace_id(netns_fd)), "devices": devices}).encode()
     name = _record_name(container_id)
-    dir_fd = _open_record_dir(create=True)
-    assert dir_fd is not None  # create=True: made, or an error raised
+    dir_fd = open_private_dir(record_dir(), create=True)
     try:
-        temp = f".{name}.{os.getpid()}.tmp"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-        try:
-            os.write(fd, data)  # a few hundred bytes: one write
-        finally:
-            os.close(fd)
-        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        write_record(dir_fd, name, {"netns": list(_namespace_id(netns_fd)), "devices": devices})
     finally:
         os.close(dir_fd)
 
 
 def _take_record(container_id: object) -> dict | None:
     """This container's record, removed from the dir; None when there is none."""
-    import json
-
     name = _record_name(container_id)
-    dir_fd = _open_record_dir(create=False)
+    directory = record_dir()
+    dir_fd = open_private_dir(directory)
     if dir_fd is None:
         return None
     try:
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        except FileNotFoundError:
-            return None
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(1 << 20)
-        os.unlink(name, dir_fd=dir_fd)
+        # plain_json: a container started by the cdi-hook before state.py has a record with
+        # no checksum line; its interface must still come home after an upgrade.
+        record = read_record(dir_fd, name, os.path.join(directory, name), plain_json=True)
+        remove_at(dir_fd, name)
     finally:
         os.close(dir_fd)
-    record = json.loads(data)
     return record if isinstance(record, dict) else None

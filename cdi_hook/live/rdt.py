@@ -26,34 +26,30 @@ import errno
 import os
 from pathlib import Path
 
+from cdi_hook import settings
 from cdi_hook.errors import HookError
+from cdi_hook.live import mountinfo
+from cdi_hook.settings import DEFAULT_RESCTRL
 from cdi_hook.spec.model import IntelRdt
 
 STEP = "intel RDT"
-DEFAULT_RESCTRL = "/sys/fs/resctrl"
 # Names the kernel keeps for itself in the resctrl root (and in every CTRL_MON group).
 RESERVED_NAMES = {"info", "mon_groups", "mon_data", "tasks", "schemata", "cpus", "cpus_list",
                   "mode", "size"}
 
 
 def resctrl_root() -> Path:
-    return Path(os.environ.get("CDI_HOOK_RESCTRL") or DEFAULT_RESCTRL)
+    return Path(settings.current().resctrl)
 
 
 def is_resctrl_mount(path: Path) -> bool:
     """Whether `path` is a mount point of type resctrl (from /proc/self/mountinfo)."""
     target = os.path.realpath(path)
     try:
-        with open("/proc/self/mountinfo") as mountinfo:
-            for line in mountinfo:
-                fields = line.split()
-                sep = fields.index("-")
-                mount_point = fields[4].encode().decode("unicode_escape")
-                if mount_point == target and fields[sep + 1] == "resctrl":
-                    return True
-    except (OSError, ValueError, IndexError):
+        mounts = mountinfo.read()
+    except OSError:
         return False
-    return False
+    return any(mount.mount_point == target and mount.fs_type == "resctrl" for mount in mounts)
 
 
 def check_root(root: Path, origin: str) -> None:

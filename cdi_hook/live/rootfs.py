@@ -19,7 +19,7 @@ import os
 import posixpath
 from collections.abc import Callable
 
-from cdi_hook.live import syscalls
+from cdi_hook.live import mountinfo, syscalls
 
 RESOLVE = syscalls.RESOLVE_IN_ROOT | syscalls.RESOLVE_NO_MAGICLINKS
 MAX_SYMLINKS = 40  # the kernel's own limit for one lookup
@@ -163,18 +163,19 @@ class Rootfs:
         # At createRuntime the namespace still holds a copy of every host mount (thousands on
         # a busy node): read once, and again only for a mount made since (one of ours).
         if self._mounts is None or target[0] not in self._mounts:
-            self._mounts = _mountinfo()
+            self._mounts = mountinfo.by_id(mountinfo.read())
         mounts = self._mounts
         proc = self._runtime_places.get("/proc")
-        if proc is not None and mounts.get(proc[0], ("",) * 4)[3] == "proc":
+        if proc is not None and proc[0] in mounts and mounts[proc[0]].fs_type == "proc":
             mount, seen = target[0], set()
             while mount in mounts and mount not in seen:
                 if mount == proc[0]:
                     return "resolves into the runtime's /proc mount"
                 seen.add(mount)
-                mount = mounts[mount][0]
-        _, mount_point, optional, _ = mounts.get(target[0], (0, "?", [], ""))
-        shared = [field for field in optional if field.startswith("shared:")]
+                mount = mounts[mount].parent_id
+        found = mounts.get(target[0])
+        mount_point = found.mount_point if found is not None else "?"
+        shared = [field for field in (found.optional_fields if found is not None else ()) if field.startswith("shared:")]
         if shared:
             root = os.readlink(syscalls.fd_path(self.root_fd))
             inside = "/" + mount_point[len(root):].lstrip("/") if (mount_point + "/").startswith(root + "/") \
@@ -228,17 +229,6 @@ class Rootfs:
 def _identity(fd: int) -> tuple[int, int, int]:
     st = os.fstat(fd)
     return syscalls.mount_id(fd), st.st_dev, st.st_ino
-
-
-def _mountinfo() -> dict[int, tuple[int, str, list[str], str]]:
-    """This mount namespace's mounts: id -> (parent id, mount point, optional fields, fs type)."""
-    mounts = {}
-    with open("/proc/self/mountinfo", "rb") as info:
-        for raw in info:
-            fields = raw.decode(errors="replace").split()
-            separator = fields.index("-", 6)
-            mounts[int(fields[0])] = (int(fields[1]), fields[4], fields[6:separator], fields[separator + 1])
-    return mounts
 
 
 def _relative(path: str) -> str:

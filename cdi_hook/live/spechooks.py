@@ -10,6 +10,8 @@ subprocess import (~2 ms), hence the import inside run_hook.
 
 from __future__ import annotations
 
+import os
+
 from cdi_hook.errors import HookError
 from cdi_hook.spec.model import Hook
 
@@ -29,7 +31,8 @@ def run_hook(origin: str, hook: Hook, state: bytes) -> None:
     env = dict(item.split("=", 1) if "=" in item else (item, "") for item in hook.env)
     try:
         result = subprocess.run(argv, executable=hook.path, env=env, input=state, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, timeout=hook.timeout or None, close_fds=True, cwd="/")
+                                stderr=subprocess.STDOUT, timeout=hook.timeout or None, close_fds=True, cwd="/",
+                                preexec_fn=_dies_with_the_hook(os.getpid()))
     except subprocess.TimeoutExpired as expired:
         raise HookError(STEP, origin, f"{hook.path} timed out after {hook.timeout}s: {_tail(expired.output)}") from None
     except OSError as error:
@@ -37,6 +40,20 @@ def run_hook(origin: str, hook: Hook, state: bytes) -> None:
     if result.returncode != 0:
         how = f"exit status {result.returncode}" if result.returncode > 0 else f"signal {-result.returncode}"
         raise HookError(STEP, origin, f"{hook.path} failed ({how}): {_tail(result.stdout)}")
+
+
+def _dies_with_the_hook(hook_pid: int):
+    """A spec hook is part of this hook's work: when the runtime kills the hook (its timeout),
+    the spec hook must not run on alone, unseen, as a child of init."""
+    def preexec() -> None:
+        import signal
+
+        import prctl  # in the child only, ~1 ms before the spec hook's exec
+
+        prctl.set_pdeathsig(signal.SIGKILL)
+        if os.getppid() != hook_pid:  # the hook died before the line above
+            os._exit(1)
+    return preexec
 
 
 def _tail(output: bytes | None) -> str:

@@ -7,11 +7,14 @@ host's device nodes) while still in the host's mount namespace, then setns()'s i
 container process's mount namespace (through its pidfd), opens the rootfs (the path as the
 container's namespace sees it: for runc at createRuntime/prestart the rootfs is not yet
 pivoted, so the bundle's rootfs path is right) and creates nodes, mounts and the loader
-cache there. It reports one JSON line on a pipe, then waits for the hook's verdicts, one
-byte each: "h" runs the spec's createContainer hooks (containerhooks.py; opened on the host
-by the hook before the fork) and reports a second line; "c" commits, keeping everything; anything else (a later step failed, the hook died)
-undoes what it made. A failing createContainer hook is undone like any failed step; what
-the hook itself wrote into the rootfs cannot be, but the container never starts.
+cache there. It speaks live/child.py's protocol: a READY report (notes, step times, and what
+it did by identity: the nodes and mounts it made), then the hook's commands: RUN_HOOKS runs
+the spec's createContainer hooks (containerhooks.py; opened on the host by the hook before
+the fork) and reports HOOKS_DONE; COMMIT keeps everything; UNDO, an unknown command or the
+hook's exit (end of file) undoes what it made, through its journal. A failing
+createContainer hook is undone like any failed step; what the hook itself wrote into the
+rootfs cannot be, but the container never starts. The hook waits for each report until a
+deadline (WORKER_DEADLINE_S; for the createContainer hooks their own timeouts more).
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ import os
 import sys
 import time
 
-from cdi_hook import jsonio
 from cdi_hook.errors import CdiError, HookError
-from cdi_hook.live import devices, ldcache, ldmemo, mounts, syscalls
+from cdi_hook.live import child, devices, ldcache, ldmemo, mounts, syscalls
+from cdi_hook.live.child import READY
 from cdi_hook.live.rootfs import Rootfs
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
@@ -45,73 +48,55 @@ class RootfsWork:
 
 
 class Worker:
-    """The hook's handle on a running worker child."""
+    """The hook's handle on a running worker child (a child.Child)."""
 
-    def __init__(self, pid: int, report_fd: int, verdict_fd: int, runs_container_hooks: bool = False):
-        self.pid = pid
+    def __init__(self, handle: child.Child, runs_container_hooks: bool = False, hooks_deadline_s: float = 0.0):
+        self.pid = handle.pid
         self.runs_container_hooks = runs_container_hooks  # it holds createContainer hooks to run
-        self._report = os.fdopen(report_fd, "rb")
-        self._verdict_fd = verdict_fd
-        self._reported = False  # its report was read
-        self._reaped = False
+        self.hooks_deadline_s = hooks_deadline_s  # how long the parent waits for them
+        self._child = handle
+        self._reported = False  # its first report was read
+        self._failed = False  # it failed, undid its work and exited
 
-    def wait_report(self) -> dict:
+    def wait_report(self) -> child.Report:
+        """Its READY report; CdiError when it failed (it has undone its work then)."""
         self._reported = True
-        return self._read_report()
+        return self._read(READY)
 
-    def run_container_hooks(self) -> dict:
+    def run_container_hooks(self) -> child.Report:
         """After wait_report: the worker runs the spec's createContainer hooks; CdiError when
         one failed (the worker has undone its rootfs work and exited then)."""
-        try:
-            os.write(self._verdict_fd, b"h")
-        except OSError:
-            pass  # it died: the missing report says so
-        return self._read_report()
+        self._child.send(child.RUN_HOOKS)
+        return self._read(child.HOOKS_DONE, self.hooks_deadline_s or None)
 
-    def _read_report(self) -> dict:
-        line = self._report.readline()
+    def _read(self, kind: str, deadline_s: float | None = None) -> child.Report:
+        report = self._child.read(deadline_s)
         received = time.monotonic()
-        try:
-            report = jsonio.loads(line)
-        except ValueError:
-            self._reap()
-            raise HookError("inject", "", "worker died without a report") from None
-        if not report.get("ok"):
-            self._reap()
-            raise CdiError(report.get("error") or "inject: worker failed without a message")
-        if "sent_at" in report:  # how long the report waited for the hook (CLOCK_MONOTONIC is system-wide)
-            report["steps_ms"]["report"] = round((received - report.pop("sent_at")) * 1000, 2)
+        if not report.ok or report.kind != kind:
+            self._failed = True
+            self._child.close()
+            raise CdiError(report.error or f"inject: the worker sent {report.kind!r}, not {kind!r}")
+        if report.sent_at is not None:  # how long the report waited for the hook
+            steps_ms = dict(report.steps_ms or {})
+            steps_ms["report"] = round((received - report.sent_at) * 1000, 2)
+            report = report._replace(steps_ms=steps_ms)
         return report
 
     def finish(self, commit: bool) -> list[str]:
         """Tell the worker to keep (commit) or undo its work; returns undo problems."""
-        if self._reaped:
+        if self._failed:
             return []  # it failed, undid its work itself and exited
         if not self._reported:  # a step running beside it failed first: its report comes first
             try:
                 self.wait_report()
             except CdiError:
                 return []
-        try:
-            os.write(self._verdict_fd, b"c" if commit else b"r")
-        except OSError:
-            pass
-        line = self._report.readline()
-        self._reap()
-        try:
-            return jsonio.loads(line).get("problems", [])
-        except ValueError:
-            return [] if commit else ["worker died during undo"]
-
-    def _reap(self) -> None:
-        self._reaped = True
-        for fd_owner in (self._report,):
-            fd_owner.close()
-        try:
-            os.close(self._verdict_fd)
-        except OSError:
-            pass
-        os.waitpid(self.pid, 0)
+        self._child.send(child.COMMIT if commit else child.UNDO)
+        report = self._child.read()
+        self._child.close()
+        if report.kind == child.FINISHED:
+            return list(report.problems)
+        return [] if commit else [f"worker: {report.error or 'died during undo'}"]
 
 
 def start(container_pidfd: int, work: RootfsWork) -> Worker:
@@ -123,26 +108,21 @@ def start(container_pidfd: int, work: RootfsWork) -> Worker:
     the clones reach it over a socket pair (SCM_RIGHTS) before its mounts. A source that
     cannot be cloned fails the start here, after the worker has undone its nodes."""
     ns_fd = os.dup(container_pidfd)
-    report_r, report_w = os.pipe()
-    verdict_r, verdict_w = os.pipe()
     binds = [job for job in work.mounts if job.options.bind]
     sources = _socket_pair() if binds else None
     work.forked_at = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(report_r)
-            os.close(verdict_w)
-            if sources is not None:
-                sources[0].close()
-            code = _child(ns_fd, work, report_w, verdict_r, sources[1] if sources is not None else None, binds)
-        finally:
-            os._exit(code)
-    os.close(ns_fd)
-    os.close(report_w)
-    os.close(verdict_r)
-    worker = Worker(pid, report_r, verdict_w, runs_container_hooks=bool(work.container_hooks))
+
+    def run(channel: child.Channel) -> int:
+        if sources is not None:
+            sources[0].close()
+        return _child(ns_fd, work, channel, sources[1] if sources is not None else None, binds)
+
+    try:
+        handle = child.fork(run, WORKER_DEADLINE_S, step="inject")
+    finally:
+        os.close(ns_fd)
+    worker = Worker(handle, runs_container_hooks=bool(work.container_hooks),
+                    hooks_deadline_s=_hooks_deadline(work.container_hooks))
     if sources is not None:
         sources[1].close()
         try:
@@ -156,6 +136,18 @@ def start(container_pidfd: int, work: RootfsWork) -> Worker:
             mounts.close_sources(binds)  # the worker has its own copies (or failed)
         sources[0].close()
     return worker
+
+
+# How long the hook waits for each report of its worker: its ldconfig alone may take
+# ldcache.TIMEOUT_S. A worker past it is killed: the hook fails with one line, never hangs
+# the runtime (whose own timeout would leave no message).
+WORKER_DEADLINE_S = 60.0
+
+
+def _hooks_deadline(programs: list) -> float:
+    """The wait for the createContainer hooks: their own timeouts, a hook without one
+    counted as WORKER_DEADLINE_S, and WORKER_DEADLINE_S more for the worker itself."""
+    return WORKER_DEADLINE_S + sum(p.timeout or WORKER_DEADLINE_S for p in programs)
 
 
 # SCM_MAX_FD (include/net/scm.h): at most 253 fds in one message.
@@ -201,34 +193,21 @@ def _receive_sources(sock: _socket.socket, binds: list) -> None:
             job.source_is_dir = kind == ord("d")
 
 
-def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int, sources: _socket.socket | None,
+def _child(ns_fd: int, work: RootfsWork, channel: child.Channel, sources: _socket.socket | None,
            binds: list) -> int:
     """sources: the worker's end of the socket pair the bind jobs' clones (binds) come on."""
     mounted: list[int] = []
     notes: list[str] = []
     steps_ms: dict[str, float] = {}
+    made_nodes: list[child.NodeRecord] = []
+    made_mounts: list[child.MountRecord] = []
+    journal = child.Journal()
     rootfs = None
     started = _timed(steps_ms, "fork", work.forked_at)
 
-    def send(doc: dict) -> None:
-        os.write(report_fd, (jsonio.dumps(doc) + "\n").encode())
-
-    def undo() -> list[str]:
-        problems = mounts.unmount_all(mounted)
-        if rootfs is not None:
-            problems += rootfs.undo()
-        return problems
-
     def failed(error: BaseException) -> int:
         """Undo, report the error as the one line, end the worker."""
-        if isinstance(error, CdiError):
-            message = _one_line(str(error))
-        else:  # a bug must still undo and report, not hang the hook
-            import traceback  # only for a bug: ~1 ms a start otherwise
-
-            message = (f"inject: internal error: {error!r} at "
-                       f"{traceback.extract_tb(error.__traceback__)[-1].name}")
-        send({"ok": False, "error": message + _undo_note(undo())})
+        channel.send(child.failure(child.one_line(error) + child.undo_note(journal.undo())))
         return 1
 
     host_ns_fd: int | None = None
@@ -264,58 +243,61 @@ def _child(ns_fd: int, work: RootfsWork, report_fd: int, verdict_fd: int, source
             rootfs = Rootfs.open(work.rootfs, work.creator_ids)
         except OSError as error:
             raise HookError("open rootfs", "", f"{work.rootfs}: {error.strerror}") from None
+        # Undone newest first: the mounts (on entries the rootfs made), then the entries.
+        journal.add("rootfs", rootfs.undo, keep=rootfs.forget)
+        journal.add("mounts", lambda: mounts.unmount_all(mounted), keep=lambda: _close_all(mounted))
         started = _timed(steps_ms, "enter", started)
         devices.create_nodes(rootfs, work.nodes, work.by_bind_mount, mounted, notes,
-                             clone_late if host_ns_fd is not None else None)
+                             clone_late if host_ns_fd is not None else None, made_nodes, made_mounts)
         started = _timed(steps_ms, "nodes", started)
         if sources is not None:
             _receive_sources(sources, binds)
             sources.close()
             started = _timed(steps_ms, "sources", started)
-        mounts.apply(rootfs, work.mounts, mounted, notes)
+        mounts.apply(rootfs, work.mounts, mounted, notes, made_mounts)
         started = _timed(steps_ms, "mounts", started)
         file_jobs = [j for j in work.mounts if j.options.bind and not j.source_is_dir]
         library_origins = dict.fromkeys(j.origin for j in file_jobs if ldcache.is_library_name(j.mount.container_path))
         ldcache.update(rootfs, ldcache.library_dirs([j.mount.container_path for j in file_jobs]), ldconfig_fd,
                        notes, device=", ".join(library_origins), memo_fd=memo_fd)
         _timed(steps_ms, "ldconfig", started)
-    except BaseException as error:  # noqa: BLE001 - see failed()
+    except BaseException as error:  # noqa: BLE001 - see child.one_line
         return failed(error)
-    send({"ok": True, "notes": notes, "steps_ms": steps_ms, "sent_at": time.monotonic()})
-    verdict = os.read(verdict_fd, 1)
-    if verdict == b"h" and work.container_hooks:
-        # After the hook's host-side steps (cgroup, RDT, netdev, prestart/createRuntime
-        # hooks), as a runtime runs createContainer hooks after createRuntime ones.
-        try:
-            from cdi_hook.live import containerhooks
+    channel.send(child.Report(READY, notes=notes, steps_ms=steps_ms, mounts=made_mounts, nodes=made_nodes,
+                              sent_at=time.monotonic()))
+    try:
+        command = channel.command()
+        if command == child.RUN_HOOKS and work.container_hooks:
+            # After the hook's host-side steps (cgroup, RDT, netdev, prestart/createRuntime
+            # hooks), as a runtime runs createContainer hooks after createRuntime ones.
+            try:
+                from cdi_hook.live import containerhooks
 
-            started = time.monotonic()
-            containerhooks.run_programs(work.container_hooks, work.hook_state, rootfs.root_fd, ns_fd)
-            steps_ms = {}
-            _timed(steps_ms, "createContainer hooks", started)
-        except BaseException as error:  # noqa: BLE001 - see failed()
-            return failed(error)
-        send({"ok": True, "steps_ms": steps_ms})
-        verdict = os.read(verdict_fd, 1)
-    if verdict == b"c":
-        for fd in mounted:
-            os.close(fd)
-        rootfs.forget()
-        send({"ok": True, "problems": []})
+                started = time.monotonic()
+                containerhooks.run_programs(work.container_hooks, work.hook_state, rootfs.root_fd, ns_fd)
+                steps_ms = {}
+                _timed(steps_ms, "createContainer hooks", started)
+            except BaseException as error:  # noqa: BLE001 - see child.one_line
+                return failed(error)
+            channel.send(child.Report(child.HOOKS_DONE, steps_ms=steps_ms))
+            command = channel.command()
+    except child.ProtocolError as error:  # refused: the work is undone
+        channel.send(child.Report(child.FINISHED, problems=[str(error)] + journal.undo()))
+        return 1
+    if command == child.COMMIT:
+        journal.keep()
+        channel.send(child.Report(child.FINISHED))
         return 0
-    send({"ok": True, "problems": undo()})
+    channel.send(child.Report(child.FINISHED, problems=journal.undo()))
     return 0
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _timed(steps_ms: dict, step: str, started: float) -> float:
     now = time.monotonic()
     steps_ms[step] = round((now - started) * 1000, 2)
     return now
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _undo_note(problems: list[str]) -> str:
-    return f" (undo incomplete: {'; '.join(problems)})" if problems else ""

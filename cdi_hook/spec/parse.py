@@ -18,7 +18,9 @@ import os
 import re
 import stat
 
-from cdi_hook.errors import CdiError, SpecError
+from cdi_hook import settings
+from cdi_hook.errors import SpecError
+from cdi_hook.settings import MAX_SPEC_SIZE_ENV
 from cdi_hook.spec.model import ContainerEdits, Device, DeviceNode, Hook, IntelRdt, Mount, NetDevice, Spec
 from cdi_hook.spec.names import quote
 
@@ -31,8 +33,6 @@ if TYPE_CHECKING:
 
     _Convert = Callable[[Any, str], Any]  # (value from the document, field path) -> model value
 
-DEFAULT_MAX_SPEC_SIZE = 4 * 1024 * 1024
-MAX_SPEC_SIZE_ENV = "CDI_HOOK_MAX_SPEC_SIZE"
 JSON_SUFFIXES = (".json",)
 YAML_SUFFIXES = (".yaml", ".yml")
 SPEC_SUFFIXES = JSON_SUFFIXES + YAML_SUFFIXES
@@ -49,19 +49,8 @@ def is_spec_file_name(name: str) -> bool:
 
 
 def max_spec_size(override: int | None = None) -> int:
-    """The size limit: the parameter, else $CDI_HOOK_MAX_SPEC_SIZE, else 4 MiB."""
-    if override is not None:
-        return override
-    raw = os.environ.get(MAX_SPEC_SIZE_ENV)
-    if raw is None or raw == "":
-        return DEFAULT_MAX_SPEC_SIZE
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value <= 0:
-        raise CdiError(f"{MAX_SPEC_SIZE_ENV}={quote(raw)} is not a positive number of bytes")
-    return value
+    """The size limit: the parameter, else the settings' ($CDI_HOOK_MAX_SPEC_SIZE, else 4 MiB)."""
+    return override if override is not None else settings.current().max_spec_size
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,385 @@
+"""The container record: what cdi-hook gave one container, written once by createRuntime
+and read by every later step (poststart, poststop, verify, detach, stale).
+
+A later step never asks today's spec files what a container got: after a driver upgrade
+they describe another version of the device, or none. It asks the record, which holds the
+plan's items for the container exactly as they were carried out (nodes with their device
+numbers, mounts with their host source's identity and the mount's id, device cgroup
+rules, the loader's folders, interfaces moved, the RDT group, exclusive holds, and the
+spec hooks of the stages still to come), keyed by the device that asked for each.
+
+One file per container, `<state root>/containers/<id>.json`, through the state layer
+(state.py: private folder, trusted read, checksum, atomic write). createRuntime writes it
+after every step has succeeded and before the hook returns: a hook killed half-way leaves
+no record (the runtime fails the start and the hook's own undo ran, or the container
+never ran), never one that says more than was done. poststop removes it when its work is
+done. A container started by an older cdi-hook has no record: its later stages keep the
+older behaviour (re-resolving the specs) and say so in the log.
+
+Records are namedtuples and lists, not dataclasses: poststart and poststop read one on
+every container start that asked for a device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import namedtuple
+from cdi_hook import state
+from cdi_hook.errors import CdiError
+
+TYPE_CHECKING = False  # typing costs ~2 ms of import on every start; type checkers treat this name as true
+if TYPE_CHECKING:
+    from cdi_hook.live.child import Report
+    from cdi_hook.plan import Plan
+    from cdi_hook.settings import Settings
+
+VERSION = 1
+FOLDER = "containers"
+POST_STAGES = ("poststart", "poststop")
+
+# What one container got. items: the plan's items as JSON lists (see _items); work: the
+# later stages that have something to do, for poststart/poststop to return at once otherwise.
+Record = namedtuple("Record", ["container", "pid", "start_time", "bundle", "devices", "sources", "items", "work"])
+
+
+def folder(settings: Settings | None = None) -> str:
+    if settings is None:
+        from cdi_hook.settings import current
+
+        settings = current()
+    return os.path.join(settings.state_root, FOLDER)
+
+
+def _where(container_id: str) -> tuple[str, str]:
+    name = state.file_name(container_id) + ".json"
+    return name, os.path.join(folder(), name)
+
+
+# --- writing (createRuntime) -------------------------------------------------------------
+
+def from_plan(plan: Plan, container_id: str, pid: int, start_time: int | None, bundle: str,
+              sources: dict[str, str], holds: list[str], made: Report | None = None) -> Record:
+    """The record of a container given plan at createRuntime. made: the worker's report of
+    what it made (each mount's id and source identity, each node created or found, and
+    what it replaced); None when there was no rootfs work."""
+    items = _items(plan, made)
+    items["holds"] = list(holds)
+    return Record(container_id, pid, start_time, bundle, list(plan.devices), dict(sources), items,
+                  work_of(items))
+
+
+def _items(plan: Plan, made: Report | None) -> dict:
+    mounted = {m.path: m for m in made.mounts} if made is not None else {}
+    outcomes = {n.path: n for n in made.nodes} if made is not None else {}
+    mounts = []
+    for origin, mount in plan.mounts:
+        seen = mounted.get(mount.container_path)
+        mounts.append([origin, list(mount[:2]) + [list(mount.options), mount.type],
+                       [seen.source_dev, seen.source_ino] if seen else _source_identity(mount.host_path),
+                       seen.mount_id if seen else None])
+    nodes = []
+    for p in plan.nodes:
+        outcome = outcomes.get(p.node.path)
+        # created: False for a node that was there already as the spec says (the image's,
+        # the runtime's): detach must not remove what the container had without the device
+        nodes.append([p.origin, list(p.node), p.uid, p.gid, outcome.created if outcome else None,
+                      outcome.replaced if outcome else None])
+    return {
+        "nodes": nodes,
+        "rules": [list(rule) for rule in plan.device_rules],
+        "mounts": mounts,
+        "library_dirs": _library_dirs(plan),
+        "net_devices": [[origin, list(device)] for origin, device in plan.net_devices],
+        "rdt": [plan.intel_rdt[0], _plain(plan.intel_rdt[1])] if plan.intel_rdt else None,
+        "hooks": {stage: [[origin, _plain(hook)] for origin, hook in plan.hooks_at(stage)] for stage in POST_STAGES
+                  if plan.hooks_at(stage)},
+    }
+
+
+def _plain(record: tuple) -> list:
+    return [list(value) if isinstance(value, tuple) else value for value in record]
+
+
+def _source_identity(host_path: str) -> list[int] | None:
+    try:
+        st = os.stat(host_path)
+    except (OSError, TypeError, ValueError):
+        return None
+    return [st.st_dev, st.st_ino]
+
+
+def _library_dirs(plan: Plan) -> list[str]:
+    from cdi_hook.live import ldcache
+
+    return ldcache.library_dirs([m.container_path for _, m in plan.mounts if ldcache.is_library_name(m.container_path)
+                                 and (m.type in ("", "bind", "rbind") or {"bind", "rbind"} & set(m.options))])
+
+
+def work_of(items: dict) -> list[str]:
+    """The later stages with something to do: spec hooks of that stage; at poststop also the
+    interfaces to send home, the RDT group to remove and the holds to give back."""
+    work = [stage for stage in POST_STAGES if items.get("hooks", {}).get(stage)]
+    if "poststop" not in work and (items.get("net_devices") or items.get("rdt") or items.get("holds")):
+        work.append("poststop")
+    return work
+
+
+def save(record: Record) -> None:
+    """Write the container's record (replacing an earlier container's of the same id)."""
+    name, where = _where(record.container)
+    try:
+        dir_fd = state.open_private_dir(folder(), create=True)
+        assert dir_fd is not None
+        try:
+            state.write_record(dir_fd, name, {"version": VERSION, **record._asdict()})
+        finally:
+            os.close(dir_fd)
+    except OSError as error:
+        raise CdiError(f"{where}: cannot write the container's record: {error.strerror}") from None
+
+
+# --- reading ----------------------------------------------------------------------------
+
+def load(container_id: str) -> Record | None:
+    """The container's record; None when it has none. StateError (one line naming the file)
+    for a record that is not a private file of root's, is damaged, or is not a record."""
+    name, where = _where(container_id)
+    dir_fd = state.open_private_dir(folder())
+    if dir_fd is None:
+        return None
+    try:
+        document = state.read_record(dir_fd, name, where)
+    finally:
+        os.close(dir_fd)
+    if document is None:
+        return None
+    return _parse(document, where, container_id)
+
+
+def _parse(document: object, where: str, container_id: str | None = None) -> Record:
+    try:
+        if not isinstance(document, dict) or document.get("version") != VERSION:
+            raise ValueError("version")
+        record = Record(**{field: document[field] for field in Record._fields})
+        if (not isinstance(record.container, str) or (container_id is not None and record.container != container_id)
+                or not isinstance(record.devices, list) or not isinstance(record.items, dict)
+                or not isinstance(record.work, list) or not isinstance(record.sources, dict)):
+            raise ValueError("shape")
+    except (KeyError, TypeError, ValueError):
+        raise state.StateError(f"{where}: not a container record of this cdi-hook; refusing to act on it") from None
+    return record
+
+
+def remove(container_id: str) -> None:
+    name, _ = _where(container_id)
+    dir_fd = state.open_private_dir(folder())
+    if dir_fd is not None:
+        try:
+            state.remove_at(dir_fd, name)
+        finally:
+            os.close(dir_fd)
+
+
+def is_alive(record: Record) -> bool:
+    """Whether the record's container process still runs (the same pid with another start
+    time is another process)."""
+    from cdi_hook.containers import process_start_time
+
+    return isinstance(record.pid, int) and record.pid > 0 and process_start_time(record.pid) == record.start_time
+
+
+def all_records() -> list[tuple[Record | None, str]]:
+    """Every record in the folder, with its path; None for one that is refused."""
+    dir_fd = state.open_private_dir(folder())
+    if dir_fd is None:
+        return []
+    found: list[tuple[Record | None, str]] = []
+    try:
+        for name in sorted(os.listdir(dir_fd)):
+            if name.startswith(".") or not name.endswith(".json"):
+                continue
+            where = os.path.join(folder(), name)
+            try:
+                document = state.read_record(dir_fd, name, where)
+                found.append((None if document is None else _parse(document, where), where))
+            except state.StateError:
+                found.append((None, where))
+    finally:
+        os.close(dir_fd)
+    return found
+
+
+def prune() -> list[str]:
+    """Remove the records of containers whose process is gone (poststop never ran: a runtime
+    that crashed, a hook entry removed); the ids removed."""
+    removed = []
+    for record, _ in all_records():
+        if record is not None and not is_alive(record):
+            remove(record.container)
+            removed.append(record.container)
+    return removed
+
+
+# --- containers edited before creation (precreate, inject --mode edits) -----------------
+
+def with_edited_devices(found: Record | None, devices: list[str], config_raw: dict, today: Plan, pid: int,
+                        start_time: int | None, bundle: str, container_id: str) -> Record:
+    """The record of a container whose config.json an editor gave devices (the applied
+    annotation lists them), derived the first time a command needs it: what each device got
+    is what config.json holds at the places today's specs name for it (its node paths, its
+    mount destinations, its cgroup rules), so the values are the container's, not today's
+    specs'. An item today's specs no longer name cannot be told apart and is not recorded;
+    one they name anew is absent from config.json, and shows as stale. found: the hook's
+    own record of the same container (devices it gave live), extended."""
+    linux = config_raw.get("linux") if isinstance(config_raw.get("linux"), dict) else {}
+    nodes_in_config = {d.get("path"): d for d in linux.get("devices") or () if isinstance(d, dict)}
+    mounts_in_config = {m.get("destination"): m for m in config_raw.get("mounts") or () if isinstance(m, dict)}
+    resources = linux.get("resources") if isinstance(linux.get("resources"), dict) else {}
+    allowed = {(r.get("type"), r.get("major"), r.get("minor")) for r in resources.get("devices") or ()
+               if isinstance(r, dict) and r.get("allow")}
+    nodes, mounts, rules = [], [], []
+    for p in today.nodes:
+        entry = nodes_in_config.get(p.node.path)
+        if entry is not None:
+            node = p.node._replace(type=entry.get("type", p.node.type), major=entry.get("major"),
+                                   minor=entry.get("minor"), file_mode=entry.get("fileMode"),
+                                   uid=entry.get("uid"), gid=entry.get("gid"))
+            nodes.append([p.origin, list(node), entry.get("uid"), entry.get("gid"), None, None])
+    for origin, mount in today.mounts:
+        entry = mounts_in_config.get(mount.container_path)
+        if entry is not None:
+            source = entry.get("source", mount.host_path)
+            mounts.append([origin, [source, mount.container_path, list(entry.get("options") or ()),
+                                    entry.get("type") or ""], _source_identity(source), None])
+    for rule in today.device_rules:
+        if rule.access and (rule.type, rule.major, rule.minor) in allowed:
+            rules.append(list(rule))
+    items = dict(found.items) if found is not None else {"library_dirs": [], "net_devices": [], "rdt": None,
+                                                         "hooks": {}, "holds": []}
+    for key, added in (("nodes", nodes), ("mounts", mounts), ("rules", rules)):
+        items[key] = list(items.get(key, ())) + added
+    earlier = found.devices if found is not None else []
+    return Record(container_id, pid, start_time, bundle, earlier + [d for d in devices if d not in earlier],
+                  found.sources if found is not None else {}, items, work_of(items))
+
+
+# --- the plan a record describes --------------------------------------------------------
+
+def given_plan(record: Record, devices: list[str] | None = None) -> Plan:
+    """The part of the container's plan the record holds (nodes, rules, mounts, interfaces,
+    RDT, later hooks), for the devices given (default: all), as plan.Plan, so the executors
+    carry out a record as they carry out a plan."""
+    from cdi_hook.plan import DeviceRule, Plan, PlannedNode
+    from cdi_hook.spec.model import DeviceNode, Hook, IntelRdt, Mount, NetDevice
+
+    wanted = set(record.devices if devices is None else devices)
+
+    def mine(origin: str) -> bool:
+        return origin in wanted or (origin.endswith(" (spec-level)") and any(
+            d.split("=", 1)[0] == origin[:-len(" (spec-level)")] for d in wanted))
+
+    items = record.items
+    rdt = items.get("rdt")
+    hooks = []
+    for stage in POST_STAGES:
+        stage_hooks = tuple((o, Hook(*_tuples(h))) for o, h in items.get("hooks", {}).get(stage, ()) if mine(o))
+        if stage_hooks:
+            hooks.append((stage, stage_hooks))
+    return Plan(
+        devices=tuple(d for d in record.devices if d in wanted),
+        nodes=tuple(PlannedNode(o, DeviceNode(*node), uid, gid) for o, node, uid, gid, *_ in items.get("nodes", ())
+                    if mine(o)),
+        device_rules=tuple(DeviceRule(*rule) for rule in items.get("rules", ()) if mine(rule[0])),
+        mounts=tuple((o, Mount(m[0], m[1], tuple(m[2]), m[3])) for o, m, _, _ in items.get("mounts", ()) if mine(o)),
+        env=(), hooks=tuple(hooks), additional_gids=(),
+        intel_rdt=(rdt[0], IntelRdt(*_tuples(rdt[1]))) if rdt and mine(rdt[0]) else None,
+        net_devices=tuple((o, NetDevice(*d)) for o, d in items.get("net_devices", ()) if mine(o)),
+    )
+
+
+def joined(plans) -> Plan:
+    """One plan of several disjoint ones (devices given at creation, devices attached since)."""
+    from cdi_hook.plan import Plan
+
+    parts = list(plans)
+    fields = {}
+    for field in Plan._fields:
+        if field == "intel_rdt":
+            fields[field] = next((p.intel_rdt for p in parts if p.intel_rdt), None)
+        else:
+            fields[field] = tuple(item for p in parts for item in getattr(p, field))
+    return Plan(**fields)
+
+
+def _tuples(values: list) -> list:
+    return [tuple(v) if isinstance(v, list) else v for v in values]
+
+
+def node_created(record: Record) -> dict[str, bool | None]:
+    """path -> whether the hook made the node (False: it was there already as the spec says;
+    None: not known)."""
+    return {node[1][0]: created for node in record.items.get("nodes", ()) for created in node[4:5]}
+
+
+def mount_identities(record: Record) -> dict[str, tuple[tuple[int, int] | None, int | None]]:
+    """destination -> (host source's (st_dev, st_ino) when it was given, the mount's id)."""
+    return {m[1]: (tuple(src) if src else None, mount_id)  # type: ignore[misc]
+            for _, m, src, mount_id in record.items.get("mounts", ())}
+
+
+# --- stale: the record against today's specs ---------------------------------------------
+
+def differences(given: Plan, today: Plan | None, device: str) -> list[str]:
+    """What changed for one device between what the container got and what today's specs
+    say (today None: the device resolves no more). Empty: not stale."""
+    if today is None:
+        return ["no spec describes it any more"]
+    changes: list[str] = []
+
+    def by_origin(plan: Plan) -> tuple[dict, dict]:
+        nodes = {p.node.path: (p.node.type, p.node.major, p.node.minor, p.node.host_path)
+                 for p in plan.nodes if _origin_is(p.origin, device)}
+        mounts = {m.container_path: m.host_path for o, m in plan.mounts if _origin_is(o, device)}
+        return nodes, mounts
+
+    old_nodes, old_mounts = by_origin(given)
+    new_nodes, new_mounts = by_origin(today)
+    for path in old_nodes.keys() - new_nodes.keys():
+        changes.append(f"node {path} is no longer in the spec")
+    for path in new_nodes.keys() - old_nodes.keys():
+        changes.append(f"node {path} is new in the spec")
+    for path in old_nodes.keys() & new_nodes.keys():
+        (t0, a0, b0, _), (t1, a1, b1, _) = old_nodes[path], new_nodes[path]
+        if (t0, a0, b0) != (t1, a1, b1):
+            changes.append(f"node {path} was {t0} {a0}:{b0}, is {t1} {a1}:{b1}")
+    for path in old_mounts.keys() - new_mounts.keys():
+        changes.append(f"mount {path} is no longer in the spec")
+    for path in new_mounts.keys() - old_mounts.keys():
+        changes.append(f"mount {path} (from {new_mounts[path]}) is new in the spec")
+    for path in old_mounts.keys() & new_mounts.keys():
+        if old_mounts[path] != new_mounts[path]:
+            changes.append(f"mount {path} came from {old_mounts[path]}, now from {new_mounts[path]}")
+    return sorted(changes)
+
+
+def _origin_is(origin: str, device: str) -> bool:
+    return origin == device
+
+
+def stale_devices(record: Record, spec_dirs: list[str] | None, only: list[str] | None = None) -> dict[str, list[str]]:
+    """device -> what changed since the container got it, for each of its devices (or those
+    of only) whose spec changed; each device is resolved alone, so one that is gone does not
+    hide the others."""
+    from cdi_hook import plan
+
+    given = given_plan(record)
+    stale: dict[str, list[str]] = {}
+    for device in record.devices if only is None else [d for d in record.devices if d in only]:
+        try:
+            today: Plan | None = plan.resolve([device], spec_dirs)
+        except CdiError:
+            today = None
+        changes = differences(given, today, device)
+        if changes:
+            stale[device] = changes
+    return stale
