@@ -22,7 +22,7 @@ from cdi_hook.errors import CdiError
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     from collections.abc import Iterator
-
+    from typing import Any
 
 
 def record_dir() -> str:
@@ -40,7 +40,7 @@ def _path(container_id: str) -> str:
 
 
 @contextlib.contextmanager
-def _private_dir(create: bool):
+def _private_dir(create: bool) -> Iterator[int | None]:
     """An fd of the records' folder (None when it does not exist and create is false),
     closed after the block."""
     directory = record_dir()
@@ -111,6 +111,7 @@ def save(record: dict) -> None:
     """Write the record (removed when it says nothing any more)."""
     path = _path(record["container"])
     with _private_dir(create=True) as dir_fd:
+        assert dir_fd is not None  # create=True: made, or CdiError
         _prune(dir_fd)
         if not record["attached"] and not record["detached"]:
             state.remove_at(dir_fd, _name(record["container"]))
@@ -130,7 +131,7 @@ def _prune(dir_fd: int) -> None:
         if not name.endswith(".json") or name.startswith("."):
             continue  # the lock files, and a write's temp file
         try:
-            record = state.read_record(dir_fd, name, name, plain_json=True)
+            record: Any = state.read_record(dir_fd, name, name, plain_json=True)
             alive = process_start_time(record["pid"]) == record["start_time"]
         except (OSError, state.StateError, KeyError, TypeError):
             continue  # not ours to judge

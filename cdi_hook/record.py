@@ -29,6 +29,9 @@ from cdi_hook.errors import CdiError
 
 TYPE_CHECKING = False  # typing costs ~2 ms of import on every start; type checkers treat this name as true
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any
+
     from cdi_hook.live.child import Report
     from cdi_hook.plan import Plan
     from cdi_hook.settings import Settings
@@ -231,10 +234,10 @@ def with_edited_devices(found: Record | None, devices: list[str], config_raw: di
     specs'. An item today's specs no longer name cannot be told apart and is not recorded;
     one they name anew is absent from config.json, and shows as stale. found: the hook's
     own record of the same container (devices it gave live), extended."""
-    linux = config_raw.get("linux") if isinstance(config_raw.get("linux"), dict) else {}
+    linux: Any = config_raw.get("linux") if isinstance(config_raw.get("linux"), dict) else {}
     nodes_in_config = {d.get("path"): d for d in linux.get("devices") or () if isinstance(d, dict)}
     mounts_in_config = {m.get("destination"): m for m in config_raw.get("mounts") or () if isinstance(m, dict)}
-    resources = linux.get("resources") if isinstance(linux.get("resources"), dict) else {}
+    resources: Any = linux.get("resources") if isinstance(linux.get("resources"), dict) else {}
     allowed = {(r.get("type"), r.get("major"), r.get("minor")) for r in resources.get("devices") or ()
                if isinstance(r, dict) and r.get("allow")}
     nodes, mounts, rules = [], [], []
@@ -297,7 +300,7 @@ def given_plan(record: Record, devices: list[str] | None = None) -> Plan:
     )
 
 
-def joined(plans) -> Plan:
+def joined(plans: Iterable[Plan]) -> Plan:
     """One plan of several disjoint ones (devices given at creation, devices attached since)."""
     from cdi_hook.plan import Plan
 
@@ -366,7 +369,8 @@ def _origin_is(origin: str, device: str) -> bool:
     return origin == device
 
 
-def stale_devices(record: Record, spec_dirs: list[str] | None, only: list[str] | None = None) -> dict[str, list[str]]:
+def stale_devices(record: Record, spec_dirs: Iterable[str] | None,
+                  only: list[str] | None = None) -> dict[str, list[str]]:
     """device -> what changed since the container got it, for each of its devices (or those
     of only) whose spec changed; each device is resolved alone, so one that is gone does not
     hide the others."""

@@ -93,7 +93,9 @@ def open_private_dir(path: str, create: bool = False) -> int | None:
 def ensure_private_dir(path: str) -> None:
     """open_private_dir(path, create=True) for a caller that keeps paths, not fds (a socket's
     folder, a cache folder made at install)."""
-    os.close(open_private_dir(path, create=True))
+    fd = open_private_dir(path, create=True)
+    assert fd is not None  # create=True: made, or StateError
+    os.close(fd)
 
 
 def open_trusted(dir_fd: int, name: str, where: str, max_size: int = MAX_RECORD) -> int | None:

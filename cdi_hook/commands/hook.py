@@ -14,9 +14,12 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the h
 if TYPE_CHECKING:
     from typing import BinaryIO
 
+    from cdi_hook.errors import CdiError
+    from cdi_hook.live.child import Report
     from cdi_hook.log import ContainerLog
     from cdi_hook.oci import Config, State
     from cdi_hook.plan import Plan
+    from cdi_hook.record import Record
 
 
 def run(stage: str, spec_dirs: list[str] | None, stdin: BinaryIO) -> int:
@@ -106,7 +109,8 @@ def _inject_holding(exclusive: list[str], stage: str, container_plan: Plan, stat
         raise
 
 
-def _save_record(container_plan, state, log, holds: list[str], made) -> None:
+def _save_record(container_plan: Plan, state: State, log: ContainerLog, holds: list[str],
+                 made: Report | None) -> None:
     """The container's record, after every step succeeded: what later stages and commands
     read instead of today's specs. A record that cannot be written fails the start (the
     runtime then deletes the container, and poststop undoes the rest the older way): a
@@ -119,7 +123,7 @@ def _save_record(container_plan, state, log, holds: list[str], made) -> None:
                                      state.bundle, log.fields.get("sources", {}), holds, made))
 
 
-def _later_stage_from_record(stage: str, state) -> bool:
+def _later_stage_from_record(stage: str, state: State) -> bool:
     """poststart or poststop from the container's record; False when it has none (the
     caller goes the older way). Imports only what reading the record needs unless the record
     holds work for this stage. A record that is not cdi-hook's own is one line, never acted on."""
@@ -154,7 +158,7 @@ def _later_stage_from_record(stage: str, state) -> bool:
     return True
 
 
-def _carry_out_record(stage: str, found, state) -> None:
+def _carry_out_record(stage: str, found: Record, state: State) -> None:
     from cdi_hook import oci, record
     from cdi_hook.errors import CdiError
     from cdi_hook.live import inject
@@ -165,9 +169,10 @@ def _carry_out_record(stage: str, found, state) -> None:
     try:
         given = record.given_plan(found)
         config = oci.read_config(state.bundle) if given.net_devices or given.hooks_at(stage) else None
-        refusal = _policy_refusal(found, state, config) if given.hooks_at(stage) else None
+        # config is None only where nothing reads it: no network device to return, no spec hook to run
+        refusal = _policy_refusal(found, state, config) if given.hooks_at(stage) else None  # type: ignore[arg-type]
         # A refused request still gets its undo (interfaces, RDT, holds); only its spec hooks do not run.
-        inject.run_stage(stage, given, state, config, log, spec_hooks=refusal is None)
+        inject.run_stage(stage, given, state, config, log, spec_hooks=refusal is None)  # type: ignore[arg-type]
         if stage == "poststop" and found.items.get("holds"):
             from cdi_hook.live import holds
 
@@ -180,7 +185,7 @@ def _carry_out_record(stage: str, found, state) -> None:
     log.finish()
 
 
-def _policy_refusal(found, state, config):
+def _policy_refusal(found: Record, state: State, config: Config) -> CdiError | None:
     """The spec hooks a record holds run code on the host: the node's policy of today is
     asked again before they run (an operator may have withdrawn the device meanwhile)."""
     from cdi_hook import policy

@@ -302,7 +302,8 @@ def _attach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -
     return list(report.notes) if report is not None else []
 
 
-def _current_plan(target, given_record, creation, attached, spec_dirs):
+def _current_plan(target: Target, given_record: Record | None, creation: list[str], attached: list[str],
+                  spec_dirs: Sequence[str] | None) -> Plan | None:
     """What the container has now: the record's items for the devices given at creation,
     the devices attached since as today's specs describe them; None when it has none."""
     from cdi_hook import record
@@ -504,7 +505,7 @@ def _runtime_allows(config: Config, rule: DeviceRule) -> bool:
                and set(rule.permissions) <= set(access) for kind, major, minor, access in RUNC_DEFAULT_ALLOWED)
 
 
-def cmd_stale(args, spec_dirs) -> int:
+def cmd_stale(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int:
     """Every running container cdi-hook gave devices to whose devices no longer match today's
     specs, from the records; the records of containers that ended are removed on the way."""
     _require_root("stale")
@@ -530,8 +531,8 @@ def cmd_stale(args, spec_dirs) -> int:
     else:
         for item in found:
             name = f" ({item['name']})" if item["name"] else ""
-            devices = ", ".join(f"{d} ({'; '.join(changes)})" for d, changes in item["devices"].items())
-            print(printable(f"{item['container']}{name}: {devices}"))
+            changed = ", ".join(f"{d} ({'; '.join(changes)})" for d, changes in item["devices"].items())
+            print(printable(f"{item['container']}{name}: {changed}"))
         if not found:
             print("no running container has a device whose spec changed since it started")
     return 1 if found else 0

@@ -194,8 +194,8 @@ def _close_all(fds: list[int]) -> None:
 
 
 class DetachWork:
-    def __init__(self, nodes: list[tuple[str, str, str, int, bool]], mounts_: list[tuple[str, str, Any, str]],
-                 created: list[str], library_dirs: list[str], rebuild_cache: bool, libraries: str,
+    def __init__(self, nodes: list[tuple[str, str, str, int, bool]],
+                 mounts_: list[tuple[str, str, tuple[int, int] | None, str, int | None]], created: list[str], library_dirs: list[str], rebuild_cache: bool, libraries: str,
                  creator_ids: tuple[int, int] | None):
         self.nodes = nodes  # [(device, path, type, rdev, remove)]: remove False = unmount only, never unlink
         # [(device, destination, (st_dev, st_ino) of the host source or None, fstype, mount id or None)]:
@@ -246,8 +246,8 @@ def run_detach(pidfd: int, work: DetachWork) -> child.Report:
         handle.close()
 
 
-def _unmount_by_id(rootfs: Rootfs, device: str, where: str, source, fstype: str, wanted: int,
-                   table: dict, notes: list[str], problems: list[str]) -> None:
+def _unmount_by_id(rootfs: Rootfs, device: str, where: str, source: Sequence[int] | None, fstype: str,
+                   wanted: int, table: dict[int, mountinfo.MountInfo], notes: list[str], problems: list[str]) -> None:
     """Unmount the mount attach made, found by its id wherever it is now: a container that
     renamed a folder above the mount point (or moved the mount) does not keep it."""
     mount = table.get(wanted)

@@ -29,7 +29,9 @@ from cdi_hook.live.mountinfo import MountInfo
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
+
+    from cdi_hook.live import bpf
 
 STEP = "device cgroup"
 # The cgroup mount point systemd and runtimes use; the runtime is in unified (v2) mode when
@@ -275,7 +277,7 @@ def _last_lines(log: str, count: int = 3) -> str:
 # bpf_eval nor these, and a start pays for every module imported.)
 
 
-def _allow(rule: DeviceRule):
+def _allow(rule: DeviceRule) -> bpf.DeviceAllow:
     from cdi_hook.live import bpf
 
     return bpf.DeviceAllow(bpf.DEV_BLOCK if rule.type == "b" else bpf.DEV_CHAR, rule.major, rule.minor,
@@ -293,7 +295,7 @@ def v1_list(directory: str) -> list[tuple[str, str, str, str]]:
     return entries
 
 
-def v1_allows(entries, rule) -> bool:
+def v1_allows(entries: Iterable[tuple[str, str, str, str]], rule: DeviceRule) -> bool:
     """Whether one entry of devices.list grants all of the rule's access (the kernel looks for
     one exception that covers the whole request)."""
     for kind, major, minor, access in entries:
@@ -303,14 +305,14 @@ def v1_allows(entries, rule) -> bool:
     return False
 
 
-def _v1_missing(entries, rule):
+def _v1_missing(entries: list[tuple[str, str, str, str]], rule: DeviceRule) -> DeviceRule:
     """The rule less the access letters devices.list allowed already: what allowing it adds,
     and all that undoing it may deny (had r, asked rw: only w goes again)."""
     return rule._replace(access="".join(c for c in rule.permissions
                                         if not v1_allows(entries, rule._replace(access=c))))
 
 
-def _v1_write(directory: str, name: str, rules) -> None:
+def _v1_write(directory: str, name: str, rules: Iterable[DeviceRule]) -> None:
     path = os.path.join(directory, name)
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
@@ -323,16 +325,20 @@ def _v1_write(directory: str, name: str, rules) -> None:
 class CgroupChange:
     """Allow rules now; undo() gives the cgroup back what it had (only what this added goes)."""
 
-    def __init__(self, pid: int, rules, names: str):
+    def __init__(self, pid: int, rules: Sequence[DeviceRule], names: str):
         self.rules = normalise(rules)
         self.names = names
+        self.version: str | None
+        self.directory: str | None
         self.version, self.directory = device_cgroup(pid, self.rules) if self.rules else (None, None)
-        self._undo = None
+        self._undo: Callable[[], None] | None = None
 
     def allow(self) -> None:
         if not self.rules:
             return
+        assert self.directory is not None  # device_cgroup found it: there are rules
         try:
+            before: list
             if self.version == "v1":
                 before = v1_list(self.directory)
                 added = [m for m in (_v1_missing(before, r) for r in self.rules) if m.access]
@@ -387,7 +393,7 @@ def attached_programs(directory: str) -> list[tuple[int, list]]:
     return programs
 
 
-def set_prologues(directory: str, choose) -> None:
+def set_prologues(directory: str, choose: Callable[[int, list[bpf.DeviceAllow]], list[bpf.DeviceAllow]]) -> None:
     """Replace each attached program by its original code behind a prologue allowing
     choose(index, current allows); no prologue at all when that is empty. The runtime's code
     after the prologue is never changed."""
@@ -425,7 +431,7 @@ def set_prologues(directory: str, choose) -> None:
         os.close(cgroup_fd)
 
 
-def withdraw(pid: int, rules, names: str) -> list[str]:
+def withdraw(pid: int, rules: Sequence[DeviceRule], names: str) -> list[str]:
     """Take the rules' access away again; notes of what was done."""
     rules = normalise(rules)
     if not rules:
@@ -443,7 +449,7 @@ def withdraw(pid: int, rules, names: str) -> list[str]:
     return [f"device cgroup: withdrew {', '.join(str(r) for r in rules)}"]
 
 
-def check_cgroup(pid: int, rule) -> tuple[bool, str]:
+def check_cgroup(pid: int, rule: DeviceRule) -> tuple[bool, str]:
     """Whether the container's device cgroup lets the planned access through, and how we know."""
     from cdi_hook.live import bpf, bpf_eval
 

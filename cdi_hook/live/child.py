@@ -63,15 +63,16 @@ MountRecord = namedtuple("MountRecord", ["origin", "path", "mount_id", "source_d
 NodeRecord = namedtuple("NodeRecord", ["origin", "path", "type", "major", "minor", "mode", "uid", "gid",
                                        "created", "replaced"])
 
-_FIELDS = ("kind", "ok", "error", "notes", "steps_ms", "problems", "mounts", "nodes", "created", "checks", "sent_at")
-
 
 # One message of a child. notes: lines for the log; steps_ms: step -> ms; problems: what an
 # undo (or a best-effort detach) could not do; mounts, nodes: MountRecord, NodeRecord lists;
 # created: paths attach made (folders, mount points); checks: verify's items; sent_at:
 # time.monotonic() at sending (CLOCK_MONOTONIC is system-wide), for the time a report waited
 # for the parent. A plain namedtuple, no subclass: each class made costs a start its time.
-Report = namedtuple("Report", _FIELDS, defaults=(True, "", (), None, (), (), (), (), (), None))
+# The field names written out, not from a variable: a type checker reads them from the call.
+Report = namedtuple("Report", ["kind", "ok", "error", "notes", "steps_ms", "problems", "mounts", "nodes", "created",
+                               "checks", "sent_at"], defaults=(True, "", (), None, (), (), (), (), (), None))
+_FIELDS = Report._fields
 
 
 def failure(error: str) -> Report:

@@ -33,9 +33,11 @@ def _record_name(device: str) -> str:
 class _LockedDir:
     def __enter__(self) -> int:
         try:
-            self.fd = open_private_dir(state_dir(), create=True)
+            fd = open_private_dir(state_dir(), create=True)
         except StateError as error:  # fail closed: no hold can be kept, so no start
             raise HookError(STEP, "", str(error)) from None
+        assert fd is not None  # create=True: made, or StateError
+        self.fd = fd
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self.fd
 

@@ -526,6 +526,7 @@ def _save_record(container_id: str, netns_fd: int, inner: IPRoute, moved: list[_
         devices[item.host.name] = {"name": link.get_attr("IFLA_IFNAME"), "identity": _identity(link)}
     name = _record_name(container_id)
     dir_fd = open_private_dir(record_dir(), create=True)
+    assert dir_fd is not None  # create=True: made, or StateError
     try:
         write_record(dir_fd, name, {"netns": list(_namespace_id(netns_fd)), "devices": devices})
     finally:

@@ -36,7 +36,7 @@ class Rootfs:
         self._created: list[tuple[int, str, bool]] = []  # (parent fd, name, is_dir), creation order
         self._restores: list[tuple[int, Callable[[], None]]] = []  # (position in _created, action)
         self._runtime_places: dict[str, tuple[int, int, int]] | None = None  # see mount_target_problem
-        self._mounts: dict[int, tuple[int, str, list[str], str]] | None = None
+        self._mounts: dict[int, mountinfo.MountInfo] | None = None
 
     @classmethod
     def open(cls, path: str, creator_ids: tuple[int, int] | None = None) -> "Rootfs":

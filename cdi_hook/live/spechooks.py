@@ -15,6 +15,10 @@ import os
 from cdi_hook.errors import HookError
 from cdi_hook.spec.model import Hook
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 STEP = "spec hook"
 OUTPUT_LIMIT = 2000
 
@@ -42,7 +46,7 @@ def run_hook(origin: str, hook: Hook, state: bytes) -> None:
         raise HookError(STEP, origin, f"{hook.path} failed ({how}): {_tail(result.stdout)}")
 
 
-def _dies_with_the_hook(hook_pid: int):
+def _dies_with_the_hook(hook_pid: int) -> Callable[[], None]:
     """A spec hook is part of this hook's work: when the runtime kills the hook (its timeout),
     the spec hook must not run on alone, unseen, as a child of init."""
     def preexec() -> None:
