@@ -65,8 +65,7 @@ def locked(container_id: str):
     path = lock_path(container_id)
     with _private_dir(create=True) as dir_fd:
         try:
-            fd = os.open(os.path.basename(path), os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=dir_fd)
+            fd = state.open_lock_at(dir_fd, os.path.basename(path))
         except OSError as error:
             raise CdiError(f"{path}: cannot open the attachment record's lock: {error.strerror}") from None
     try:
