@@ -68,9 +68,9 @@ def locked(container_id: str) -> Iterator[None]:
     dir is gone at reboot. Opened read-only: flock needs no write access."""
     path = lock_path(container_id)
     with _private_dir(create=True) as dir_fd:
+        assert dir_fd is not None  # create=True: made, or CdiError
         try:
-            fd = os.open(os.path.basename(path), os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=dir_fd)
+            fd = state.open_lock_at(dir_fd, os.path.basename(path))
         except OSError as error:
             raise CdiError(f"{path}: cannot open the attachment record's lock: {error.strerror}") from None
     try:

@@ -192,6 +192,22 @@ def rename_into_place(temp: str, name: str, dir_fd: int | None = None) -> None:
     os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
+def open_lock_at(dir_fd: int, name: str) -> int:
+    """An fd of the lock file name in the private folder dir_fd, made empty (0600) when
+    missing; for flock, which needs no write access. A lock file stays: an unlinked one could
+    be locked by one process while another makes a new one."""
+    return os.open(name, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+
+
+def new_file_beside(path: str) -> tuple[int, str]:
+    """(fd, name) of a new empty private file (0600, read-write) beside path, under a name no
+    one else can have made first: for a caller that must hold it (write, flock) before
+    rename_into_place puts it over path."""
+    directory, name = os.path.split(path)
+    temp = os.path.join(directory, f".{name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
+    return os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), temp
+
+
 def remove_at(dir_fd: int, name: str) -> bool:
     """Remove name from the folder; False when it was not there."""
     try:

@@ -226,3 +226,33 @@ def test_the_environment_checker_sees_reads_by_variable():
     source = ('import os\nNAME = "CDI_HOOK_LOG"\na = os.environ.get(NAME)\nb = os.environ["CDI_X"]\n'
               'c = os.getenv("CDI_Y")\nd = "CDI_Z" in os.environ\ne = os.environ.get("NOTIFY_SOCKET")\n')
     assert [line.split(":")[0] for line in environment_reads(source)] == ["line 3", "line 4", "line 5", "line 6"]
+
+
+# The modules that keep cdi-hook's state (records, holds, caches, the watcher's files): what
+# they write under the state root or the cache dir goes through the state layer.
+STATE_KEEPERS = ["cdi_hook.record", "cdi_hook.attachments", "cdi_hook.cache", "cdi_hook.live.holds",
+                 "cdi_hook.live.netdev", "cdi_hook.live.ldmemo", "cdi_hook.commands.watch",
+                 "cdi_hook.commands.injection_server", "cdi_hook.commands.serve"]
+_WRITE_FLAGS = {"O_CREAT", "O_WRONLY", "O_RDWR", "O_TRUNC", "O_APPEND"}
+_MAKERS = {"mkstemp", "mkdir", "makedirs", "NamedTemporaryFile", "write_text", "write_bytes"}
+
+
+def test_only_the_state_layer_writes_under_the_state_root():
+    found = []
+    for name in STATE_KEEPERS:
+        for node in ast.walk(ast.parse(MODULES[name].read_text())):
+            if isinstance(node, ast.Attribute) and (node.attr in _WRITE_FLAGS or node.attr in _MAKERS):
+                found.append(f"{name}:{node.lineno}: {node.attr}")
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "open"
+                  and len(node.args) > 1 and isinstance(node.args[1], ast.Constant)
+                  and not (isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, int))  # an fd
+                  and set(str(node.args[1].value)) & set("wax+")):
+                found.append(f"{name}:{node.lineno}: open(..., {node.args[1].value!r})")
+    assert found == [], "write through cdi_hook.state (write_atomic*, write_record, new_file_beside, open_lock_at)"
+
+
+def test_the_state_writer_checker_sees_a_write():
+    tree = ast.parse("import os\nos.open('x', os.O_WRONLY | os.O_CREAT)\nopen('y', 'w')\n")
+    hits = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in _WRITE_FLAGS]
+    opens = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    assert len(hits) == 2 and len(opens) == 1

@@ -69,13 +69,8 @@ def run(stage: str, spec_dirs: list[str] | None, stdin: BinaryIO) -> int:
             # No record of this container (started by a cdi-hook older than records, or its
             # record could not be matched): the older way, from today's specs.
             log.note("no container record: this stage resolved the devices from today's specs")
-            inject.run_stage(stage, container_plan, state, config, log, spec_hooks=refusal is None)
-            if stage == "poststop":
-                from cdi_hook.live import holds
-
-                holds.release(names, state.id)  # only this container's holds: a no-op for the rest
-            if refusal is not None:
-                raise refusal
+            # names: only this container's holds are released, a no-op for the rest
+            _later_stage(stage, container_plan, state, config, log, refusal, names)
     except CdiError as error:
         log.finish(error=str(error))
         raise
@@ -161,7 +156,6 @@ def _later_stage_from_record(stage: str, state: State) -> bool:
 def _carry_out_record(stage: str, found: Record, state: State) -> None:
     from cdi_hook import oci, record
     from cdi_hook.errors import CdiError
-    from cdi_hook.live import inject
     from cdi_hook.log import ContainerLog
 
     log = ContainerLog(state.id, stage, found.devices)
@@ -171,18 +165,27 @@ def _carry_out_record(stage: str, found: Record, state: State) -> None:
         config = oci.read_config(state.bundle) if given.net_devices or given.hooks_at(stage) else None
         # config is None only where nothing reads it: no network device to return, no spec hook to run
         refusal = _policy_refusal(found, state, config) if given.hooks_at(stage) else None  # type: ignore[arg-type]
-        # A refused request still gets its undo (interfaces, RDT, holds); only its spec hooks do not run.
-        inject.run_stage(stage, given, state, config, log, spec_hooks=refusal is None)  # type: ignore[arg-type]
-        if stage == "poststop" and found.items.get("holds"):
-            from cdi_hook.live import holds
-
-            holds.release(found.items["holds"], state.id)
-        if refusal is not None:
-            raise refusal
+        _later_stage(stage, given, state, config, log, refusal, found.items.get("holds"))  # type: ignore[arg-type]
     except CdiError as error:
         log.finish(error=str(error))
         raise
     log.finish()
+
+
+def _later_stage(stage: str, container_plan: Plan, state: State, config: Config, log: ContainerLog,
+                 refusal: CdiError | None, held: list[str] | None) -> None:
+    """poststart or poststop: the spec's hooks of the stage, and at poststop the undo of what
+    createRuntime did (interfaces, RDT, holds). A request the policy refuses now still gets
+    its undo; only its spec hooks do not run, and the refusal is the stage's error."""
+    from cdi_hook.live import inject
+
+    inject.run_stage(stage, container_plan, state, config, log, spec_hooks=refusal is None)
+    if stage == "poststop" and held:
+        from cdi_hook.live import holds
+
+        holds.release(held, state.id)
+    if refusal is not None:
+        raise refusal
 
 
 def _policy_refusal(found: Record, state: State, config: Config) -> CdiError | None:

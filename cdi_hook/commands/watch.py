@@ -131,8 +131,7 @@ class Watcher:
                 raise CdiError(f"watch: another cdi-hook watch holds {self.path} for these spec dirs") from None
             finally:
                 os.close(old)
-        temp = f"{self.path}.{os.getpid()}.tmp"
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd, temp = state.new_file_beside(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.pwrite(fd, cache.generation_content(self.dirs, NO_TRUST), 0)
@@ -428,8 +427,7 @@ def rebuild(generation: bytes, dirs: tuple[str, ...]) -> None:
     data = cache.encode(key, listing if settled else None, loaded, generation if generation != NO_TRUST else None)
     target = cache.cache_path(key)
     state.ensure_private_dir(os.path.dirname(target))
-    temp = f"{target}.{os.getpid()}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd, temp = state.new_file_beside(target)
     with os.fdopen(fd, "wb") as out:
         out.write(data)
     print(f"{temp}\t{target}", flush=True)
