@@ -326,7 +326,7 @@ def node_created(record: Record) -> dict[str, bool | None]:
 
 def mount_identities(record: Record) -> dict[str, tuple[tuple[int, int] | None, int | None]]:
     """destination -> (host source's (st_dev, st_ino) when it was given, the mount's id)."""
-    return {m[1]: (tuple(src) if src else None, mount_id)  # type: ignore[misc]
+    return {m[1]: (tuple(src) if src else None, mount_id)
             for _, m, src, mount_id in record.items.get("mounts", ())}
 
 

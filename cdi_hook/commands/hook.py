@@ -162,10 +162,9 @@ def _carry_out_record(stage: str, found: Record, state: State) -> None:
     log.fields["from"] = "record"
     try:
         given = record.given_plan(found)
-        config = oci.read_config(state.bundle) if given.net_devices or given.hooks_at(stage) else None
-        # config is None only where nothing reads it: no network device to return, no spec hook to run
-        refusal = _policy_refusal(found, state, config) if given.hooks_at(stage) else None  # type: ignore[arg-type]
-        _later_stage(stage, given, state, config, log, refusal, found.items.get("holds"))  # type: ignore[arg-type]
+        config = oci.read_config(state.bundle)  # the container's network namespace, its annotations
+        refusal = _policy_refusal(found, state, config) if given.hooks_at(stage) else None
+        _later_stage(stage, given, state, config, log, refusal, found.items.get("holds"))
     except CdiError as error:
         log.finish(error=str(error))
         raise
