@@ -146,10 +146,15 @@ def has_exited(pidfd: int) -> bool:
 
 
 def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks after boot); None when there is no such process."""
+    """Field 22 of /proc/PID/stat (clock ticks after boot); None when there is no such process
+    or it has ended (a zombie: a container's init killed by `runc delete --force` stays one
+    until reaped, and its record or hold must not pass for a live container's)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
-    return int(data[data.rindex(b")") + 2:].split()[19])  # the name (field 2) may hold ")" and spaces
+    fields = data[data.rindex(b")") + 2:].split()  # the name (field 2) may hold ")" and spaces
+    if fields[0] in (b"Z", b"X"):
+        return None  # a zombie: the process has ended, only its exit status waits to be reaped
+    return int(fields[19])

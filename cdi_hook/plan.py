@@ -53,10 +53,13 @@ DeviceRule = namedtuple("DeviceRule", ["origin", "type", "major", "minor", "acce
 
 
 class Plan(namedtuple("Plan", ["devices", "nodes", "device_rules", "mounts", "env", "hooks",
-                               "additional_gids", "intel_rdt", "net_devices"])):
+                               "additional_gids", "intel_rdt", "net_devices", "shared"], defaults=((),))):
     """devices: the qualified names, request order. Every other field is a tuple of
     (origin, item) pairs, or PlannedNode / DeviceRule records; hooks is a tuple of
-    (stage, ((origin, Hook), ...)) in HOOK_STAGES order; intel_rdt is (origin, IntelRdt) or None."""
+    (stage, ((origin, Hook), ...)) in HOOK_STAGES order; intel_rdt is (origin, IntelRdt) or None.
+    shared: (("node" or "mount", path, origins), ...) for a node path or mount destination
+    that more than one origin names: the plan keeps it once, under the last, but it is each
+    of theirs (taking one device back must leave it to the others)."""
 
     __slots__ = ()
 
@@ -87,17 +90,29 @@ def build(selection: Selection, *, process_uid: int = 0, process_gid: int = 0, s
     process_uid:process_gid. stat_host=False takes device nodes as the spec gives them
     (fully specified ones, in tests); otherwise they are completed from the host."""
     nodes, rules = _nodes(selection, process_uid, process_gid, stat_host)
+    mounts = _mounts(selection)
     return Plan(
         devices=tuple(selection.devices),
         nodes=nodes,
         device_rules=rules,
-        mounts=_mounts(selection),
+        mounts=mounts,
         env=_env(selection),
         hooks=_hooks(selection),
         additional_gids=_gids(selection),
         intel_rdt=_last(selection, "intel_rdt"),
         net_devices=_net_devices(selection),
+        shared=_shared(selection, {p.node.path for p in nodes}, {m.container_path for _, m in mounts}),
     )
+
+
+def _shared(selection: Selection, node_paths: set[str], destinations: set[str]) -> tuple:
+    named: dict[tuple[str, str], dict[str, None]] = {}
+    for origin, node in selection.each("device_nodes"):
+        named.setdefault(("node", node.path), {})[origin] = None
+    for origin, mount in selection.each("mounts"):
+        named.setdefault(("mount", mount.container_path), {})[origin] = None
+    return tuple((kind, path, tuple(origins)) for (kind, path), origins in named.items()
+                 if len(origins) > 1 and path in (node_paths if kind == "node" else destinations))
 
 
 def _nodes(selection: Selection, process_uid: int, process_gid: int,

@@ -42,7 +42,10 @@ POST_STAGES = ("poststart", "poststop")
 
 # What one container got. items: the plan's items as JSON lists (see _items); work: the
 # later stages that have something to do, for poststart/poststop to return at once otherwise.
-Record = namedtuple("Record", ["container", "pid", "start_time", "bundle", "devices", "sources", "items", "work"])
+# config: the identity of the bundle's config.json when the record was made (device, inode,
+# mtime, size): a later container under the same id and bundle has another.
+Record = namedtuple("Record", ["container", "pid", "start_time", "bundle", "devices", "sources", "items", "work",
+                               "config"])
 
 
 def folder(settings: Settings | None = None) -> str:
@@ -68,7 +71,29 @@ def from_plan(plan: Plan, container_id: str, pid: int, start_time: int | None, b
     items = _items(plan, made)
     items["holds"] = list(holds)
     return Record(container_id, pid, start_time, bundle, list(plan.devices), dict(sources), items,
-                  work_of(items))
+                  work_of(items), config_identity(bundle))
+
+
+def config_identity(bundle: str) -> list[int] | None:
+    """The identity of the bundle's config.json: a container made again under the same id
+    and bundle has written it anew (another inode, mtime or size)."""
+    try:
+        st = os.stat(os.path.join(bundle, "config.json"))
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size]
+
+
+def is_of(found: Record, container_id: str, bundle: str, pid: int | None = None) -> bool:
+    """Whether a record describes this container, not an earlier one under the same id:
+    the same bundle and config.json, and (while it runs) the same init process."""
+    if found.container != container_id or found.bundle != bundle or found.config != config_identity(bundle):
+        return False
+    if pid:
+        from cdi_hook.containers import process_start_time
+
+        return (found.pid, found.start_time) == (pid, process_start_time(pid))
+    return True
 
 
 def _items(plan: Plan, made: Report | None) -> dict:
@@ -96,6 +121,7 @@ def _items(plan: Plan, made: Report | None) -> dict:
         "rdt": [plan.intel_rdt[0], _plain(plan.intel_rdt[1])] if plan.intel_rdt else None,
         "hooks": {stage: [[origin, _plain(hook)] for origin, hook in plan.hooks_at(stage)] for stage in POST_STAGES
                   if plan.hooks_at(stage)},
+        "shared": [[kind, path, list(origins)] for kind, path, origins in plan.shared],
     }
 
 
@@ -173,11 +199,17 @@ def _parse(document: object, where: str, container_id: str | None = None) -> Rec
     return record
 
 
-def remove(container_id: str) -> None:
-    name, _ = _where(container_id)
+def remove(container_id: str, only: Record | None = None) -> None:
+    """Remove the container's record; with only, just when it still is that record (not one a
+    new container of the same id wrote since it was read)."""
+    name, where = _where(container_id)
     dir_fd = state.open_private_dir(folder())
     if dir_fd is not None:
         try:
+            if only is not None:
+                document = state.read_record(dir_fd, name, where)
+                if document is None or _parse(document, where, container_id) != only:
+                    return
             state.remove_at(dir_fd, name)
         finally:
             os.close(dir_fd)
@@ -199,7 +231,7 @@ def all_records() -> list[tuple[Record | None, str]]:
     found: list[tuple[Record | None, str]] = []
     try:
         for name in sorted(os.listdir(dir_fd)):
-            if name.startswith(".") or not name.endswith(".json"):
+            if not name.endswith(".json"):  # the state layer's temp files end in .tmp
                 continue
             where = os.path.join(folder(), name)
             try:
@@ -218,52 +250,66 @@ def prune() -> list[str]:
     removed = []
     for record, _ in all_records():
         if record is not None and not is_alive(record):
-            remove(record.container)
+            remove(record.container, only=record)
             removed.append(record.container)
     return removed
 
 
 # --- containers edited before creation (precreate, inject --mode edits) -----------------
 
-def with_edited_devices(found: Record | None, devices: list[str], config_raw: dict, today: Plan, pid: int,
-                        start_time: int | None, bundle: str, container_id: str) -> Record:
+def with_edited_devices(found: Record | None, resolved: list[tuple[str, Plan]], config_raw: dict, pid: int,
+                        start_time: int | None, bundle: str, container_id: str) -> Record | None:
     """The record of a container whose config.json an editor gave devices (the applied
-    annotation lists them), derived the first time a command needs it: what each device got
-    is what config.json holds at the places today's specs name for it (its node paths, its
-    mount destinations, its cgroup rules), so the values are the container's, not today's
-    specs'. An item today's specs no longer name cannot be told apart and is not recorded;
-    one they name anew is absent from config.json, and shows as stale. found: the hook's
-    own record of the same container (devices it gave live), extended."""
+    annotation lists them), derived the first time a command needs it. resolved: each
+    applied device with today's plan for it alone. What a device got is what config.json
+    holds at the places today's spec names for it, only where it holds it as the spec says
+    (the same device numbers at a node's path, the same host source at a mount's
+    destination): the annotation is anyone's to write, and a pod's own volume at a spec's
+    destination is not the device's. A device none of whose nodes and mounts config.json
+    holds so was not given by this config, and is left out; None when no device is left and
+    there is no record to extend. found: the hook's own record of the same container."""
     linux: Any = config_raw.get("linux") if isinstance(config_raw.get("linux"), dict) else {}
     nodes_in_config = {d.get("path"): d for d in linux.get("devices") or () if isinstance(d, dict)}
     mounts_in_config = {m.get("destination"): m for m in config_raw.get("mounts") or () if isinstance(m, dict)}
     resources: Any = linux.get("resources") if isinstance(linux.get("resources"), dict) else {}
     allowed = {(r.get("type"), r.get("major"), r.get("minor")) for r in resources.get("devices") or ()
                if isinstance(r, dict) and r.get("allow")}
-    nodes, mounts, rules = [], [], []
-    for p in today.nodes:
-        entry = nodes_in_config.get(p.node.path)
-        if entry is not None:
-            node = p.node._replace(type=entry.get("type", p.node.type), major=entry.get("major"),
-                                   minor=entry.get("minor"), file_mode=entry.get("fileMode"),
-                                   uid=entry.get("uid"), gid=entry.get("gid"))
-            nodes.append([p.origin, list(node), entry.get("uid"), entry.get("gid"), None, None])
-    for origin, mount in today.mounts:
-        entry = mounts_in_config.get(mount.container_path)
-        if entry is not None:
-            source = entry.get("source", mount.host_path)
-            mounts.append([origin, [source, mount.container_path, list(entry.get("options") or ()),
-                                    entry.get("type") or ""], _source_identity(source), None])
-    for rule in today.device_rules:
-        if rule.access and (rule.type, rule.major, rule.minor) in allowed:
-            rules.append(list(rule))
     items = dict(found.items) if found is not None else {"library_dirs": [], "net_devices": [], "rdt": None,
                                                          "hooks": {}, "holds": []}
-    for key, added in (("nodes", nodes), ("mounts", mounts), ("rules", rules)):
-        items[key] = list(items.get(key, ())) + added
-    earlier = found.devices if found is not None else []
-    return Record(container_id, pid, start_time, bundle, earlier + [d for d in devices if d not in earlier],
-                  found.sources if found is not None else {}, items, work_of(items))
+    nodes, mounts, rules = list(items.get("nodes", ())), list(items.get("mounts", ())), list(items.get("rules", ()))
+    devices = list(found.devices) if found is not None else []
+    for name, today in resolved:
+        got_nodes, got_mounts = [], []
+        for p in today.nodes:
+            entry = nodes_in_config.get(p.node.path)
+            if entry is not None and (_char(entry.get("type")), entry.get("major"), entry.get("minor")) == (
+                    _char(p.node.type), p.node.major, p.node.minor):
+                node = p.node._replace(type=entry.get("type", p.node.type), file_mode=entry.get("fileMode"),
+                                       uid=entry.get("uid"), gid=entry.get("gid"))
+                got_nodes.append([p.origin, list(node), entry.get("uid"), entry.get("gid"), None, None])
+        for origin, mount in today.mounts:
+            entry = mounts_in_config.get(mount.container_path)
+            if entry is not None and entry.get("source") == mount.host_path:
+                got_mounts.append([origin, [mount.host_path, mount.container_path, list(entry.get("options") or ()),
+                                            entry.get("type") or ""], _source_identity(mount.host_path), None])
+        if not got_nodes and not got_mounts:
+            continue
+        known = {n[1][0] for n in nodes} | {m[1][1] for m in mounts}
+        nodes += [n for n in got_nodes if n[1][0] not in known]
+        mounts += [m for m in got_mounts if m[1][1] not in known]
+        rules += [list(r) for r in today.device_rules if r.access and (r.type, r.major, r.minor) in allowed]
+        devices.append(name)
+    if found is None and not devices:
+        return None
+    items.update(nodes=nodes, mounts=mounts, rules=rules)
+    if found is not None:
+        bundle = found.bundle  # the runtime's spelling, which poststop compares
+    return Record(container_id, pid, start_time, bundle, devices, found.sources if found is not None else {}, items,
+                  work_of(items), config_identity(bundle))
+
+
+def _char(node_type: object) -> object:
+    return "c" if node_type == "u" else node_type  # "u" (unbuffered) is a character device
 
 
 # --- the plan a record describes --------------------------------------------------------
@@ -276,12 +322,22 @@ def given_plan(record: Record, devices: list[str] | None = None) -> Plan:
     from cdi_hook.spec.model import DeviceNode, Hook, IntelRdt, Mount, NetDevice
 
     wanted = set(record.devices if devices is None else devices)
-
-    def mine(origin: str) -> bool:
-        return origin in wanted or (origin.endswith(" (spec-level)") and any(
-            d.split("=", 1)[0] == origin[:-len(" (spec-level)")] for d in wanted))
-
     items = record.items
+    sharers = {(kind, path): origins for kind, path, origins in items.get("shared", ())}
+
+    def wanted_origin(o: str) -> bool:
+        return o in wanted or (o.endswith(" (spec-level)") and any(
+            d.split("=", 1)[0] == o[:-len(" (spec-level)")] for d in wanted))
+
+    def mine(origin: str, kind: str = "", path: str = "") -> bool:
+        """An item is a device's when the device named it (it may be filed under another
+        device that named it too) or it is a spec-level edit of the device's kind."""
+        return any(wanted_origin(o) for o in sharers.get((kind, path), (origin,)))
+
+    def label(origin: str, kind: str, path: str) -> str:
+        """A shared item is named by a wanted device that asked for it, not by one taken back."""
+        return origin if wanted_origin(origin) else next(o for o in sharers[(kind, path)] if wanted_origin(o))
+
     rdt = items.get("rdt")
     hooks = []
     for stage in POST_STAGES:
@@ -290,10 +346,11 @@ def given_plan(record: Record, devices: list[str] | None = None) -> Plan:
             hooks.append((stage, stage_hooks))
     return Plan(
         devices=tuple(d for d in record.devices if d in wanted),
-        nodes=tuple(PlannedNode(o, DeviceNode(*node), uid, gid) for o, node, uid, gid, *_ in items.get("nodes", ())
-                    if mine(o)),
+        nodes=tuple(PlannedNode(label(o, "node", node[0]), DeviceNode(*node), uid, gid)
+                    for o, node, uid, gid, *_ in items.get("nodes", ()) if mine(o, "node", node[0])),
         device_rules=tuple(DeviceRule(*rule) for rule in items.get("rules", ()) if mine(rule[0])),
-        mounts=tuple((o, Mount(m[0], m[1], tuple(m[2]), m[3])) for o, m, _, _ in items.get("mounts", ()) if mine(o)),
+        mounts=tuple((label(o, "mount", m[1]), Mount(m[0], m[1], tuple(m[2]), m[3])) for o, m, _, _ in
+                     items.get("mounts", ()) if mine(o, "mount", m[1])),
         env=(), hooks=tuple(hooks), additional_gids=(),
         intel_rdt=(rdt[0], IntelRdt(*_tuples(rdt[1]))) if rdt and mine(rdt[0]) else None,
         net_devices=tuple((o, NetDevice(*d)) for o, d in items.get("net_devices", ()) if mine(o)),
@@ -318,10 +375,11 @@ def _tuples(values: list) -> list:
     return [tuple(v) if isinstance(v, list) else v for v in values]
 
 
-def node_created(record: Record) -> dict[str, bool | None]:
-    """path -> whether the hook made the node (False: it was there already as the spec says;
-    None: not known)."""
-    return {node[1][0]: created for node in record.items.get("nodes", ()) for created in node[4:5]}
+def node_outcomes(record: Record) -> dict[str, tuple[bool | None, str | None]]:
+    """path -> (whether the hook made the node: False for one that was there already as the
+    spec says, None when not known; the entry it replaced there, as "c 1:7 666 0:0", or None)."""
+    return {node[1][0]: (node[4], node[5]) if len(node) > 5 else (None, None)
+            for node in record.items.get("nodes", ())}
 
 
 def mount_identities(record: Record) -> dict[str, tuple[tuple[int, int] | None, int | None]]:
@@ -332,27 +390,27 @@ def mount_identities(record: Record) -> dict[str, tuple[tuple[int, int] | None, 
 
 # --- stale: the record against today's specs ---------------------------------------------
 
-def differences(given: Plan, today: Plan | None, device: str) -> list[str]:
-    """What changed for one device between what the container got and what today's specs
-    say (today None: the device resolves no more). Empty: not stale."""
+def differences(given: Plan, today: Plan | None) -> list[str]:
+    """What changed between what one device gave the container (given: the record's items
+    for it, its kind's spec-level edits included) and what today's specs make of it alone
+    (today None: it resolves no more). Empty: not stale."""
     if today is None:
         return ["no spec describes it any more"]
     changes: list[str] = []
 
-    def by_origin(plan: Plan) -> tuple[dict, dict]:
-        nodes = {p.node.path: (p.node.type, p.node.major, p.node.minor, p.node.host_path)
-                 for p in plan.nodes if _origin_is(p.origin, device)}
-        mounts = {m.container_path: m.host_path for o, m in plan.mounts if _origin_is(o, device)}
+    def parts(plan: Plan) -> tuple[dict, dict]:
+        nodes = {p.node.path: (p.node.type, p.node.major, p.node.minor) for p in plan.nodes}
+        mounts = {m.container_path: m.host_path for _, m in plan.mounts}
         return nodes, mounts
 
-    old_nodes, old_mounts = by_origin(given)
-    new_nodes, new_mounts = by_origin(today)
+    old_nodes, old_mounts = parts(given)
+    new_nodes, new_mounts = parts(today)
     for path in old_nodes.keys() - new_nodes.keys():
         changes.append(f"node {path} is no longer in the spec")
     for path in new_nodes.keys() - old_nodes.keys():
         changes.append(f"node {path} is new in the spec")
     for path in old_nodes.keys() & new_nodes.keys():
-        (t0, a0, b0, _), (t1, a1, b1, _) = old_nodes[path], new_nodes[path]
+        (t0, a0, b0), (t1, a1, b1) = old_nodes[path], new_nodes[path]
         if (t0, a0, b0) != (t1, a1, b1):
             changes.append(f"node {path} was {t0} {a0}:{b0}, is {t1} {a1}:{b1}")
     for path in old_mounts.keys() - new_mounts.keys():
@@ -365,10 +423,6 @@ def differences(given: Plan, today: Plan | None, device: str) -> list[str]:
     return sorted(changes)
 
 
-def _origin_is(origin: str, device: str) -> bool:
-    return origin == device
-
-
 def stale_devices(record: Record, spec_dirs: Iterable[str] | None,
                   only: list[str] | None = None) -> dict[str, list[str]]:
     """device -> what changed since the container got it, for each of its devices (or those
@@ -376,14 +430,13 @@ def stale_devices(record: Record, spec_dirs: Iterable[str] | None,
     hide the others."""
     from cdi_hook import plan
 
-    given = given_plan(record)
     stale: dict[str, list[str]] = {}
     for device in record.devices if only is None else [d for d in record.devices if d in only]:
         try:
             today: Plan | None = plan.resolve([device], spec_dirs)
         except CdiError:
             today = None
-        changes = differences(given, today, device)
+        changes = differences(given_plan(record, [device]), today)
         if changes:
             stale[device] = changes
     return stale

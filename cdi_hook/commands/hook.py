@@ -26,11 +26,11 @@ def run(stage: str, spec_dirs: list[str] | None, stdin: BinaryIO) -> int:
     from cdi_hook import oci
 
     state = oci.parse_state(stdin.read(oci.MAX_STATE_SIZE + 1))
-    if stage in ("poststart", "poststop") and _later_stage_from_record(stage, state):
-        return 0
     config = oci.read_config(state.bundle)
     annotation_maps = (state.annotations, config.annotations)
     if not any(key.startswith("cdi.k8s.io/") for m in annotation_maps for key in m):
+        return 0
+    if stage in ("poststart", "poststop") and _later_stage_from_record(stage, state):
         return 0
     from cdi_hook.request import pending_devices
 
@@ -64,6 +64,9 @@ def run(stage: str, spec_dirs: list[str] | None, stdin: BinaryIO) -> int:
             container_plan = plan.resolve(names, spec_dirs, process_uid=config.process_uid,
                                           process_gid=config.process_gid)
         if stage in inject.INJECTION_STAGES:
+            from cdi_hook import record
+
+            record.remove(state.id)  # an earlier container's under this id: never this one's
             _inject_holding(policy.exclusive_devices(rules, names), stage, container_plan, state, config, log)
         else:
             # No record of this container (started by a cdi-hook older than records, or its
@@ -119,37 +122,29 @@ def _save_record(container_plan: Plan, state: State, log: ContainerLog, holds: l
 
 
 def _later_stage_from_record(stage: str, state: State) -> bool:
-    """poststart or poststop from the container's record; False when it has none (the
-    caller goes the older way). Imports only what reading the record needs unless the record
-    holds work for this stage. A record that is not cdi-hook's own is one line, never acted on."""
-    from cdi_hook import record, state as state_layer
+    """poststart or poststop of a container that asks for devices, from its record; False
+    when it has none of its own (the caller goes the older way, from today's specs). Imports
+    only what reading the record needs unless the record holds work for this stage."""
+    from cdi_hook import record
+    from cdi_hook.state import StateError
 
     try:
         found = record.load(state.id)
-    except state_layer.StateError:
-        # Refused, never acted on; but a container that asked for no device is not held up
-        # by a records folder that went wrong.
-        from cdi_hook import oci
+    except StateError as error:
+        # Never believed, never acted on; but the container's clean-up (holds, interfaces,
+        # RDT groups) must not be stranded by a records folder that went wrong.
+        from cdi_hook.log import warn
 
-        config = oci.read_config(state.bundle)
-        if not any(key.startswith("cdi.k8s.io/") for m in (state.annotations, config.annotations) for key in m):
-            return True
-        raise
-    if found is None:
+        warn(f"{error}; {stage} goes the older way, from today's specs")
         return False
-    if stage == "poststart":
-        from cdi_hook.containers import process_start_time
-
-        if not state.pid or (found.pid, found.start_time) != (state.pid, process_start_time(state.pid)):
-            return False  # an earlier container's record under this id: not this one's
-        if stage not in found.work:
-            return True
-    elif found.bundle != state.bundle:
+    if found is None or not record.is_of(found, state.id, state.bundle, state.pid if stage == "poststart" else None):
         return False
-    if stage in found.work:
-        _carry_out_record(stage, found, state)
-    if stage == "poststop":
-        record.remove(state.id)
+    try:
+        if stage in found.work:
+            _carry_out_record(stage, found, state)
+    finally:
+        if stage == "poststop":  # done, or failed: poststop does not come again for this container
+            record.remove(state.id, only=found)
     return True
 
 

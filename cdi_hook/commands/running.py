@@ -102,9 +102,16 @@ def _record_edited(target: Target, given: Record | None, edited: list[str],
 
     if given is None and pending_devices(target.config.annotations):
         return None  # the hook gave it devices before records existed: the older way for all
-    today = _resolve(edited, spec_dirs, target.config)
-    derived = record.with_edited_devices(given, edited, target.config.raw, today, target.pid, target.start_time,
+    resolved = []
+    for name in edited:  # one at a time: a name no spec knows (any more) is left out, not fatal
+        try:
+            resolved.append((name, _resolve([name], spec_dirs, target.config)))
+        except CdiError:
+            continue
+    derived = record.with_edited_devices(given, resolved, target.config.raw, target.pid, target.start_time,
                                          os.path.dirname(target.config.path), target.id)
+    if derived is None or derived == given:
+        return given
     record.save(derived)
     return derived
 
@@ -398,13 +405,16 @@ def _detach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -
                      if isinstance(d, dict)}
 
     nodes, mount_list, rules, created, library_paths = [], [], [], [], []
-    made_by_hook = container_record.node_created(given) if given is not None else {}
+    outcomes = container_record.node_outcomes(given) if given is not None else {}
     for planned in creation_plan.nodes if creation_plan else ():
         node = planned.node
         if node.path not in keep_nodes:
-            # a node the hook found already there as the spec says stays: the container had it
-            remove = node.path not in runtime_nodes and made_by_hook.get(node.path) is not False
-            nodes.append((planned.origin, node.path, node.type, os.makedev(node.major or 0, node.minor or 0), remove))
+            # a node the hook found already there as the spec says stays: the container had
+            # it; one it replaced comes back as it was
+            made, replaced = outcomes.get(node.path, (None, None))
+            remove = node.path not in runtime_nodes and made is not False
+            nodes.append((planned.origin, node.path, node.type, os.makedev(node.major or 0, node.minor or 0), remove,
+                          replaced if remove else None))
     for origin, mount in creation_plan.mounts if creation_plan else ():
         # the mount's id as the hook saw it (a record has it): found wherever the container moved it
         mount_list.append((origin, mount.container_path, mount.host_path, mount.type, list(mount.options),
@@ -415,7 +425,7 @@ def _detach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -
     for name, entry in entries.items():
         for path, kind, major, minor in entry["nodes"]:
             if path not in keep_nodes:
-                nodes.append((name, path, kind, os.makedev(major, minor), path in entry["created"]))
+                nodes.append((name, path, kind, os.makedev(major, minor), path in entry["created"], None))
         for destination, host_path, kind, options, *recorded in entry["mounts"]:  # no id: an older record
             mount_list.append((name, destination, host_path, kind, options, recorded[0] if recorded else None))
         for kind, major, minor, access in entry["rules"]:
@@ -518,7 +528,7 @@ def cmd_stale(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int:
             print(printable(f"cdi-hook: stale: {where}: not a record cdi-hook wrote; skipped"), file=sys.stderr)
             continue
         if not record.is_alive(given):
-            record.remove(given.container)
+            record.remove(given.container, only=given)
             continue
         detached = attachments.load(given.container, given.pid, given.start_time)["detached"]
         still = [d for d in given.devices if d not in detached]

@@ -194,10 +194,12 @@ def _close_all(fds: list[int]) -> None:
 
 
 class DetachWork:
-    def __init__(self, nodes: list[tuple[str, str, str, int, bool]],
+    def __init__(self, nodes: list[tuple[str, str, str, int, bool, str | None]],
                  mounts_: list[tuple[str, str, tuple[int, int] | None, str, int | None]], created: list[str], library_dirs: list[str], rebuild_cache: bool, libraries: str,
                  creator_ids: tuple[int, int] | None):
-        self.nodes = nodes  # [(device, path, type, rdev, remove)]: remove False = unmount only, never unlink
+        # [(device, path, type, rdev, remove, replaced)]: remove False = unmount only, never unlink;
+        # replaced: the entry the hook replaced there ("c 1:7 666 0:0"), put back after ours goes
+        self.nodes = nodes
         # [(device, destination, (st_dev, st_ino) of the host source or None, fstype, mount id or None)]:
         # with the id attach recorded, the mount is found by it wherever it is now; None: by its path.
         self.mounts = mounts_
@@ -227,8 +229,8 @@ def run_detach(pidfd: int, work: DetachWork) -> child.Report:
             if table is None:  # our root is the container's: its mount points as the container sees them
                 table = mountinfo.by_id(mountinfo.read())
             _unmount_by_id(rootfs, device, where, source, fstype, wanted, table, notes, problems)
-        for device, path, kind, rdev, remove in work.nodes:
-            _remove_node(rootfs, device, path, kind, rdev, remove, notes, problems)
+        for device, path, kind, rdev, remove, replaced in work.nodes:
+            _remove_node(rootfs, device, path, kind, rdev, remove, notes, problems, replaced)
         for path in reversed(work.created):
             _remove_if_empty(rootfs, path, notes)
         if work.rebuild_cache:
@@ -358,7 +360,7 @@ def _resolved_entry(rootfs: Rootfs, path: str) -> tuple[int, str, os.stat_result
 
 
 def _remove_node(rootfs: Rootfs, device: str, path: str, kind: str, rdev: int, remove: bool, notes: list[str],
-                 problems: list[str]) -> None:
+                 problems: list[str], replaced: str | None = None) -> None:
     found = _resolved_entry(rootfs, path)
     if found is None:
         notes.append(f"{device}: node {path} was gone already")
@@ -382,10 +384,24 @@ def _remove_node(rootfs: Rootfs, device: str, path: str, kind: str, rdev: int, r
             return
         os.unlink(name, dir_fd=parent_fd)
         notes.append(f"{device}: removed node {path}")
+        if replaced:
+            _put_back(parent_fd, name, replaced)
+            notes.append(f"{device}: put back the node the container had at {path} ({replaced})")
     except OSError as error:
         problems.append(f"{device}: node {path}: {error.strerror}")
     finally:
         os.close(parent_fd)
+
+
+def _put_back(parent_fd: int, name: str, replaced: str) -> None:
+    """Make again the node the hook replaced, as the record describes it: "c 1:7 666 0:0"."""
+    kind, numbers, mode_text, owner = replaced.split()
+    major, minor = (int(n) for n in numbers.split(":"))
+    uid, gid = (int(n) for n in owner.split(":"))
+    mode = int(mode_text, 8)
+    os.mknod(name, devices._S_IFMT[kind] | 0o600, os.makedev(major, minor), dir_fd=parent_fd)
+    devices._set_owner_mode(os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd), uid, gid,
+                            mode, close=True)
 
 
 def _remove_if_empty(rootfs: Rootfs, path: str, notes: list[str]) -> None:
