@@ -217,3 +217,30 @@ def test_existing_mon_group_is_not_removed_on_failure(resctrl, monkeypatch):
     with pytest.raises(HookError):
         rdt.apply(4242, ORIGIN, IntelRdt(clos_id="gold", enable_monitoring=True), container_id="ctr-1")
     assert (group / "mon_groups" / "ctr-1").is_dir()  # not ours: left as it was
+
+
+def test_poststop_removes_the_recorded_rdt_group_with_no_spec_left(resctrl, tmp_path, monkeypatch):
+    """The container's record names its RDT group: poststop removes it though no spec file
+    describes the device any more (spec dirs empty), and removes the record."""
+    import json
+
+    from cdi_hook import oci, record, settings
+    from cdi_hook.commands import hook
+    from cdi_hook.plan import Plan
+
+    monkeypatch.setenv("CDI_HOOK_STATE_DIR", str(tmp_path / "state" / "held"))
+    settings.use(None)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"ociVersion": "1.0.2", "root": {"path": "rootfs"},
+                                                    "annotations": {"cdi.k8s.io/x": ORIGIN}}))
+    group = resctrl / "ctr-rdt"
+    group.mkdir()  # (resctrl removes a group whole; a plain folder must be empty for rmdir)
+    given = Plan(devices=(ORIGIN,), nodes=(), device_rules=(), mounts=(), env=(), hooks=(), additional_gids=(),
+                 intel_rdt=(ORIGIN, IntelRdt(l3_cache_schema="L3:0=f0")), net_devices=())
+    record.save(record.from_plan(given, "ctr-rdt", 0, None, str(bundle), {}, []))
+    state = oci.parse_state(json.dumps({"ociVersion": "1.0.2", "id": "ctr-rdt", "status": "stopped",
+                                        "bundle": str(bundle)}).encode())
+    assert hook._later_stage_from_record("poststop", state) is True
+    assert not group.exists()
+    assert record.load("ctr-rdt") is None
