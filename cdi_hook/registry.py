@@ -23,6 +23,7 @@ import stat
 from collections import namedtuple
 
 from cdi_hook.errors import MAX_LISTED, CdiError, ResolveError, listed
+from cdi_hook.probe_spec import PROBE_KIND
 from cdi_hook.settings import DEFAULT_SPEC_DIRS, INSECURE_ENV, Settings
 from cdi_hook.settings import current as current_settings
 from cdi_hook.spec.model import ContainerEdits, Device, Spec
@@ -236,14 +237,26 @@ class Registry:
 
 
 def select(wanted: list[str], devices: Mapping[str, tuple[Spec, Device]]) -> Selection:
-    """The Selection for known, distinct names; devices maps each to its (Spec, Device)."""
+    """The Selection for known, distinct names; devices maps each to its (Spec, Device).
+    A device of `cdi-hook doctor --probe` resolves only while the doctor that wrote it lives."""
     parts: list[EditsPart] = []
     specs_met: set[str] = set()
     for name in wanted:
         spec, device = devices[name]
+        if spec.kind == PROBE_KIND:
+            _check_probe(name, spec)
         if spec.path not in specs_met:
             specs_met.add(spec.path)
             if not spec.container_edits.is_empty():
                 parts.append(EditsPart(f"{spec.kind} (spec-level)", spec.path, spec.container_edits))
         parts.append(EditsPart(name, spec.path, device.container_edits))
     return Selection(tuple(wanted), tuple(parts))
+
+
+def _check_probe(name: str, spec: Spec) -> None:
+    from cdi_hook import probe_spec
+
+    if probe_spec.stale(spec):
+        raise ResolveError(f"{name} is the probe of a `cdi-hook doctor --probe` that is gone "
+                           f"({probe_spec.writer_of(spec) or 'no writer named'}); the next `cdi-hook doctor` "
+                           f"removes {spec.path}")

@@ -307,6 +307,35 @@ def test_resources_follow_the_specs(node):
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND and "'late'" in refused.value.details()
 
 
+def test_probe_specs_are_never_advertised(node):
+    """The spec of a `cdi-hook doctor --probe` (/dev/null as a device), one a killed doctor left
+    and one whose doctor still runs (this process), is no resource: never registered, no
+    socket, nothing for the kubelet to give a pod."""
+    from cdi_hook import probe_spec
+
+    registered(node)
+    child = subprocess.Popen(["sleep", "60"])
+    dead = probe_spec.writer_identity(child.pid)
+    child.kill()
+    child.wait()
+    for name, writer in (("dead", dead), ("alive", probe_spec.writer_identity())):
+        oci_env.write_spec(node.spec_dir, f"{probe_spec.SPEC_PREFIX}{name}.json", {
+            "cdiVersion": "0.6.0", "kind": probe_spec.PROBE_KIND, "annotations": {probe_spec.WRITER_ANNOTATION: writer},
+            "devices": [{"name": f"p{name}", "containerEdits": {
+                "deviceNodes": [{"path": "/dev/cdi-hook-probe", "hostPath": "/dev/null"}]}}]})
+    # A kind written after the probe specs: once it is registered, a poll has seen them all.
+    oci_env.write_spec(node.spec_dir, "other.json", {"cdiVersion": "0.6.0", "kind": OTHER_KIND, "devices": [
+        {"name": "a", "containerEdits": {"env": ["A=1"]}}]})
+    registered(node, OTHER_KIND)
+    time.sleep(0.3)  # a few more polls
+    seen = []
+    while not node.kubelet.registrations.empty():
+        seen.append(node.kubelet.registrations.get().resource_name)
+    assert probe_spec.PROBE_KIND not in seen + list(node.kubelet.plugins), seen
+    assert not [p.name for p in node.socket_dir.iterdir() if "doctor" in p.name]
+    assert probe_spec.PROBE_KIND not in node.plugin_log()
+
+
 @pytest.mark.parametrize("remove_plugin_sockets", [True, False], ids=["as-the-kubelet", "kubelet-sock-only"])
 def test_kubelet_restart_registers_again(node, remove_plugin_sockets):
     registered(node)

@@ -9,12 +9,20 @@ import fcntl
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 
 import pytest
 
-from cdi_hook import cache, state
+import oci_env
+from cdi_hook import cache, probe_spec, state
 from cdi_hook.cli import main
 from cdi_hook.commands import install
+from cdi_hook.errors import ResolveError
+from cdi_hook.registry import Registry
 from conftest import require, require_program, require_root
 
 SPEC = {"cdiVersion": "0.5.0", "kind": "doctor-test.example.com/dev",
@@ -332,3 +340,123 @@ def test_probe_spec_leaves_no_created_dir(node, capsys, tmp_path, monkeypatch):
     assert find(findings, "probe runc", OK)
     assert not missing.exists()
     assert code == 0, findings
+
+
+# ---------------------------------------------------------------------------------------
+# --probe interrupted or killed: nothing of it stays where starts and the device plugin look
+
+
+def _probe_spec(writer: str | None, token: str) -> dict:
+    """A probe spec as doctor writes it, naming `writer` (None: none, as an older doctor's)."""
+    spec = {"cdiVersion": "0.6.0", "kind": probe_spec.PROBE_KIND, "devices": [{"name": f"p{token}", "containerEdits": {
+        "deviceNodes": [{"path": "/dev/cdi-hook-probe", "hostPath": "/dev/null"}]}}]}
+    if writer is not None:
+        spec["annotations"] = {probe_spec.WRITER_ANNOTATION: writer}
+    return spec
+
+
+def _dead_writer() -> str:
+    """The identity of a process that ran and is gone."""
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        identity = probe_spec.writer_identity(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    return identity
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_probe_interrupted_leaves_nothing(node, tmp_path, signum):
+    """doctor --probe stopped mid-probe (its runc run blocked) removes its spec and temp dir,
+    and its child, reports the interruption and exits 128 + the signal."""
+    require_program("runc")
+    require(os.path.exists("/bin/busybox"), "needs busybox-static (/bin/busybox)")
+    node.install("hook")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    started = tmp_path / "runc-run-started"
+    # runc as doctor finds it on PATH: `runc run` blocks (its pid noted), all else is the real runc.
+    fake = bin_dir / "runc"
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = run ] && echo $$ > {started}.tmp && '
+                    f'/bin/mv {started}.tmp {started} && exec /bin/sleep 600; done\nexec {require_program("runc")} "$@"\n')
+    fake.chmod(0o755)
+    env = {"PATH": str(bin_dir), "TMPDIR": str(temp), "CONTAINERS_CONF": os.environ["CONTAINERS_CONF"]}
+    doctor = subprocess.Popen([sys.executable, "-I", "-m", "cdi_hook", "doctor", "--config-root", str(node.root),
+                               "--format", "json", "--probe"], cwd=oci_env.REPO, env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    blocked = None
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert doctor.poll() is None and time.monotonic() < deadline, [
+                (f["check"], f["status"], f["detail"]) for f in json.loads(doctor.communicate()[0] or "[]")
+                if f["status"] != OK or f["check"].startswith("probe")]
+            time.sleep(0.05)
+        blocked = int(started.read_text())
+        assert [p.name for p in node.specs.iterdir()][0].startswith(probe_spec.SPEC_PREFIX)  # mid-probe
+        assert [p.name for p in temp.iterdir()][0].startswith(probe_spec.TEMP_PREFIX)
+        doctor.send_signal(signum)
+        out, err = doctor.communicate(timeout=60)
+    finally:
+        if doctor.poll() is None:
+            doctor.kill()
+            doctor.wait()
+        if blocked is not None and os.path.exists(f"/proc/{blocked}/cmdline") and \
+                b"sleep" in open(f"/proc/{blocked}/cmdline", "rb").read():
+            os.kill(blocked, signal.SIGKILL)  # before the fix: left behind
+    assert _leftovers(node) == [] and list(temp.iterdir()) == []
+    assert doctor.returncode == 128 + signum, err
+    interrupted = find(json.loads(out), "probe", FAIL)[-1]
+    assert interrupted["detail"] == f"interrupted by {signal.Signals(signum).name}: its spec and temp dir removed"
+    assert not os.path.exists(f"/proc/{blocked}/cmdline") or b"sleep" not in open(f"/proc/{blocked}/cmdline",
+                                                                                   "rb").read()
+
+
+def test_a_killed_probes_leftovers_are_removed_by_the_next_run(node, capsys, tmp_path, monkeypatch):
+    """A probe spec and temp dir whose doctor is gone (SIGKILL) are removed by the next doctor,
+    with a warning each; those of a doctor still probing (this process) stay."""
+    node.install("hook")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    dead, alive = _dead_writer(), probe_spec.writer_identity()
+    for name, writer in (("dead", dead), ("alive", alive), ("older", None)):
+        oci_env.write_spec(node.specs, f"{probe_spec.SPEC_PREFIX}{name}.json", _probe_spec(writer, name))
+        directory = temp / f"{probe_spec.TEMP_PREFIX}{name}"
+        directory.mkdir()
+        (directory / "rootfs").mkdir()
+        if writer is not None:
+            (directory / probe_spec.WRITER_FILE).write_text(writer)
+    (node.specs / "dev.json").write_text(json.dumps(SPEC))
+    code, findings = node.doctor(capsys=capsys)
+    assert code == 0, findings
+    assert sorted(_leftovers(node)) == ["cdi-hook-doctor-probe-alive.json", "dev.json"]
+    # A dir without a writer file is not known to be a probe's: left alone.
+    assert sorted(p.name for p in temp.iterdir()) == ["cdi-hook-doctor-alive", "cdi-hook-doctor-older"]
+    removed = [f["detail"] for f in find(findings, "probe leftover", WARN)]
+    assert removed == [f"removed {node.specs}/cdi-hook-doctor-probe-dead.json, the probe spec of a doctor --probe "
+                       f"that was killed ({dead})",
+                       f"removed {node.specs}/cdi-hook-doctor-probe-older.json, the probe spec of a doctor --probe "
+                       "that was killed (no writer named)",
+                       f"removed {temp}/cdi-hook-doctor-dead, the temp dir of a doctor --probe that was killed"]
+    code, findings = node.doctor(capsys=capsys)
+    assert not [f for f in findings if f["check"] == "probe leftover"]
+
+
+def test_a_probe_device_resolves_only_while_its_doctor_lives(tmp_path):
+    """The hook (the registry's select, also from the compiled cache) gives a probe device to
+    the doctor's containers while it runs; a killed doctor's spec gives nobody anything."""
+    specs = tmp_path / "specs"
+    oci_env.write_spec(specs, "alive.json", _probe_spec(probe_spec.writer_identity(), "alive"))
+    oci_env.write_spec(specs, "dead.json", _probe_spec(_dead_writer(), "dead"))
+    oci_env.write_spec(specs, "older.json", _probe_spec(None, "older"))
+    kind = probe_spec.PROBE_KIND
+    for select in (lambda names: Registry.load([str(specs)]).select(names),
+                   lambda names: cache.select(names, [str(specs)])):
+        assert select([f"{kind}=palive"]).devices == (f"{kind}=palive",)
+        for name in ("pdead", "polder"):
+            with pytest.raises(ResolveError, match="the probe of a `cdi-hook doctor --probe` that is gone"):
+                select([f"{kind}={name}"])

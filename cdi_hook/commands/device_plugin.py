@@ -5,7 +5,8 @@ kubelet sets a `cdi.k8s.io/` annotation on it, and the kubelet does that only fo
 device plugin's Allocate answer carries (README, "Who may ask for a device"). This command
 is that device plugin:
 
-* One extended resource per CDI kind found in the spec dirs (`vendor.com/class`); its
+* One extended resource per CDI kind found in the spec dirs (`vendor.com/class`), but for
+  the throwaway kind of `cdi-hook doctor --probe` (cdi_hook/probe_spec.py); its
   device IDs are the CDI device names of that kind. Each resource has its own gRPC server
   on its own socket in the kubelet's device plugin dir and registers there with the
   kubelet (kubelet.sock, API version v1beta1).
@@ -50,6 +51,7 @@ from cdi_hook.errors import CdiError, listed, printable
 from cdi_hook.hostdev import host_node_type
 from cdi_hook.kubelet import api_pb2, api_pb2_grpc
 from cdi_hook.log import LEVELS, configured_level, structlog_logger
+from cdi_hook.probe_spec import PROBE_KIND
 from cdi_hook.registry import Registry
 from cdi_hook.request import build_annotations
 
@@ -133,10 +135,13 @@ def inventory(registry: Registry, host_root: str = "/") -> dict[str, dict[str, t
     """kind -> device name -> (health, why unhealthy or ""), for every resolvable device.
 
     A device's nodes are its spec's spec-level nodes (every device of the spec gets them)
-    and its own.
+    and its own. The probe spec of `cdi-hook doctor --probe` is no resource: it exists for
+    the doctor's own containers (its writer's, probe_spec), never for a pod.
     """
     kinds: dict[str, dict[str, tuple[str, str]]] = {}
     for spec, device in registry.devices.values():
+        if spec.kind == PROBE_KIND:
+            continue
         nodes = spec.container_edits.device_nodes + device.container_edits.device_nodes
         problems = [problem for problem in (node_problem(node, host_root) for node in nodes) if problem]
         health = (UNHEALTHY, "; ".join(problems)) if problems else (HEALTHY, "")

@@ -26,13 +26,17 @@ What it looks at, in order:
              matches the files, whether a `cdi-hook watch` for these spec dirs is running and
              healthy (cache.watched_generation's rules), the systemd unit.
   policy     the hook's policy file: present, root-owned and not writable by others, valid.
-  --probe    a throwaway spec (kind cdi-hook.doctor/probe, /dev/null at /dev/cdi-hook-probe)
-             written into the first spec dir the installed hook reads, under a unique name and
-             removed afterwards; then a Podman container started through the hooks dirs Podman
+  --probe    a throwaway spec (kind cdi-hook.doctor/probe, /dev/null at /dev/cdi-hook-probe,
+             naming this doctor as its writer: cdi_hook/probe_spec.py) written into the first
+             spec dir the installed hook reads, under a unique name and removed afterwards, also
+             on SIGINT or SIGTERM (then the exit status is 128 + the signal); then a Podman container started through the hooks dirs Podman
              reads (its own configuration: no --hooks-dir) and a runc container whose config.json
              carries the installed hook entries must see the node. Both run from a busybox
              rootfs in a temp dir, with their state (Podman --root/--runroot, runc --root) there
              too; everything is removed afterwards.
+
+Every run as root first removes what a killed (SIGKILL) `doctor --probe` left, once its writer
+is gone: probe specs in the spec dirs and probe temp dirs, each with a warning.
 
 The checks use the installed hook's settings (the env of its hooks.d entry: spec dirs, cache
 dir, policy), not this process's: that is what a container start sees. --config-root DIR
@@ -47,16 +51,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
 
-from cdi_hook import cache, state
+from cdi_hook import cache, probe_spec, state
 from cdi_hook.commands import install
 from cdi_hook.errors import CdiError, printable
 from cdi_hook.hook_entry import CARRIED_SETTINGS, LIVE_HOOK_STAGES, is_cdi_hook_argv
 from cdi_hook.live import mountinfo
+from cdi_hook.probe_spec import PROBE_KIND
 from cdi_hook.registry import Registry, untrusted_problem
 from cdi_hook.settings import (CACHE_DIR_ENV, DEFAULT_CACHE_DIR, DEFAULT_POLICY, DEFAULT_SPEC_DIRS, INSECURE_ENV,
                                POLICY_ENV, SPEC_DIRS_ENV, Settings, from_environ)
@@ -66,7 +72,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run t
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Iterable
-    from types import ModuleType
+    from types import FrameType, ModuleType
     from typing import Any
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -78,7 +84,7 @@ CRIO_CONF_DIR = "/etc/crio/crio.conf.d"
 # Where an install usually lands even when no runtime reads it (a common mistake: Podman 4.3
 # does not read /etc/containers/oci/hooks.d unless hooks_dir names it).
 USUAL_HOOKS_DIRS = (install.DEFAULT_HOOKS_DIR, "/etc/containers/oci/hooks.d")
-PROBE_KIND = "cdi-hook.doctor/probe"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PROBE_PATH = "/dev/cdi-hook-probe"
 PROBE_ANNOTATION = "cdi.k8s.io/cdi-hook-doctor"
 BUSYBOX = "/bin/busybox"
@@ -143,16 +149,23 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     entry_env = hook_settings(report, primary)
     hook = installed_settings(report, root, entry_env)
     spec_dirs, hook_spec_dirs = spec_dirs_of(report, root, args.spec_dir, hook, installed=entry_env is not None)
+    remove_stale_probes(report, [*hook_spec_dirs, *spec_dirs])
     check_spec_dirs(report, spec_dirs, hook)
     check_cache(report, root, spec_dirs, hook)
     check_policy(report, root, hook)
+    interrupted = 0
     if args.probe:
-        probe(report, runtimes, views, primary, hook_spec_dirs)
+        try:
+            probe(report, runtimes, views, primary, hook_spec_dirs)
+        except Interrupted as stop:
+            interrupted = stop.signum
+            report.add("probe", FAIL, f"interrupted by {signal.Signals(stop.signum).name}: its spec and temp dir "
+                       "removed")
     if getattr(args, "format", "text") == "json":
         print(json.dumps(report.findings, indent=2))
     else:
         print(report.text())
-    return 1 if report.failed() else 0
+    return 128 + interrupted if interrupted else 1 if report.failed() else 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -697,7 +710,45 @@ def check_policy(report: Report, root: str | None, hook: Settings) -> None:
 # --probe
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM during the probe: raised in the main thread, so that every `finally`
+    (the runtimes' clean-up, the spec's and temp dir's removal) runs. A BaseException: no
+    `except Exception` on the way may take it for an error and carry on."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
+class Made:
+    """What the probe put on the node, so far: removed by remove(), in any case."""
+
+    def __init__(self) -> None:
+        self.top: str | None = None  # the temp dir
+        self.spec_path: str | None = None
+        self.created_dir: str | None = None  # a spec dir the probe had to make
+
+    def remove(self) -> None:
+        if self.spec_path:
+            try:
+                os.unlink(self.spec_path)
+            except FileNotFoundError:
+                pass
+        if self.created_dir:
+            try:
+                os.rmdir(self.created_dir)
+            except OSError:
+                pass
+        if self.top:
+            _remove_tree(self.top)
+
+
 def probe(report: Report, runtimes: dict, views: dict, primary: dict[str, HookFile], hook_spec_dirs: list[str]) -> None:
+    """Raises Interrupted after removing everything when SIGINT or SIGTERM comes meanwhile."""
     if os.geteuid() != 0:
         report.add("probe", FAIL, "needs root (it runs containers and writes a spec)", "run as root")
         return
@@ -705,45 +756,106 @@ def probe(report: Report, runtimes: dict, views: dict, primary: dict[str, HookFi
         report.add("probe", FAIL, f"needs a static busybox at {BUSYBOX} for the test container's rootfs",
                    "install busybox-static")
         return
+    made = Made()
+    previous = {signum: signal.signal(signum, _interrupt) for signum in STOP_SIGNALS}
+    try:
+        _probe(report, runtimes, views, primary, hook_spec_dirs, made)
+    finally:
+        # A second signal must not cut the removal short: noted, and raised once it is done.
+        late: list[int] = []
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, lambda signum, frame: late.append(signum))
+        try:
+            made.remove()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        if late:
+            raise Interrupted(late[0])
+
+
+def _probe(report: Report, runtimes: dict, views: dict, primary: dict[str, HookFile], hook_spec_dirs: list[str],
+           made: Made) -> None:
     token = os.urandom(6).hex()
     device = f"{PROBE_KIND}=p{token}"
-    top = tempfile.mkdtemp(prefix="cdi-hook-doctor-")
-    created_dir = None
-    spec_path = None
-    try:
-        spec_dir = next((d for d in hook_spec_dirs if os.path.isdir(d)), None)
-        if spec_dir is None:
-            if not hook_spec_dirs:
-                report.add("probe", FAIL, "the installed hook reads no spec dir", "set CDI_SPEC_DIRS and install again")
-                return
-            spec_dir = created_dir = hook_spec_dirs[0]
-            os.makedirs(spec_dir, 0o755)
-        spec_path = os.path.join(spec_dir, f"cdi-hook-doctor-probe-{token}.json")
-        spec = {"cdiVersion": "0.5.0", "kind": PROBE_KIND, "devices": [{"name": f"p{token}", "containerEdits": {
-            "deviceNodes": [{"path": PROBE_PATH, "hostPath": "/dev/null"}]}}]}
-        from cdi_hook.state import write_atomic
+    writer = probe_spec.writer_identity()
+    made.top = top = tempfile.mkdtemp(prefix=probe_spec.TEMP_PREFIX)
+    with open(os.path.join(top, probe_spec.WRITER_FILE), "w") as f:
+        f.write(writer)
+    spec_dir = next((d for d in hook_spec_dirs if os.path.isdir(d)), None)
+    if spec_dir is None:
+        if not hook_spec_dirs:
+            report.add("probe", FAIL, "the installed hook reads no spec dir", "set CDI_SPEC_DIRS and install again")
+            return
+        spec_dir = made.created_dir = hook_spec_dirs[0]
+        os.makedirs(spec_dir, 0o755)
+    spec_path = made.spec_path = os.path.join(spec_dir, f"{probe_spec.SPEC_PREFIX}{token}.json")
+    # 0.6.0: the first version with annotations, which name the writer.
+    spec = {"cdiVersion": "0.6.0", "kind": PROBE_KIND, "annotations": {probe_spec.WRITER_ANNOTATION: writer},
+            "devices": [{"name": f"p{token}", "containerEdits": {
+                "deviceNodes": [{"path": PROBE_PATH, "hostPath": "/dev/null"}]}}]}
+    state.write_atomic(spec_path, json.dumps(spec).encode(), 0o644, owner=(0, 0))
+    report.add("probe spec", OK, f"wrote {spec_path} ({device}: /dev/null at {PROBE_PATH}); removed afterwards"
+               + (f", with the dir {made.created_dir} it created" if made.created_dir else ""))
+    if "podman" in runtimes:
+        _probe_podman(report, runtimes, views, device, top)
+    if "runc" in runtimes:
+        _probe_runc(report, runtimes["runc"], primary, device, top)
+    if not {"podman", "runc"} & set(runtimes):
+        report.add("probe", WARN, "neither podman nor runc on PATH: nothing to start a container with")
 
-        write_atomic(spec_path, json.dumps(spec).encode(), 0o644, owner=(0, 0))
-        report.add("probe spec", OK, f"wrote {spec_path} ({device}: /dev/null at {PROBE_PATH}); removed afterwards"
-                   + (f", with the dir {created_dir} it created" if created_dir else ""))
-        if "podman" in runtimes:
-            _probe_podman(report, runtimes, views, device, top)
-        if "runc" in runtimes:
-            _probe_runc(report, runtimes["runc"], primary, device, top)
-        if not {"podman", "runc"} & set(runtimes):
-            report.add("probe", WARN, "neither podman nor runc on PATH: nothing to start a container with")
-    finally:
-        if spec_path:
+
+def remove_stale_probes(report: Report, spec_dirs: Iterable[str]) -> None:
+    """Remove what a killed `doctor --probe` left (its writer gone): probe specs in the spec
+    dirs, probe temp dirs (root's) in the temp dir. One warning for each."""
+    from cdi_hook.registry import load_spec_file
+
+    if os.geteuid() != 0:
+        return
+    for directory in dict.fromkeys(spec_dirs):
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            continue
+        for name in names:
+            if not (name.startswith(probe_spec.SPEC_PREFIX) and name.endswith(".json")):
+                continue
+            path = os.path.join(directory, name)
+            spec = load_spec_file(path).spec
+            if spec is None or not probe_spec.stale(spec):
+                continue  # not a probe spec, or one whose doctor still runs
             try:
-                os.unlink(spec_path)
+                os.unlink(path)
             except FileNotFoundError:
-                pass
-        if created_dir:
-            try:
-                os.rmdir(created_dir)
-            except OSError:
-                pass
-        _remove_tree(top)
+                continue
+            report.add("probe leftover", WARN, f"removed {path}, the probe spec of a doctor --probe that was killed "
+                       f"({probe_spec.writer_of(spec) or 'no writer named'})")
+    top = tempfile.gettempdir()
+    try:
+        names = sorted(os.listdir(top))
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(top, name)
+        if name.startswith(probe_spec.TEMP_PREFIX) and _stale_probe_dir(path):
+            _remove_tree(path)
+            report.add("probe leftover", WARN, f"removed {path}, the temp dir of a doctor --probe that was killed")
+
+
+def _stale_probe_dir(path: str) -> bool:
+    """A probe's temp dir (root's own folder, not a symlink, with a writer file) whose writer is gone."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+            return False
+        fd = os.open(os.path.join(path, probe_spec.WRITER_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        writer = os.read(fd, 4096).decode(errors="replace")
+    finally:
+        os.close(fd)
+    return not probe_spec.writer_alive(writer)
 
 
 def _rootfs(path: str) -> str:
