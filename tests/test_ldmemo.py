@@ -9,11 +9,14 @@ namespace), with the host's static ldconfig.
 
 from __future__ import annotations
 
+import marshal
 import os
 import shutil
+import subprocess
 import stat
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -209,3 +212,53 @@ def test_ldconfigs_report_is_read_as_it_writes_it():
 def test_glob_matches_like_glob3():
     assert ldmemo._matches("00-cdi-hook.conf", "*.conf") and not ldmemo._matches("a.conf~", "*.conf")
     assert ldmemo._matches("ab.conf", "a?.conf") and not ldmemo._matches("abc.conf", "a?.conf")
+
+
+# ---------------------------------------------------------------------------------------
+# An identity keyed by inode holds its file system
+
+
+def test_identities_differing_only_in_their_device_differ():
+    file = SimpleNamespace(st_mode=stat.S_IFREG | 0o644, st_dev=os.makedev(0, 51), st_ino=2, st_size=4096,
+                           st_mtime_ns=10**18, st_ctime_ns=10**18)
+    other = SimpleNamespace(**{**vars(file), "st_dev": os.makedev(0, 52)})
+    root_dev = os.makedev(254, 0)
+    assert ldmemo._identity(file, root_dev) != ldmemo._identity(other, root_dev)
+    assert os.makedev(0, 51) in ldmemo._identity(file, root_dev)
+    # The rootfs's own file system by a marker: an overlay's number is each container's own.
+    on_root = SimpleNamespace(**{**vars(file), "st_dev": root_dev})
+    assert ldmemo._identity(on_root, root_dev)[1] == ldmemo.ROOT_DEVICE
+
+
+def test_equal_inode_numbers_on_two_tmpfs_mounts_key_apart(root_only, tmp_path):
+    """Two rootfs folders whose scanned folder is each a tmpfs of its own, holding a library of
+    the same name, inode number, size and mtime: their keys differ by the file system, not
+    only by the ctime (which a coarse kernel clock can make equal too)."""
+    roots = [tmp_path / "a", tmp_path / "b"]
+    mounted = []
+    try:
+        for number, root in enumerate(roots):
+            lib = root / "opt" / "lib"
+            lib.mkdir(parents=True)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(lib)], check=True)
+            mounted.append(lib)
+            (lib / "libsame.so.1").write_bytes(bytes([number]) * 100)  # other content, same size
+            os.utime(lib / "libsame.so.1", ns=(10**18, 10**18))
+        keys = []
+        for root in roots:
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                key, _ = ldmemo.state_key(fd, (("/opt/lib", "scan"),))
+            finally:
+                os.close(fd)
+            [(_, _, listing)] = marshal.loads(key)
+            keys.append(next(entry for entry in listing if entry[0] == "libsame.so.1"))
+        inodes = [(root / "opt/lib/libsame.so.1").stat().st_ino for root in roots]
+        devices = [(root / "opt/lib/libsame.so.1").stat().st_dev for root in roots]
+        assert inodes[0] == inodes[1] and devices[0] != devices[1]  # the case: per-mount inode numbers
+        without_times = [entry[:-2] for entry in keys]  # name, mode, file system, inode, size
+        assert without_times[0] != without_times[1], keys
+        assert [entry[2] for entry in keys] == devices
+    finally:
+        for lib in mounted:
+            subprocess.run(["umount", str(lib)], check=False)

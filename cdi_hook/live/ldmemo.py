@@ -3,8 +3,8 @@
 ldconfig's cache is a function of what it reads: its own binary and arguments, the conf
 files (etc/ld.so.conf and what it includes), which of the folders named there and built in
 exist (and which are the same folder twice), and in each folder it scans, the entries that
-could be libraries (their names, types, and each file's identity: inode, size, mtime and
-ctime, for a symlink also its target and the identity of the file it leads to; a folder
+could be libraries (their names, types, and each file's identity: file system, inode, size, mtime
+and ctime, for a symlink also its target and the identity of the file it leads to; a folder
 without a library's name by name alone, since ldconfig enters one only as a legacy hwcap
 subfolder, which its report then names as scanned, glibc-hwcaps excepted: ldconfig reads
 its subfolders, and only those it finds are reported). When all of
@@ -19,9 +19,16 @@ folder missing or named twice); a run whose report holds anything else, or whose
 what this module does not follow (a ':' in a folder line, a glob beyond `*`/`?` in the last
 part of an include), is simply not remembered, and every start runs ldconfig as before.
 A file changed less than cache.FRESH_NS ago keeps a run from being remembered (timestamp
-granularity), as in the registry cache. The st_dev of image files is left out: an overlay
-gives every container of an image its own device number; inode numbers and nanosecond
-ctimes, which nobody can set, still tell the files apart.
+granularity), as in the registry cache.
+
+Every identity keyed by inode holds its file system too: an inode number (and a ctime,
+which many kernels take from a coarse clock) tells files apart only within one. A file on
+another file system than the rootfs's (a bind mount, a tmpfs in a scanned folder) is keyed
+by its st_dev; one on the rootfs's own by ROOT_DEVICE, and the rootfs by root_identity():
+a block device's number. An overlay rootfs is an anonymous device whose number, and on
+recent kernels statfs fsid, are each mount's own: keyed by either, no two containers of an
+image would ever share a memo. There the inode numbers (an overlay's own: the layers'
+inodes, unique on their file system) and the times remain what tells files apart.
 
 Where: root-only files in <cache dir>/ldconfig (a folder of cache.cache_dir()), opened
 before the worker enters the container (an fd), named by CRCs and holding the whole key,
@@ -48,7 +55,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any
 
-FORMAT = 1
+FORMAT = 2  # 2: identities keyed by inode hold their file system
 MAGIC = b"CDIHKL%02d" % FORMAT
 SUBDIR = "ldconfig"
 CONF = "/etc/ld.so.conf"  # ldconfig's default -f, inside its chroot
@@ -61,6 +68,7 @@ KEEP = 32  # remembered caches kept; the oldest go first
 MAX_MEMO = 1 << 28  # a bound for a remembered value (an ld.so.cache is a few MB at most)
 _GLOB_UNSUPPORTED = ("[", "\\", "{")
 GLIBC_HWCAPS = "glibc-hwcaps"  # its subfolders are scanned by name (glibc >= 2.33, elf/ldconfig.c)
+ROOT_DEVICE = -1  # in an identity: the file is on the rootfs's own file system (root_identity)
 
 
 class Unsupported(Exception):
@@ -91,13 +99,27 @@ def conf_key(view_fd: int, ldconfig_fd: int, argv: Sequence[str]) -> bytes | Non
     """Part one of the key: ldconfig's identity and arguments and every conf file it reads
     (path and content, in the order it reads them). None when not supported."""
     st = os.fstat(ldconfig_fd)
+    root = root_identity(view_fd)
     files: list = []
     try:
         _read_conf(view_fd, CONF, files, 0)
     except Unsupported:
         return None
-    return marshal.dumps((FORMAT, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),
+    return marshal.dumps((FORMAT, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), root,
                           tuple(argv), tuple(files)))
+
+
+def root_identity(view_fd: int) -> tuple:
+    """The rootfs's file system: a block device's number; for an anonymous device (an
+    overlay, a tmpfs) only that it is one (see the module's text: its number, and on recent
+    kernels its statfs fsid too, are each mount's own)."""
+    dev = os.fstat(view_fd).st_dev
+    return ("dev", dev) if os.major(dev) != 0 else ("anonymous",)
+
+
+def _device(st: os.stat_result, root_dev: int) -> int:
+    """The file system part of a file's identity (see the module's text)."""
+    return ROOT_DEVICE if st.st_dev == root_dev else st.st_dev
 
 
 def _read_conf(view_fd: int, path: str, files: list, depth: int) -> None:
@@ -226,6 +248,7 @@ def state_key(view_fd: int, folders: tuple) -> tuple[bytes, int] | None:
     states: list[tuple] = []
     seen: dict[tuple[int, int], int] = {}
     budget = [MAX_ENTRIES, 0]  # entries left, newest timestamp
+    root_dev = os.fstat(view_fd).st_dev
     for index, (path, kind) in enumerate(folders):
         try:
             fd = sc.openat2(view_fd, path, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK, IN_ROOT)
@@ -240,7 +263,7 @@ def state_key(view_fd: int, folders: tuple) -> tuple[bytes, int] | None:
             if kind != "scan":
                 states.append(("folder", same_as))
                 continue
-            listing = _listing(view_fd, fd, path, budget)
+            listing = _listing(view_fd, fd, path, budget, root_dev)
             if listing is None:
                 return None
             states.append(("folder", same_as, listing))
@@ -254,7 +277,7 @@ def _is_library_like(name: str) -> bool:
     return name.startswith(("lib", "ld-")) and ".so" in name
 
 
-def _listing(view_fd: int, fd: int, path: str, budget: list) -> tuple | None:
+def _listing(view_fd: int, fd: int, path: str, budget: list, root_dev: int) -> tuple | None:
     """A scanned folder's entries: library-like names and all that is not a regular file or a
     folder with their identity, other regular files by name (ldconfig skips them unread),
     other folders by name and type (see below)."""
@@ -280,18 +303,24 @@ def _listing(view_fd: int, fd: int, path: str, budget: list) -> tuple | None:
             signatures[name] = (stat.S_IFDIR,)
             continue
         budget[1] = max(budget[1], st.st_mtime_ns, st.st_ctime_ns)
-        signatures[name] = (st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        signatures[name] = _identity(st, root_dev)
     result = []
     for name, _ in found:
         signature = signatures[name]
         if signature and stat.S_ISLNK(signature[0]) and _is_library_like(name):
             target = os.readlink(name, dir_fd=fd)
-            signature += (target, _target(view_fd, path, name, target, signatures, budget))
+            signature += (target, _target(view_fd, path, name, target, signatures, budget, root_dev))
         result.append((name,) + signature)
     return tuple(result)
 
 
-def _target(view_fd: int, path: str, name: str, target: str, signatures: dict, budget: list) -> tuple:
+def _identity(st: os.stat_result, root_dev: int) -> tuple:
+    """A file as the key holds it: type and mode, file system, inode, size, times."""
+    return (st.st_mode, _device(st, root_dev), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _target(view_fd: int, path: str, name: str, target: str, signatures: dict, budget: list,
+            root_dev: int) -> tuple:
     """The identity of the file a library symlink leads to, as ldconfig's stat() in its
     chroot finds it. A plain name of a file in the same folder is taken from the listing."""
     signature = signatures.get(target) if "/" not in target and target not in (".", "..") else None
@@ -306,7 +335,7 @@ def _target(view_fd: int, path: str, name: str, target: str, signatures: dict, b
     finally:
         os.close(fd)
     budget[1] = max(budget[1], st.st_mtime_ns, st.st_ctime_ns)
-    return (st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return _identity(st, root_dev)
 
 
 # ---------------------------------------------------------------------------------------
