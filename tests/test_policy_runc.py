@@ -204,3 +204,45 @@ def test_poststop_undoes_the_hold_even_when_the_policy_no_longer_allows_the_devi
     # given back; the policy is not asked again (this spec has no poststop hook to refuse).
     poststop = [line for line in hook_env.log_lines(log_file) if line["stage"] == "poststop"]
     assert poststop and poststop[-1].get("from") == "record" and "error" not in poststop[-1], poststop
+
+
+# Issue 22, class 5: markers a pod author adds decide nothing.
+CONTAINERD_DISGUISE = {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-namespace": "ml"}
+
+
+def test_crio_pod_posing_as_containerd_is_refused_under_a_vouching_policy(runc, tmp_path):
+    """On CRI-O, a pod's io.kubernetes.cri.container-type no longer makes the config containerd's,
+    and containerd.cdiAnnotations: container no longer makes the pod's request the kubelet's."""
+    vouched = policy_file(tmp_path, 'version: "1"\ncontainerd:\n  cdiAnnotations: container\n')
+    annotations = shapes.crio(pod_annotations={"cdi.k8s.io/gpu": ALL, **CONTAINERD_DISGUISE}, namespace="prod")
+    mounts_before = oci_env.host_mount_points()
+    b, log_file = bundle(tmp_path, annotations, {"CDI_HOOK_POLICY": vouched})
+    assert_refused_untouched(tmp_path, b, oci_env.run_container(b), "(asked by unknown",
+                             "markers of two runtimes", "io.kubernetes.cri.container-type")
+    assert oci_env.new_host_mounts(mounts_before, oci_env.host_mount_points(), tmp_path) == []
+    [line] = hook_env.log_lines(log_file)
+    assert line["level"] == "error" and "markers of two runtimes" in line["error"]
+
+
+def test_pods_own_sandbox_namespace_does_not_match_a_namespace_rule(runc, tmp_path):
+    """A rule for namespace ml (any source) is not met by a pod in prod writing containerd's
+    sandbox-namespace: ml on CRI-O; the pod in ml itself still gets the device."""
+    path = policy_file(tmp_path, f'version: "1"\nrules:\n  - action: allow\n    namespaces: [ml]\n'
+                                 f'    devices: ["{hook_env.VENDOR}=*"]\n')
+    env = {"CDI_HOOK_POLICY": path}
+    annotations = shapes.crio(pod_annotations={"cdi.k8s.io/gpu": ALL, **CONTAINERD_DISGUISE}, namespace="prod")
+    b, _ = bundle(tmp_path, annotations, env, name="prod")
+    assert_refused_untouched(tmp_path, b, oci_env.run_container(b), "markers of two runtimes")
+    b, _ = bundle(tmp_path, shapes.crio(pod_annotations={"cdi.k8s.io/gpu": ALL}, namespace="ml"), env, name="ml")
+    result = oci_env.run_container(b)
+    assert result.returncode == 0, result.stderr
+
+
+def test_containerd_marker_alone_is_refused(runc, tmp_path):
+    """An unknown runtime passing the pod's annotations: containerd's container-type without the
+    keys containerd writes beside it is a pod author's, refused under a vouching policy."""
+    vouched = policy_file(tmp_path, 'version: "1"\ncontainerd:\n  cdiAnnotations: container\n')
+    annotations = {"cdi.k8s.io/gpu": ALL, **CONTAINERD_DISGUISE, **shapes.kubelet_labels()}
+    b, _ = bundle(tmp_path, annotations, {"CDI_HOOK_POLICY": vouched})
+    assert_refused_untouched(tmp_path, b, oci_env.run_container(b), "(asked by unknown",
+                             "io.kubernetes.cri.sandbox-id")
