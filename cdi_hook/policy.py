@@ -3,7 +3,7 @@
 Default (no policy file): requests from the kubelet and the administrator are honoured; a
 pod author's, or one whose source cannot be told, is refused. A policy file changes that:
 
-    # /etc/cdi-hook/policy.yaml (root-owned, not writable by group or others)
+    # /etc/cdi-hook/policy.yaml (root-owned, not writable by group or others, nor any folder above)
     version: "1"
     containerd:
       cdiAnnotations: container     # containerd passes cdi.k8s.io/* via container_annotations only
@@ -92,10 +92,19 @@ def load(path: str | None = None, settings: Settings | None = None) -> Policy:
 
 
 def read(path: str) -> Policy:
-    """Read, check the owner and mode, parse and validate a policy file."""
-    from cdi_hook.registry import untrusted_problem
+    """Read, check the owner and mode (the file's and every folder's down to it), parse and
+    validate a policy file. Run only when the compiled policy's stat signature no longer
+    matches: a file renamed over the policy has another inode and ctime, so it is read,
+    and checked, here."""
     from cdi_hook.spec.parse import decode_document
+    from cdi_hook.trust import file_problem, folders_problem
 
+    if os.geteuid() == 0:
+        found = folders_problem(path)
+        if found:
+            folder, why = found
+            raise CdiError(f"{path}: refused: folder {folder} above the policy file is {why}; every folder "
+                           "from / down to it must be root's and writable by root only")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as error:
@@ -105,7 +114,7 @@ def read(path: str) -> Policy:
         if not stat.S_ISREG(st.st_mode):
             raise CdiError(f"{path}: the policy is not a regular file")
         if os.geteuid() == 0:
-            problem = untrusted_problem(st)
+            problem = file_problem(st)
             if problem:
                 raise CdiError(f"{path}: refused: the policy file is {problem}; it must be writable by root only")
         data = os.read(fd, MAX_POLICY_SIZE + 1)

@@ -10,15 +10,15 @@ a higher-priority dir defines it once). A missing dir is fine; subdirectories an
 file names are ignored; one bad file never hides the good ones: its errors are kept per
 file for `cdi-hook validate` and for resolve's message.
 
-When running as root, a spec file or dir that a non-root user could write is refused: a
-spec decides what gets mounted into every container that asks for its devices, so it must
-be as trusted as the runtime itself.
+When running as root, a spec file or dir that a non-root user could write, or could
+replace through a folder above it, is refused (trust.py's rule): a spec decides what gets
+mounted into every container that asks for its devices, so it must be as trusted as the
+runtime itself.
 """
 
 from __future__ import annotations
 
 import os
-import stat
 
 from collections import namedtuple
 
@@ -28,6 +28,8 @@ from cdi_hook.settings import DEFAULT_SPEC_DIRS, INSECURE_ENV, Settings
 from cdi_hook.settings import current as current_settings
 from cdi_hook.spec.model import ContainerEdits, Device, Spec
 from cdi_hook.spec.names import is_qualified_name, quote
+from cdi_hook.trust import file_problem as untrusted_problem
+from cdi_hook.trust import folders_problem
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
 if TYPE_CHECKING:
@@ -75,34 +77,34 @@ def insecure_specs_allowed(insecure: bool | None = None, settings: Settings | No
     return (settings or current_settings()).insecure_specs
 
 
-def untrusted_problem(st: os.stat_result) -> str | None:
-    """Why a file or dir with this stat could be changed by someone other than root."""
-    if st.st_uid != 0:
-        return f"owned by uid {st.st_uid}, not root"
-    if st.st_mode & stat.S_IWOTH:
-        return "writable by every user"
-    if st.st_mode & stat.S_IWGRP and st.st_gid != 0:
-        return f"writable by group {st.st_gid}"
-    return None
-
-
 def _refusal(path: str, what: str, problem: str) -> str:
     return (f"{path}: refused: the spec {what} is {problem}; specs must be writable by root only "
             f"(set {INSECURE_ENV}=1 to skip this check in test set-ups)")
 
 
+def _folder_refusal(path: str, what: str, found: tuple[str, str]) -> str:
+    folder, problem = found
+    return (f"{path}: refused: folder {folder} above the spec {what} is {problem}; every folder from / down to "
+            f"a spec must be root's and writable by root only (set {INSECURE_ENV}=1 to skip this check in "
+            "test set-ups)")
+
+
 class SpecFileResult:
     """What loading one spec file gave: a valid Spec, or the errors (and the kind if known)."""
 
-    def __init__(self, path: str, spec: Spec | None, errors: list[str], kind: str | None = None):
+    def __init__(self, path: str, spec: Spec | None, errors: list[str], kind: str | None = None,
+                 refused: bool = False):
         self.path = path
         self.spec = spec
         self.errors = errors
         self.kind = kind
+        self.refused = refused  # not trusted: never read
 
 
-def load_spec_file(path: str, *, require_trusted: bool = False, max_size: int | None = None) -> SpecFileResult:
-    """Read, parse and validate one file; never raises for a bad file."""
+def load_spec_file(path: str, *, require_trusted: bool = False, max_size: int | None = None,
+                   check_folders: bool = True) -> SpecFileResult:
+    """Read, parse and validate one file; never raises for a bad file. check_folders=False:
+    the caller has checked every folder down to the file (a spec dir's plain files)."""
     # Imported here, not above: a start answered by the compiled cache (cache.py) never
     # parses a spec, and parse + validate (with json, re) cost it milliseconds.
     from cdi_hook.spec.parse import build_spec, decode_document, read_spec_bytes
@@ -110,11 +112,15 @@ def load_spec_file(path: str, *, require_trusted: bool = False, max_size: int | 
 
     kind = None
     try:
+        if require_trusted and check_folders:
+            found = folders_problem(path)
+            if found:
+                return SpecFileResult(path, None, [_folder_refusal(path, "file", found)], refused=True)
         data, st = read_spec_bytes(path, max_size)
         if require_trusted:
             problem = untrusted_problem(st)
             if problem:
-                return SpecFileResult(path, None, [_refusal(path, "file", problem)])
+                return SpecFileResult(path, None, [_refusal(path, "file", problem)], refused=True)
         document = decode_document(data, path)
         if isinstance(document, dict) and isinstance(document.get("kind"), str):
             kind = document["kind"]
@@ -135,6 +141,7 @@ class Registry:
         self.errors: dict[str, list[str]] = {}  # file or dir -> error lines
         self.conflicts: dict[str, tuple[str, ...]] = {}  # unavailable name -> files
         self.invalid_kinds: dict[str, list[str]] = {}  # kind -> invalid spec files
+        self.refusals: list[str] = []  # trust refusals (a dir's or a file's), error lines in scan order
 
     @classmethod
     def load(cls, spec_dirs: Iterable[str] | None = None, *, insecure: bool | None = None,
@@ -156,7 +163,7 @@ class Registry:
         try:
             dir_stat = os.stat(spec_dir)
             with os.scandir(spec_dir) as entries:
-                names = sorted(e.name for e in entries if is_spec_file_name(e.name) and not e.is_dir())
+                found = [(e.name, e.is_symlink()) for e in entries if is_spec_file_name(e.name) and not e.is_dir()]
         except FileNotFoundError:
             return
         except NotADirectoryError:
@@ -167,16 +174,25 @@ class Registry:
             return
         if require_trusted:
             problem = untrusted_problem(dir_stat)
-            if problem:
-                self.errors[spec_dir] = [_refusal(spec_dir, "dir", problem)]
+            refusal = _refusal(spec_dir, "dir", problem) if problem else None
+            above = None if refusal else folders_problem(spec_dir)
+            if above:
+                refusal = _folder_refusal(spec_dir, "dir", above)
+            if refusal:
+                self.errors[spec_dir] = [refusal]
+                self.refusals.append(refusal)
                 return
         # name -> every (spec, device) defining it in this dir (one priority level)
         level: dict[str, list[tuple[Spec, Device]]] = {}
-        for name in names:
+        for name, is_link in sorted(found):
+            # A plain file's folders are the spec dir's, checked above; a symlink leads
+            # through folders of its own.
             result = load_spec_file(os.path.join(spec_dir, name), require_trusted=require_trusted,
-                                    max_size=max_size)
+                                    max_size=max_size, check_folders=is_link)
             if result.spec is None:
                 self.errors[result.path] = result.errors
+                if result.refused:
+                    self.refusals.extend(result.errors)
                 if result.kind:
                     self.invalid_kinds.setdefault(result.kind, []).append(result.path)
                 continue
@@ -227,6 +243,10 @@ class Registry:
                    f"(spec dirs searched: {listed(self.spec_dirs) or 'none'})")
         if details:
             message += "; " + "; ".join(details)
+        if self.refusals:
+            # The device may be in a spec refused unread: say where, so the line names the folder.
+            more = f" (and {len(self.refusals) - 1} more)" if len(self.refusals) > 1 else ""
+            message += f"; {self.refusals[0]}{more}"
         if self.errors:
             message += f"; {len(self.errors)} spec file(s) or dir(s) have errors: run `cdi-hook validate`"
         return message

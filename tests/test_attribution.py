@@ -124,3 +124,67 @@ def test_manager_cri_o_with_a_missing_container_type_is_refused():
     annotations = shapes.crio(kubelet_annotations=REQUEST)
     del annotations["io.kubernetes.cri-o.ContainerType"]
     assert sources(annotations)[1] == [UNKNOWN]
+
+
+# Issue 22, class 5: markers a pod author can add must not decide the runtime.
+CONTAINERD_DISGUISE = {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-namespace": "ml"}
+
+
+@pytest.mark.parametrize("vouched", [False, True])
+def test_crio_pod_adding_containerds_markers_is_refused(vouched):
+    """A CRI-O pod that adds containerd's container-type is not taken for containerd's: the
+    policy's containerd.cdiAnnotations no longer makes its request the kubelet's."""
+    annotations = shapes.crio(pod_annotations={**REQUEST, **CONTAINERD_DISGUISE}, namespace="prod")
+    container, requests = attribute(annotations, [GPU], containerd_kubelet_only=vouched)
+    assert container.refusal and requests[0].source == UNKNOWN
+    assert "markers of two runtimes" in requests[0].why and "io.kubernetes.cri.container-type" in requests[0].why
+    assert (container.runtime, container.namespace, container.pod) == ("cri-o", "", "")
+
+
+def test_crio_pod_adding_containerds_whole_key_set_is_still_refused():
+    disguise = shapes.containerd(namespace="ml")
+    annotations = shapes.crio(pod_annotations={**REQUEST, **disguise}, namespace="prod")
+    container, found = sources(annotations, containerd_kubelet_only=True)
+    assert found == [UNKNOWN] and container.runtime == "kubernetes" and container.namespace == ""
+
+
+def test_crio_namespace_comes_from_crios_labels_not_the_pods_annotations():
+    annotations = shapes.crio(pod_annotations={**REQUEST, "io.kubernetes.pod.namespace": "ml"}, namespace="prod")
+    annotations["io.kubernetes.pod.namespace"] = "ml"  # even were a top-level key left as the pod wrote it
+    assert classify(annotations).namespace == "prod"
+
+
+@pytest.mark.parametrize("broken, why", [("[]", "not a JSON object of strings"), ("{", "not valid JSON")])
+def test_crio_broken_labels_refuse(broken, why):
+    annotations = shapes.crio(kubelet_annotations=REQUEST)
+    annotations["io.kubernetes.cri-o.Labels"] = broken
+    container, found = sources(annotations)
+    assert found == [UNKNOWN] and why in container.refusal
+
+
+def test_containerd_marker_without_containerds_own_keys_is_refused():
+    """An unknown runtime passing pod annotations: containerd's container-type alone is a marker a
+    pod author wrote; its namespace is not read."""
+    annotations = {**REQUEST, **CONTAINERD_DISGUISE, "io.kubernetes.pod.name": "p"}
+    container, found = sources(annotations, containerd_kubelet_only=True)
+    assert found == [UNKNOWN] and "io.kubernetes.cri.sandbox-id" in container.refusal
+    assert container.namespace == ""
+
+
+def test_crio_manager_without_crios_own_keys_is_refused():
+    annotations = {**REQUEST, "io.container.manager": "cri-o", "io.kubernetes.cri-o.ContainerType": "container",
+                   "io.kubernetes.cri-o.Annotations": json.dumps(REQUEST)}
+    container, found = sources(annotations)
+    assert found == [UNKNOWN] and "io.kubernetes.cri-o.ContainerID" in container.refusal
+
+
+def test_podman_manager_on_a_kubernetes_config_is_refused():
+    """A pod author on a runtime passing pod annotations writes Podman's manager: not the admin's."""
+    annotations = {**REQUEST, "io.container.manager": "libpod", "io.kubernetes.pod.namespace": "ml"}
+    container, found = sources(annotations)
+    assert found == [UNKNOWN] and "Podman" in container.refusal
+
+
+def test_unknown_kubernetes_runtime_has_no_namespace():
+    container, found = sources({**REQUEST, "io.kubernetes.pod.namespace": "ml", "io.kubernetes.pod.name": "p"})
+    assert (container.namespace, container.pod) == ("", "")

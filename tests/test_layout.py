@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cdi_hook"
 # the graph stays acyclic). Modules not listed sit in the layer of their package.
 LAYERS = [
     {"cdi_hook", "cdi_hook.errors", "cdi_hook.spec", "cdi_hook.state", "cdi_hook.settings", "cdi_hook.hook_entry",
-     "cdi_hook.log", "cdi_hook.jsonio", "cdi_hook.inotify"},
+     "cdi_hook.log", "cdi_hook.jsonio", "cdi_hook.inotify", "cdi_hook.trust"},
     {"cdi_hook.spec.*", "cdi_hook.oci", "cdi_hook.request", "cdi_hook.attribution",
      "cdi_hook.kubelet", "cdi_hook.kubelet.*", "cdi_hook.containers", "cdi_hook.attachments",
      "cdi_hook.probe_spec"},
@@ -174,8 +174,9 @@ def _is_private_mask(node) -> bool:
 def test_no_private_folder_check_by_hand():
     """`st_mode & 0o077` (or 0o022, or S_IWGRP | S_IWOTH) is a private folder or file check:
     state.open_private_dir, state.is_private_file or state.private_dir_problem make it. The
-    spec files' trust (registry.py: others may not write, group only gid 0) is another rule,
-    on single bits, and stays where it is."""
+    trust of read-only configuration (trust.py, for spec and policy files and every folder
+    down to them: others may not write, group only gid 0) is another rule, on single bits,
+    and stays where it is."""
     found = [f"{name}:{node.lineno}" for name, tree in _trees() for node in ast.walk(tree)
              if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitAnd)
              and (_is_private_mask(node.left) or _is_private_mask(node.right))]

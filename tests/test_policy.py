@@ -112,6 +112,30 @@ def test_a_settled_policy_is_read_from_its_compiled_copy(tmp_path, monkeypatch):
     assert policy.load(path) == first  # a changed file is read again (same rules)
 
 
+
+def test_a_policy_renamed_into_a_loose_folder_is_refused_even_after_its_compiled_copy(root_only, tmp_path,
+                                                                                       monkeypatch):
+    """Issue 22, class 6: the folder counts, not only the file. A compiled copy does not vouch
+    for a file renamed over the policy: its inode and ctime differ, so it is read and refused."""
+    folder = tmp_path / "etc"
+    folder.mkdir(mode=0o755)
+    path = write_policy(folder, 'version: "1"\n')
+    old = 1_600_000_000
+    os.utime(path, (old, old))
+    monkeypatch.setattr(cache, "FRESH_NS", 0)
+    assert policy.load(path).rules == ()
+    assert policy.load(path).rules == ()  # from its compiled copy now
+    backup = write_policy(folder, GOOD, name="policy.yaml.bak")
+    os.chown(folder, 0, 1000)
+    os.chmod(folder, 0o775)
+    os.rename(backup, path)
+    with pytest.raises(CdiError) as error:
+        policy.load(path)
+    assert str(error.value).startswith(f"{path}: refused: folder {folder} above the policy file is writable by "
+                                       "group 1000")
+    assert "\n" not in str(error.value)
+
+
 def decide(annotations, p=policy.DEFAULT, names=(GPU,)):
     from cdi_hook.attribution import attribute
 

@@ -204,3 +204,103 @@ def test_poststop_undoes_the_hold_even_when_the_policy_no_longer_allows_the_devi
     # given back; the policy is not asked again (this spec has no poststop hook to refuse).
     poststop = [line for line in hook_env.log_lines(log_file) if line["stage"] == "poststop"]
     assert poststop and poststop[-1].get("from") == "record" and "error" not in poststop[-1], poststop
+
+
+# Issue 22, class 5: markers a pod author adds decide nothing.
+CONTAINERD_DISGUISE = {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-namespace": "ml"}
+
+
+def test_crio_pod_posing_as_containerd_is_refused_under_a_vouching_policy(runc, tmp_path):
+    """On CRI-O, a pod's io.kubernetes.cri.container-type no longer makes the config containerd's,
+    and containerd.cdiAnnotations: container no longer makes the pod's request the kubelet's."""
+    vouched = policy_file(tmp_path, 'version: "1"\ncontainerd:\n  cdiAnnotations: container\n')
+    annotations = shapes.crio(pod_annotations={"cdi.k8s.io/gpu": ALL, **CONTAINERD_DISGUISE}, namespace="prod")
+    mounts_before = oci_env.host_mount_points()
+    b, log_file = bundle(tmp_path, annotations, {"CDI_HOOK_POLICY": vouched})
+    assert_refused_untouched(tmp_path, b, oci_env.run_container(b), "(asked by unknown",
+                             "markers of two runtimes", "io.kubernetes.cri.container-type")
+    assert oci_env.new_host_mounts(mounts_before, oci_env.host_mount_points(), tmp_path) == []
+    [line] = hook_env.log_lines(log_file)
+    assert line["level"] == "error" and "markers of two runtimes" in line["error"]
+
+
+def test_pods_own_sandbox_namespace_does_not_match_a_namespace_rule(runc, tmp_path):
+    """A rule for namespace ml (any source) is not met by a pod in prod writing containerd's
+    sandbox-namespace: ml on CRI-O; the pod in ml itself still gets the device."""
+    path = policy_file(tmp_path, f'version: "1"\nrules:\n  - action: allow\n    namespaces: [ml]\n'
+                                 f'    devices: ["{hook_env.VENDOR}=*"]\n')
+    env = {"CDI_HOOK_POLICY": path}
+    annotations = shapes.crio(pod_annotations={"cdi.k8s.io/gpu": ALL, **CONTAINERD_DISGUISE}, namespace="prod")
+    b, _ = bundle(tmp_path, annotations, env, name="prod")
+    assert_refused_untouched(tmp_path, b, oci_env.run_container(b), "markers of two runtimes")
+    b, _ = bundle(tmp_path, shapes.crio(pod_annotations={"cdi.k8s.io/gpu": ALL}, namespace="ml"), env, name="ml")
+    result = oci_env.run_container(b)
+    assert result.returncode == 0, result.stderr
+
+
+def test_containerd_marker_alone_is_refused(runc, tmp_path):
+    """An unknown runtime passing the pod's annotations: containerd's container-type without the
+    keys containerd writes beside it is a pod author's, refused under a vouching policy."""
+    vouched = policy_file(tmp_path, 'version: "1"\ncontainerd:\n  cdiAnnotations: container\n')
+    annotations = {"cdi.k8s.io/gpu": ALL, **CONTAINERD_DISGUISE, **shapes.kubelet_labels()}
+    b, _ = bundle(tmp_path, annotations, {"CDI_HOOK_POLICY": vouched})
+    assert_refused_untouched(tmp_path, b, oci_env.run_container(b), "(asked by unknown",
+                             "io.kubernetes.cri.sandbox-id")
+
+
+# Issue 22, class 6: a policy file is trusted only with every folder down to it root's.
+def test_policy_renamed_over_by_a_user_who_can_write_its_folder_is_refused(runc, tmp_path):
+    """A user who can write the policy's folder renames a looser, root-owned policy.yaml.bak
+    over policy.yaml: the next start is refused, naming the folder, before anything changes."""
+    import os
+    import shutil
+    import tempfile
+
+    nobody = 65534
+    top = Path(tempfile.mkdtemp(prefix="cdi-hook-policy-"))  # under /tmp, which nobody can walk through
+    try:
+        top.chmod(0o755)
+        folder = top / "etc-cdi-hook"
+        folder.mkdir(mode=0o755)
+        strict = policy_file(folder, 'version: "1"\n')
+        loose = folder / "policy.yaml.bak"
+        loose.write_text(f'version: "1"\nrules:\n  - action: allow\n    sources: [pod]\n    devices: ["{ALL}"]\n')
+        annotations = shapes.crio(pod_annotations={"cdi.k8s.io/gpu": ALL})
+        b, _ = bundle(tmp_path, annotations, {"CDI_HOOK_POLICY": strict}, name="before")
+        assert_refused_untouched(tmp_path, b, oci_env.run_container(b), "a pod author's request is refused by default")
+        os.chown(folder, 0, nobody)
+        os.chmod(folder, 0o775)
+        moved = subprocess.run(["mv", str(loose), strict], user=nobody, group=nobody, extra_groups=[],
+                               capture_output=True, text=True)
+        assert moved.returncode == 0, moved.stderr
+        mounts_before = oci_env.host_mount_points()
+        b, _ = bundle(tmp_path, annotations, {"CDI_HOOK_POLICY": strict}, name="after")
+        result = oci_env.run_container(b)
+        assert result.returncode != 0
+        assert f"{strict}: refused: folder {folder} above the policy file is writable by group {nobody}" \
+            in result.stderr, result.stderr
+        assert not (tmp_path / "spec-hook-ran").exists(), "a spec hook ran under a policy a user put in place"
+        assert not (b / "rootfs" / "dev" / "cdi-null").exists()
+        assert oci_env.new_host_mounts(mounts_before, oci_env.host_mount_points(), tmp_path) == []
+    finally:
+        shutil.rmtree(top)
+
+
+def test_spec_dir_under_a_group_writable_folder_is_refused(runc, tmp_path):
+    """With the specs' trust check on (no CDI_HOOK_INSECURE_SPECS), a spec dir whose parent a
+    group can write gives no device, and the one line names that folder."""
+    import os
+
+    b, _ = bundle(tmp_path, {"cdi.k8s.io/test": ALL}, {"CDI_HOOK_INSECURE_SPECS": "0"})
+    result = oci_env.run_container(b)  # every folder is root's, writable by root only: honoured
+    assert result.returncode == 0, result.stderr
+    (tmp_path / "spec-hook-ran").unlink()
+    parent = tmp_path / "bundle"  # the spec dir's: hook_env puts it at bundle/cdi
+    os.chown(parent, 0, 65534)
+    os.chmod(parent, 0o775)
+    result = oci_env.run_container(b)
+    assert result.returncode != 0
+    assert f"{parent / 'cdi'}: refused: folder {parent} above the spec dir is writable by group 65534" \
+        in result.stderr, result.stderr
+    assert not (tmp_path / "spec-hook-ran").exists()
+    assert not (b / "rootfs" / "dev" / "cdi-null").exists()

@@ -265,3 +265,69 @@ def test_insecure_override(root_only, tmp_path, monkeypatch):
     settings.use(None)  # read again
     assert list(Registry.load([str(d)]).devices) == ["acme.com/gpu=gpu0"]
     assert Registry.load([str(d)], insecure=False).devices == {}
+
+
+# Issue 22, class 6: trust does not stop at the file; every folder from / down counts.
+def _group_writable(path, gid=NOBODY):
+    os.chown(path, 0, gid)
+    os.chmod(path, 0o775)
+
+
+def test_root_refuses_a_spec_dir_whose_parent_is_group_writable(root_only, tmp_path):
+    parent = tmp_path / "vendor"
+    d = parent / "cdi"
+    write(d, "a.json", spec())
+    _group_writable(parent)
+    registry = Registry.load([str(d)])
+    assert registry.devices == {}
+    (line,) = registry.errors[str(d)]
+    assert line.startswith(f"{d}: refused: folder {parent} above the spec dir is writable by group {NOBODY}")
+    assert "\n" not in line and "CDI_HOOK_INSECURE_SPECS=1" in line
+    assert list(Registry.load([str(d)], insecure=True).devices) == ["acme.com/gpu=gpu0"]
+
+
+def test_root_refuses_a_folder_further_up_owned_by_another_user(root_only, tmp_path):
+    top = tmp_path / "top"
+    d = top / "a" / "b" / "cdi"
+    write(d, "a.json", spec())
+    os.chown(top, NOBODY, 0)
+    (line,) = Registry.load([str(d)]).errors[str(d)]
+    assert f"refused: folder {top} above the spec dir is owned by uid {NOBODY}, not root" in line
+
+
+def test_root_accepts_a_sticky_folder_above_a_root_owned_one(root_only, tmp_path):
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    d = sticky / "cdi"
+    write(d, "a.json", spec())
+    assert list(Registry.load([str(d)]).devices) == ["acme.com/gpu=gpu0"]
+    # ... but not above an entry another user owns there (they may rename their own)
+    theirs = sticky / "theirs"
+    theirs.mkdir(mode=0o755)
+    write(theirs / "cdi", "a.json", spec())
+    os.chown(theirs, NOBODY, NOBODY)
+    (line,) = Registry.load([str(theirs / "cdi")]).errors[str(theirs / "cdi")]
+    assert f"folder {sticky} above the spec dir is writable by every user (sticky, but theirs in it" in line
+
+
+def test_root_follows_a_spec_symlink_to_a_loose_folder(root_only, tmp_path):
+    d = tmp_path / "cdi"
+    loose = tmp_path / "loose"
+    target = write(loose, "real.json", spec(kind="link.com/x"))
+    _group_writable(loose)
+    write(d, "plain.json", spec(kind="plain.com/x"))
+    os.symlink(target, d / "link.json")
+    registry = Registry.load([str(d)])
+    assert list(registry.devices) == ["plain.com/x=gpu0"]
+    (line,) = registry.errors[str(d / "link.json")]
+    assert f"refused: folder {loose} above the spec file is writable by group {NOBODY}" in line
+
+
+def test_root_follows_a_symlinked_spec_dir(root_only, tmp_path):
+    loose = tmp_path / "loose"
+    write(loose / "cdi", "a.json", spec())
+    _group_writable(loose)
+    os.symlink(loose / "cdi", tmp_path / "cdi")
+    (line,) = Registry.load([str(tmp_path / "cdi")]).errors[str(tmp_path / "cdi")]
+    assert f"folder {loose} above the spec dir is writable by group {NOBODY}" in line

@@ -63,7 +63,8 @@ from cdi_hook.errors import CdiError, printable
 from cdi_hook.hook_entry import CARRIED_SETTINGS, LIVE_HOOK_STAGES, is_cdi_hook_argv
 from cdi_hook.live import mountinfo
 from cdi_hook.probe_spec import PROBE_KIND
-from cdi_hook.registry import Registry, untrusted_problem
+from cdi_hook.registry import Registry
+from cdi_hook.trust import file_problem as untrusted_problem
 from cdi_hook.settings import (CACHE_DIR_ENV, DEFAULT_CACHE_DIR, DEFAULT_POLICY, DEFAULT_SPEC_DIRS, INSECURE_ENV,
                                POLICY_ENV, SPEC_DIRS_ENV, Settings, from_environ)
 from cdi_hook.settings import current as current_settings
