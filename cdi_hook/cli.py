@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "/etc/cdi-hook/policy.yaml)")
     check.add_argument("file", nargs="?", metavar="FILE")
 
-    p = sub.add_parser("explain", help="which devices a container asks for, who asked, and whether each is "
-                                       "honoured (a bundle, or an OCI state on stdin)")
+    p = with_specs(sub.add_parser("explain", help="which devices a container asks for, who asked, and whether "
+                                                  "each is honoured (a bundle, or an OCI state on stdin)"))
     p.add_argument("--bundle", metavar="DIR")
     p.add_argument("--format", choices=("text", "json"), default="text")
 
@@ -169,7 +169,7 @@ def dispatch(args: Any) -> int:  # argparse's Namespace, or HookArgs for a plain
     if command in ("policy", "explain"):
         from cdi_hook.commands import policy
 
-        return policy.cmd_explain(args) if command == "explain" else policy.cmd_policy_check(args)
+        return policy.cmd_explain(args, _spec_dirs(args)) if command == "explain" else policy.cmd_policy_check(args)
     if command == "device-plugin":
         # Imports grpc: only this command does, never the hook.
         from cdi_hook.commands import device_plugin

@@ -23,6 +23,11 @@ applied once to the merged edits, as Cache.InjectDevices does):
   intel_rdt    the last device that sets one wins (a container has one RDT group)
   net_devices  each host interface once; two devices asking for one host interface, or
                for one container-side name, are refused
+  identities   what each requested device is on the host, for exclusive holds: "c 195:0" /
+               "b 7:0" for its device-level nodes (spec-level ones are control devices every
+               unit shares), "mount /host/path" for its device-level bind mounts; a device
+               with neither is its name ("name vendor.com/class=name"). Aliases (`0`, `all`,
+               `GPU-uuid` naming one host GPU) share keys, so a hold on one excludes the others
 
 Every item keeps its origin (the qualified device name, or "vendor/class (spec-level)"),
 so every error can name the device.
@@ -43,7 +48,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from cdi_hook.registry import Selection
-    from cdi_hook.spec.model import DeviceNode
+    from cdi_hook.spec.model import DeviceNode, Mount
 
 # origin: "vendor.com/class=name" or "vendor.com/class (spec-level)". node: a completed
 # DeviceNode; uid/gid: the owner to give it, None for the runtime's default (root).
@@ -53,15 +58,22 @@ DeviceRule = namedtuple("DeviceRule", ["origin", "type", "major", "minor", "acce
 
 
 class Plan(namedtuple("Plan", ["devices", "nodes", "device_rules", "mounts", "env", "hooks",
-                               "additional_gids", "intel_rdt", "net_devices", "shared"], defaults=((),))):
+                               "additional_gids", "intel_rdt", "net_devices", "shared", "identities"],
+                      defaults=((), ()))):
     """devices: the qualified names, request order. Every other field is a tuple of
     (origin, item) pairs, or PlannedNode / DeviceRule records; hooks is a tuple of
     (stage, ((origin, Hook), ...)) in HOOK_STAGES order; intel_rdt is (origin, IntelRdt) or None.
     shared: (("node" or "mount", path, origins), ...) for a node path or mount destination
     that more than one origin names: the plan keeps it once, under the last, but it is each
-    of theirs (taking one device back must leave it to the others)."""
+    of theirs (taking one device back must leave it to the others). identities: ((device,
+    (key, ...)), ...) in request order, each device's host identity (see the module's notes)."""
 
     __slots__ = ()
+
+    def identity_of(self, devices: Iterable[str]) -> list[tuple[str, tuple[str, ...]]]:
+        """(device, keys) for the given devices that the plan knows, in request order."""
+        wanted = set(devices)
+        return [(device, keys) for device, keys in self.identities if device in wanted]
 
     def hooks_at(self, *stages: str) -> list:
         """(origin, Hook) for the given stages, in the order the stages are given."""
@@ -89,8 +101,9 @@ def build(selection: Selection, *, process_uid: int = 0, process_gid: int = 0, s
     """Decide everything about a registry.Selection for a container whose process runs as
     process_uid:process_gid. stat_host=False takes device nodes as the spec gives them
     (fully specified ones, in tests); otherwise they are completed from the host."""
-    nodes, rules = _nodes(selection, process_uid, process_gid, stat_host)
-    mounts = _mounts(selection)
+    identities: dict[str, dict[str, None]] = {device: {} for device in selection.devices}
+    nodes, rules = _nodes(selection, process_uid, process_gid, stat_host, identities)
+    mounts = _mounts(selection, identities)
     return Plan(
         devices=tuple(selection.devices),
         nodes=nodes,
@@ -102,6 +115,7 @@ def build(selection: Selection, *, process_uid: int = 0, process_gid: int = 0, s
         intel_rdt=_last(selection, "intel_rdt"),
         net_devices=_net_devices(selection),
         shared=_shared(selection, {p.node.path for p in nodes}, {m.container_path for _, m in mounts}),
+        identities=tuple((device, tuple(keys) or (f"name {device}",)) for device, keys in identities.items()),
     )
 
 
@@ -115,8 +129,8 @@ def _shared(selection: Selection, node_paths: set[str], destinations: set[str]) 
                  if len(origins) > 1 and path in (node_paths if kind == "node" else destinations))
 
 
-def _nodes(selection: Selection, process_uid: int, process_gid: int,
-           stat_host: bool) -> tuple[tuple[PlannedNode, ...], tuple[DeviceRule, ...]]:
+def _nodes(selection: Selection, process_uid: int, process_gid: int, stat_host: bool,
+           identities: dict[str, dict[str, None]]) -> tuple[tuple[PlannedNode, ...], tuple[DeviceRule, ...]]:
     from cdi_hook.hostdev import complete_node
 
     nodes: list[PlannedNode] = []
@@ -137,6 +151,10 @@ def _nodes(selection: Selection, process_uid: int, process_gid: int,
             # runc's default deny; cdi-hook allows it as "c" in both paths (README).
             rule_type = "c" if node.type == "u" else node.type
             rules.append(DeviceRule(origin, rule_type, node.major or 0, node.minor or 0, cgroup_access(node)))
+            # every node the device names counts, also one a later device's node at the same
+            # path replaced in the container: the device is still that host node
+            if origin in identities:
+                identities[origin][f"{rule_type} {node.major or 0}:{node.minor or 0}"] = None
     return tuple(nodes), tuple(rules)
 
 
@@ -156,12 +174,14 @@ def mount_depth(destination: str) -> int:
     return cleaned.count("/")
 
 
-def _mounts(selection: Selection) -> tuple:
+def _mounts(selection: Selection, identities: dict[str, dict[str, None]]) -> tuple:
     planned: list[tuple] = []
     for origin, mount in selection.each("mounts"):
         problem = mount_destination_problem(mount.container_path)
         if problem:
             raise CdiError(f"{origin}: mount {mount.host_path} on {mount.container_path!r}: {problem}")
+        if origin in identities and is_bind(mount) and mount.host_path.startswith("/"):
+            identities[origin]["mount " + posixpath.normpath(mount.host_path)] = None
         for i, (_, earlier) in enumerate(planned):
             if earlier.container_path == mount.container_path:
                 del planned[i]
@@ -169,6 +189,10 @@ def _mounts(selection: Selection) -> tuple:
         planned.append((origin, mount))
     planned.sort(key=lambda item: mount_depth(item[1].container_path))  # stable
     return tuple(planned)
+
+
+def is_bind(mount: Mount) -> bool:
+    return mount.type in ("", "bind", "rbind") or bool({"bind", "rbind"} & set(mount.options))
 
 
 def _env(selection: Selection) -> tuple:

@@ -64,12 +64,14 @@ def _where(container_id: str) -> tuple[str, str]:
 # --- writing (createRuntime) -------------------------------------------------------------
 
 def from_plan(plan: Plan, container_id: str, pid: int, start_time: int | None, bundle: str,
-              sources: dict[str, str], holds: list[str], made: Report | None = None) -> Record:
+              sources: dict[str, str], holds: Iterable[tuple[str, Iterable[str]]],
+              made: Report | None = None) -> Record:
     """The record of a container given plan at createRuntime. made: the worker's report of
     what it made (each mount's id and source identity, each node created or found, and
-    what it replaced); None when there was no rootfs work."""
+    what it replaced); None when there was no rootfs work. holds: (device, its hold keys)
+    for each exclusive device held (live/holds.py), what poststop and detach give back."""
     items = _items(plan, made)
-    items["holds"] = list(holds)
+    items["holds"] = [[device, list(keys)] for device, keys in holds]
     return Record(container_id, pid, start_time, bundle, list(plan.devices), dict(sources), items,
                   work_of(items), config_identity(bundle))
 
@@ -380,6 +382,20 @@ def node_outcomes(record: Record) -> dict[str, tuple[bool | None, str | None]]:
     spec says, None when not known; the entry it replaced there, as "c 1:7 666 0:0", or None)."""
     return {node[1][0]: (node[4], node[5]) if len(node) > 5 else (None, None)
             for node in record.items.get("nodes", ())}
+
+
+def held_keys(record: Record, devices: Iterable[str] | None = None) -> list[str]:
+    """The hold keys the container took for its devices (default: all); a record of before
+    keys lists device names, held by name."""
+    from cdi_hook.live.holds import name_key
+
+    wanted = None if devices is None else set(devices)
+    keys: list[str] = []
+    for entry in record.items.get("holds") or ():
+        device, device_keys = (entry, [name_key(entry)]) if isinstance(entry, str) else entry
+        if wanted is None or device in wanted:
+            keys += device_keys
+    return keys
 
 
 def mount_identities(record: Record) -> dict[str, tuple[tuple[int, int] | None, int | None]]:

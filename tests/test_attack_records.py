@@ -247,7 +247,7 @@ def test_records_folder_opened_to_others_still_gets_poststop_cleanup(runc, tmp_p
                                                  extra_env={"CDI_HOOK_POLICY": str(policy)})
     _all_stages(bundle)
     held = Path(os.environ["CDI_HOOK_STATE_DIR"])
-    hold = held / (f"{DEV}=gpu".replace("/", "%2F") + ".json")
+    hold = held / "node-b-7-0.json"  # held as what it is on the host: loop0
     records = _records()
     try:
         with oci_env.detached_container(bundle, runc=runc) as c:

@@ -82,3 +82,22 @@ def test_plan_lets_two_templates_share_a_pattern():
     p = _plan(ContainerEdits(net_devices=(NetDevice("eth9", "net%d"),)),
               ContainerEdits(net_devices=(NetDevice("eth8", "net%d"),)))
     assert len(p.net_devices) == 2
+
+
+def test_plan_identities_are_host_devices_so_aliases_share_them():
+    """What holds key by: the device-level nodes' numbers (a "u" node as "c") and bind mounts'
+    host paths; spec-level edits (control devices every unit shares) are nobody's identity;
+    a device with neither is its name."""
+    gpu0 = DeviceNode("/dev/gpu0", type="c", major=195, minor=0)
+    control = EditsPart("v.com/c (spec-level)", "/etc/cdi/v.json",
+                        ContainerEdits(device_nodes=(DeviceNode("/dev/ctl", type="c", major=195, minor=255),)))
+    zero = EditsPart("v.com/c=0", "/etc/cdi/v.json", ContainerEdits(
+        device_nodes=(gpu0,), mounts=(Mount("/fw/0/", "/lib/fw", ("ro", "bind")), Mount("tmpfs", "/t", (), "tmpfs"))))
+    everything = EditsPart("v.com/c=all", "/etc/cdi/v.json", ContainerEdits(
+        device_nodes=(gpu0._replace(path="/dev/x", type="u"), DeviceNode("/dev/gpu1", type="c", major=195, minor=1))))
+    env_only = EditsPart("v.com/c=env", "/etc/cdi/v.json", ContainerEdits(env=("A=1",)))
+    parts = (control, zero, everything, env_only)
+    p = plan.build(Selection(("v.com/c=0", "v.com/c=all", "v.com/c=env"), parts), stat_host=False)
+    assert p.identities == (("v.com/c=0", ("c 195:0", "mount /fw/0")), ("v.com/c=all", ("c 195:0", "c 195:1")),
+                            ("v.com/c=env", ("name v.com/c=env",)))
+    assert p.identity_of(["v.com/c=all"]) == [("v.com/c=all", ("c 195:0", "c 195:1"))]

@@ -148,7 +148,8 @@ def test_exclusive_device_is_held_by_one_running_container(runc, tmp_path):
     with oci_env.detached_container(first) as holder:
         result = oci_env.run_container(second)
         assert result.returncode != 0
-        assert f"exclusive device for {ALL}: held by running container '{holder.id}'" in result.stderr, result.stderr
+        assert (f"exclusive device for {ALL}: held as {ALL} by running container '{holder.id}' (pid {holder.pid}; "
+                f"host device c 1:3)") in result.stderr, result.stderr
         explain = subprocess.run([oci_env.PYTHON, "-I", "-m", "cdi_hook", "explain", "--bundle", str(second)],
                                  capture_output=True, text=True, env=_env(env))
         assert f"exclusive, held by {holder.id}" in explain.stdout, explain.stdout + explain.stderr
@@ -168,6 +169,9 @@ def test_exclusive_hold_of_a_vanished_container_is_taken_over(runc, tmp_path):
     held.mkdir(mode=0o700, exist_ok=True)
     from cdi_hook import state
 
+    # one by the host device (/dev/null), one by name (a cdi-hook of before identities)
+    state.write_atomic(str(held / "node-c-1-3.json"), state.encode_record(
+        {"container": "gone", "pid": 999999999, "start": 1, "device": ALL, "key": "c 1:3"}))
     state.write_atomic(str(held / (ALL.replace("/", "%2F") + ".json")),
                        state.encode_record({"container": "gone", "pid": 999999999, "start": 1}))
     result = oci_env.run_container(b)
@@ -194,7 +198,7 @@ def test_poststop_undoes_the_hold_even_when_the_policy_no_longer_allows_the_devi
     env = {"CDI_HOOK_POLICY": path}
     first, log_file = bundle(tmp_path, {"cdi.k8s.io/test": ALL}, env, script="sleep 60", name="first")
     _with_poststop(first)
-    record = Path(os.environ["CDI_HOOK_STATE_DIR"]) / (ALL.replace("/", "%2F") + ".json")
+    record = Path(os.environ["CDI_HOOK_STATE_DIR"]) / "node-c-1-3.json"  # /dev/null, the device's node
     with oci_env.detached_container(first):
         assert record.exists()
         Path(path).write_text(f'version: "1"\nexclusive: ["{ALL}"]\nrules:\n  - action: deny\n'

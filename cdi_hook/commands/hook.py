@@ -72,8 +72,12 @@ def run(stage: str, spec_dirs: list[str] | None, stdin: BinaryIO) -> int:
             # No record of this container (started by a cdi-hook older than records, or its
             # record could not be matched): the older way, from today's specs.
             log.note("no container record: this stage resolved the devices from today's specs")
-            # names: only this container's holds are released, a no-op for the rest
-            _later_stage(stage, container_plan, state, config, log, refusal, names)
+            # only this container's holds are released, a no-op for the rest: what today's
+            # specs say the devices are, and the names holds were kept by before keys
+            from cdi_hook.live.holds import name_key
+
+            keys = [key for _, device_keys in container_plan.identities for key in device_keys]
+            _later_stage(stage, container_plan, state, config, log, refusal, keys + [name_key(n) for n in names])
     except CdiError as error:
         log.finish(error=str(error))
         raise
@@ -83,7 +87,8 @@ def run(stage: str, spec_dirs: list[str] | None, stdin: BinaryIO) -> int:
 
 def _inject_holding(exclusive: list[str], stage: str, container_plan: Plan, state: State, config: Config,
                     log: ContainerLog) -> None:
-    """Inject with the policy's exclusive devices held; a failed start gives them back."""
+    """Inject with the policy's exclusive devices held (by what they are on the host, as the
+    plan says: aliases of one device exclude each other); a failed start gives them back."""
     from cdi_hook.live import inject
 
     if not exclusive:
@@ -95,10 +100,11 @@ def _inject_holding(exclusive: list[str], stage: str, container_plan: Plan, stat
 
     if not state.pid:
         raise CdiError(f"OCI state on stdin: pid: missing, needed at {stage} to reach the container")
-    taken = holds.hold(exclusive, state.id, state.pid)
+    held = container_plan.identity_of(exclusive)
+    taken = holds.hold(held, state.id, state.pid)
     try:
         made = inject.run_stage(stage, container_plan, state, config, log)
-        _save_record(container_plan, state, log, exclusive, made)
+        _save_record(container_plan, state, log, held, made)
     except BaseException:
         try:
             holds.release(taken, state.id)
@@ -107,7 +113,7 @@ def _inject_holding(exclusive: list[str], stage: str, container_plan: Plan, stat
         raise
 
 
-def _save_record(container_plan: Plan, state: State, log: ContainerLog, holds: list[str],
+def _save_record(container_plan: Plan, state: State, log: ContainerLog, holds: list[tuple[str, tuple[str, ...]]],
                  made: Report | None) -> None:
     """The container's record, after every step succeeded: what later stages and commands
     read instead of today's specs. A record that cannot be written fails the start (the
@@ -159,7 +165,8 @@ def _carry_out_record(stage: str, found: Record, state: State) -> None:
         given = record.given_plan(found)
         config = oci.read_config(state.bundle)  # the container's network namespace, its annotations
         refusal = _policy_refusal(found, state, config) if given.hooks_at(stage) else None
-        _later_stage(stage, given, state, config, log, refusal, found.items.get("holds"))
+        # only this very process's holds: a hold under this id taken by a later process is not ours
+        _later_stage(stage, given, state, config, log, refusal, record.held_keys(found), (found.pid, found.start_time))
     except CdiError as error:
         log.finish(error=str(error))
         raise
@@ -167,17 +174,18 @@ def _carry_out_record(stage: str, found: Record, state: State) -> None:
 
 
 def _later_stage(stage: str, container_plan: Plan, state: State, config: Config, log: ContainerLog,
-                 refusal: CdiError | None, held: list[str] | None) -> None:
+                 refusal: CdiError | None, held: list[str], process: tuple[int, int | None] | None = None) -> None:
     """poststart or poststop: the spec's hooks of the stage, and at poststop the undo of what
-    createRuntime did (interfaces, RDT, holds). A request the policy refuses now still gets
-    its undo; only its spec hooks do not run, and the refusal is the stage's error."""
+    createRuntime did (interfaces, RDT, holds: held, the hold keys, of process (pid, start
+    time) when known). A request the policy refuses now still gets its undo; only its spec
+    hooks do not run, and the refusal is the stage's error."""
     from cdi_hook.live import inject
 
     inject.run_stage(stage, container_plan, state, config, log, spec_hooks=refusal is None)
     if stage == "poststop" and held:
         from cdi_hook.live import holds
 
-        holds.release(held, state.id)
+        holds.release(held, state.id, *(process or (None, None)))
     if refusal is not None:
         raise refusal
 

@@ -12,6 +12,7 @@ from cdi_hook.request import pending_devices
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Sequence
     from typing import Any
 
 
@@ -28,8 +29,10 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
-    """Which devices a container asks for, from which source, and whether each is honoured.
+def cmd_explain(args: argparse.Namespace, spec_dirs: Sequence[str] | None = None) -> int:
+    """Which devices a container asks for, from which source, and whether each is honoured;
+    for an exclusive one, which container holds it (by the host devices it is, under any of
+    its names).
 
     Reads the bundle's config.json (--bundle), or an OCI state on stdin whose bundle it
     reads. Exit 0 when every request is honoured, 1 when any is refused.
@@ -44,20 +47,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
     rules = policy.load()
     names = pending_devices(annotations)
     from cdi_hook import attribution
-    from cdi_hook.live import holds
 
     container, requests = attribution.attribute(annotations, names,
                                                 containerd_kubelet_only=rules.containerd_kubelet_only)
     decisions = policy.decide(rules, container, requests)
-    exclusive = set(policy.exclusive_devices(rules, names))
-    held = holds.holders() if exclusive else {}
+    exclusive = policy.exclusive_devices(rules, names)
+    held = _holds_of(exclusive, spec_dirs) if exclusive else {}
     report: dict[str, Any] = {
         "container": {"runtime": container.runtime, "namespace": container.namespace, "pod": container.pod},
         "policy": rules.path or "built-in default",
         "requests": [{"device": d.request.device, "annotation": d.request.key, "source": d.request.source,
                       "why": d.request.why, "honoured": d.allowed, "reason": d.reason,
-                      **({"exclusive": True, "held_by": held.get(d.request.device, {}).get("container")}
-                         if d.request.device in exclusive else {})}
+                      **({"exclusive": True, **held[d.request.device]} if d.request.device in held else {})}
                      for d in decisions],
     }
     if getattr(args, "format", "text") == "json":
@@ -72,7 +73,41 @@ def cmd_explain(args: argparse.Namespace) -> int:
             verdict = "honoured" if item["honoured"] else "REFUSED"
             extra = ""
             if item.get("exclusive"):
-                extra = f"; exclusive, held by {item['held_by']}" if item["held_by"] else "; exclusive, free"
+                extra = "; exclusive, " + _hold_text(item)
             print(printable(f"{item['device']}: {verdict}: asked by {item['source']} through {item['annotation']} "
                             f"({item['why']}); {item['reason']}{extra}"))
     return 0 if all(d.allowed for d in decisions) else 1
+
+
+def _holds_of(devices: list[str], spec_dirs: Sequence[str] | None) -> dict[str, dict]:
+    """device -> {"held_by": the holder's container id or None, "held": [{"key", "as",
+    "container", "pid"}...], "identity": its hold keys}: a device is held when any host
+    device or path it is (the plan's identity, as the hook holds it) is held, under
+    whichever name. "hold_error" when its identity cannot be told (no spec knows it now)."""
+    from cdi_hook import plan
+    from cdi_hook.live import holds
+
+    current = holds.holders()
+    found: dict[str, dict] = {}
+    for device in devices:
+        error = None
+        try:
+            keys = [key for _, device_keys in plan.resolve([device], spec_dirs).identities for key in device_keys]
+        except CdiError as unresolved:
+            keys, error = [], str(unresolved)
+        # what it is on the host, its hold of before identities, and (its spec gone) holds
+        # taken under its very name
+        held = [{"key": key, "as": record.get("device") or device, "container": record.get("container"),
+                 "pid": record.get("pid")} for key, record in current.items()
+                if key in keys or key == holds.name_key(device) or record.get("device") == device]
+        found[device] = {"held_by": held[0]["container"] if held else None, "held": held, "identity": keys,
+                         **({"hold_error": error} if error else {})}
+    return found
+
+
+def _hold_text(item: dict) -> str:
+    if item["held"]:
+        return "; ".join(f"held by {h['container']} as {h['as']} ({h['key']})" for h in item["held"])
+    if item.get("hold_error"):
+        return f"cannot tell its holders under other names: {item['hold_error']}"
+    return "free (" + ", ".join(item["identity"]) + ")"

@@ -274,11 +274,13 @@ def _attach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -
     work = attach.AttachWork(inject.node_jobs(new_plan), inject.mount_jobs(new_plan), library_dirs,
                              ", ".join(dict.fromkeys(o for o, _ in new_libraries)),
                              target.config.user_namespace, inject.host_ids_of_container_root(target.config))
-    exclusive = policy.exclusive_devices(rules, names)
+    # held by what they are on the host (the plan's identities): an alias of a device another
+    # container holds is refused as that device is
+    held = new_plan.identity_of(policy.exclusive_devices(rules, names))
     taken, cgroup, handle, report = [], None, None, None
     committed = False
     try:
-        taken = holds.hold(exclusive, target.id, target.pid)
+        taken = holds.hold(held, target.id, target.pid)
         handle = attach.start_attach(target.pidfd, work)
         report = handle.read()
         if not report.ok:
@@ -287,7 +289,7 @@ def _attach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -
         cgroup.allow()
         mount_ids = {m.path: m.mount_id for m in report.mounts}
         for name in names:
-            record["attached"].append(_entry(name, new_plan, list(report.created), mount_ids))
+            record["attached"].append(_entry(name, new_plan, list(report.created), mount_ids, dict(held).get(name, ())))
         attachments.save(record)
         committed = True
     finally:
@@ -335,9 +337,10 @@ def _refuse_conflicts(current_plan: Plan, new_plan: Plan) -> None:
                            f"{destinations[mount.container_path]}")
 
 
-def _entry(name: str, new_plan: Plan, created: list[str], mount_ids: dict[str, int]) -> dict:
+def _entry(name: str, new_plan: Plan, created: list[str], mount_ids: dict[str, int], hold_keys: Iterable[str]) -> dict:
     """What attach gave the container for one device; each mount with the id it got in the
-    container's mount table (None when attach found it mounted already), for detach."""
+    container's mount table (None when attach found it mounted already), and the keys of
+    its exclusive hold, for detach."""
     nodes = [p for p in new_plan.nodes if p.origin == name]
     mount_list = [m for origin, m in new_plan.mounts if origin == name]
     own = {p.node.path for p in nodes} | {m.container_path for m in mount_list}
@@ -351,6 +354,7 @@ def _entry(name: str, new_plan: Plan, created: list[str], mount_ids: dict[str, i
                    for m in mount_list],
         "rules": [[r.type, r.major, r.minor, r.access] for r in new_plan.device_rules if r.origin == name and r.access],
         "created": [p for p in created if p in mine],
+        "holds": list(hold_keys),
     }
 
 
@@ -378,7 +382,7 @@ def cmd_detach(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int
 
 
 def _detach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -> tuple[list[str], list[str]]:
-    from cdi_hook import attachments, policy
+    from cdi_hook import attachments
     from cdi_hook.live import attach, cgroups, holds, inject, ldcache
     from cdi_hook.live.cgroups import DeviceRule
 
@@ -480,14 +484,65 @@ def _detach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -
         problems.append(report.error or "the worker in the container failed")
     notes += report.notes
     problems += report.problems
-    record["attached"] = [e for e in record["attached"] if e["device"] not in names]
-    record["detached"] = list(dict.fromkeys(record["detached"] + from_creation))
+    # A device is gone when every node and mount of it is: one the worker could not take back
+    # (covered by another mount, no longer the device's node) stays given, and held, so that
+    # no second container gets it while this one can still reach it; detach again finishes it.
+    left = _devices_of(report.failed, names) if report.ok else list(names)
+    gone = [n for n in names if n not in left]
+    record["attached"] = [e for e in record["attached"] if e["device"] not in gone]
+    record["detached"] = list(dict.fromkeys(record["detached"] + [n for n in from_creation if n in gone]))
     attachments.save(record)
+    if left:
+        problems.append(f"{listed(left)}: not everything of it could be taken back: it stays given to container "
+                        f"{target.name} (its device cgroup access withdrawn) and stays held; detach it again")
+    still = [n for n in creation + attached if n not in gone]
+    keep = set(_hold_keys(still, given, remaining_plan, _entries_of(record, still)))
+    release = [k for k in _hold_keys(gone, given, creation_plan, entries) if k not in keep]
     try:
-        holds.release(policy.exclusive_devices(policy.load(), names), target.id)
+        holds.release(release, target.id, target.pid, target.start_time)
     except (OSError, CdiError) as error:
         problems.append(str(error))
     return notes, problems
+
+
+def _entries_of(record: dict, names: Iterable[str]) -> dict[str, dict]:
+    wanted = set(names)
+    return {e["device"]: e for e in record["attached"] if e["device"] in wanted}
+
+
+def _devices_of(origins: Iterable[str], names: list[str]) -> list[str]:
+    """The devices detached whose items are the origins given: a device's own, or a spec-level
+    edit of its kind (the kind's devices all keep it); anything else: all of them."""
+    found: dict[str, None] = {}
+    for origin in origins:
+        if origin in names:
+            found[origin] = None
+        elif origin.endswith(" (spec-level)"):
+            kind = origin[:-len(" (spec-level)")]
+            found.update(dict.fromkeys(n for n in names if n.split("=", 1)[0] == kind))
+        else:
+            found.update(dict.fromkeys(names))
+    return [n for n in names if n in found]
+
+
+def _hold_keys(names: list[str], given: Record | None, resolved: Plan | None, entries: dict[str, dict]) -> list[str]:
+    """The exclusive-hold keys of the named devices: an attached one's from its attachment
+    entry, one given at creation from the container's record (or, without a record, from
+    today's specs); the hold by name of before keys too, which releasing only removes when
+    it is this container's."""
+    from cdi_hook import record as container_record
+    from cdi_hook.live.holds import name_key
+
+    keys: list[str] = []
+    for name in names:
+        if name in entries:
+            keys += entries[name].get("holds") or [name_key(name)]
+        elif given is not None:
+            keys += container_record.held_keys(given, [name])
+        else:
+            keys += [k for _, device_keys in (resolved.identity_of([name]) if resolved else ())
+                     for k in device_keys] + [name_key(name)]
+    return keys
 
 
 def _ancestors_of(paths: Iterable[str]) -> list[str]:

@@ -211,7 +211,8 @@ class DetachWork:
 
 
 def run_detach(pidfd: int, work: DetachWork) -> child.Report:
-    """RESULT (notes, problems: best effort, every problem named) or FAILED (error)."""
+    """RESULT (notes, problems: best effort, every problem named; failed: the origins whose
+    node or mount is still there) or FAILED (error)."""
 
     def prepare() -> int | None:
         return ldcache.open_host_ldconfig() if work.rebuild_cache else None
@@ -221,16 +222,23 @@ def run_detach(pidfd: int, work: DetachWork) -> child.Report:
         problems: list[str] = []
         rootfs = _enter(work.creator_ids)
         table = None
+        failed: dict[str, None] = {}  # origins with a node or mount left in place
         for device, where, source, fstype, *recorded in sorted(work.mounts, key=lambda m: -m[1].count("/")):
             wanted = recorded[0] if recorded else None
+            before = len(problems)
             if wanted is None:
                 _unmount(rootfs, device, where, source, fstype, notes, problems)
-                continue
-            if table is None:  # our root is the container's: its mount points as the container sees them
-                table = mountinfo.by_id(mountinfo.read())
-            _unmount_by_id(rootfs, device, where, source, fstype, wanted, table, notes, problems)
+            else:
+                if table is None:  # our root is the container's: its mount points as the container sees them
+                    table = mountinfo.by_id(mountinfo.read())
+                _unmount_by_id(rootfs, device, where, source, fstype, wanted, table, notes, problems)
+            if len(problems) > before:
+                failed[device] = None
         for device, path, kind, rdev, remove, replaced in work.nodes:
+            before = len(problems)
             _remove_node(rootfs, device, path, kind, rdev, remove, notes, problems, replaced)
+            if len(problems) > before:
+                failed[device] = None
         for path in reversed(work.created):
             _remove_if_empty(rootfs, path, notes)
         if work.rebuild_cache:
@@ -239,7 +247,7 @@ def run_detach(pidfd: int, work: DetachWork) -> child.Report:
             except CdiError as error:
                 problems.append(str(error))
             rootfs.forget()
-        channel.send(child.Report(child.RESULT, notes=notes, problems=problems))
+        channel.send(child.Report(child.RESULT, notes=notes, problems=problems, failed=list(failed)))
 
     handle = _fork(pidfd, prepare, body)
     try:

@@ -66,12 +66,13 @@ NodeRecord = namedtuple("NodeRecord", ["origin", "path", "type", "major", "minor
 
 # One message of a child. notes: lines for the log; steps_ms: step -> ms; problems: what an
 # undo (or a best-effort detach) could not do; mounts, nodes: MountRecord, NodeRecord lists;
-# created: paths attach made (folders, mount points); checks: verify's items; sent_at:
+# created: paths attach made (folders, mount points); checks: verify's items; failed: the
+# origins whose node or mount a detach could not take back (it stays theirs); sent_at:
 # time.monotonic() at sending (CLOCK_MONOTONIC is system-wide), for the time a report waited
 # for the parent. A plain namedtuple, no subclass: each class made costs a start its time.
 # The field names written out, not from a variable: a type checker reads them from the call.
 Report = namedtuple("Report", ["kind", "ok", "error", "notes", "steps_ms", "problems", "mounts", "nodes", "created",
-                               "checks", "sent_at"], defaults=(True, "", (), None, (), (), (), (), (), None))
+                               "checks", "sent_at", "failed"], defaults=(True, "", (), None, (), (), (), (), (), None, ()))
 _FIELDS = Report._fields
 
 
