@@ -24,6 +24,9 @@ applied once to the merged edits, as Cache.InjectDevices does):
   net_devices  each host interface once; two devices asking for one host interface, or
                for one container-side name, are refused
 
+Which host devices a device's nodes are (host_devices: type, major, minor as completed
+above) is decided here too: the device plugin counts devices by it, not by name.
+
 Every item keeps its origin (the qualified device name, or "vendor/class (spec-level)"),
 so every error can name the device.
 """
@@ -45,6 +48,10 @@ if TYPE_CHECKING:
     from cdi_hook.registry import Selection
     from cdi_hook.spec.model import DeviceNode
 
+# Which host device a device node is, as the plan completes it: its type ("u" is "c"),
+# major and minor; path "" then. A fifo (no numbers), or a node that cannot be completed
+# (the plan refuses its device), is known by its host path, type "p" or "?".
+HostDevice = namedtuple("HostDevice", ["type", "major", "minor", "path"])
 # origin: "vendor.com/class=name" or "vendor.com/class (spec-level)". node: a completed
 # DeviceNode; uid/gid: the owner to give it, None for the runtime's default (root).
 PlannedNode = namedtuple("PlannedNode", ["origin", "node", "uid", "gid"])
@@ -138,6 +145,26 @@ def _nodes(selection: Selection, process_uid: int, process_gid: int,
             rule_type = "c" if node.type == "u" else node.type
             rules.append(DeviceRule(origin, rule_type, node.major or 0, node.minor or 0, cgroup_access(node)))
     return tuple(nodes), tuple(rules)
+
+
+def host_devices(nodes: Iterable[DeviceNode], origin: str = "", host_root: str = "/") -> frozenset[HostDevice]:
+    """The host devices that nodes give a container, each completed as _nodes completes it:
+    what tells two devices apart, whatever their names or host paths (`0`, `GPU-<uuid>` and,
+    on a one-GPU node, `all` are one device)."""
+    from cdi_hook.hostdev import complete_node
+
+    found = set()
+    for node in nodes:
+        try:
+            node = complete_node(node, origin, host_root)
+        except CdiError:
+            found.add(HostDevice("?", 0, 0, posixpath.normpath(node.host_path or node.path)))
+            continue
+        if node.type == "p":
+            found.add(HostDevice("p", 0, 0, posixpath.normpath(node.host_path)))
+        else:
+            found.add(HostDevice("c" if node.type == "u" else node.type, node.major or 0, node.minor or 0, ""))
+    return frozenset(found)
 
 
 def cgroup_access(node: DeviceNode) -> str:
