@@ -24,6 +24,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import hook_env
 import oci_env
@@ -397,6 +399,61 @@ def test_allocated_devices_reach_a_runc_container_through_the_hook(node, runc):
     result = oci_env.run_container(bundle)
     assert result.returncode != 0 and "refused CDI request" in result.stderr, result.stderr
     assert not (bundle / "rootfs" / "dev" / "cdi-dp0").exists()
+
+
+def _names(first: str, middle: str, max_middle: int) -> st.SearchStrategy[str]:
+    """Valid vendor or class names ([first](?:[middle]*[alnum])?) over a few characters, so
+    that near-misses (`_` against `/`, long names with one front) come up often."""
+    return st.one_of(st.sampled_from(first), st.builds(
+        lambda a, b, c: a + b + c, st.sampled_from(first), st.text(middle, max_size=max_middle),
+        st.sampled_from("aZ1")))
+
+
+KINDS = st.builds(lambda vendor, device_class: f"{vendor}/{device_class}",
+                  _names("aZ", "aZ1_.-", 40), _names("aZ", "aZ1_.-", 40))
+
+
+def _endpoint_and_key(kind: str) -> tuple[str, str]:
+    from cdi_hook.commands.device_plugin import allocation_key, socket_name
+    from cdi_hook.request import ANNOTATION_PREFIX, key_name_problem
+    from cdi_hook.spec.names import kind_problem
+
+    assert kind_problem(kind) is None, kind
+    endpoint, key = socket_name(kind), allocation_key(kind)
+    assert key.startswith(ANNOTATION_PREFIX) and key_name_problem(key[len(ANNOTATION_PREFIX):]) is None, key
+    # In the kubelet's dir, within the 107 bytes of a unix socket path; a plain file name.
+    assert len("/var/lib/kubelet/device-plugins/" + endpoint) <= 107 and "/" not in endpoint, endpoint
+    assert endpoint.isascii() and endpoint.isprintable() and endpoint != "kubelet.sock"
+    return endpoint, key
+
+
+def test_kinds_that_differ_only_in_underscore_and_slash_get_their_own_socket_and_key():
+    # Both `a.b/c_d` and `a.b_c/d` were `a.b_c_d`: one socket, one annotation key.
+    assert _endpoint_and_key("a.b/c_d") != _endpoint_and_key("a.b_c/d")
+    # Kinds that fit keep a readable name; the common ones keep today's.
+    assert _endpoint_and_key(KIND) == (ENDPOINT, ANNOTATION)
+    assert _endpoint_and_key("nvidia.com/gpu") == ("cdi-hook-nvidia.com_gpu.sock", "cdi.k8s.io/cdi-hook_nvidia.com_gpu")
+    # Too long for a key: a readable front and a digest, still one per kind.
+    long_a, long_b = "example.com/" + "x" * 60 + "a", "example.com/" + "x" * 60 + "b"
+    (socket_a, key_a), (socket_b, key_b) = _endpoint_and_key(long_a), _endpoint_and_key(long_b)
+    assert socket_a != socket_b and key_a != key_b and "example.com" in key_a
+
+
+def _slash_moved(kind: str) -> set[str]:
+    """The valid kinds that differ from kind by where the '/' is among its '/' and '_'s."""
+    from cdi_hook.spec.names import kind_problem
+
+    flat = kind.replace("/", "_")
+    moved = {flat[:i] + "/" + flat[i + 1:] for i, char in enumerate(flat) if char == "_"}
+    return {other for other in moved if kind_problem(other) is None}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sets(KINDS, min_size=2, max_size=30))
+def test_every_two_kinds_get_distinct_sockets_and_keys(kinds):
+    kinds = set(kinds).union(*(_slash_moved(kind) for kind in kinds))
+    endpoints, keys = zip(*(_endpoint_and_key(kind) for kind in kinds))
+    assert len(set(endpoints)) == len(kinds) and len(set(keys)) == len(kinds), sorted(zip(kinds, keys))
 
 
 def test_socket_identity_tells_a_remade_socket_from_the_old_one(tmp_path):

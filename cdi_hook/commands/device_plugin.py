@@ -7,8 +7,8 @@ is that device plugin:
 
 * One extended resource per CDI kind found in the spec dirs (`vendor.com/class`); its
   device IDs are the CDI device names of that kind. Each resource has its own gRPC server
-  on its own socket in the kubelet's device plugin dir and registers there with the
-  kubelet (kubelet.sock, API version v1beta1).
+  on its own socket in the kubelet's device plugin dir (`cdi-hook-<kind id>.sock`, kind_id)
+  and registers there with the kubelet (kubelet.sock, API version v1beta1).
 * Every POLL seconds the spec dirs are read again and every device node is checked: kinds
   come and go with their specs, devices with their entries, and a device is Healthy while
   each of its device nodes' host paths is the node the spec names (lstat: a character,
@@ -18,7 +18,7 @@ is that device plugin:
 * The kubelet, when it restarts, makes a new kubelet.sock (and deletes every other socket
   in the dir): a changed kubelet.sock (inode and change time) means register again; a missing or
   replaced endpoint socket means serve again on a new one first.
-* Allocate answers, per container, one annotation `cdi.k8s.io/cdi-hook_<vendor>_<class>`
+* Allocate answers, per container, one annotation `cdi.k8s.io/cdi-hook_<kind id>`
   naming the devices (vendor.com/class=name,...), for runtimes that only run hooks (the
   kubelet sets it on the container; CRI-O records it as the kubelet's, which cdi-hook's
   request policy honours), and the same names as CDIDevices, for runtimes with native CDI.
@@ -51,7 +51,8 @@ from cdi_hook.hostdev import host_node_type
 from cdi_hook.kubelet import api_pb2, api_pb2_grpc
 from cdi_hook.log import LEVELS, configured_level, structlog_logger
 from cdi_hook.registry import Registry
-from cdi_hook.request import build_annotations
+from cdi_hook.request import ANNOTATION_PREFIX, MAX_KEY_NAME_LENGTH, build_annotations, key_name_problem
+from cdi_hook.spec.names import ALNUM
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
@@ -67,8 +68,12 @@ if TYPE_CHECKING:
 API_VERSION = "v1beta1"
 KUBELET_SOCKET = "kubelet.sock"
 HEALTHY, UNHEALTHY = "Healthy", "Unhealthy"
-# The plugin part of every annotation key: cdi.k8s.io/cdi-hook_<vendor>_<class>.
+# The plugin part of every annotation key: cdi.k8s.io/cdi-hook_<kind id>.
 PLUGIN_NAME = "cdi-hook"
+# A kind too long for the key: its first characters, then this many hex digits of its
+# SHA-256 (128 bits: two kinds meeting by chance is not a concern), in the 63 of a key name.
+DIGEST_HEX_DIGITS = 32
+READABLE_FRONT = MAX_KEY_NAME_LENGTH - len(PLUGIN_NAME + "_") - len("_0x") - DIGEST_HEX_DIGITS
 # The longest path a unix socket address holds (sun_path, with its terminating NUL).
 MAX_SOCKET_PATH = 107
 REGISTER_TIMEOUT_SECONDS = 5
@@ -168,14 +173,32 @@ def listening(path: str) -> bool:
     return True
 
 
-def annotation_id(kind: str) -> str:
-    """The part of the annotation key after `cdi-hook_`: the kind ('/' becomes '_' there), or,
-    for a kind too long for the 63-character key, a digest of it (still one key per kind)."""
-    try:
-        build_annotations(PLUGIN_NAME, kind, ["a.b/c=d"])
-        return kind
-    except CdiError:
-        return "sha256-" + hashlib.sha256(kind.encode()).hexdigest()[:32]
+def kind_id(kind: str) -> str:
+    """The kind in its socket name and annotation key: one per kind, no two kinds alike.
+
+    Every '_' doubled, then '/' as one '_' (`a.b/c_d` is `a.b_c__d`, `a.b_c/d` is `a.b__c_d`).
+    A vendor ends with a letter or digit and a class starts with a letter, so the '/' is
+    the one run of '_' of odd length, and it has a letter after it: the kind reads back.
+    A kind whose key would pass 63 characters is `<front>_0x<digest>`: its first characters
+    (without '_' or '/'), then 32 hex digits of SHA-256; a '_' followed by a digit is no
+    '/', so such an id is never another kind's full one.
+    """
+    escaped = kind.replace("_", "__").replace("/", "_")
+    if key_name_problem(f"{PLUGIN_NAME}_{escaped}") is None:
+        return escaped
+    front = "".join(char if char in ALNUM or char in ".-" else "-" for char in kind[:READABLE_FRONT])
+    digest = hashlib.sha256(kind.encode()).hexdigest()[:DIGEST_HEX_DIGITS]
+    return f"{front.rstrip('.-')}_0x{digest}"
+
+
+def socket_name(kind: str) -> str:
+    """The kind's endpoint socket, a file name in the kubelet's device plugin dir."""
+    return f"{PLUGIN_NAME}-{kind_id(kind)}.sock"
+
+
+def allocation_key(kind: str) -> str:
+    """The annotation key of the kind's allocations: cdi.k8s.io/cdi-hook_<kind id>."""
+    return f"{ANNOTATION_PREFIX}{PLUGIN_NAME}_{kind_id(kind)}"
 
 
 def preferred(request: Any) -> list[str]:
@@ -195,9 +218,9 @@ class Resource(api_pb2_grpc.DevicePluginServicer):
     def __init__(self, kind: str, socket_dir: str, log: Log):
         self.kind = kind
         self.log = log
-        self.endpoint = "cdi-hook-" + kind.replace("/", "_") + ".sock"
+        self.endpoint = socket_name(kind)
         self.path = os.path.join(socket_dir, self.endpoint)
-        self.annotation_id = annotation_id(kind)
+        self.annotation_id = kind_id(kind)
         self.devices: dict[str, str] = {}  # name -> health
         self.changed = threading.Condition()
         self.version = 0  # bumped on every change of self.devices; streams send when it moves
