@@ -6,9 +6,16 @@ device plugin's Allocate answer carries (README, "Who may ask for a device"). Th
 is that device plugin:
 
 * One extended resource per CDI kind found in the spec dirs (`vendor.com/class`); its
-  device IDs are the CDI device names of that kind. Each resource has its own gRPC server
-  on its own socket in the kubelet's device plugin dir (`cdi-hook-<kind id>.sock`, kind_id)
-  and registers there with the kubelet (kubelet.sock, API version v1beta1).
+  device IDs are physical units, not names: devices of the kind whose own device nodes
+  are the same host devices (plan.host_devices: type, major, minor) are one unit, listed
+  under the first name (`0`; its aliases such as `GPU-<uuid>` are logged); a device whose
+  nodes another unit already has (`all`, the union of every GPU) is not listed; a device
+  with no node of its own is a unit. The kubelet hands each unit to one container, so no
+  device-level host node reaches two (control devices are shared: spec-level nodes, and
+  a device-level node every device of the kind has, as AMD's /dev/kfd).
+  Each resource has its own gRPC server on its own socket in the kubelet's device plugin
+  dir (`cdi-hook-<kind id>.sock`, kind_id) and registers there with the kubelet
+  (kubelet.sock, API version v1beta1).
 * Every POLL seconds the spec dirs are read again and every device node is checked: kinds
   come and go with their specs, devices with their entries, and a device is Healthy while
   each of its device nodes' host paths is the node the spec names (lstat: a character,
@@ -42,6 +49,7 @@ import socket
 import stat
 import sys
 import threading
+from collections import namedtuple
 from concurrent import futures
 
 import grpc
@@ -50,6 +58,7 @@ from cdi_hook.errors import CdiError, listed, printable
 from cdi_hook.hostdev import host_node_type
 from cdi_hook.kubelet import api_pb2, api_pb2_grpc
 from cdi_hook.log import LEVELS, configured_level, structlog_logger
+from cdi_hook.plan import host_devices
 from cdi_hook.registry import Registry
 from cdi_hook.request import ANNOTATION_PREFIX, MAX_KEY_NAME_LENGTH, build_annotations, key_name_problem
 from cdi_hook.spec.names import ALNUM
@@ -57,10 +66,11 @@ from cdi_hook.spec.names import ALNUM
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Container, Iterator, Sequence
     from types import FrameType
     from typing import Any, TextIO
 
+    from cdi_hook.plan import HostDevice
     from cdi_hook.spec.model import DeviceNode
 
     SocketIdentity = tuple[int, int, int]  # st_dev, st_ino, st_ctime_ns
@@ -134,18 +144,84 @@ def node_problem(node: DeviceNode, host_root: str = "/") -> str | None:
     return None
 
 
-def inventory(registry: Registry, host_root: str = "/") -> dict[str, dict[str, tuple[str, str]]]:
-    """kind -> device name -> (health, why unhealthy or ""), for every resolvable device.
+# One device ID of a resource: health, why it is Unhealthy ("" if not), and the names of
+# the kind that are the same device (aliases: not listed, logged).
+Unit = namedtuple("Unit", ["health", "why", "aliases"])
+# A kind's devices as the kubelet sees them: units (ID -> Unit), the names not listed
+# (name -> why: an alias, or a device whose nodes are other units'), and the device-level
+# nodes every device has (control devices, as spec-level ones: given with every unit).
+Inventory = namedtuple("Inventory", ["units", "unlisted", "shared"])
+PhysicalUnits = namedtuple("PhysicalUnits", ["units", "unlisted", "shared"])
 
-    A device's nodes are its spec's spec-level nodes (every device of the spec gets them)
-    and its own.
+
+def host_device_text(device: HostDevice) -> str:
+    """A host device for a log line: `c 226:0`, or its host path when it has no numbers."""
+    return f"{device.type} {device.path}" if device.path else f"{device.type} {device.major}:{device.minor}"
+
+
+def physical_units(devices: dict[str, frozenset[HostDevice]], listed_before: Container[str] = ()) -> PhysicalUnits:
+    """Which of a kind's devices (name -> the host devices of its own nodes) are units the
+    kubelet may hand out, no host device in two: units (unit -> its aliases), unlisted
+    (name -> why not a unit) and shared (the control devices every unit has).
+
+    Names with the same host devices are one unit, under the name it was listed as before
+    (listed_before: a new alias never renames a unit the kubelet may have handed out), else
+    the first by name. A host device that
+    every device of the kind has, beside nodes of its own (AMD's generator lists /dev/kfd
+    with each GPU), is a control device like a spec-level one: shared, not counted. Then
+    the units, the smallest first: one that has a host device an earlier unit has is not
+    listed (`all`, or a device that overlaps another; a MIG instance shares its GPU's node,
+    so the GPU is the unit), so every listed unit's other host devices are its own. A
+    device with no node of its own shares nothing: a unit.
     """
-    kinds: dict[str, dict[str, tuple[str, str]]] = {}
-    for spec, device in registry.devices.values():
+    units: dict[str, tuple[str, ...]] = {}
+    unlisted: dict[str, str] = {}
+    same: dict[frozenset[HostDevice], list[str]] = {}
+    for name in sorted(devices, key=lambda name: (name not in listed_before, name)):
+        if devices[name]:
+            same.setdefault(devices[name], []).append(name)
+        else:
+            units[name] = ()
+    shared = frozenset.intersection(*same) if len(same) > 1 else frozenset()
+    if shared in same:
+        shared = frozenset()  # a device that is only those nodes: they are its own, not control devices
+    owner: dict[HostDevice, str] = {}  # host device -> the unit that has it
+    for nodes, (unit, *aliases) in sorted(((nodes - shared, names) for nodes, names in same.items()),
+                                          key=lambda item: (len(item[0]), item[1][0])):
+        others = sorted({owner[node] for node in nodes if node in owner})
+        if others:
+            union = len(others) > 1 and set(nodes) == {node for node, holder in owner.items() if holder in others}
+            why = (f"its device nodes are those of units {listed(others)}" if union else
+                   f"it shares device nodes with unit{'s' if len(others) > 1 else ''} {listed(others)}")
+            unlisted.update(dict.fromkeys((unit, *aliases), why))
+            continue
+        units[unit] = tuple(aliases)
+        unlisted.update((alias, f"the same device as {unit}") for alias in aliases)
+        owner.update(dict.fromkeys(nodes, unit))
+    return PhysicalUnits(dict(sorted(units.items())), unlisted, shared)
+
+
+def inventory(registry: Registry, host_root: str = "/",
+              listed_before: dict[str, Container[str]] | None = None) -> dict[str, Inventory]:
+    """kind -> its units and the names not listed, for every resolvable device
+    (listed_before: kind -> the units listed until now, which keep their names).
+
+    A unit's health is its device's: Healthy while each of its nodes is on the host as the
+    spec says, its spec's spec-level nodes (every device of the spec gets them) and its own.
+    """
+    health: dict[str, dict[str, tuple[str, str]]] = {}
+    own_nodes: dict[str, dict[str, frozenset[HostDevice]]] = {}
+    for qualified, (spec, device) in registry.devices.items():
         nodes = spec.container_edits.device_nodes + device.container_edits.device_nodes
         problems = [problem for problem in (node_problem(node, host_root) for node in nodes) if problem]
-        health = (UNHEALTHY, "; ".join(problems)) if problems else (HEALTHY, "")
-        kinds.setdefault(spec.kind, {})[device.name] = health
+        health.setdefault(spec.kind, {})[device.name] = (UNHEALTHY, "; ".join(problems)) if problems else (HEALTHY, "")
+        own_nodes.setdefault(spec.kind, {})[device.name] = host_devices(device.container_edits.device_nodes,
+                                                                        qualified, host_root)
+    kinds = {}
+    for kind, devices in own_nodes.items():
+        found = physical_units(devices, (listed_before or {}).get(kind, ()))
+        kinds[kind] = Inventory({name: Unit(*health[kind][name], aliases) for name, aliases in found.units.items()},
+                                found.unlisted, found.shared)
     return kinds
 
 
@@ -201,6 +277,12 @@ def allocation_key(kind: str) -> str:
     return f"{ANNOTATION_PREFIX}{PLUGIN_NAME}_{kind_id(kind)}"
 
 
+def unknown_id(device_id: str, unlisted: dict[str, str]) -> str:
+    """A refused device id for a message: quoted, with why it is no unit when it is a name of the kind."""
+    why = unlisted.get(device_id)
+    return repr(printable(device_id, 100)) + (f" (not a unit: {why})" if why else "")
+
+
 def preferred(request: Any) -> list[str]:
     """The must-include devices, then the first available ones, up to allocation_size."""
     chosen = list(dict.fromkeys(request.must_include_deviceIDs))
@@ -221,7 +303,10 @@ class Resource(api_pb2_grpc.DevicePluginServicer):
         self.endpoint = socket_name(kind)
         self.path = os.path.join(socket_dir, self.endpoint)
         self.annotation_id = kind_id(kind)
-        self.devices: dict[str, str] = {}  # name -> health
+        self.devices: dict[str, str] = {}  # unit -> health
+        self.units: dict[str, Unit] = {}  # the last poll's, for its log lines
+        self.unlisted: dict[str, str] = {}  # name -> why it is not a unit
+        self.shared: frozenset[HostDevice] = frozenset()
         self.changed = threading.Condition()
         self.version = 0  # bumped on every change of self.devices; streams send when it moves
         self.server: grpc.Server | None = None
@@ -232,18 +317,30 @@ class Resource(api_pb2_grpc.DevicePluginServicer):
 
     # -- state, from the poll loop ------------------------------------------------------
 
-    def update(self, devices: dict[str, tuple[str, str]]) -> None:
-        """Take the poll's (health, why) per device; streams are woken only when a device
+    def update(self, inventory: Inventory) -> None:
+        """Take the poll's units and unlisted names; streams are woken only when a unit
         comes, goes or changes health (a different reason to be Unhealthy is no news)."""
-        health = {name: state for name, (state, _) in devices.items()}
+        for name, why in sorted(inventory.unlisted.items()):
+            if self.unlisted.get(name) != why:
+                self.log.info("device not listed", resource=self.kind, device=name, why=why)
+        self.unlisted = inventory.unlisted
+        if inventory.shared != self.shared and inventory.shared:
+            self.log.info("device nodes every unit has", resource=self.kind,
+                          nodes=listed(sorted(map(host_device_text, inventory.shared))))
+        self.shared = inventory.shared
+        health = {name: unit.health for name, unit in inventory.units.items()}
+        for name, unit in sorted(inventory.units.items()):
+            before = self.units.get(name)
+            if before is None or (before.health, before.aliases) != (unit.health, unit.aliases):
+                fields = {"resource": self.kind, "device": name, "health": unit.health}
+                if unit.why:
+                    fields["why"] = unit.why
+                if unit.aliases:
+                    fields["aliases"] = listed(unit.aliases)
+                (self.log.warning if unit.health == UNHEALTHY else self.log.info)("device", **fields)
+        self.units = inventory.units
         if health == self.devices:
             return
-        for name, (state, why) in sorted(devices.items()):
-            if self.devices.get(name) != state:
-                fields = {"resource": self.kind, "device": name, "health": state}
-                if why:
-                    fields["why"] = why
-                (self.log.warning if state == UNHEALTHY else self.log.info)("device", **fields)
         gone = sorted(set(self.devices) - set(health))
         if gone:
             self.log.info("devices removed", resource=self.kind, devices=listed(gone))
@@ -358,14 +455,14 @@ class Resource(api_pb2_grpc.DevicePluginServicer):
 
     def Allocate(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self.changed:
-            known = dict(self.devices)
+            known, unlisted = dict(self.devices), self.unlisted
         responses = []
         for container in request.container_requests:
             ids = list(dict.fromkeys(container.devices_ids))
             unknown = [device_id for device_id in ids if device_id not in known]
             if unknown:
                 message = (f"resource {self.kind}: unknown device id{'s' if len(unknown) > 1 else ''} "
-                           f"{listed(repr(printable(i, 100)) for i in unknown)} (the devices of {self.kind} are: "
+                           f"{listed(unknown_id(i, unlisted) for i in unknown)} (the devices of {self.kind} are: "
                            f"{listed(sorted(known)) or 'none'})")
                 self.log.warning("allocate refused", resource=self.kind, error=message)
                 context.abort(grpc.StatusCode.NOT_FOUND, message)
@@ -406,7 +503,7 @@ class Plugin:
             for line in errors:
                 self.log.error("spec error", error=line)
             self.spec_errors = errors
-        kinds = inventory(registry, self.host_root)
+        kinds = inventory(registry, self.host_root, {kind: resource.units for kind, resource in self.resources.items()})
         for kind in sorted(set(self.resources) - set(kinds)):
             self.log.info("resource removed", resource=kind)
             self.resources.pop(kind).stop()
@@ -414,7 +511,7 @@ class Plugin:
             resource = self.resources.get(kind)
             if resource is None:
                 resource = self.resources[kind] = Resource(kind, self.socket_dir, self.log)
-                self.log.info("resource found", resource=kind, devices=len(devices))
+                self.log.info("resource found", resource=kind, devices=len(devices.units))
             resource.update(devices)
         identity = socket_identity(self.kubelet_path)
         if identity != self.kubelet_identity:
