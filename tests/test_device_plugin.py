@@ -5,6 +5,11 @@ stream) and drives the real plugin process through registration, listing, alloca
 device going unhealthy and back, spec changes, a kubelet restart and SIGTERM. Last, the
 allocation's annotations go into a config.json shaped as CRI-O writes it for a container
 the kubelet annotated, and runc with the live hook gives the container the devices.
+
+Devices are counted as host devices, not names (issue 22): a spec in the nvidia-ctk layout
+(`0`, `GPU-<uuid>`, `all`) on loop devices is listed as one unit per GPU, and the units the
+kubelet hands out never put one host node in two runc containers. Every kind gets its own
+socket and annotation key (hypothesis, over kinds that differ in where the '/' is).
 """
 
 from __future__ import annotations
