@@ -26,11 +26,13 @@ def is_fully_specified(node: DeviceNode) -> bool:
     return node.type != "" and (bool(node.major) or node.type == "p")
 
 
-def complete_node(node: DeviceNode, origin: str = "") -> DeviceNode:
+def complete_node(node: DeviceNode, origin: str = "", host_root: str = "/") -> DeviceNode:
     """The node with host_path, type, major, minor and file_mode filled in.
 
     Raises CdiError naming the device (origin) and the host path when the host node is
-    missing, is not a device node, or has another type than the spec says.
+    missing, is not a device node, or has another type than the spec says. host_root: where
+    the host's filesystem is seen (the device plugin in its container: "/host"); host_path
+    stays the host's own path.
     """
     host_path = node.host_path or node.path
     node = node._replace(host_path=host_path)
@@ -38,7 +40,7 @@ def complete_node(node: DeviceNode, origin: str = "") -> DeviceNode:
         return node
     who = f"{origin}: " if origin else ""
     try:
-        st = os.lstat(host_path)
+        st = os.lstat(host_path if host_root == "/" else os.path.join(host_root, host_path.lstrip("/")))
     except FileNotFoundError:
         if is_fully_specified(node):
             return node  # fully described by the spec; the host node is optional

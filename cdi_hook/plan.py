@@ -29,6 +29,9 @@ applied once to the merged edits, as Cache.InjectDevices does):
                with neither is its name ("name vendor.com/class=name"). Aliases (`0`, `all`,
                `GPU-uuid` naming one host GPU) share keys, so a hold on one excludes the others
 
+Which host devices a device's nodes are (host_devices: type, major, minor as completed
+above) is decided here too: the device plugin counts devices by it, not by name.
+
 Every item keeps its origin (the qualified device name, or "vendor/class (spec-level)"),
 so every error can name the device.
 """
@@ -50,6 +53,10 @@ if TYPE_CHECKING:
     from cdi_hook.registry import Selection
     from cdi_hook.spec.model import DeviceNode, Mount
 
+# Which host device a device node is, as the plan completes it: its type ("u" is "c"),
+# major and minor; path "" then. A fifo (no numbers), or a node that cannot be completed
+# (the plan refuses its device), is known by its host path, type "p" or "?".
+HostDevice = namedtuple("HostDevice", ["type", "major", "minor", "path"])
 # origin: "vendor.com/class=name" or "vendor.com/class (spec-level)". node: a completed
 # DeviceNode; uid/gid: the owner to give it, None for the runtime's default (root).
 PlannedNode = namedtuple("PlannedNode", ["origin", "node", "uid", "gid"])
@@ -154,8 +161,38 @@ def _nodes(selection: Selection, process_uid: int, process_gid: int, stat_host: 
             # every node the device names counts, also one a later device's node at the same
             # path replaced in the container: the device is still that host node
             if origin in identities:
-                identities[origin][f"{rule_type} {node.major or 0}:{node.minor or 0}"] = None
+                identities[origin][host_device_text(host_device(node))] = None
     return tuple(nodes), tuple(rules)
+
+
+def host_devices(nodes: Iterable[DeviceNode], origin: str = "", host_root: str = "/") -> frozenset[HostDevice]:
+    """The host devices that nodes give a container, each completed as _nodes completes it:
+    what tells two devices apart, whatever their names or host paths (`0`, `GPU-<uuid>` and,
+    on a one-GPU node, `all` are one device)."""
+    from cdi_hook.hostdev import complete_node
+
+    found = set()
+    for node in nodes:
+        try:
+            node = complete_node(node, origin, host_root)
+        except CdiError:
+            found.add(HostDevice("?", 0, 0, posixpath.normpath(node.host_path or node.path)))
+            continue
+        found.add(host_device(node))
+    return frozenset(found)
+
+
+def host_device(node: DeviceNode) -> HostDevice:
+    """The host device a completed node is: a fifo by its host path, any other by its type
+    ("u", unbuffered, is a character device to the kernel) and numbers."""
+    if node.type == "p":
+        return HostDevice("p", 0, 0, posixpath.normpath(node.host_path))
+    return HostDevice("c" if node.type == "u" else node.type, node.major or 0, node.minor or 0, "")
+
+
+def host_device_text(device: HostDevice) -> str:
+    """`c 226:0`, or the host path of one known by it: a hold's key, a log line's words."""
+    return f"{device.type} {device.path}" if device.path else f"{device.type} {device.major}:{device.minor}"
 
 
 def cgroup_access(node: DeviceNode) -> str:

@@ -5,10 +5,16 @@ stream) and drives the real plugin process through registration, listing, alloca
 device going unhealthy and back, spec changes, a kubelet restart and SIGTERM. Last, the
 allocation's annotations go into a config.json shaped as CRI-O writes it for a container
 the kubelet annotated, and runc with the live hook gives the container the devices.
+
+Devices are counted as host devices, not names (issue 22): a spec in the nvidia-ctk layout
+(`0`, `GPU-<uuid>`, `all`) on loop devices is listed as one unit per GPU, and the units the
+kubelet hands out never put one host node in two runc containers. Every kind gets its own
+socket and annotation key (hypothesis, over kinds that differ in where the '/' is).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import shutil
@@ -24,14 +30,19 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import hook_env
 import oci_env
 import runtime_shapes as shapes
+from ci_rules import require
 from cdi_hook.kubelet import api_pb2, api_pb2_grpc
 
 KIND = "test.cdi-hook.io/dp"
 OTHER_KIND = "test.cdi-hook.io/dp-other"
+GPU_KIND = "test.cdi-hook.io/gpu"
 ENDPOINT = "cdi-hook-test.cdi-hook.io_dp.sock"
 ANNOTATION = "cdi.k8s.io/cdi-hook_test.cdi-hook.io_dp"
 NULL, ZERO = os.makedev(1, 3), os.makedev(1, 5)
@@ -109,6 +120,18 @@ class TestKubelet(api_pb2_grpc.RegistrationServicer):
             if request.resource_name == resource:
                 return request
         raise AssertionError(f"no registration for {resource} within {TIMEOUT} s")
+
+    def listing(self, resource: str) -> dict:
+        """The next ListAndWatch message of resource (id -> health)."""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                name, devices = self.updates.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if name == resource:
+                return devices
+        raise AssertionError(f"{resource}: nothing listed within {TIMEOUT} s")
 
     def wait_for(self, resource: str, expected: dict) -> None:
         """Until a ListAndWatch message of resource lists exactly expected (id -> health)."""
@@ -201,6 +224,64 @@ class Node:
 
 
 HEALTHY_ALL = {"node0": "Healthy", "zero": "Healthy", "plain": "Healthy"}
+
+# The layout of `nvidia-ctk cdi generate` (tests/vendor/nvidia-ctk-1.17.yaml) for two GPUs:
+# each physical GPU listed as its index and as its UUID, and `all` naming every GPU's
+# nodes; the control devices are spec-level. Stand-ins: /dev/loop0+2 are GPU 0's nodes,
+# /dev/loop1+3 GPU 1's, /dev/null is nvidiactl. GPU 1's UUID entry names its main node
+# through another host path (a node of the same numbers): one device, whatever the path.
+GPU_UUIDS = ("GPU-4cf8db2d-06c0-7d70-1a51-e59b25b2c16c", "GPU-9a3e1f07-5b2d-4c8e-a1f6-0d7b3c2e8f41")
+GPU_NODES = {"/dev/loop0": "/dev/nvidia0", "/dev/loop2": "/dev/dri/renderD128",
+             "/dev/loop1": "/dev/nvidia1", "/dev/loop3": "/dev/dri/renderD129"}
+
+
+def gpu_spec(loop1_again: Path) -> dict:
+    def nodes(*host_paths: str) -> dict:
+        return {"deviceNodes": [{"path": GPU_NODES.get(host, "/dev/nvidia1"), "hostPath": host}
+                                for host in host_paths]}
+
+    return {"cdiVersion": "0.5.0", "kind": GPU_KIND,
+            "containerEdits": {"deviceNodes": [{"path": "/dev/nvidiactl", "hostPath": "/dev/null"}],
+                               "env": ["NVIDIA_VISIBLE_DEVICES=void"]},
+            "devices": [
+                {"name": "0", "containerEdits": nodes("/dev/loop0", "/dev/loop2")},
+                {"name": GPU_UUIDS[0], "containerEdits": nodes("/dev/loop2", "/dev/loop0")},
+                {"name": "1", "containerEdits": nodes("/dev/loop1", "/dev/loop3")},
+                {"name": GPU_UUIDS[1], "containerEdits": nodes(str(loop1_again), "/dev/loop3")},
+                {"name": "all", "containerEdits": nodes("/dev/loop0", "/dev/loop2", "/dev/loop1", "/dev/loop3")},
+            ]}
+
+
+def host_devices(spec: dict, names: list[str]) -> set[int]:
+    """The rdevs of the device-level host nodes that the named devices of spec name."""
+    by_name = {device["name"]: device for device in spec["devices"]}
+    return {os.stat(node["hostPath"]).st_rdev for name in names
+            for node in by_name[name]["containerEdits"]["deviceNodes"]}
+
+
+@pytest.fixture
+def gpus(node):
+    """The node with the nvidia-ctk-shaped spec added; (node, spec)."""
+    for path in ("/dev/loop0", "/dev/loop1", "/dev/loop2", "/dev/loop3"):
+        require(os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode), f"needs the block device {path}")
+    loop1_again = node.tmp_path / "host" / "loop1-again"
+    os.mknod(loop1_again, stat.S_IFBLK | 0o600, os.stat("/dev/loop1").st_rdev)
+    spec = gpu_spec(loop1_again)
+    oci_env.write_spec(node.spec_dir, "gpu.json", spec)
+    registered(node, GPU_KIND)
+    return node, spec
+
+
+def allocate_one_each(node: Node, listed: dict) -> dict[str, list[str]]:
+    """What the kubelet does with pods that each ask for one unit: every listed id goes to
+    its own container; id -> the names in the container's annotation."""
+    allocations = {}
+    for device_id in sorted(listed):
+        response = node.allocate([device_id], resource=GPU_KIND)
+        [container] = response.container_responses
+        [value] = container.annotations.values()
+        allocations[device_id] = [name.split("=", 1)[1] for name in value.split(",")]
+    return allocations
 
 
 @pytest.fixture
@@ -426,6 +507,201 @@ def test_allocated_devices_reach_a_runc_container_through_the_hook(node, runc):
     result = oci_env.run_container(bundle)
     assert result.returncode != 0 and "refused CDI request" in result.stderr, result.stderr
     assert not (bundle / "rootfs" / "dev" / "cdi-dp0").exists()
+
+
+def test_nvidia_layout_is_advertised_as_physical_units_that_never_overlap(gpus):
+    # The attack: listed as 5 ids for 2 GPUs, `0` went to one pod and `GPU-...` to another.
+    node, spec = gpus
+    listed = node.kubelet.listing(GPU_KIND)
+    allocations = allocate_one_each(node, listed)
+    given: dict[int, str] = {}
+    for device_id, names in allocations.items():
+        for rdev in host_devices(spec, names):
+            assert rdev not in given, (f"host device {os.major(rdev)}:{os.minor(rdev)} given to the containers "
+                                       f"allocated {given[rdev]!r} and {device_id!r} (listed: {sorted(listed)})")
+            given[rdev] = device_id
+    assert listed == {"0": "Healthy", "1": "Healthy"}, node.plugin_log()
+    assert allocations == {"0": ["0"], "1": ["1"]}
+    assert set(given) == {os.stat(f"/dev/loop{i}").st_rdev for i in range(4)}  # both GPUs, all their nodes
+
+    # The aliases and `all` are not ids the kubelet could hand out.
+    for alias in (*GPU_UUIDS, "all"):
+        with pytest.raises(grpc.RpcError) as refused:
+            node.allocate([alias], resource=GPU_KIND)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND, alias
+        assert f"'{alias}' (not a unit: " in refused.value.details(), refused.value.details()
+    log = [json.loads(line) for line in node.plugin_log().splitlines() if line.startswith("{")]
+    units = {line["device"]: line.get("aliases") for line in log if line.get("resource") == GPU_KIND
+             and line["event"] == "device"}
+    assert units == {"0": GPU_UUIDS[0], "1": GPU_UUIDS[1]}, units
+    unlisted = {line["device"]: line["why"] for line in log if line.get("resource") == GPU_KIND
+                and line["event"] == "device not listed"}
+    assert unlisted == {GPU_UUIDS[0]: "the same device as 0", GPU_UUIDS[1]: "the same device as 1",
+                        "all": "its device nodes are those of units 0, 1"}, unlisted
+
+
+def test_nvidia_layout_units_reach_runc_containers_without_sharing_a_gpu(gpus, runc):
+    # Each unit the kubelet hands out, in a container of its own through the hook: no two
+    # containers get one GPU node; each gets the spec-level control node (shared by design).
+    node, _ = gpus
+    allocations = allocate_one_each(node, node.kubelet.listing(GPU_KIND))
+    script = ("for f in /dev/nvidia* /dev/dri/*; do if [ -b $f ]; then stat -c 'BLK %n %t:%T' $f; fi; done; "
+              "test -c /dev/nvidiactl && stat -c 'CTL %t:%T' /dev/nvidiactl; true")
+    seen: dict[str, str] = {}
+    for device_id in sorted(allocations):
+        annotations = dict(node.allocate([device_id], resource=GPU_KIND).container_responses[0].annotations)
+        top = node.tmp_path / f"kubelet-{device_id}"
+        top.mkdir()
+        (top / "cdi").symlink_to(node.spec_dir)
+        bundle, _ = hook_env.bundle_with_hook(top, None, [], script,
+                                              annotations=shapes.crio(kubelet_annotations=annotations))
+        result = oci_env.run_container(bundle)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.split("\n")
+        assert "CTL 1:3" in lines, result.stdout
+        numbers = [line.split()[-1] for line in lines if line.startswith("BLK ")]
+        assert len(numbers) == 2, result.stdout  # one GPU: its two nodes
+        for number in numbers:
+            assert number not in seen, f"host device {number} in the containers of {seen[number]!r} and {device_id!r}"
+            seen[number] = device_id
+    assert sorted(seen) == ["7:0", "7:1", "7:2", "7:3"] and sorted(set(seen.values())) == ["0", "1"], seen
+
+
+def _host(*numbers: int) -> frozenset:
+    from cdi_hook.plan import HostDevice
+
+    return frozenset(HostDevice("c", 195, n, "") for n in numbers)
+
+
+@pytest.mark.parametrize("devices, units, unlisted", [
+    # nvidia-ctk, one GPU: `all` is the GPU too, an alias like its UUID.
+    ({"0": _host(0), "GPU-a": _host(0), "all": _host(0)}, {"0": ("GPU-a", "all")},
+     {"GPU-a": "the same device as 0", "all": "the same device as 0"}),
+    # Two GPUs: `all` is their union, no unit of its own.
+    ({"0": _host(0, 10), "1": _host(1, 11), "all": _host(0, 1, 10, 11)}, {"0": (), "1": ()},
+     {"all": "its device nodes are those of units 0, 1"}),
+    # MIG-shaped: instances share their GPU's node; the smallest unit, the GPU, is listed.
+    ({"0": _host(0), "0:0": _host(0, 100), "0:1": _host(0, 101)}, {"0": ()},
+     {"0:0": "it shares device nodes with unit 0", "0:1": "it shares device nodes with unit 0"}),
+    # MIG instances without their GPU listed: the GPU's node is every instance's, shared.
+    ({"0:0": _host(0, 100), "0:1": _host(0, 101)}, {"0:0": (), "0:1": ()}, {}),
+    # amd-ctk, two GPUs: /dev/kfd (here 99) is listed with each, a control device.
+    ({"0": _host(1, 2, 99), "1": _host(3, 4, 99), "all": _host(1, 2, 3, 4, 99)}, {"0": (), "1": ()},
+     {"all": "its device nodes are those of units 0, 1"}),
+    # Overlapping without a union; a device without nodes of its own is a unit.
+    ({"a": _host(1, 2), "b": _host(2, 3), "c": _host(3), "env-only": frozenset()}, {"a": (), "c": (), "env-only": ()},
+     {"b": "it shares device nodes with units a, c"}),
+], ids=["one-gpu", "two-gpus", "mig", "mig-instances-only", "amd-two-gpus", "overlap"])
+def test_physical_units(devices, units, unlisted):
+    from cdi_hook.commands.device_plugin import physical_units
+
+    found = physical_units(devices)
+    assert (found.units, found.unlisted) == (units, unlisted)
+    # No host device in two units, but for the control devices every device of the kind has.
+    taken = [node for unit in units for node in devices[unit] - found.shared]
+    assert len(taken) == len(set(taken))
+    assert all(found.shared < devices[unit] for unit in units if devices[unit]) and not found.shared & set(taken)
+
+
+def test_a_new_alias_does_not_rename_a_listed_unit():
+    # `GPU-a` was listed (the kubelet may have given it out); `0` appears for the same GPU.
+    from cdi_hook.commands.device_plugin import physical_units
+
+    devices = {"0": _host(0), "GPU-a": _host(0), "1": _host(1)}
+    assert physical_units(devices, {"GPU-a", "1"}).units == {"1": (), "GPU-a": ("0",)}
+    assert physical_units(devices).units == {"0": ("GPU-a",), "1": ()}
+
+
+def test_host_devices_are_numbers_not_paths(root_only, tmp_path):
+    from cdi_hook.plan import HostDevice, host_devices
+    from cdi_hook.spec.model import DeviceNode
+
+    (tmp_path / "dev").mkdir()
+    os.mknod(tmp_path / "dev" / "gpu", stat.S_IFCHR | 0o600, os.makedev(195, 0))
+    os.mknod(tmp_path / "dev" / "gpu-again", stat.S_IFCHR | 0o600, os.makedev(195, 0))
+    gpu = HostDevice("c", 195, 0, "")
+    assert host_devices([DeviceNode(path="/dev/x", host_path=str(tmp_path / "dev" / "gpu")),
+                         DeviceNode(path="/dev/y", host_path=str(tmp_path / "dev" / "gpu-again"))]) == {gpu}
+    # Under --host-root, as the plugin's container sees the host; numbers the spec gives win.
+    assert host_devices([DeviceNode(path="/dev/gpu-again", host_path="/dev/gpu")], host_root=str(tmp_path)) == {gpu}
+    assert host_devices([DeviceNode(path="/dev/u", type="u", major=195, minor=0)]) == {gpu}
+    # A node that is not there cannot be completed: known by its host path.
+    assert host_devices([DeviceNode(path="/dev/gone", host_path="/dev/../dev/no-such-gpu")]) == {
+        HostDevice("?", 0, 0, "/dev/no-such-gpu")}
+
+
+def test_the_nvidia_ctk_fixture_is_one_unit(root_only, tmp_path):
+    # tests/vendor/nvidia-ctk-1.17.yaml as generated for one GPU: `0`, its UUID and `all`.
+    from cdi_hook.commands.device_plugin import inventory
+    from cdi_hook.registry import Registry
+
+    text = (oci_env.REPO / "tests" / "vendor" / "nvidia-ctk-1.17.yaml").read_text()
+    spec = yaml.safe_load(text.replace("__HOST__", str(tmp_path / "host")).replace("__BIN__", "/bin"))
+    nodes = [node["hostPath"] for edits in [spec["containerEdits"], *(d["containerEdits"] for d in spec["devices"])]
+             for node in edits["deviceNodes"]]
+    for minor, host_path in enumerate(dict.fromkeys(nodes)):
+        Path(host_path).parent.mkdir(parents=True, exist_ok=True)
+        os.mknod(host_path, stat.S_IFCHR | 0o600, os.makedev(195, minor))
+    oci_env.write_spec(tmp_path / "cdi", "nvidia.json", spec)
+    [(kind, found)] = inventory(Registry.load([str(tmp_path / "cdi")], insecure=True)).items()
+    assert kind == "nvidia.com/gpu"
+    assert found.units == {"0": ("Healthy", "", ("GPU-4cf8db2d-06c0-7d70-1a51-e59b25b2c16c", "all"))}
+    assert set(found.unlisted) == {"GPU-4cf8db2d-06c0-7d70-1a51-e59b25b2c16c", "all"}
+
+
+def _names(first: str, middle: str, max_middle: int) -> st.SearchStrategy[str]:
+    """Valid vendor or class names ([first](?:[middle]*[alnum])?) over a few characters, so
+    that near-misses (`_` against `/`, long names with one front) come up often."""
+    return st.one_of(st.sampled_from(first), st.builds(
+        lambda a, b, c: a + b + c, st.sampled_from(first), st.text(middle, max_size=max_middle),
+        st.sampled_from("aZ1")))
+
+
+KINDS = st.builds(lambda vendor, device_class: f"{vendor}/{device_class}",
+                  _names("aZ", "aZ1_.-", 40), _names("aZ", "aZ1_.-", 40))
+
+
+def _endpoint_and_key(kind: str) -> tuple[str, str]:
+    from cdi_hook.commands.device_plugin import allocation_key, socket_name
+    from cdi_hook.request import ANNOTATION_PREFIX, key_name_problem
+    from cdi_hook.spec.names import kind_problem
+
+    assert kind_problem(kind) is None, kind
+    endpoint, key = socket_name(kind), allocation_key(kind)
+    assert key.startswith(ANNOTATION_PREFIX) and key_name_problem(key[len(ANNOTATION_PREFIX):]) is None, key
+    # In the kubelet's dir, within the 107 bytes of a unix socket path; a plain file name.
+    assert len("/var/lib/kubelet/device-plugins/" + endpoint) <= 107 and "/" not in endpoint, endpoint
+    assert endpoint.isascii() and endpoint.isprintable() and endpoint != "kubelet.sock"
+    return endpoint, key
+
+
+def test_kinds_that_differ_only_in_underscore_and_slash_get_their_own_socket_and_key():
+    # Both `a.b/c_d` and `a.b_c/d` were `a.b_c_d`: one socket, one annotation key.
+    assert _endpoint_and_key("a.b/c_d") != _endpoint_and_key("a.b_c/d")
+    # Kinds that fit keep a readable name; the common ones keep today's.
+    assert _endpoint_and_key(KIND) == (ENDPOINT, ANNOTATION)
+    assert _endpoint_and_key("nvidia.com/gpu") == ("cdi-hook-nvidia.com_gpu.sock", "cdi.k8s.io/cdi-hook_nvidia.com_gpu")
+    # Too long for a key: a readable front and a digest, still one per kind.
+    long_a, long_b = "example.com/" + "x" * 60 + "a", "example.com/" + "x" * 60 + "b"
+    (socket_a, key_a), (socket_b, key_b) = _endpoint_and_key(long_a), _endpoint_and_key(long_b)
+    assert socket_a != socket_b and key_a != key_b and "example.com" in key_a
+
+
+def _slash_moved(kind: str) -> set[str]:
+    """The valid kinds that differ from kind by where the '/' is among its '/' and '_'s."""
+    from cdi_hook.spec.names import kind_problem
+
+    flat = kind.replace("/", "_")
+    moved = {flat[:i] + "/" + flat[i + 1:] for i, char in enumerate(flat) if char == "_"}
+    return {other for other in moved if kind_problem(other) is None}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sets(KINDS, min_size=2, max_size=30))
+def test_every_two_kinds_get_distinct_sockets_and_keys(kinds):
+    kinds = set(kinds).union(*(_slash_moved(kind) for kind in kinds))
+    endpoints, keys = zip(*(_endpoint_and_key(kind) for kind in kinds))
+    assert len(set(endpoints)) == len(kinds) and len(set(keys)) == len(kinds), sorted(zip(kinds, keys))
 
 
 def test_socket_identity_tells_a_remade_socket_from_the_old_one(tmp_path):

@@ -7,9 +7,16 @@ is that device plugin:
 
 * One extended resource per CDI kind found in the spec dirs (`vendor.com/class`), but for
   the throwaway kind of `cdi-hook doctor --probe` (cdi_hook/probe_spec.py); its
-  device IDs are the CDI device names of that kind. Each resource has its own gRPC server
-  on its own socket in the kubelet's device plugin dir and registers there with the
-  kubelet (kubelet.sock, API version v1beta1).
+  device IDs are physical units, not names: devices of the kind whose own device nodes
+  are the same host devices (plan.host_devices: type, major, minor) are one unit, listed
+  under the first name (`0`; its aliases such as `GPU-<uuid>` are logged); a device whose
+  nodes another unit already has (`all`, the union of every GPU) is not listed; a device
+  with no node of its own is a unit. The kubelet hands each unit to one container, so no
+  device-level host node reaches two (control devices are shared: spec-level nodes, and
+  a device-level node every device of the kind has, as AMD's /dev/kfd).
+  Each resource has its own gRPC server on its own socket in the kubelet's device plugin
+  dir (`cdi-hook-<kind id>.sock`, kind_id) and registers there with the kubelet
+  (kubelet.sock, API version v1beta1).
 * Every POLL seconds the spec dirs are read again and every device node is checked: kinds
   come and go with their specs, devices with their entries, and a device is Healthy while
   each of its device nodes' host paths is the node the spec names (lstat: a character,
@@ -19,7 +26,7 @@ is that device plugin:
 * The kubelet, when it restarts, makes a new kubelet.sock (and deletes every other socket
   in the dir): a changed kubelet.sock (inode and change time) means register again; a missing or
   replaced endpoint socket means serve again on a new one first.
-* Allocate answers, per container, one annotation `cdi.k8s.io/cdi-hook_<vendor>_<class>`
+* Allocate answers, per container, one annotation `cdi.k8s.io/cdi-hook_<kind id>`
   naming the devices (vendor.com/class=name,...), for runtimes that only run hooks (the
   kubelet sets it on the container; CRI-O records it as the kubelet's, which cdi-hook's
   request policy honours), and the same names as CDIDevices, for runtimes with native CDI.
@@ -43,6 +50,7 @@ import socket
 import stat
 import sys
 import threading
+from collections import namedtuple
 from concurrent import futures
 
 import grpc
@@ -51,17 +59,20 @@ from cdi_hook.errors import CdiError, listed, printable
 from cdi_hook.hostdev import host_node_type
 from cdi_hook.kubelet import api_pb2, api_pb2_grpc
 from cdi_hook.log import LEVELS, configured_level, structlog_logger
+from cdi_hook.plan import host_device_text, host_devices
 from cdi_hook.probe_spec import PROBE_KIND
 from cdi_hook.registry import Registry
-from cdi_hook.request import build_annotations
+from cdi_hook.request import ANNOTATION_PREFIX, MAX_KEY_NAME_LENGTH, build_annotations, key_name_problem
+from cdi_hook.spec.names import ALNUM
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Container, Iterator, Sequence
     from types import FrameType
     from typing import Any, TextIO
 
+    from cdi_hook.plan import HostDevice
     from cdi_hook.spec.model import DeviceNode
 
     SocketIdentity = tuple[int, int, int]  # st_dev, st_ino, st_ctime_ns
@@ -69,8 +80,12 @@ if TYPE_CHECKING:
 API_VERSION = "v1beta1"
 KUBELET_SOCKET = "kubelet.sock"
 HEALTHY, UNHEALTHY = "Healthy", "Unhealthy"
-# The plugin part of every annotation key: cdi.k8s.io/cdi-hook_<vendor>_<class>.
+# The plugin part of every annotation key: cdi.k8s.io/cdi-hook_<kind id>.
 PLUGIN_NAME = "cdi-hook"
+# A kind too long for the key: its first characters, then this many hex digits of its
+# SHA-256 (128 bits: two kinds meeting by chance is not a concern), in the 63 of a key name.
+DIGEST_HEX_DIGITS = 32
+READABLE_FRONT = MAX_KEY_NAME_LENGTH - len(PLUGIN_NAME + "_") - len("_0x") - DIGEST_HEX_DIGITS
 # The longest path a unix socket address holds (sun_path, with its terminating NUL).
 MAX_SOCKET_PATH = 107
 REGISTER_TIMEOUT_SECONDS = 5
@@ -131,21 +146,81 @@ def node_problem(node: DeviceNode, host_root: str = "/") -> str | None:
     return None
 
 
-def inventory(registry: Registry, host_root: str = "/") -> dict[str, dict[str, tuple[str, str]]]:
-    """kind -> device name -> (health, why unhealthy or ""), for every resolvable device.
+# One device ID of a resource: health, why it is Unhealthy ("" if not), and the names of
+# the kind that are the same device (aliases: not listed, logged).
+Unit = namedtuple("Unit", ["health", "why", "aliases"])
+# A kind's devices as the kubelet sees them: units (ID -> Unit), the names not listed
+# (name -> why: an alias, or a device whose nodes are other units'), and the device-level
+# nodes every device has (control devices, as spec-level ones: given with every unit).
+Inventory = namedtuple("Inventory", ["units", "unlisted", "shared"])
+PhysicalUnits = namedtuple("PhysicalUnits", ["units", "unlisted", "shared"])
 
-    A device's nodes are its spec's spec-level nodes (every device of the spec gets them)
-    and its own. The probe spec of `cdi-hook doctor --probe` is no resource: it exists for
-    the doctor's own containers (its writer's, probe_spec), never for a pod.
+
+def physical_units(devices: dict[str, frozenset[HostDevice]], listed_before: Container[str] = ()) -> PhysicalUnits:
+    """Which of a kind's devices (name -> the host devices of its own nodes) are units the
+    kubelet may hand out, no host device in two: units (unit -> its aliases), unlisted
+    (name -> why not a unit) and shared (the control devices every unit has).
+
+    Names with the same host devices are one unit, under the name it was listed as before
+    (listed_before: a new alias never renames a unit the kubelet may have handed out), else
+    the first by name. A host device that
+    every device of the kind has, beside nodes of its own (AMD's generator lists /dev/kfd
+    with each GPU), is a control device like a spec-level one: shared, not counted. Then
+    the units, the smallest first: one that has a host device an earlier unit has is not
+    listed (`all`, or a device that overlaps another; a MIG instance shares its GPU's node,
+    so the GPU is the unit), so every listed unit's other host devices are its own. A
+    device with no node of its own shares nothing: a unit.
     """
-    kinds: dict[str, dict[str, tuple[str, str]]] = {}
-    for spec, device in registry.devices.values():
-        if spec.kind == PROBE_KIND:
+    units: dict[str, tuple[str, ...]] = {}
+    unlisted: dict[str, str] = {}
+    same: dict[frozenset[HostDevice], list[str]] = {}
+    for name in sorted(devices, key=lambda name: (name not in listed_before, name)):
+        if devices[name]:
+            same.setdefault(devices[name], []).append(name)
+        else:
+            units[name] = ()
+    shared = frozenset.intersection(*same) if len(same) > 1 else frozenset()
+    if shared in same:
+        shared = frozenset()  # a device that is only those nodes: they are its own, not control devices
+    owner: dict[HostDevice, str] = {}  # host device -> the unit that has it
+    for nodes, (unit, *aliases) in sorted(((nodes - shared, names) for nodes, names in same.items()),
+                                          key=lambda item: (len(item[0]), item[1][0])):
+        others = sorted({owner[node] for node in nodes if node in owner})
+        if others:
+            union = len(others) > 1 and set(nodes) == {node for node, holder in owner.items() if holder in others}
+            why = (f"its device nodes are those of units {listed(others)}" if union else
+                   f"it shares device nodes with unit{'s' if len(others) > 1 else ''} {listed(others)}")
+            unlisted.update(dict.fromkeys((unit, *aliases), why))
             continue
+        units[unit] = tuple(aliases)
+        unlisted.update((alias, f"the same device as {unit}") for alias in aliases)
+        owner.update(dict.fromkeys(nodes, unit))
+    return PhysicalUnits(dict(sorted(units.items())), unlisted, shared)
+
+
+def inventory(registry: Registry, host_root: str = "/",
+              listed_before: dict[str, Container[str]] | None = None) -> dict[str, Inventory]:
+    """kind -> its units and the names not listed, for every resolvable device
+    (listed_before: kind -> the units listed until now, which keep their names).
+
+    A unit's health is its device's: Healthy while each of its nodes is on the host as the
+    spec says, its spec's spec-level nodes (every device of the spec gets them) and its own.
+    """
+    health: dict[str, dict[str, tuple[str, str]]] = {}
+    own_nodes: dict[str, dict[str, frozenset[HostDevice]]] = {}
+    for qualified, (spec, device) in registry.devices.items():
+        if spec.kind == PROBE_KIND:
+            continue  # doctor's throwaway device: never a pod's
         nodes = spec.container_edits.device_nodes + device.container_edits.device_nodes
         problems = [problem for problem in (node_problem(node, host_root) for node in nodes) if problem]
-        health = (UNHEALTHY, "; ".join(problems)) if problems else (HEALTHY, "")
-        kinds.setdefault(spec.kind, {})[device.name] = health
+        health.setdefault(spec.kind, {})[device.name] = (UNHEALTHY, "; ".join(problems)) if problems else (HEALTHY, "")
+        own_nodes.setdefault(spec.kind, {})[device.name] = host_devices(device.container_edits.device_nodes,
+                                                                        qualified, host_root)
+    kinds = {}
+    for kind, devices in own_nodes.items():
+        found = physical_units(devices, (listed_before or {}).get(kind, ()))
+        kinds[kind] = Inventory({name: Unit(*health[kind][name], aliases) for name, aliases in found.units.items()},
+                                found.unlisted, found.shared)
     return kinds
 
 
@@ -173,14 +248,38 @@ def listening(path: str) -> bool:
     return True
 
 
-def annotation_id(kind: str) -> str:
-    """The part of the annotation key after `cdi-hook_`: the kind ('/' becomes '_' there), or,
-    for a kind too long for the 63-character key, a digest of it (still one key per kind)."""
-    try:
-        build_annotations(PLUGIN_NAME, kind, ["a.b/c=d"])
-        return kind
-    except CdiError:
-        return "sha256-" + hashlib.sha256(kind.encode()).hexdigest()[:32]
+def kind_id(kind: str) -> str:
+    """The kind in its socket name and annotation key: one per kind, no two kinds alike.
+
+    Every '_' doubled, then '/' as one '_' (`a.b/c_d` is `a.b_c__d`, `a.b_c/d` is `a.b__c_d`).
+    A vendor ends with a letter or digit and a class starts with a letter, so the '/' is
+    the one run of '_' of odd length, and it has a letter after it: the kind reads back.
+    A kind whose key would pass 63 characters is `<front>_0x<digest>`: its first characters
+    (without '_' or '/'), then 32 hex digits of SHA-256; a '_' followed by a digit is no
+    '/', so such an id is never another kind's full one.
+    """
+    escaped = kind.replace("_", "__").replace("/", "_")
+    if key_name_problem(f"{PLUGIN_NAME}_{escaped}") is None:
+        return escaped
+    front = "".join(char if char in ALNUM or char in ".-" else "-" for char in kind[:READABLE_FRONT])
+    digest = hashlib.sha256(kind.encode()).hexdigest()[:DIGEST_HEX_DIGITS]
+    return f"{front.rstrip('.-')}_0x{digest}"
+
+
+def socket_name(kind: str) -> str:
+    """The kind's endpoint socket, a file name in the kubelet's device plugin dir."""
+    return f"{PLUGIN_NAME}-{kind_id(kind)}.sock"
+
+
+def allocation_key(kind: str) -> str:
+    """The annotation key of the kind's allocations: cdi.k8s.io/cdi-hook_<kind id>."""
+    return f"{ANNOTATION_PREFIX}{PLUGIN_NAME}_{kind_id(kind)}"
+
+
+def unknown_id(device_id: str, unlisted: dict[str, str]) -> str:
+    """A refused device id for a message: quoted, with why it is no unit when it is a name of the kind."""
+    why = unlisted.get(device_id)
+    return repr(printable(device_id, 100)) + (f" (not a unit: {why})" if why else "")
 
 
 def preferred(request: Any) -> list[str]:
@@ -200,10 +299,13 @@ class Resource(api_pb2_grpc.DevicePluginServicer):
     def __init__(self, kind: str, socket_dir: str, log: Log):
         self.kind = kind
         self.log = log
-        self.endpoint = "cdi-hook-" + kind.replace("/", "_") + ".sock"
+        self.endpoint = socket_name(kind)
         self.path = os.path.join(socket_dir, self.endpoint)
-        self.annotation_id = annotation_id(kind)
-        self.devices: dict[str, str] = {}  # name -> health
+        self.annotation_id = kind_id(kind)
+        self.devices: dict[str, str] = {}  # unit -> health
+        self.units: dict[str, Unit] = {}  # the last poll's, for its log lines
+        self.unlisted: dict[str, str] = {}  # name -> why it is not a unit
+        self.shared: frozenset[HostDevice] = frozenset()
         self.changed = threading.Condition()
         self.version = 0  # bumped on every change of self.devices; streams send when it moves
         self.server: grpc.Server | None = None
@@ -214,18 +316,30 @@ class Resource(api_pb2_grpc.DevicePluginServicer):
 
     # -- state, from the poll loop ------------------------------------------------------
 
-    def update(self, devices: dict[str, tuple[str, str]]) -> None:
-        """Take the poll's (health, why) per device; streams are woken only when a device
+    def update(self, inventory: Inventory) -> None:
+        """Take the poll's units and unlisted names; streams are woken only when a unit
         comes, goes or changes health (a different reason to be Unhealthy is no news)."""
-        health = {name: state for name, (state, _) in devices.items()}
+        for name, why in sorted(inventory.unlisted.items()):
+            if self.unlisted.get(name) != why:
+                self.log.info("device not listed", resource=self.kind, device=name, why=why)
+        self.unlisted = inventory.unlisted
+        if inventory.shared != self.shared and inventory.shared:
+            self.log.info("device nodes every unit has", resource=self.kind,
+                          nodes=listed(sorted(map(host_device_text, inventory.shared))))
+        self.shared = inventory.shared
+        health = {name: unit.health for name, unit in inventory.units.items()}
+        for name, unit in sorted(inventory.units.items()):
+            before = self.units.get(name)
+            if before is None or (before.health, before.aliases) != (unit.health, unit.aliases):
+                fields = {"resource": self.kind, "device": name, "health": unit.health}
+                if unit.why:
+                    fields["why"] = unit.why
+                if unit.aliases:
+                    fields["aliases"] = listed(unit.aliases)
+                (self.log.warning if unit.health == UNHEALTHY else self.log.info)("device", **fields)
+        self.units = inventory.units
         if health == self.devices:
             return
-        for name, (state, why) in sorted(devices.items()):
-            if self.devices.get(name) != state:
-                fields = {"resource": self.kind, "device": name, "health": state}
-                if why:
-                    fields["why"] = why
-                (self.log.warning if state == UNHEALTHY else self.log.info)("device", **fields)
         gone = sorted(set(self.devices) - set(health))
         if gone:
             self.log.info("devices removed", resource=self.kind, devices=listed(gone))
@@ -340,14 +454,14 @@ class Resource(api_pb2_grpc.DevicePluginServicer):
 
     def Allocate(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self.changed:
-            known = dict(self.devices)
+            known, unlisted = dict(self.devices), self.unlisted
         responses = []
         for container in request.container_requests:
             ids = list(dict.fromkeys(container.devices_ids))
             unknown = [device_id for device_id in ids if device_id not in known]
             if unknown:
                 message = (f"resource {self.kind}: unknown device id{'s' if len(unknown) > 1 else ''} "
-                           f"{listed(repr(printable(i, 100)) for i in unknown)} (the devices of {self.kind} are: "
+                           f"{listed(unknown_id(i, unlisted) for i in unknown)} (the devices of {self.kind} are: "
                            f"{listed(sorted(known)) or 'none'})")
                 self.log.warning("allocate refused", resource=self.kind, error=message)
                 context.abort(grpc.StatusCode.NOT_FOUND, message)
@@ -388,7 +502,7 @@ class Plugin:
             for line in errors:
                 self.log.error("spec error", error=line)
             self.spec_errors = errors
-        kinds = inventory(registry, self.host_root)
+        kinds = inventory(registry, self.host_root, {kind: resource.units for kind, resource in self.resources.items()})
         for kind in sorted(set(self.resources) - set(kinds)):
             self.log.info("resource removed", resource=kind)
             self.resources.pop(kind).stop()
@@ -396,7 +510,7 @@ class Plugin:
             resource = self.resources.get(kind)
             if resource is None:
                 resource = self.resources[kind] = Resource(kind, self.socket_dir, self.log)
-                self.log.info("resource found", resource=kind, devices=len(devices))
+                self.log.info("resource found", resource=kind, devices=len(devices.units))
             resource.update(devices)
         identity = socket_identity(self.kubelet_path)
         if identity != self.kubelet_identity:
