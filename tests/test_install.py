@@ -207,7 +207,8 @@ def _directives(text: str) -> set[str]:
 
 def test_install_watch_serve_writes_a_serving_unit_without_nnp_or_seccomp(tmp_path, capsys):
     """Plain --watch keeps the confined unit; --watch --serve runs `watch --serve` without the
-    two settings its server refuses to serve under (commands/injection_server.confinement), else the same."""
+    two settings its server refuses to serve under (commands/injection_server.confinement) and
+    without a mount or network namespace of its own (it serves only hooks in its own), else the same."""
     hooks = str(tmp_path / "hooks.d")
     assert main(["install", "--hooks-dir", hooks, "--watch", "--systemd-dir", str(tmp_path / "plain")]) == 0
     assert main(["install", "--hooks-dir", hooks, "--watch", "--serve", "--systemd-dir", str(tmp_path / "serve")]) == 0
@@ -217,7 +218,10 @@ def test_install_watch_serve_writes_a_serving_unit_without_nnp_or_seccomp(tmp_pa
     assert f"ExecStart={python} -I -m cdi_hook watch\n" in plain
     assert f"ExecStart={python} -I -m cdi_hook watch --serve\n" in served
     assert _directives(plain) - _directives(served) == {
-        f"ExecStart={python} -I -m cdi_hook watch", "NoNewPrivileges=yes", "RestrictAddressFamilies=AF_UNIX"}
+        f"ExecStart={python} -I -m cdi_hook watch", "NoNewPrivileges=yes", "RestrictAddressFamilies=AF_UNIX",
+        # private mount and network namespaces: the server serves only hooks in its own (issue 22)
+        "ProtectSystem=strict", "ProtectHome=read-only", "PrivateTmp=yes", "PrivateNetwork=yes",
+        "ProtectKernelTunables=yes", "ProtectControlGroups=yes"}
     assert _directives(served) - _directives(plain) == {f"ExecStart={python} -I -m cdi_hook watch --serve",
                                                         "KillMode=process"}
     assert "SELinux/AppArmor" in served and "no NoNewPrivileges=" in served  # the why, in the unit

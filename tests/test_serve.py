@@ -313,3 +313,156 @@ def test_a_served_start_takes_the_hooks_umask(runc, tmp_path, servers):
     assert "700 /dev/cdi\n" in results[0]
     assert results[1] == results[0]
     assert trees[1] == trees[0]
+
+
+# -- who may be served: only the runtime's hook on the host (issue 22, part 1) ------------
+
+# A root process that connects to the server with a pidfd and a state of its choosing: its
+# own (a container's root that can see the cache dir), or another process's ("other").
+# It never says "go": a server that answers "accepted" has already taken it for a hook.
+ASK = """
+import json, os, socket, subprocess, sys
+path, env, stage, whose = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+argv = [b"hook", b"--stage", stage.encode()]
+state = json.dumps({"ociVersion": "1.0.2", "id": "cdi-attack-serve", "status": "creating",
+                    "pid": os.getpid(), "bundle": "/bundle", "annotations": {}}).encode()
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.settimeout(10)
+sock.connect(path)
+read_end, write_end = os.pipe()
+os.write(write_end, state)
+os.close(write_end)
+other = subprocess.Popen(["sleep", "30"]) if whose == "other" else None
+pidfd = os.pidfd_open(other.pid if other else os.getpid())
+fds = [read_end, 1, 2, os.open("/", os.O_PATH | os.O_DIRECTORY), pidfd]
+message = b"\\0".join([b"cdi-hook-inject-1", b"%d" % len(argv), *argv, *(f"{k}={v}".encode() for k, v in env.items())])
+sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))])
+try:
+    reply = sock.recv(1)
+except OSError as error:
+    reply = repr(error).encode()
+print("REPLY", reply)
+if other:
+    other.kill()
+"""
+
+
+def _hook_env(bundle: Path) -> dict:
+    entry = json.loads((bundle / "config.json").read_text())["hooks"]["createRuntime"][0]
+    return dict(item.split("=", 1) for item in entry["env"])
+
+
+def _attacker_bundle(tmp_path: Path, server: Server, env: dict, stage: str) -> Path:
+    """A container without a user namespace, as root, that sees the server's socket folder
+    (read-only, at the host's path) and runs the host's Python (/usr read-only)."""
+    rootfs = oci_env.make_rootfs(tmp_path / "attacker" / "rootfs")
+    for name in ("usr", "bundle"):
+        (rootfs / name).mkdir()
+    for name in ("lib", "lib64"):
+        if os.path.islink(f"/{name}"):
+            (rootfs / name).symlink_to(os.readlink(f"/{name}"))
+    # The bundle its state names: its own, asking for the device, inside its own root.
+    (rootfs / "bundle" / "config.json").write_text(json.dumps({
+        "ociVersion": "1.0.2", "root": {"path": "/"}, "annotations": {"cdi.k8s.io/test": ALL}}))
+    bundle = oci_env.make_bundle(tmp_path / "attacker", ["/usr/bin/python3", "-I", "-c", ASK, server.socket,
+                                                          json.dumps(env), stage, "own"], rootfs=rootfs)
+    config = json.loads((bundle / "config.json").read_text())
+    assert not [ns for ns in config["linux"]["namespaces"] if ns["type"] == "user"]
+    assert config["process"]["user"]["uid"] == 0
+    socket_dir = os.path.dirname(server.socket)
+    (rootfs / socket_dir.lstrip("/")).mkdir(parents=True)  # its mount point, before the snapshot
+    config["mounts"] += [{"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]},
+                         {"destination": socket_dir, "type": "bind", "source": socket_dir, "options": ["rbind", "ro"]}]
+    (bundle / "config.json").write_text(json.dumps(config, indent=2))
+    return bundle
+
+
+@pytest.mark.parametrize("stage", ["createRuntime", "poststart", "poststop"])
+def test_a_containers_root_that_sees_the_socket_is_refused(runc, tmp_path, servers, stage):
+    """Issue 22: the server took a container's root for a hook (root, SO_PEERCRED), entered
+    the container's namespaces and read specs, policy and modules from its files. Every
+    stage: refused before "accepted", one line in the server's log, nothing done."""
+    bundle, log_file = _bundle(tmp_path, None)
+    server = servers(bundle)
+    attacker = _attacker_bundle(tmp_path, server, _hook_env(bundle), stage)
+    rootfs_before = oci_env.tree_snapshot(attacker / "rootfs")
+    result = oci_env.run_container(attacker)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "REPLY b''\n", result.stdout  # refused: the connection closed, nothing accepted
+    err = server.stop()
+    refusals = [line for line in err.splitlines() if "refused an injection request" in line]
+    assert len(refusals) == 1 and "in another mnt namespace than the server" in refusals[0], err
+    assert oci_env.tree_snapshot(attacker / "rootfs") == rootfs_before
+    assert _served(log_file) == [] and not log_file.exists()
+
+
+def test_a_pidfd_that_is_not_the_peers_is_refused(runc, tmp_path, servers):
+    """A host root process handing over another process's pidfd: the server would take
+    that process's namespaces, cwd and umask for the hook's. Refused, one line."""
+    bundle, log_file = _bundle(tmp_path, None)
+    server = servers(bundle)
+    result = subprocess.run([oci_env.PYTHON, "-I", "-c", ASK, server.socket, json.dumps(_hook_env(bundle)),
+                             "createRuntime", "other"], capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "REPLY b''\n", result.stdout
+    err = server.stop()
+    refusals = [line for line in err.splitlines() if "refused an injection request" in line]
+    assert len(refusals) == 1 and "pidfd" in refusals[0], err
+    assert _served(log_file) == []
+
+
+# Prepended to a hook's or a watcher's code: writes each module a finder was asked for, with
+# "away" when the asking process is in another mount namespace than the one it started in.
+IMPORTS_SEEN = """import os, sys
+class _Seen:
+    home = os.readlink("/proc/self/ns/mnt")
+    def find_spec(self, name, path=None, target=None):
+        where = "home" if os.readlink("/proc/self/ns/mnt") == self.home else "away"
+        fd = os.open({out!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.write(fd, f"{{where}} {{os.getpid()}} {{name}}\\n".encode())
+        os.close(fd)
+sys.meta_path.insert(0, _Seen())
+"""
+
+
+@pytest.mark.parametrize("way", ["in-process", "served"])
+def test_nothing_is_imported_after_entering_a_containers_mount_namespace(runc, tmp_path, way):
+    """What a process imports after setns into the container's mount namespace is read from
+    the container's files: its image's code would run with the hook's capabilities. Every
+    module (ldconfig's confinement too) is imported before; a start with every kind of edit
+    (nodes, mounts, a library and so ldconfig, spec hooks) imports nothing after."""
+    from cdi_hook.hook_entry import ENTRY_CODE
+
+    seen = tmp_path / "imports"
+    spec = hook_env.full_spec(hook_env.host_files(tmp_path))
+    (tmp_path / way).mkdir()
+    bundle, log_file = hook_env.bundle_with_hook(tmp_path / way, spec, [ALL], SCRIPT, extra_env={
+        "CDI_HOOK_CACHE_DIR": str(tmp_path / way / "cache"), "CDI_HOOK_LOG_LEVEL": "debug"})
+    config = json.loads((bundle / "config.json").read_text())
+    entry = config["hooks"]["createRuntime"][0]
+    assert entry["args"][1:4] == ["-I", "-c", ENTRY_CODE]
+    code = IMPORTS_SEEN.format(out=str(seen))
+    entry["args"][3] = code + ENTRY_CODE
+    (bundle / "config.json").write_text(json.dumps(config, indent=2))
+    watcher = None
+    if way == "served":
+        env = _hook_env(bundle)
+        watcher = subprocess.Popen([oci_env.PYTHON, "-I", "-c", code + ENTRY_CODE, "watch", "--serve"], env=env,
+                                   stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        lines = []
+        while not lines or not lines[-1].endswith("; ready\n"):
+            lines.append(watcher.stderr.readline())
+            assert lines[-1], lines
+    try:
+        result = oci_env.run_container(bundle)
+    finally:
+        if watcher is not None:
+            watcher.kill()
+            watcher.communicate(timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert _served(log_file) == [way == "served"]
+    assert "ran ldconfig" in json.dumps(hook_env.log_lines(log_file))  # confined by python-prctl
+    recorded = seen.read_text().splitlines()
+    assert [line for line in recorded if line.startswith("home ")], "the recorder saw no import at all"
+    assert [line for line in recorded if line.startswith("away ")] == []

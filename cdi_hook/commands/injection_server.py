@@ -232,6 +232,11 @@ class Server:
             for level, kind, payload in ancillary:
                 if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
                     fds += [int.from_bytes(payload[i:i + 4], sys.byteorder) for i in range(0, len(payload) - 3, 4)]
+            if len(fds) == PASSED_FDS:
+                problem = peer_problem(conn, fds[4])
+                if problem is not None:
+                    self.log(f"refused an injection request: {problem}")
+                    return
             request = self._parse(data, fds)
             if request is None:
                 return
@@ -273,14 +278,13 @@ class Server:
         return argv, hook, args
 
     def _serve(self, conn: _socket.socket, fds: list[int], argv: list[str], hook: Settings, args: HookArgs) -> None:
-        from cdi_hook.live import syscalls
-
         stdin, stdout, stderr, cwd, pidfd = fds
         conn.settimeout(GO_TIMEOUT_S)
         # Taking the hook's place changes nothing outside this process, and is done before
-        # "accepted": if it fails (setns through a pidfd needs Linux 5.8), this process just
-        # ends and the hook, never told "accepted", works in-process.
-        syscalls.setns(pidfd, NAMESPACES)
+        # "accepted": if it fails, this process just ends and the hook, never told
+        # "accepted", works in-process. No setns: the hook is in this process's namespaces
+        # (peer_problem), so everything the work reads and imports is the host's, as in the
+        # hook; only its worker enters the container, having opened and imported all first.
         os.fchdir(cwd)
         for fd, target in ((stdin, 0), (stdout, 1), (stderr, 2)):
             os.dup2(fd, target)
@@ -319,10 +323,53 @@ class Server:
                 os._exit(code)
 
 
-# Every namespace of the hook but its user namespace (its own, as the server's); PID applies
-# to the children (the worker, spec hooks), as for the hook's.
-NAMESPACES = 0x00020000 | 0x40000000 | 0x08000000 | 0x04000000 | 0x20000000 | 0x02000000
-#            CLONE_NEWNS  CLONE_NEWNET  CLONE_NEWIPC CLONE_NEWUTS CLONE_NEWPID CLONE_NEWCGROUP
+# The namespaces a peer must share with the server (/proc/<pid>/ns/*): user, mount and PID
+# prove it a host process and not a container's (whose root may see the socket through a
+# hostPath), and with the rest the served process does the hook's work where the hook would,
+# entering none of them (so it never reads or imports a file of another mount namespace).
+SHARED_NAMESPACES = ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup")
+
+
+def peer_problem(conn: _socket.socket, pidfd: int) -> str | None:
+    """Why the connected peer is not provably a hook on this host, or None: the pidfd it
+    handed over must be its own (its SO_PEERCRED pid), and its namespaces and root folder,
+    read through that pidfd-pinned /proc entry, this process's own."""
+    import _socket
+    import signal
+
+    creds = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+    peer = int.from_bytes(creds[0:4], sys.byteorder, signed=True)
+    handed = _pidfd_pid(pidfd)
+    if peer <= 0 or handed != peer:
+        return f"the pidfd it handed over is not its own (the peer is pid {peer}, the pidfd's process {handed})"
+    try:
+        proc = os.open(f"/proc/{peer}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as error:
+        return f"/proc/{peer}: {error.strerror}"
+    try:
+        signal.pidfd_send_signal(pidfd, 0)  # alive after the open: /proc/<peer> is the pidfd's process
+        for name in SHARED_NAMESPACES:
+            theirs, ours = os.stat(f"ns/{name}", dir_fd=proc), os.stat(f"/proc/self/ns/{name}")
+            if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
+                return f"pid {peer} is in another {name} namespace than the server (a container's process?)"
+        theirs, ours = os.stat("root", dir_fd=proc), os.stat("/")
+        if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
+            return f"pid {peer} has another root folder than the server (chrooted?)"
+    except OSError as error:
+        return f"pid {peer}: its /proc entry: {error.strerror}"
+    finally:
+        os.close(proc)
+    return None
+
+
+def _pidfd_pid(pidfd: int) -> int | None:
+    """The pid (in this process's PID namespace) of the process behind pidfd, from its fdinfo
+    (-1 once it has ended); None when it is no pidfd."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("Pid:")))
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
 
 
 def confinement() -> str | None:
@@ -358,6 +405,9 @@ def _preload() -> None:
     import cdi_hook.policy  # noqa: F401
     import cdi_hook.registry  # noqa: F401
     import cdi_hook.request  # noqa: F401
+    from cdi_hook.live import ldcache
+
+    ldcache.import_confinement()  # what the worker imports before its setns when ldconfig may run
 
 
 def _umask(pidfd: int) -> int | None:

@@ -198,7 +198,8 @@ def uninstall(hooks_dir: str, *, dry_run: bool = False, out: TextIO | None = Non
 
 def watch_unit(python: str, spec_dirs: list[str] | None, settings: dict[str, str], serve: bool = False) -> str:
     """The systemd unit running `cdi-hook watch` with the hooks' interpreter and environment;
-    with serve, `watch --serve`, without the sandbox settings a served start cannot live with."""
+    with serve, `watch --serve`, without the sandbox settings a served start cannot live with
+    (NoNewPrivileges, seccomp, and the private mount and network namespaces)."""
     environment = [f"PATH={HOOK_PATH_ENV}"]
     if spec_dirs:
         environment.append("CDI_SPEC_DIRS=" + ":".join(spec_dirs))
@@ -230,26 +231,28 @@ TimeoutStartSec=5min
 RuntimeDirectory=cdi-hook
 RuntimeDirectoryMode=0700
 RuntimeDirectoryPreserve=yes
-{writable}ProtectSystem=strict
-ProtectHome=read-only
-PrivateTmp=yes
-PrivateNetwork=yes
-ProtectKernelTunables=yes
-ProtectControlGroups=yes
-{_SERVE_UNIT if serve else _WATCH_ONLY_UNIT}
+{_SERVE_UNIT if serve else writable + _WATCH_ONLY_UNIT}
 [Install]
 WantedBy=multi-user.target
 """
 
 
 # The plain watcher only reads the spec dirs and writes its cache: it runs confined.
-_WATCH_ONLY_UNIT = """NoNewPrivileges=yes
+_WATCH_ONLY_UNIT = """ProtectSystem=strict
+ProtectHome=read-only
+PrivateTmp=yes
+PrivateNetwork=yes
+ProtectKernelTunables=yes
+ProtectControlGroups=yes
+NoNewPrivileges=yes
 RestrictAddressFamilies=AF_UNIX
 """
 # `watch --serve` (commands/serve.py) refuses to serve under NoNewPrivileges or a seccomp filter.
-_SERVE_UNIT = """# --serve: processes forked from the watcher do the hooks' work. Each enters the hook's
-# namespaces (leaving the mount and network sandbox above behind) and must be able to do all
-# a hook the runtime spawns does: spec hooks and setuid programs keep their privileges (so
+_SERVE_UNIT = """# --serve: processes forked from the watcher do the hooks' work. The server serves only a
+# hook in its own namespaces and enters none (a container's root that can see the socket is
+# refused), so this unit has none of its own: no ProtectSystem=, PrivateTmp=, PrivateNetwork=
+# or other sandbox that makes a mount or network namespace. Each must be able to do all a
+# hook the runtime spawns does: spec hooks and setuid programs keep their privileges (so
 # no NoNewPrivileges=), netlink and other sockets open (so no RestrictAddressFamilies=, a
 # seccomp filter its children would keep). Unlike a hook, it has this unit's SELinux/AppArmor
 # context, not the runtime's. KillMode=process: a stop or restart ends the watcher (its spare

@@ -4,15 +4,19 @@ from itself, whose modules are already imported; the hook process only asks.
 A hook (cli.main, entered as a runtime runs it) first tries the socket of a watcher of its
 own spec dirs, `<cache dir>/inject-<key>.sock` (a root-only dir; the socket 0600). It sends
 its argv and environment with its stdin, stdout, stderr, current directory and a pidfd of
-itself (SCM_RIGHTS). The server serves only a root peer (SO_PEERCRED) whose `hook` argv
-parses and whose settings (the Settings its CDI_* variables give, PATH, the spec dirs) equal
-its own, and only while it runs unconfined (no NoNewPrivileges, no seccomp filter: spec
-hooks and netlink must behave as in the hook). The request is taken by the watcher's spare, a process
-forked in advance that closed everything of the watcher's (injection_server.Server); it checks the
-request, says "accepted", enters the hook's namespaces (setns through the pidfd: mount,
-network, IPC, UTS, PID for its children, cgroup) and takes its cwd, stdio, settings and umask;
-once the hook has answered "go" it runs the very `cdi-hook hook` the hook would have run
-(cli.run). Its exit code is the verdict.
+itself (SCM_RIGHTS). The server serves only a root peer (SO_PEERCRED) that is provably a
+process of the host: the pidfd it hands over is its own (SO_PEERCRED pid), and it is in the
+server's own user, mount, PID, network, IPC, UTS and cgroup namespaces, with the server's
+root folder (injection_server.peer_problem: a container's root that can see the socket is
+refused, with one logged line); whose `hook` argv parses and whose settings (the Settings
+its CDI_* variables give, PATH, the spec dirs) equal its own; and only while it runs
+unconfined (no NoNewPrivileges, no seccomp filter: spec hooks and netlink must behave as in
+the hook). The request is taken by the watcher's spare, a process forked in advance that
+closed everything of the watcher's (injection_server.Server); it checks the request, says
+"accepted" and takes the hook's cwd, stdio, settings and umask, entering no namespace (it
+is in the hook's already: everything the work reads and imports is the host's, as in the
+hook); once the hook has answered "go" it runs the very `cdi-hook hook` the hook would have
+run (cli.run). Its exit code is the verdict.
 
 Nothing has changed before "go": any failure until then (no socket, refused, other
 settings, timeout, no root peer) and the hook does the work in-process, so correctness

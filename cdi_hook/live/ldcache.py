@@ -399,6 +399,17 @@ def _where(path: str, error: OSError) -> str:
     return f"{path} in the rootfs: {error.strerror}"
 
 
+def import_confinement() -> None:
+    """Before setns: what _run_chrooted imports to confine ldconfig (python-prctl, resource),
+    from the host's files; after setns an import would read the container's."""
+    import resource  # noqa: F401
+
+    try:
+        import prctl  # noqa: F401
+    except ImportError:
+        pass  # _run_chrooted's own import then fails, and the start says so
+
+
 def _run_chrooted(root_fd: int, program_fd: int, argv: list[str], cwd_fd: int | None = None,
                   stdout_fd: int | None = None) -> tuple[str, str]:
     """Run program chrooted into root_fd, confined; ("0" or how it ended, its output).
@@ -407,9 +418,9 @@ def _run_chrooted(root_fd: int, program_fd: int, argv: list[str], cwd_fd: int | 
     names then resolve there, and '..' cannot climb out of a mount attached nowhere.
     stdout_fd: where its stdout goes (the output returned is then its stderr alone).
     """
-    # python-prctl and resource are imported here, only for starts that run ldconfig, and
-    # before the fork: after the chroot they could no longer be found (nor should the image
-    # provide them); _confine's own import then finds resource already loaded.
+    # python-prctl and resource, only for starts that run ldconfig: already loaded before the
+    # worker's setns (import_confinement), so these find them in sys.modules; nothing is
+    # read from the container (nor, after the chroot, could it be found).
     import prctl
     import resource  # noqa: F401
 

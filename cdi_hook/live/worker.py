@@ -230,15 +230,21 @@ def _child(ns_fd: int, work: RootfsWork, channel: child.Channel, sources: _socke
             host_ns_fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         # Only for mounts: a worker that runs createContainer hooks alone needs no ldconfig.
         ldconfig_fd = ldcache.open_host_ldconfig() if work.mounts else None
+        if ldconfig_fd is not None:
+            ldcache.import_confinement()  # from the host's files: nothing is imported after setns
         # The folder of remembered ldconfig runs is on the host: opened before setns.
         memo_fd = ldmemo.open_dir() if ldconfig_fd is not None and any(
             ldcache.is_library_name(j.mount.container_path) for j in work.mounts) else None
+        # The codec errors escape the image's names with (names.py, ldcache): a module, loaded
+        # now from the host's files (after setns nothing is imported).
+        "".encode("unicode_escape")
         started = _timed(steps_ms, "host files", started)
         try:
             syscalls.setns(ns_fd, syscalls.CLONE_NEWNS)
         except OSError as error:
             raise HookError("enter container", "", f"setns into its mount namespace: {error.strerror} "
                                                    "(is the container process running?)") from None
+        child.seal_imports()
         try:
             rootfs = Rootfs.open(work.rootfs, work.creator_ids)
         except OSError as error:
