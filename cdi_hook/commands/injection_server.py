@@ -405,9 +405,6 @@ def _preload() -> None:
     import cdi_hook.policy  # noqa: F401
     import cdi_hook.registry  # noqa: F401
     import cdi_hook.request  # noqa: F401
-    from cdi_hook.live import ldcache
-
-    ldcache.import_confinement()  # what the worker imports before its setns when ldconfig may run
 
 
 def _umask(pidfd: int) -> int | None:

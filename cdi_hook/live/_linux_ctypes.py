@@ -109,3 +109,16 @@ def setfsuid(uid: int) -> int:
 
 def setfsgid(gid: int) -> int:
     return _libc.setfsgid(gid)
+
+
+class _Rlimit(ctypes.Structure):
+    _fields_ = [("rlim_cur", ctypes.c_ulong), ("rlim_max", ctypes.c_ulong)]  # rlim_t: unsigned long
+
+
+def prctl(option: int, arg: int, what: str) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)), what)
+
+
+def setrlimit(resource: int, soft: int, hard: int, what: str) -> None:
+    limit = _Rlimit(soft, hard)
+    _check(_libc.setrlimit(resource, ctypes.byref(limit)), what)

@@ -69,6 +69,7 @@ def _fork(pidfd: int, prepare: Callable[[], Any], work: _Work) -> child.Child:
             syscalls.setns(pidfd, syscalls.CLONE_NEWNS | syscalls.CLONE_NEWPID)
         except OSError as error:
             raise HookError("enter container", "", f"setns into its namespaces: {error.strerror}") from None
+        child.seal_imports()  # an import now would read the image's files, as root
         worker = os.fork()
         if worker == 0:
             code = 1
@@ -90,13 +91,14 @@ def _fork(pidfd: int, prepare: Callable[[], Any], work: _Work) -> child.Child:
 
 def _preload() -> None:
     """Import now what the work imports lazily: after setns the container's root is ours,
-    and the interpreter's modules are on the host (ldconfig's confinement: ldcache._run_chrooted)."""
-    import resource  # noqa: F401
+    and the interpreter's modules are on the host. The codec the image's names are escaped
+    with (errors.printable, ldcache) is a module too."""
+    import codecs
 
-    try:
-        import prctl  # noqa: F401
-    except ImportError:
-        pass  # ldcache says so itself when it needs it
+    import cdi_hook.cache  # noqa: F401 - ldmemo's, when ldconfig runs
+    import cdi_hook.live.ldmemo  # noqa: F401 - ldcache's
+
+    codecs.lookup("unicode_escape")
 
 
 def _enter(creator_ids: tuple[int, int] | None = None) -> Rootfs:

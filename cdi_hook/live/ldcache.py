@@ -48,7 +48,6 @@ from cdi_hook.live.rootfs import Rootfs
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
 if TYPE_CHECKING:
-    from types import ModuleType
     from typing import Literal
 
 STEP = "ldconfig"
@@ -399,17 +398,6 @@ def _where(path: str, error: OSError) -> str:
     return f"{path} in the rootfs: {error.strerror}"
 
 
-def import_confinement() -> None:
-    """Before setns: what _run_chrooted imports to confine ldconfig (python-prctl, resource),
-    from the host's files; after setns an import would read the container's."""
-    import resource  # noqa: F401
-
-    try:
-        import prctl  # noqa: F401
-    except ImportError:
-        pass  # _run_chrooted's own import then fails, and the start says so
-
-
 def _run_chrooted(root_fd: int, program_fd: int, argv: list[str], cwd_fd: int | None = None,
                   stdout_fd: int | None = None) -> tuple[str, str]:
     """Run program chrooted into root_fd, confined; ("0" or how it ended, its output).
@@ -418,12 +406,6 @@ def _run_chrooted(root_fd: int, program_fd: int, argv: list[str], cwd_fd: int | 
     names then resolve there, and '..' cannot climb out of a mount attached nowhere.
     stdout_fd: where its stdout goes (the output returned is then its stderr alone).
     """
-    # python-prctl and resource, only for starts that run ldconfig: already loaded before the
-    # worker's setns (import_confinement), so these find them in sys.modules; nothing is
-    # read from the container (nor, after the chroot, could it be found).
-    import prctl
-    import resource  # noqa: F401
-
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # grandchild: never returns
@@ -437,7 +419,7 @@ def _run_chrooted(root_fd: int, program_fd: int, argv: list[str], cwd_fd: int | 
             os.chroot(".")
             if cwd_fd is not None:
                 os.fchdir(cwd_fd)
-            _confine(prctl)
+            _confine()
             os.closerange(3, program_fd)
             os.closerange(program_fd + 1, 65536)
             os.execve(program_fd, argv, {})
@@ -450,16 +432,22 @@ def _run_chrooted(root_fd: int, program_fd: int, argv: list[str], cwd_fd: int | 
     return status, output.decode("utf-8", "replace")
 
 
-def _confine(prctl: ModuleType) -> None:
-    """In the forked child just before exec: ldconfig keeps only the capabilities it needs to
-    read and write the image's files, can never gain privileges, and has CPU/memory bounds."""
-    import resource
+# capability(7) numbers: what ldconfig needs to read and write the image's files as root
+CAP_DAC_OVERRIDE = 1
+CAP_DAC_READ_SEARCH = 2
+CAP_FOWNER = 3
 
-    prctl.capbset.limit(prctl.CAP_DAC_OVERRIDE, prctl.CAP_DAC_READ_SEARCH, prctl.CAP_FOWNER)
-    prctl.set_no_new_privs(True)
-    resource.setrlimit(resource.RLIMIT_CPU, (CPU_LIMIT_S, CPU_LIMIT_S))
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+def _confine() -> None:
+    """In the forked child just before exec: ldconfig keeps only the capabilities it needs to
+    read and write the image's files, can never gain privileges, and has CPU/memory bounds.
+    Syscalls through the ctypes the worker already holds: nothing is imported here, inside
+    the container's mount namespace, where an import would read the image's files."""
+    sc.limit_bounding_set({CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER})
+    sc.set_no_new_privs()
+    sc.setrlimit(sc.RLIMIT_CPU, CPU_LIMIT_S)
+    sc.setrlimit(sc.RLIMIT_AS, MEMORY_LIMIT)
+    sc.setrlimit(sc.RLIMIT_CORE, 0)
 
 
 def _collect(pid: int, fd: int) -> tuple[bytes, str]:

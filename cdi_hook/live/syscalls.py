@@ -184,3 +184,35 @@ def fchown_fd(fd: int, uid: int, gid: int) -> None:
     """fchownat(fd, "", AT_EMPTY_PATH): the owner of the inode an fd refers to, an O_PATH fd of
     a symlink included (os.chown(fd) is fchown, which refuses O_PATH fds)."""
     _sys.fchown_fd(fd, uid, gid, "fchownat")
+
+
+# prctl(2) and setrlimit(2), for confining a child before it execs (ldconfig): the same
+# calls python-prctl and the resource module make, through the ctypes already loaded, so a
+# start needs neither import (~3.5 ms) nor any import after its worker's setns.
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+RLIMIT_CPU = 0
+RLIMIT_CORE = 4
+RLIMIT_AS = 9
+CAP_LAST_POSSIBLE = 63  # capabilities past the kernel's last one: EINVAL, ignored
+
+
+def limit_bounding_set(keep: set[int]) -> None:
+    """Drop every capability but keep from the bounding set: an exec'd program can never
+    hold another."""
+    for cap in range(CAP_LAST_POSSIBLE + 1):
+        if cap in keep:
+            continue
+        try:
+            _sys.prctl(PR_CAPBSET_DROP, cap, "prctl(PR_CAPBSET_DROP)")
+        except OSError as error:
+            if error.errno != errno.EINVAL:  # past the kernel's last capability
+                raise
+
+
+def set_no_new_privs() -> None:
+    _sys.prctl(PR_SET_NO_NEW_PRIVS, 1, "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def setrlimit(resource: int, limit: int) -> None:
+    _sys.setrlimit(resource, limit, limit, "setrlimit")

@@ -230,8 +230,6 @@ def _child(ns_fd: int, work: RootfsWork, channel: child.Channel, sources: _socke
             host_ns_fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         # Only for mounts: a worker that runs createContainer hooks alone needs no ldconfig.
         ldconfig_fd = ldcache.open_host_ldconfig() if work.mounts else None
-        if ldconfig_fd is not None:
-            ldcache.import_confinement()  # from the host's files: nothing is imported after setns
         # The folder of remembered ldconfig runs is on the host: opened before setns.
         memo_fd = ldmemo.open_dir() if ldconfig_fd is not None and any(
             ldcache.is_library_name(j.mount.container_path) for j in work.mounts) else None
