@@ -7,9 +7,8 @@
    every way once, in a fresh random order: no hook; an empty Python hook; cdi-hook at
    createRuntime injecting a GPU-like spec (8 device nodes, 24 library mounts, ldconfig);
    the same devices written into config.json by `cdi-hook inject --mode edits` (runc
-   does the work itself); cdi-hook again, served by `cdi-hook watch --serve` (the hook
-   process only asks; a process the watcher forked in advance does the work). Both Python hooks
-   are entered as `cdi-hook install` writes hooks (hook_entry.py): the venv's interpreter by its full path, -I, the same explicit
+   does the work itself). Both Python hooks are entered as `cdi-hook install` writes hooks
+   (hook_entry.py): the venv's interpreter by its full path, -I, the same explicit
    environment: `-I -c ENTRY_CODE`. The empty hook is `-c 'import sys; sys.stdin.read()'`;
    an empty module run with `-m` (the entry form of installs before 2026-11-30, runpy
    included) is shown too. Each
@@ -277,27 +276,11 @@ def bench_runc(ws: Workspace, runs: int) -> dict:
         raise RuntimeError(f"cdi-hook did not inject the bench device: container saw {out}")
     if not ld_cache.exists():
         raise RuntimeError("cdi-hook did not run ldconfig in the bench rootfs")
-    # The same hook served by `cdi-hook watch --serve` (commands/serve.py): its own cache dir,
-    # so the in-process way above finds no server of its settings.
-    served_env = ws.hook_env(cache_dir=str(ws.root / "cache-served"))
-    bundles["cdi-hook live, served by watch --serve"] = make_bundle(
-        ws.root / "b-served", ["true"], rootfs=ws.rootfs, annotations=annotations,
-        hooks={"createRuntime": [ws.hook_entry(env=served_env)]})
-    server = Watcher(ws, [str(ws.spec_dir)], str(ws.root / "cache-served"), serve=True)
-    try:
-        log_start = ws.log.stat().st_size
-        ws.wait_until_settled()
-        for _ in range(3):  # warm up: page cache, the registry cache, the remembered ldconfig run
-            for bundle in bundles.values():
-                runc_run(bundle)
-        with ws.log.open() as log:
-            log.seek(log_start)
-            served = sum('"served_by"' in line for line in log)
-        if served != 3:
-            raise RuntimeError(f"watch --serve served {served} of 3 warm-up starts")
-        times = rounds(bundles, runs, lambda bundle: _timed_runc(bundle))
-    finally:
-        server.stop()
+    ws.wait_until_settled()
+    for _ in range(3):  # warm up: page cache, the registry cache, the remembered ldconfig run
+        for bundle in bundles.values():
+            runc_run(bundle)
+    times = rounds(bundles, runs, lambda bundle: _timed_runc(bundle))
     # Where the time goes: the hook's own per-step log (debug level) and its import profile.
     debug = make_bundle(ws.root / "b-debug", ["true"], rootfs=ws.rootfs, annotations=annotations,
                         hooks={"createRuntime": [ws.hook_entry(env=ws.hook_env(extra={"CDI_HOOK_LOG_LEVEL": "debug"}))]})
@@ -308,23 +291,6 @@ def bench_runc(ws: Workspace, runs: int) -> dict:
         log.seek(log_start)
         lines = [json.loads(line) for line in log if line.strip()]
     times["steps"] = lines
-    # The same served: a watcher of the same (debug) settings, so the hook is served.
-    debug_env = {"CDI_HOOK_LOG_LEVEL": "debug"}
-    served_debug_env = ws.hook_env(cache_dir=str(ws.root / "cache-served-debug"), extra=debug_env)
-    served_debug = make_bundle(ws.root / "b-served-debug", ["true"], rootfs=ws.rootfs, annotations=annotations,
-                               hooks={"createRuntime": [ws.hook_entry(env=served_debug_env)]})
-    server = Watcher(ws, [str(ws.spec_dir)], str(ws.root / "cache-served-debug"), serve=True, extra_env=debug_env)
-    try:
-        for _ in range(3):  # warm up: its own cache dir, so its own registry cache and ldconfig memo
-            runc_run(served_debug)
-        log_start = ws.log.stat().st_size
-        for _ in range(max(5, runs // 4)):
-            runc_run(served_debug)
-    finally:
-        server.stop()
-    with ws.log.open() as log:
-        log.seek(log_start)
-        times["served steps"] = [line for line in map(json.loads, filter(str.strip, log)) if "served_by" in line]
     times["imports"] = import_profile(ws, annotations)
     return times
 
@@ -443,14 +409,13 @@ class Watcher:
     """`cdi-hook watch` for some spec dirs, started as systemd would (Type=notify): ready when
     it says READY=1 on $NOTIFY_SOCKET."""
 
-    def __init__(self, ws: Workspace, spec_dirs: list[str], cache_dir: str, timeout: float = 300,
-                 serve: bool = False, extra_env: dict | None = None):
+    def __init__(self, ws: Workspace, spec_dirs: list[str], cache_dir: str, timeout: float = 300):
         self.socket_path = ws.root / f"notify-{uuid.uuid4().hex[:8]}"
         self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.socket.bind(str(self.socket_path))
-        env = ws.hook_env(spec_dirs, cache_dir, {**(extra_env or {}), "NOTIFY_SOCKET": str(self.socket_path)})
+        env = ws.hook_env(spec_dirs, cache_dir, {"NOTIFY_SOCKET": str(self.socket_path)})
         self.started = time.perf_counter()
-        self.process = subprocess.Popen([ws.python, "-I", "-m", "cdi_hook", "watch"] + ["--serve"] * serve, env=env,
+        self.process = subprocess.Popen([ws.python, "-I", "-m", "cdi_hook", "watch"], env=env,
                                         stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.socket.settimeout(timeout)
         while b"READY=1" not in self.socket.recv(4096):
@@ -651,7 +616,6 @@ def report(args, results: dict) -> str:
 def _report_runc(t: dict, verdicts: list) -> list[str]:
     t = dict(t)
     steps = t.pop("steps", [])
-    served_steps = t.pop("served steps", [])
     imports = t.pop("imports", [])
     none = t["no hook"]
     lines = [f"### 1. runc run of a busybox container ({len(none)} rounds, random order in each)", "",
@@ -662,13 +626,6 @@ def _report_runc(t: dict, verdicts: list) -> list[str]:
     low, high = ratio_interval(hook, noop)
     verdicts.append(("runc: cdi-hook overhead / empty Python hook's (-c)", statistics.median(hook) / statistics.median(noop),
                      f"{low:.2f}–{high:.2f} (90% bootstrap)", TARGETS["runc"]))
-    served_way = "cdi-hook live, served by watch --serve"
-    if served_way in t:
-        served = paired(t[served_way], none)
-        low, high = ratio_interval(served, noop)
-        verdicts.append(("runc: cdi-hook served by `watch --serve`, overhead / empty Python hook's (-c)",
-                         statistics.median(served) / statistics.median(noop), f"{low:.2f}–{high:.2f}",
-                         TARGETS["runc"]))
     if "empty Python module (-m)" in t:
         module = paired(t["empty Python module (-m)"], none)
         low, high = ratio_interval(hook, module)
@@ -679,15 +636,13 @@ def _report_runc(t: dict, verdicts: list) -> list[str]:
               "after the first start). Every Python hook runs the same interpreter (a venv without the dev "
               "install's editable-finder .pth, as in production), by its full path, with -I and the same "
               "explicit environment, as `cdi-hook install` writes hooks.", ""]
-    for how, logged in (("in-process", steps), ("served by `watch --serve`", served_steps)):
-        if not logged:
-            continue
+    if steps:
         names: dict[str, list[float]] = {}
-        for line in logged:
+        for line in steps:
             for name, ms in line.get("steps_ms", {}).items():
                 names.setdefault(name, []).append(ms)
-        lines += [f"The hook's own log line at debug level, {how} ({len(logged)} starts; duration_ms counts from "
-                  f"the request being known to the end): duration_ms {fmt([s['duration_ms'] for s in logged])}; "
+        lines += [f"The hook's own log line at debug level ({len(steps)} starts; duration_ms counts from "
+                  f"the request being known to the end): duration_ms {fmt([s['duration_ms'] for s in steps])}; "
                   "steps (median ms): " + ", ".join(f"{name} {statistics.median(v):.2f}" for name, v in names.items())
                   + ". Fork to report are the worker's own steps (the \"worker\" step is the hook's wait, fork "
                   "included); the device cgroup runs beside the worker.", ""]

@@ -18,7 +18,6 @@ def test_report_names_every_benchmark_and_target():
     runc = {"no hook": [10.0, 12.0, 11.0], "empty Python hook (-c)": [20.0, 22.0, 21.0],
             "empty Python module (-m)": [25.0, 27.0, 26.0], "cdi-hook live": [30.0, 32.0, 31.0],
             "same devices by inject --mode edits": [11.0, 13.0, 12.0],
-            "cdi-hook live, served by watch --serve": [25.0, 27.0, 26.0],
             "steps": [{"duration_ms": 9.0, "steps_ms": {"resolve": 1.0, "worker": 5.0}}],
             "imports": [("cdi_hook.oci", 800), ("cdi_hook", 300), ("_socket", 200), ("json", 0)]}
     podman = {"no device": [100.0], "native CDI --device": [110.0], "cdi-hook precreate": [115.0],
@@ -37,8 +36,7 @@ def test_report_names_every_benchmark_and_target():
     assert "| scale: hook at 10,000 spec files / at 1, with the watcher | 1.15 |" in text
     assert "| watch: an in-place edit seen (s, slowest) | 0.00 |" in text
     assert "| memory: peak RSS of the hook (MiB) | 16.00 |" in text
-    assert "| cdi-hook live, served by watch --serve | 26.0 (25.0 / 27.0) | +15.0 (+15.0 / +15.0) |" in text
-    assert "| runc: cdi-hook served by `watch --serve`, overhead / empty Python hook's (-c) | 1.50 |" in text
+    assert "served" not in text  # the resident server's way was removed (README Speed)
     assert "steps (median ms): resolve 1.00, worker 5.00" in text
     assert "1.3 ms in all, of which cdi_hook's modules 1.1 ms; the largest: cdi_hook.oci 0.80, cdi_hook 0.30" in text
     assert "runpy" not in text  # the -c entry install writes imports none of it
