@@ -15,19 +15,14 @@ from cdi_hook.spec import HOOK_STAGES as STAGES
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Callable
     from typing import Any
 
-    from cdi_hook.commands.injection_server import Server
-    from cdi_hook.settings import Settings
 
-
-def _spec_dirs(args: Any, settings: Settings | None = None) -> list[str] | None:  # Namespace or HookArgs
-    """--spec-dir wins over CDI_SPEC_DIRS (the settings', this process's unless given),
-    which wins over the defaults (None)."""
+def _spec_dirs(args: Any) -> list[str] | None:  # Namespace or HookArgs
+    """--spec-dir wins over CDI_SPEC_DIRS, which wins over the defaults (None)."""
     if getattr(args, "spec_dir", None):
         return list(args.spec_dir)
-    dirs = (settings or config.current()).spec_dirs
+    dirs = config.current().spec_dirs
     return None if dirs is None else list(dirs)
 
 
@@ -65,10 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_specs(sub.add_parser("precreate", help="Podman precreate filter: config.json on stdin, edited on stdout"))
 
-    p = with_specs(sub.add_parser("watch", help="watch the spec dirs and keep the compiled cache current, so hook "
-                                                "starts skip the per-file checks (a long-running service)"))
-    p.add_argument("--serve", action="store_true", help="also do the hooks' work for them, in processes forked "
-                                                        "from this one (a root-only socket in the cache dir)")
+    with_specs(sub.add_parser("watch", help="watch the spec dirs and keep the compiled cache current, so hook "
+                                            "starts skip the per-file checks (a long-running service)"))
 
     p = with_specs(sub.add_parser("inject", help="edit a bundle's config.json for manual runc use"))
     p.add_argument("--bundle", required=True, metavar="DIR")
@@ -84,8 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--watch", action="store_true", help="also write the systemd unit of `cdi-hook watch`")
     p.add_argument("--systemd-dir", metavar="DIR", help="where --watch writes it (default /etc/systemd/system)")
-    p.add_argument("--serve", action="store_true", help="with --watch: the unit runs `watch --serve`, "
-                                                        "unsandboxed enough to do the hooks' work")
 
     p = sub.add_parser("policy", help="the request policy: `policy check [FILE]`")
     policy_sub = p.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
@@ -165,7 +156,7 @@ def dispatch(args: Any) -> int:  # argparse's Namespace, or HookArgs for a plain
     if command == "watch":
         from cdi_hook.commands import watch
 
-        return watch.cmd_watch(args, _spec_dirs(args), server=_injection_server if args.serve else None)
+        return watch.cmd_watch(args, _spec_dirs(args))
     if command in ("policy", "explain"):
         from cdi_hook.commands import policy
 
@@ -221,7 +212,7 @@ def fast_hook_args(argv: list[str]) -> HookArgs | None:
 
 class HookArgs:
     """What argparse gives for a plain `hook` argv (a class of its own: types.SimpleNamespace
-    costs the served hook, which imports little else, ~0.4 ms of import)."""
+    costs ~0.4 ms of import)."""
 
     command = "hook"
     version = False
@@ -249,9 +240,7 @@ def _hook_process(args: HookArgs) -> int:
     import gc
 
     gc.disable()
-    code = _served(args)
-    if code is None:
-        code = run(args)
+    code = run(args)
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -259,19 +248,7 @@ def _hook_process(args: HookArgs) -> int:
         os._exit(code)
 
 
-def _served(args: Any) -> int | None:  # argparse's Namespace, or HookArgs for a plain `hook` argv
-    """The exit code of a `cdi-hook watch --serve` that did the hook's work, else None."""
-    try:
-        spec_dirs = _spec_dirs(args)
-    except Exception:  # a bad setting (CdiError): run() reports it, in-process
-        return None
-    from cdi_hook.commands import serve
-
-    return serve.ask(sys.argv[1:], spec_dirs)
-
-
 def run(args: Any) -> int:  # argparse's Namespace, or HookArgs for a plain `hook` argv
-    # Here, not at the top: a hook served by `watch --serve` never needs it (~0.4 ms).
     from cdi_hook.errors import CdiError, printable
 
     if args.version:
@@ -297,15 +274,3 @@ def run(args: Any) -> int:  # argparse's Namespace, or HookArgs for a plain `hoo
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
-
-def _parse_hook_request(argv: list[str], settings: Settings) -> tuple[HookArgs, list[str] | None] | None:
-    """(args, spec dirs) of a hook's argv sent to the injection server, with the hook's
-    settings; None unless plain."""
-    args = fast_hook_args(argv)
-    return None if args is None else (args, _spec_dirs(args, settings))
-
-
-def _injection_server(dirs: tuple[str, ...], log: Callable[[str], None]) -> Server:
-    from cdi_hook.commands import injection_server
-
-    return injection_server.Server(dirs, _parse_hook_request, run, log)

@@ -33,9 +33,6 @@ if TYPE_CHECKING:
 # characters; the error at MAX_MESSAGE_LENGTH, as on stderr. So the line stays a few KB
 # (at most ~60 KB) whatever the annotations and the image hold.
 MAX_LOG_ITEMS = 10
-# "server" in a process that `cdi-hook watch --serve` forked for a hook (commands/injection_server.py):
-# its log lines say so, the only difference from the hook process doing the work.
-SERVED_BY: str | None = None
 MAX_LOG_ITEM = 500
 
 
@@ -79,8 +76,6 @@ class ContainerLog:
             return
         fields = {key: _bounded(value) for key, value in self.fields.items()}
         fields["duration_ms"] = round((time.monotonic() - self.started) * 1000, 1)
-        if SERVED_BY:
-            fields["served_by"] = SERVED_BY
         if self.warnings:
             fields["warnings"] = _bounded(self.warnings)
         if error:

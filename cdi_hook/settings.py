@@ -3,8 +3,8 @@
 A runtime gives a hook only the environment its entry names (hook_entry.py), so these
 variables are the installed hook's configuration. They are read from the environment in
 one place, here, into a Settings record; everything else asks `current()` (or is handed a
-Settings, as doctor does for the installed hook's entry, and the injection server for the
-hook it serves). A bad value is one line naming the variable, before anything is done.
+Settings, as doctor does for the installed hook's entry). A bad value is one line naming
+the variable, before anything is done.
 
 Stdlib-only and tiny: every container start imports it.
 """
@@ -52,7 +52,7 @@ class Settings(namedtuple("Settings", [
         "policy_explicit",  # CDI_HOOK_POLICY named it: it must exist
         "state_dir",        # the exclusive holds' folder; its parent is the state root
         "insecure_specs",   # CDI_HOOK_INSECURE_SPECS=1: spec files not root's are read (tests only)
-        "environ",          # the CDI_* variables that were set, as given: what a served hook is matched by
+        "environ",          # the CDI_* variables that were set, as given
 ])):
     __slots__ = ()
 
@@ -65,7 +65,7 @@ class Settings(namedtuple("Settings", [
 
 
 def _bad(message: str) -> Exception:
-    # errors.py only for a bad value: a served hook start imports nothing else of it
+    # errors.py only for a bad value
     from cdi_hook.errors import CdiError
 
     return CdiError(message)
@@ -124,7 +124,7 @@ def current() -> Settings:
 
 
 def use(settings: Settings | None) -> None:
-    """Make settings this process's (the injection server, for the hook it serves; tests);
+    """Make settings this process's (tests, bench);
     None: read the environment again at the next current()."""
     global _current
     _current = settings

@@ -24,9 +24,8 @@ tmpfs gone at reboot like the containers the records describe):
     netdev/       the interfaces moved into a container, for poststop (live/netdev.py)
 
 and under the cache dir (CDI_HOOK_CACHE_DIR, the same folder by default): the compiled
-registry and policy caches, the watcher's generation, the ldconfig memo (ldconfig/) and
-the injection server's socket. Those are only ever a faster way to an answer; the records
-above are what cdi-hook did.
+registry and policy caches, the watcher's generation and the ldconfig memo (ldconfig/).
+Those are only ever a faster way to an answer; the records above are what cdi-hook did.
 
 Stdlib only and small: the hook's hot path reads records through it.
 """

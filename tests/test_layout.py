@@ -217,7 +217,7 @@ def environment_reads(source: str) -> list[str]:
 
 def test_only_settings_reads_cdi_variables_from_the_environment():
     """Every CDI_* variable is read once, in settings.py; the rest of cdi_hook asks
-    settings.current() or is handed a Settings (doctor, the injection server). Other
+    settings.current() or is handed a Settings (doctor). Other
     programs' variables (NOTIFY_SOCKET, CONTAINERS_CONF, PATH) are read by their literal name."""
     readers = {name: reads for name, path in MODULES.items() if name != "cdi_hook.settings"
                for reads in [environment_reads(path.read_text())] if reads}
@@ -233,8 +233,7 @@ def test_the_environment_checker_sees_reads_by_variable():
 # The modules that keep cdi-hook's state (records, holds, caches, the watcher's files): what
 # they write under the state root or the cache dir goes through the state layer.
 STATE_KEEPERS = ["cdi_hook.record", "cdi_hook.attachments", "cdi_hook.cache", "cdi_hook.live.holds",
-                 "cdi_hook.live.netdev", "cdi_hook.live.ldmemo", "cdi_hook.commands.watch",
-                 "cdi_hook.commands.injection_server", "cdi_hook.commands.serve"]
+                 "cdi_hook.live.netdev", "cdi_hook.live.ldmemo", "cdi_hook.commands.watch"]
 _WRITE_FLAGS = {"O_CREAT", "O_WRONLY", "O_RDWR", "O_TRUNC", "O_APPEND"}
 _MAKERS = {"mkstemp", "mkdir", "makedirs", "NamedTemporaryFile", "write_text", "write_bytes"}
 

@@ -46,13 +46,9 @@ from cdi_hook.settings import CACHE_DIR_ENV
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
     from types import FrameType
     from typing import NoReturn
-
-    from cdi_hook.commands.injection_server import Server
-
-    ServerFactory = Callable[[tuple[str, ...], Callable[[str], None]], Server]
 
 NO_TRUST = bytes(16)  # the generation written while the watcher cannot vouch for the files
 DEBOUNCE_S = 0.05  # a rebuild starts once the files were quiet this long...
@@ -76,11 +72,10 @@ class _Stop(Exception):
     """SIGTERM or SIGINT: leave the loop and clean up."""
 
 
-def cmd_watch(args: argparse.Namespace, spec_dirs: Sequence[str] | None, server: ServerFactory | None = None) -> int:
-    """server: with --serve, cli's factory of the injection server (commands/injection_server.py)."""
+def cmd_watch(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int:
     if os.geteuid() != 0:
         raise CdiError("watch: must run as root (the cache it keeps is root's)")
-    watcher = Watcher(cache.spec_dir_tuple(spec_dirs), server)
+    watcher = Watcher(cache.spec_dir_tuple(spec_dirs))
     return watcher.run()
 
 
@@ -89,12 +84,8 @@ def log(message: str) -> None:
 
 
 class Watcher:
-    def __init__(self, dirs: tuple[str, ...], server: ServerFactory | None = None):
+    def __init__(self, dirs: tuple[str, ...]):
         self.dirs = dirs
-        self.make_server = server
-        self.server: Server | None = None
-        self.server_fds: list[int] = []
-        self.poller: select.poll | None = None
         path = cache.generation_path(dirs)
         if path is None:
             raise CdiError(f"watch: {CACHE_DIR_ENV} must be an absolute path")
@@ -313,31 +304,10 @@ class Watcher:
             state.rename_into_place(temp, target)  # still current: no change came in while it looked
         elif target:
             os.unlink(temp)  # a change came in: the next rebuild covers it
-        if self.server is not None:
-            # A spare reads the cache and generation when it serves; a new one after each
-            # rebuild anyway, so none is older than the cache it may meet.
-            self.new_spare()
         if not self.ready:
             self.ready = True
             sd_notify("READY=1")
             log(f"watching {', '.join(self.dirs)} (generation file {self.path}); ready")
-
-    def new_spare(self) -> None:
-        """The injection server's next spare (commands/injection_server.py)."""
-        self.server_event(None)
-
-    def server_event(self, fd: int | None) -> None:
-        """Let the server handle fd (None: fork a new spare), then poll what it wants polled."""
-        assert self.server is not None and self.poller is not None  # run() set both up
-        for old in self.server_fds:
-            self.poller.unregister(old)
-        if fd is None:
-            self.server.replace_spare()
-        else:
-            self.server.handle(fd)
-        self.server_fds = self.server.filenos()
-        for new in self.server_fds:
-            self.poller.register(new, select.POLLIN)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -354,16 +324,6 @@ class Watcher:
             poller = select.poll()
             poller.register(self.inotify.fileno(), select.POLLIN)
             poller.register(mount_table.fileno(), select.POLLPRI | select.POLLERR)
-            if self.make_server is not None:
-                try:
-                    self.server = self.make_server(self.dirs, log)
-                except OSError as error:
-                    log(f"not serving injections: {error}")
-                if self.server is not None and self.server.sock is None:
-                    self.server = None  # refused to serve (logged): the watcher alone
-                if self.server is not None:
-                    self.poller = poller
-                    self.new_spare()
             watchdog = _watchdog_interval()
             next_beat = time.monotonic()
             while True:
@@ -378,10 +338,6 @@ class Watcher:
                     os.utime(self.gen_fd)
                     if watchdog:
                         sd_notify("WATCHDOG=1")
-                    if self.server is not None:
-                        self.server.reap()  # the requests that ended
-                        if self.server.spare is None and self.server.busy is None:
-                            self.new_spare()  # a fork that failed before
                     next_beat = now + cache.HEARTBEAT_NS / 1e9
                 wait = next_beat - now
                 if self.dirty_since is not None and self.child is None:
@@ -391,8 +347,6 @@ class Watcher:
                         self.handle(self.inotify.read_events())
                     elif fd == mount_table.fileno():
                         self.mounts_changed()
-                    elif self.server is not None and fd in self.server_fds:
-                        self.server_event(fd)
                     elif self.child is not None and self.child.stdout is not None and fd == self.child.stdout.fileno():
                         poller.unregister(fd)
                         self.finish_rebuild()
@@ -400,8 +354,6 @@ class Watcher:
             sd_notify("STOPPING=1")
             return 0
         finally:
-            if self.server is not None:
-                self.server.close()
             if self.child is not None:
                 self.child.kill()
                 self.child.wait()
