@@ -205,32 +205,28 @@ def _directives(text: str) -> set[str]:
     return {line for line in text.splitlines() if line and not line.startswith(("#", "["))}
 
 
-def test_install_watch_serve_writes_a_serving_unit_without_nnp_or_seccomp(tmp_path, capsys):
-    """Plain --watch keeps the confined unit; --watch --serve runs `watch --serve` without the
-    two settings its server refuses to serve under (commands/injection_server.confinement) and
-    without a mount or network namespace of its own (it serves only hooks in its own), else the same."""
-    hooks = str(tmp_path / "hooks.d")
-    assert main(["install", "--hooks-dir", hooks, "--watch", "--systemd-dir", str(tmp_path / "plain")]) == 0
-    assert main(["install", "--hooks-dir", hooks, "--watch", "--serve", "--systemd-dir", str(tmp_path / "serve")]) == 0
-    plain = (tmp_path / "plain" / install.WATCH_UNIT).read_text()
-    served = (tmp_path / "serve" / install.WATCH_UNIT).read_text()
+def test_install_watch_writes_the_confined_unit_and_replaces_an_older_serving_one(tmp_path, capsys):
+    """--watch writes the confined unit. The unconfined, serving unit of an older install (the
+    resident server was removed, README Speed) has the same file name and mark: install
+    --watch replaces it, uninstall --watch removes it."""
+    hooks, units = str(tmp_path / "hooks.d"), tmp_path / "systemd"
+    assert main(["install", "--hooks-dir", hooks, "--watch", "--systemd-dir", str(units)]) == 0
+    unit = units / install.WATCH_UNIT
+    plain = unit.read_text()
     python = os.path.abspath(sys.executable)
     assert f"ExecStart={python} -I -m cdi_hook watch\n" in plain
-    assert f"ExecStart={python} -I -m cdi_hook watch --serve\n" in served
-    assert _directives(plain) - _directives(served) == {
-        f"ExecStart={python} -I -m cdi_hook watch", "NoNewPrivileges=yes", "RestrictAddressFamilies=AF_UNIX",
-        # private mount and network namespaces: the server serves only hooks in its own (issue 22)
-        "ProtectSystem=strict", "ProtectHome=read-only", "PrivateTmp=yes", "PrivateNetwork=yes",
-        "ProtectKernelTunables=yes", "ProtectControlGroups=yes"}
-    assert _directives(served) - _directives(plain) == {f"ExecStart={python} -I -m cdi_hook watch --serve",
-                                                        "KillMode=process"}
-    assert "SELinux/AppArmor" in served and "no NoNewPrivileges=" in served  # the why, in the unit
+    assert {"NoNewPrivileges=yes", "RestrictAddressFamilies=AF_UNIX", "ProtectSystem=strict", "ProtectHome=read-only",
+            "PrivateTmp=yes", "PrivateNetwork=yes", "ProtectKernelTunables=yes",
+            "ProtectControlGroups=yes"} <= _directives(plain)
     if os.path.exists("/usr/bin/systemd-analyze"):  # systemd's own parser: no unknown or bad setting
-        for unit in (tmp_path / "plain" / install.WATCH_UNIT, tmp_path / "serve" / install.WATCH_UNIT):
-            result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
-            assert result.returncode == 0 and result.stderr == "", result.stderr
+        result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+    # What an older install wrote: its mark and file name, another body (unconfined).
+    old = plain.replace("NoNewPrivileges=yes\n", "KillMode=process\n").replace("PrivateNetwork=yes\n", "")
+    unit.write_text(old)
+    assert main(["install", "--hooks-dir", hooks, "--watch", "--systemd-dir", str(units)]) == 0
+    assert unit.read_text() == plain
+    unit.write_text(old)
     capsys.readouterr()
-    assert main(["install", "--hooks-dir", str(tmp_path / "other"), "--serve"]) != 0
-    assert "--serve is an option of --watch" in capsys.readouterr().err
-    assert main(["uninstall", "--hooks-dir", hooks, "--watch", "--systemd-dir", str(tmp_path / "serve")]) == 0
-    assert not (tmp_path / "serve" / install.WATCH_UNIT).exists()
+    assert main(["uninstall", "--hooks-dir", hooks, "--watch", "--systemd-dir", str(units)]) == 0
+    assert not unit.exists() and f"removed {unit}" in capsys.readouterr().out

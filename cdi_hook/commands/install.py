@@ -35,9 +35,7 @@ and cdi-hook's other settings (hook_entry.CARRIED_SETTINGS) that are set while i
 --watch also writes the systemd unit of `cdi-hook watch` (cdi-hook-watch.service, into
 /etc/systemd/system or --systemd-dir) with the same interpreter and environment as the hooks,
 so the watcher keeps exactly the cache the hooks read; deploy/systemd/ holds the same unit
-for /opt/cdi-hook. `--watch --serve` writes it running `watch --serve` (the hooks' work done
-by the watcher's children), without NoNewPrivileges= and RestrictAddressFamilies= (see
-_SERVE_UNIT). `uninstall --watch` removes it. Neither runs systemctl.
+for /opt/cdi-hook. `uninstall --watch` removes it. Neither runs systemctl.
 """
 
 from __future__ import annotations
@@ -196,10 +194,8 @@ def uninstall(hooks_dir: str, *, dry_run: bool = False, out: TextIO | None = Non
     return removed
 
 
-def watch_unit(python: str, spec_dirs: list[str] | None, settings: dict[str, str], serve: bool = False) -> str:
-    """The systemd unit running `cdi-hook watch` with the hooks' interpreter and environment;
-    with serve, `watch --serve`, without the sandbox settings a served start cannot live with
-    (NoNewPrivileges, seccomp, and the private mount and network namespaces)."""
+def watch_unit(python: str, spec_dirs: list[str] | None, settings: dict[str, str]) -> str:
+    """The systemd unit running `cdi-hook watch` with the hooks' interpreter and environment."""
     environment = [f"PATH={HOOK_PATH_ENV}"]
     if spec_dirs:
         environment.append("CDI_SPEC_DIRS=" + ":".join(spec_dirs))
@@ -221,7 +217,7 @@ After=local-fs.target
 [Service]
 Type=notify
 NotifyAccess=main
-ExecStart={python} -I -m cdi_hook watch{" --serve" if serve else ""}
+ExecStart={python} -I -m cdi_hook watch
 {"".join(f"Environment={item}{chr(10)}" for item in environment)}Restart=on-failure
 RestartSec=1s
 # The watcher sends WATCHDOG=1 with every heartbeat (each second).
@@ -231,13 +227,13 @@ TimeoutStartSec=5min
 RuntimeDirectory=cdi-hook
 RuntimeDirectoryMode=0700
 RuntimeDirectoryPreserve=yes
-{_SERVE_UNIT if serve else writable + _WATCH_ONLY_UNIT}
+{writable}{_WATCH_ONLY_UNIT}
 [Install]
 WantedBy=multi-user.target
 """
 
 
-# The plain watcher only reads the spec dirs and writes its cache: it runs confined.
+# The watcher only reads the spec dirs and writes its cache: it runs confined.
 _WATCH_ONLY_UNIT = """ProtectSystem=strict
 ProtectHome=read-only
 PrivateTmp=yes
@@ -247,27 +243,15 @@ ProtectControlGroups=yes
 NoNewPrivileges=yes
 RestrictAddressFamilies=AF_UNIX
 """
-# `watch --serve` (commands/serve.py) refuses to serve under NoNewPrivileges or a seccomp filter.
-_SERVE_UNIT = """# --serve: processes forked from the watcher do the hooks' work. The server serves only a
-# hook in its own namespaces and enters none (a container's root that can see the socket is
-# refused), so this unit has none of its own: no ProtectSystem=, PrivateTmp=, PrivateNetwork=
-# or other sandbox that makes a mount or network namespace. Each must be able to do all a
-# hook the runtime spawns does: spec hooks and setuid programs keep their privileges (so
-# no NoNewPrivileges=), netlink and other sockets open (so no RestrictAddressFamilies=, a
-# seccomp filter its children would keep). Unlike a hook, it has this unit's SELinux/AppArmor
-# context, not the runtime's. KillMode=process: a stop or restart ends the watcher (its spare
-# leaves with it) and lets the starts it is serving finish, each in its own process.
-KillMode=process
-"""
 
 
 def install_watch_unit(systemd_dir: str, *, python: str | None = None, spec_dirs: list[str] | None = None,
-                       serve: bool = False, dry_run: bool = False, out: TextIO | None = None) -> str | None:
+                       dry_run: bool = False, out: TextIO | None = None) -> str | None:
     out = out or sys.stdout
     python = os.path.abspath(python or interpreter())
     _check_interpreter(python)
     settings = carried_settings()
-    text = watch_unit(python, spec_dirs, settings, serve)
+    text = watch_unit(python, spec_dirs, settings)
     target = os.path.join(systemd_dir, WATCH_UNIT)
     if os.path.lexists(target) and not _is_our_unit(target):
         raise CdiError(f"{target} exists and was not written by cdi-hook; refusing to replace it")
@@ -299,6 +283,9 @@ def _is_our_unit(path: str) -> bool:
 
 
 def uninstall_watch_unit(systemd_dir: str, *, dry_run: bool = False, out: TextIO | None = None) -> str | None:
+    # Compatibility: the unconfined unit an older `install --watch --serve` wrote (its
+    # `watch --serve` is gone) had this same file name and UNIT_MARK, so it is removed here
+    # too, and `install --watch` replaces it with the confined one.
     out = out or sys.stdout
     target = os.path.join(systemd_dir, WATCH_UNIT)
     if not os.path.lexists(target):
@@ -318,13 +305,10 @@ def uninstall_watch_unit(systemd_dir: str, *, dry_run: bool = False, out: TextIO
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    if getattr(args, "serve", False) and not getattr(args, "watch", False):
-        raise CdiError("install: --serve is an option of --watch (the unit it writes)")
     install(hooks_dir_of(args), args.mode or default_mode(args), spec_dirs=_spec_dirs_from_env(),
             dry_run=args.dry_run)
     if getattr(args, "watch", False):
-        install_watch_unit(args.systemd_dir or SYSTEMD_DIR, spec_dirs=_spec_dirs_from_env(),
-                           serve=getattr(args, "serve", False), dry_run=args.dry_run)
+        install_watch_unit(args.systemd_dir or SYSTEMD_DIR, spec_dirs=_spec_dirs_from_env(), dry_run=args.dry_run)
     return 0
 
 
