@@ -283,9 +283,9 @@ def _is_our_unit(path: str) -> bool:
 
 
 def uninstall_watch_unit(systemd_dir: str, *, dry_run: bool = False, out: TextIO | None = None) -> str | None:
-    # Compatibility: the unconfined unit an older `install --watch --serve` wrote (its
-    # `watch --serve` is gone) had this same file name and UNIT_MARK, so it is removed here
-    # too, and `install --watch` replaces it with the confined one.
+    # Compatibility: the unconfined unit an older `install --watch --serve` wrote had this
+    # same file name and UNIT_MARK, so it is removed here too (and `install --watch`
+    # replaces it with the confined one).
     out = out or sys.stdout
     target = os.path.join(systemd_dir, WATCH_UNIT)
     if not os.path.lexists(target):
