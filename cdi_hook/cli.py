@@ -60,8 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_specs(sub.add_parser("precreate", help="Podman precreate filter: config.json on stdin, edited on stdout"))
 
-    with_specs(sub.add_parser("watch", help="watch the spec dirs and keep the compiled cache current, so hook "
-                                            "starts skip the per-file checks (a long-running service)"))
+    p = with_specs(sub.add_parser("watch", help="watch the spec dirs and keep the compiled cache current, so hook "
+                                                "starts skip the per-file checks (a long-running service)"))
+    # The systemd unit an older `install --watch --serve` wrote still runs `watch --serve`:
+    # accepted and ignored (with a warning), so that unit keeps the watcher running after an
+    # upgrade; the injection server itself is gone (README, Speed).
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
 
     p = with_specs(sub.add_parser("inject", help="edit a bundle's config.json for manual runc use"))
     p.add_argument("--bundle", required=True, metavar="DIR")
@@ -156,6 +160,9 @@ def dispatch(args: Any) -> int:  # argparse's Namespace, or HookArgs for a plain
     if command == "watch":
         from cdi_hook.commands import watch
 
+        if args.serve:
+            print("cdi-hook: warning: watch --serve: the injection server was removed; watching only "
+                  "(run `cdi-hook install --watch` again to rewrite the unit)", file=sys.stderr)
         return watch.cmd_watch(args, _spec_dirs(args))
     if command in ("policy", "explain"):
         from cdi_hook.commands import policy

@@ -258,3 +258,12 @@ def test_install_writes_the_unit_and_deploy_holds_the_same(tmp_path, monkeypatch
     assert install.uninstall_watch_unit(str(tmp_path / "systemd")) == written and not Path(written).exists()
     shipped = (REPO / "deploy" / "systemd" / "cdi-hook-watch.service").read_text()
     assert shipped == install.watch_unit("/opt/cdi-hook/bin/python3", None, {})
+
+
+def test_an_older_serving_units_watch_serve_is_still_accepted():
+    """A systemd unit an older `install --watch --serve` wrote runs `watch --serve`: the
+    option is accepted (and warned about), so the watcher keeps running after an upgrade."""
+    from cdi_hook import cli
+
+    args = cli.build_parser().parse_args(["watch", "--serve"])
+    assert args.command == "watch" and args.serve is True
