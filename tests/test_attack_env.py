@@ -115,11 +115,12 @@ def test_ldconfig_runner_confinement():
     pid = os.fork()
     if pid == 0:
         try:
-            import prctl
+            import resource
 
-            ldcache._confine(prctl)
+            ldcache._confine()  # through ctypes: nothing imported in the container's namespace
             with open("/proc/self/status") as status:
-                os.write(write_end, status.read().encode())
+                limits = [resource.getrlimit(r) for r in (resource.RLIMIT_CPU, resource.RLIMIT_AS, resource.RLIMIT_CORE)]
+                os.write(write_end, (status.read() + f"Limits:\t{limits}\n").encode())
         finally:
             os._exit(0)
     os.close(write_end)
@@ -128,3 +129,5 @@ def test_ldconfig_runner_confinement():
     os.waitpid(pid, 0)
     assert status["NoNewPrivs"].strip() == "1"
     assert int(status["CapBnd"], 16) == (1 << 1) | (1 << 2) | (1 << 3)  # DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER
+    cpu, memory = ldcache.CPU_LIMIT_S, ldcache.MEMORY_LIMIT
+    assert status["Limits"].strip() == str([(cpu, cpu), (memory, memory), (0, 0)])
