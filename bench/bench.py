@@ -150,6 +150,8 @@ class Workspace:
         self.spec = self.spec_document()
         (self.spec_dir / "bench.json").write_text(json.dumps(self.spec, indent=2))
         self.cache_dir = root / "cache"  # made by the hook itself, as root, mode 0700
+        # its state root (container records, holds): the bench's own, never the host's /run/cdi-hook
+        self.state_dir = root / "state" / "held"
         self.log = root / "cdi-hook.log"
         self.python = self._lean_python(root / "venv")
         self.empty_module = self._empty_module(root / "venv")
@@ -223,7 +225,7 @@ class Workspace:
         """The cache is written only once the spec files are older than cdi_hook.cache.FRESH_NS."""
         from cdi_hook.cache import FRESH_NS
 
-        newest = max(p.stat().st_mtime for p in self.root.rglob("*.json"))
+        newest = max(p.stat().st_mtime for p in self.root.rglob("*.json") if self.state_dir.parent not in p.parents)
         time.sleep(max(0.0, newest + FRESH_NS / 1e9 + 0.2 - time.time()))
 
     def hook_env(self, spec_dirs: list[str] | None = None, cache_dir: str | None = None,
@@ -231,7 +233,9 @@ class Workspace:
         return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
                 "CDI_SPEC_DIRS": ":".join(spec_dirs or [str(self.spec_dir)]),
                 "CDI_HOOK_LOG": str(self.log),
-                "CDI_HOOK_CACHE_DIR": cache_dir or str(self.cache_dir), **(extra or {})}
+                "CDI_HOOK_CACHE_DIR": cache_dir or str(self.cache_dir),
+                # the bench's own state root: its container records never reach the host's /run/cdi-hook
+                "CDI_HOOK_STATE_DIR": str(self.state_dir), **(extra or {})}
 
     def entry(self, args: list[str], env: dict | None = None) -> dict:
         """A hook entry in the form install writes (hook_entry.py): the interpreter's full

@@ -142,5 +142,26 @@ def _prune(dir_fd: int) -> None:
                 pass
 
 
+def live_records() -> list[dict]:
+    """The records of containers whose process still runs (for `cdi-hook stale`); a record
+    that is not believed is left out."""
+    from cdi_hook.containers import process_start_time
+
+    found = []
+    with _private_dir(create=False) as dir_fd:
+        if dir_fd is None:
+            return []
+        for name in sorted(os.listdir(dir_fd)):
+            if not name.endswith(".json") or name.startswith("."):
+                continue
+            try:
+                record: Any = state.read_record(dir_fd, name, name, plain_json=True)
+                if process_start_time(record["pid"]) == record["start_time"] and isinstance(record["attached"], list):
+                    found.append(record)
+            except (OSError, state.StateError, KeyError, TypeError):
+                continue
+    return found
+
+
 def attached_names(record: dict) -> list[str]:
     return [entry["device"] for entry in record["attached"]]

@@ -70,7 +70,7 @@ def from_plan(plan: Plan, container_id: str, pid: int, start_time: int | None, b
     what it made (each mount's id and source identity, each node created or found, and
     what it replaced); None when there was no rootfs work. holds: (device, its hold keys)
     for each exclusive device held (live/holds.py), what poststop and detach give back."""
-    items = _items(plan, made)
+    items = items_of(plan, made)
     items["holds"] = [[device, list(keys)] for device, keys in holds]
     return Record(container_id, pid, start_time, bundle, list(plan.devices), dict(sources), items,
                   work_of(items), config_identity(bundle))
@@ -98,7 +98,8 @@ def is_of(found: Record, container_id: str, bundle: str, pid: int | None = None)
     return True
 
 
-def _items(plan: Plan, made: Report | None) -> dict:
+def items_of(plan: Plan, made: Report | None) -> dict:
+    """The plan's items as a record keeps them (createRuntime's record, attach's entries)."""
     mounted = {m.path: m for m in made.mounts} if made is not None else {}
     outcomes = {n.path: n for n in made.nodes} if made is not None else {}
     mounts = []
@@ -246,17 +247,6 @@ def all_records() -> list[tuple[Record | None, str]]:
     return found
 
 
-def prune() -> list[str]:
-    """Remove the records of containers whose process is gone (poststop never ran: a runtime
-    that crashed, a hook entry removed); the ids removed."""
-    removed = []
-    for record, _ in all_records():
-        if record is not None and not is_alive(record):
-            remove(record.container, only=record)
-            removed.append(record.container)
-    return removed
-
-
 # --- containers edited before creation (precreate, inject --mode edits) -----------------
 
 def with_edited_devices(found: Record | None, resolved: list[tuple[str, Plan]], config_raw: dict, pid: int,
@@ -320,11 +310,16 @@ def given_plan(record: Record, devices: list[str] | None = None) -> Plan:
     """The part of the container's plan the record holds (nodes, rules, mounts, interfaces,
     RDT, later hooks), for the devices given (default: all), as plan.Plan, so the executors
     carry out a record as they carry out a plan."""
+    return plan_of(record.items, record.devices, devices)
+
+
+def plan_of(items: dict, recorded: list[str], devices: list[str] | None = None) -> Plan:
+    """given_plan for items kept for the devices recorded (a container record's, or one
+    attachment entry's)."""
     from cdi_hook.plan import DeviceRule, Plan, PlannedNode
     from cdi_hook.spec.model import DeviceNode, Hook, IntelRdt, Mount, NetDevice
 
-    wanted = set(record.devices if devices is None else devices)
-    items = record.items
+    wanted = set(recorded if devices is None else devices)
     sharers = {(kind, path): origins for kind, path, origins in items.get("shared", ())}
 
     def wanted_origin(o: str) -> bool:
@@ -347,7 +342,7 @@ def given_plan(record: Record, devices: list[str] | None = None) -> Plan:
         if stage_hooks:
             hooks.append((stage, stage_hooks))
     return Plan(
-        devices=tuple(d for d in record.devices if d in wanted),
+        devices=tuple(d for d in recorded if d in wanted),
         nodes=tuple(PlannedNode(label(o, "node", node[0]), DeviceNode(*node), uid, gid)
                     for o, node, uid, gid, *_ in items.get("nodes", ()) if mine(o, "node", node[0])),
         device_rules=tuple(DeviceRule(*rule) for rule in items.get("rules", ()) if mine(rule[0])),
@@ -398,15 +393,16 @@ def held_keys(record: Record, devices: Iterable[str] | None = None) -> list[str]
     return keys
 
 
-def mount_identities(record: Record) -> dict[str, tuple[tuple[int, int] | None, int | None]]:
-    """destination -> (host source's (st_dev, st_ino) when it was given, the mount's id)."""
-    return {m[1]: (tuple(src) if src else None, mount_id)
-            for _, m, src, mount_id in record.items.get("mounts", ())}
+def mount_identities(record: Record | dict) -> dict[str, tuple[tuple[int, int] | None, int | None]]:
+    """destination -> (host source's (st_dev, st_ino) when it was given, the mount's id), of
+    a record or of items (an attachment entry's)."""
+    items = record if isinstance(record, dict) else record.items
+    return {m[1]: ((src[0], src[1]) if src else None, mount_id) for _, m, src, mount_id, *_ in items.get("mounts", ())}
 
 
 # --- stale: the record against today's specs ---------------------------------------------
 
-def differences(given: Plan, today: Plan | None) -> list[str]:
+def differences(given: Plan, today: Plan | None, sources: dict[str, tuple[int, int]] | None = None) -> list[str]:
     """What changed between what one device gave the container (given: the record's items
     for it, its kind's spec-level edits included) and what today's specs make of it alone
     (today None: it resolves no more). Empty: not stale."""
@@ -436,6 +432,11 @@ def differences(given: Plan, today: Plan | None) -> list[str]:
     for path in old_mounts.keys() & new_mounts.keys():
         if old_mounts[path] != new_mounts[path]:
             changes.append(f"mount {path} came from {old_mounts[path]}, now from {new_mounts[path]}")
+        elif sources and old_mounts[path] in sources:
+            # the same host path, replaced in place (an upgrade rewrote /usr/bin/nvidia-smi)
+            identity = _source_identity(old_mounts[path])
+            if identity is not None and tuple(identity) != sources[old_mounts[path]]:
+                changes.append(f"mount {path}: its host source {old_mounts[path]} was replaced since")
     return sorted(changes)
 
 
@@ -444,15 +445,27 @@ def stale_devices(record: Record, spec_dirs: Iterable[str] | None,
     """device -> what changed since the container got it, for each of its devices (or those
     of only) whose spec changed; each device is resolved alone, so one that is gone does not
     hide the others."""
+
+    return stale_items(record.items, record.devices if only is None else [d for d in record.devices if d in only],
+                       spec_dirs)
+
+
+def stale_items(items: dict, devices: list[str], spec_dirs: Iterable[str] | None) -> dict[str, list[str]]:
+    """stale_devices for items kept for devices (an attachment entry's too)."""
     from cdi_hook import plan
 
     stale: dict[str, list[str]] = {}
-    for device in record.devices if only is None else [d for d in record.devices if d in only]:
+    for device in devices:
         try:
             today: Plan | None = plan.resolve([device], spec_dirs)
         except CdiError:
             today = None
-        changes = differences(given_plan(record, [device]), today)
+        changes = differences(plan_of(items, devices, [device]), today, _sources(items))
         if changes:
             stale[device] = changes
     return stale
+
+
+def _sources(items: dict) -> dict[str, tuple[int, int]]:
+    """host source path -> the (st_dev, st_ino) it had when it was mounted."""
+    return {m[0]: (src[0], src[1]) for _, m, src, *_ in items.get("mounts", ()) if src}

@@ -193,7 +193,7 @@ def test_hook_killed_half_way_leaves_no_record(runc, tmp_path):
     spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "slow", "containerEdits": {
         "deviceNodes": [{"path": "/dev/cdi-null", "hostPath": "/dev/null"}],
         "mounts": [{"hostPath": str(sources / LIB), "containerPath": f"{LIB_DIR}/{LIB}", "options": ["ro", "bind"]}],
-        "hooks": [{"hookName": "createRuntime", "path": "/bin/sleep", "args": ["sleep", "30"]}]}}]}
+        "hooks": [{"hookName": "createRuntime", "path": "/bin/sleep", "args": ["sleep", "30.0731"]}]}}]}
     bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [f"{hook_env.VENDOR}=slow"], "true")
     config = json.loads((bundle / "config.json").read_text())
     config["hooks"]["createRuntime"][0]["timeout"] = 2
@@ -204,7 +204,7 @@ def test_hook_killed_half_way_leaves_no_record(runc, tmp_path):
     assert done.returncode != 0 and "timeout" in (done.stdout + done.stderr).lower(), done
     after = sorted(records.iterdir()) if records.is_dir() else []
     assert after == before
-    assert subprocess.run(["pgrep", "-f", "^sleep 30$"], capture_output=True).returncode == 1, "the spec hook ran on alone"
+    assert subprocess.run(["pgrep", "-f", "^sleep 30.0731$"], capture_output=True).returncode == 1, "the spec hook ran on alone"
 
 
 def test_detach_finds_a_creation_mount_the_container_moved(upgraded):

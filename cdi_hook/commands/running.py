@@ -167,7 +167,7 @@ def cmd_verify(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int
 
 
 def _verify(target: Target, spec_dirs: Sequence[str] | None) -> list[dict]:
-    from cdi_hook import containers, record
+    from cdi_hook import attachments, containers, record
     from cdi_hook.live import attach
 
     _, given, creation, attached = _state(target, spec_dirs)
@@ -175,10 +175,13 @@ def _verify(target: Target, spec_dirs: Sequence[str] | None) -> list[dict]:
     if not names:
         return []
     creation_plan = _given_plan(target, given, creation, spec_dirs) if creation else None
-    attached_plan = _resolve(attached, spec_dirs, target.config) if attached else None
+    attached_plan = _attached_plan(target, attached, spec_dirs) if attached else None
     container_plan = record.joined(p for p in (creation_plan, attached_plan) if p is not None)
     sources = {}
     identities = record.mount_identities(given) if given is not None else {}
+    for entry in attachments.load(target.id, target.pid, target.start_time)["attached"]:
+        if isinstance(entry.get("items"), dict):
+            identities.update(record.mount_identities(entry["items"]))
     for _, mount in container_plan.mounts:
         recorded = identities.get(mount.container_path, (None, None))[0]
         if recorded is not None:
@@ -200,13 +203,29 @@ def _verify(target: Target, spec_dirs: Sequence[str] | None) -> list[dict]:
                            "ok": ok, "detail": detail})
     if containers.has_exited(target.pidfd):  # the cgroup was read through /proc/PID: still that process?
         raise CdiError(f"container {target.name}: it stopped while cdi-hook verified it")
-    if given is not None and creation:
-        # What was given holds; does it still match today's specs? A driver upgrade rewrites
-        # them: the container then runs an older version of the device until it restarts.
-        for device, changes in record.stale_devices(given, spec_dirs, only=creation).items():
-            checks.append({"device": device, "item": "spec", "ok": False, "stale": True,
-                           "detail": "stale: the container runs an older version of it: " + "; ".join(changes)})
+    # What was given holds; does it still match today's specs? A driver upgrade rewrites
+    # them: the container then runs an older version of the device until it restarts.
+    stale = record.stale_devices(given, spec_dirs, only=creation) if given is not None and creation else {}
+    stale.update(_stale_attached(target, attached, spec_dirs))
+    for device, changes in stale.items():
+        checks.append({"device": device, "item": "spec", "ok": False, "stale": True,
+                       "detail": "stale: the container runs an older version of it: " + "; ".join(changes)})
     return checks
+
+
+def _stale_attached(target: Target | None, attached: list[str], spec_dirs: Sequence[str] | None,
+                    entries: list[dict] | None = None) -> dict[str, list[str]]:
+    """stale for the devices attached since the start, from their attachment entries."""
+    from cdi_hook import attachments, record
+
+    if entries is None:
+        assert target is not None
+        entries = attachments.load(target.id, target.pid, target.start_time)["attached"]
+    stale: dict[str, list[str]] = {}
+    for entry in entries:
+        if entry.get("device") in attached and isinstance(entry.get("items"), dict):
+            stale.update(record.stale_items(entry["items"], [entry["device"]], spec_dirs))
+    return stale
 
 
 def _refuse_unapplicable(new_plan: Plan) -> None:
@@ -288,8 +307,13 @@ def _attach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -
         cgroup = cgroups.CgroupChange(target.pid, inject.cgroup_rules(new_plan), ", ".join(names))
         cgroup.allow()
         mount_ids = {m.path: m.mount_id for m in report.mounts}
+        from cdi_hook import record as container_record
+
+        given_items = container_record.items_of(new_plan, report)
         for name in names:
-            record["attached"].append(_entry(name, new_plan, list(report.created), mount_ids, dict(held).get(name, ())))
+            entry = _entry(name, new_plan, list(report.created), mount_ids, dict(held).get(name, ()))
+            entry["items"] = given_items  # what it got, by identity: read instead of today's specs
+            record["attached"].append(entry)
         attachments.save(record)
         committed = True
     finally:
@@ -319,8 +343,26 @@ def _current_plan(target: Target, given_record: Record | None, creation: list[st
 
     plans = [_given_plan(target, given_record, creation, spec_dirs)] if creation else []
     if attached:
-        plans.append(_resolve(attached, spec_dirs, target.config))
+        plans.append(_attached_plan(target, attached, spec_dirs))
     return record.joined(plans) if plans else None
+
+
+def _attached_plan(target: Target, attached: list[str], spec_dirs: Sequence[str] | None) -> Plan:
+    """The devices attached since the start, as their attachment entries keep them (what
+    attach gave); an entry an older cdi-hook wrote keeps no items: today's specs for it."""
+    from cdi_hook import attachments, record
+
+    entries = {e["device"]: e for e in attachments.load(target.id, target.pid, target.start_time)["attached"]}
+    plans, older = [], []
+    for name in attached:
+        items = entries.get(name, {}).get("items")
+        if isinstance(items, dict):
+            plans.append(record.plan_of(items, [name], [name]))
+        else:
+            older.append(name)
+    if older:
+        plans.append(_resolve(older, spec_dirs, target.config))
+    return record.joined(plans)
 
 
 def _refuse_conflicts(current_plan: Plan, new_plan: Plan) -> None:
@@ -572,25 +614,38 @@ def _runtime_allows(config: Config, rule: DeviceRule) -> bool:
 
 def cmd_stale(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int:
     """Every running container cdi-hook gave devices to whose devices no longer match today's
-    specs, from the records; the records of containers that ended are removed on the way."""
+    specs, from the records. It changes nothing: the record of a container that ended is left
+    for its poststop."""
     _require_root("stale")
     from cdi_hook import attachments, jsonio, record
     from cdi_hook.errors import printable
 
     found = []
+    attachment_records = {r["container"]: r for r in attachments.live_records()}
     for given, where in record.all_records():
         if given is None:
             print(printable(f"cdi-hook: stale: {where}: not a record cdi-hook wrote; skipped"), file=sys.stderr)
             continue
         if not record.is_alive(given):
-            record.remove(given.container, only=given)
+            # Ended, maybe not yet deleted: its poststop (at the runtime's delete) still reads
+            # the record. Only reported on, never removed here.
             continue
-        detached = attachments.load(given.container, given.pid, given.start_time)["detached"]
-        still = [d for d in given.devices if d not in detached]
+        attachment = attachment_records.pop(given.container, None) or attachments.empty(
+            given.container, given.pid, given.start_time)
+        if (attachment["pid"], attachment["start_time"]) != (given.pid, given.start_time):
+            attachment = attachments.empty(given.container, given.pid, given.start_time)
+        still = [d for d in given.devices if d not in attachment["detached"]]
         devices = record.stale_devices(given, spec_dirs, only=still)
+        devices.update(_stale_attached(None, attachments.attached_names(attachment), spec_dirs,
+                                       attachment["attached"]))
         if devices:
             found.append({"container": given.container, "name": _runtime_name(given.bundle), "pid": given.pid,
                           "bundle": given.bundle, "devices": devices})
+    for attachment in attachment_records.values():  # devices attached to a container the hook gave none
+        devices = _stale_attached(None, attachments.attached_names(attachment), spec_dirs, attachment["attached"])
+        if devices:
+            found.append({"container": attachment["container"], "name": "", "pid": attachment["pid"],
+                          "bundle": "", "devices": devices})
     if args.format == "json":
         print(jsonio.dumps(found))
     else:

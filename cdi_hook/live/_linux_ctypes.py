@@ -1,6 +1,6 @@
-"""The calls of the compiled live/_linux.c, through ctypes: the same functions, arguments and
-errors, for an installation where the extension was not built (no C compiler). syscalls.py
-uses whichever is there; importing ctypes costs a start ~3 ms, which the extension saves.
+"""The syscalls Python lacks, through ctypes: argtypes once, each call a small wrapper that
+raises OSError (syscalls.py names them for the rest of the code). A compiled extension was
+measured and not kept (syscalls.py says why).
 
 Numbers are the unified syscall table (the same on x86_64, aarch64 and the other
 architectures added since Linux 5.x); the mount-API calls need Linux >= 5.12.

@@ -141,7 +141,7 @@ def start(container_pidfd: int, work: RootfsWork) -> Worker:
 # How long the hook waits for each report of its worker: its ldconfig alone may take
 # ldcache.TIMEOUT_S. A worker past it is killed: the hook fails with one line, never hangs
 # the runtime (whose own timeout would leave no message).
-WORKER_DEADLINE_S = 60.0
+WORKER_DEADLINE_S = 45.0
 
 
 def _hooks_deadline(programs: list) -> float:
