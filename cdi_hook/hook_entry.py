@@ -43,27 +43,84 @@ def carried_settings() -> dict[str, str]:
     return {name: value for name, value in settings.current().environ if name in CARRIED_SETTINGS and value}
 
 
-# The program an entry runs: `-c` with this, not `-m cdi_hook`. -m goes through runpy, which
-# imports importlib.util, contextlib, collections and functools before cdi-hook's first line
-# (~7 ms on every container start); -c imports only cdi_hook.cli. Under -I the venv's
-# site-packages are still on sys.path (the interpreter is the venv's), the current
-# directory is not, so both forms find the same installed package.
-ENTRY_CODE = "import sys; from cdi_hook.cli import main; sys.exit(main())"
-# What entries are recognised by (uninstall, doctor): today's form, and the -m form that
-# installs before 2026-11-30 wrote.
-ENTRY_FORMS = (["-I", "-c", ENTRY_CODE], ["-I", "-m", "cdi_hook"])
+# The program an entry runs. `-I -S -c` with ENTRY_CODE: no site (its .pth processing costs
+# every start ~3 ms in a clean venv, ~10 ms in an editable one), so the paths site would
+# have added (and the package's own folder, for an editable install) are written into the
+# code by install, found by asking that interpreter (site_paths). cdi_hook.start returns at
+# once for a post stage with nothing recorded for it, and otherwise runs cdi_hook.cli.
+# `-c`, not `-m`: -m goes through runpy (importlib.util, contextlib, collections, functools
+# before cdi-hook's first line). Under -I the current directory is never on sys.path.
+ENTRY_PREFIX = "import sys; sys.path[len(sys.path):] = "
+ENTRY_SUFFIX = "; from cdi_hook.start import main; sys.exit(main())"
+# For an interpreter that cannot be asked for its paths (the repo's hooks.d templates name
+# a placeholder one; a broken install): with site, which finds the package itself.
+SITE_FORM = ["-I", "-c", "import sys; from cdi_hook.start import main; sys.exit(main())"]
+# What entries of earlier installs ran, still recognised (uninstall, doctor, inject): the -c
+# form of 2026-11-30 to 2026-12-04 and the -m form before it.
+OLDER_ENTRY_FORMS = (["-I", "-c", "import sys; from cdi_hook.cli import main; sys.exit(main())"],
+                     ["-I", "-m", "cdi_hook"])
+
+_site_paths: dict[str, list[str] | None] = {}
+
+# Run by the interpreter under -I -S: site's work done by hand, then cdi_hook found as the
+# hook will find it; prints the folders site adds (.pth path lines included) and the package's.
+_SITE_PROBE = ("import sys; before = list(sys.path); import site; site.main(); import os, cdi_hook; "
+               "found = [p for p in sys.path if p not in before]; "
+               "found.append(os.path.dirname(os.path.dirname(os.path.abspath(cdi_hook.__file__)))); "
+               "print('\\0'.join(dict.fromkeys(os.path.abspath(p) for p in found)))")
 
 
-def argv(python: str, *command: str) -> list[str]:
-    # argv[0] is the full path, not "python3": CPython locates its venv (pyvenv.cfg) from
-    # argv[0], and a bare name resolves through PATH to the system interpreter instead.
-    return [python, *ENTRY_FORMS[0], *command]
+def site_paths(python: str) -> list[str] | None:
+    """The folders an entry run without site needs on sys.path to find cdi-hook and what it
+    imports, as that interpreter has them (asked once per interpreter); None when it cannot
+    be asked (missing, or without cdi-hook: install refuses such an interpreter first)."""
+    python = os.path.abspath(python)
+    if python not in _site_paths:
+        import subprocess
+
+        try:
+            probe = subprocess.run([python, "-I", "-S", "-c", _SITE_PROBE], capture_output=True, cwd="/",
+                                   stdin=subprocess.DEVNULL)
+        except OSError:
+            _site_paths[python] = None
+        else:
+            found = [p for p in probe.stdout.decode().strip().split("\0") if p]
+            _site_paths[python] = found if probe.returncode == 0 and found else None
+    return _site_paths[python]
+
+
+def entry_code(paths: list[str]) -> str:
+    return ENTRY_PREFIX + repr(list(paths)) + ENTRY_SUFFIX
+
+
+def argv(python: str, *command: str, paths: list[str] | None = None) -> list[str]:
+    """[python, -I, -S, -c, ENTRY_CODE, *command]; paths: site_paths(python) unless given
+    (SITE_FORM when it has none). argv[0] is the full path, not "python3": CPython locates
+    its venv (pyvenv.cfg) from argv[0], and a bare name resolves through PATH to the system
+    interpreter instead."""
+    if paths is None:
+        paths = site_paths(python)
+    if paths is None:
+        return [python, *SITE_FORM, *command]
+    return [python, "-I", "-S", "-c", entry_code(paths), *command]
+
+
+def _form_length(args: list) -> int:
+    """How many args the entry form takes after the interpreter; 0 when it is not ours."""
+    if (args[1:4] == ["-I", "-S", "-c"] and isinstance(args[4] if len(args) > 4 else None, str)
+            and args[4].startswith(ENTRY_PREFIX) and args[4].endswith(ENTRY_SUFFIX)):
+        return 4
+    return 3 if args[1:4] == SITE_FORM or args[1:4] in OLDER_ENTRY_FORMS else 0
 
 
 def is_cdi_hook_argv(args: object) -> bool:
     """Whether an entry's args run cdi-hook the way argv() writes them, now or before."""
-    return isinstance(args, list) and args[1:4] in ENTRY_FORMS
+    return isinstance(args, list) and _form_length(args) > 0
 
+
+def entry_command(args: list) -> list:
+    """The cdi-hook command an entry of ours runs (["hook", "--stage", "poststop"]), whatever its form."""
+    return args[1 + _form_length(args):]
 
 
 def hook_entry(*command: str, python: str | None = None, spec_dirs: Iterable[str] | None = None,

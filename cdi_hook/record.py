@@ -157,17 +157,49 @@ def work_of(items: dict) -> list[str]:
 
 
 def save(record: Record) -> None:
-    """Write the container's record (replacing an earlier container's of the same id)."""
+    """Write the container's record (replacing an earlier container's of the same id), then
+    its idle note (below)."""
     name, where = _where(record.container)
     try:
         dir_fd = state.open_private_dir(folder(), create=True)
         assert dir_fd is not None
         try:
-            state.write_record(dir_fd, name, {"version": VERSION, **record._asdict()})
+            data = state.encode_record({"version": VERSION, **record._asdict()})
+            state.write_atomic_at(dir_fd, name, data)
+            _write_note(dir_fd, record, data[:data.index(b"\n")])
         finally:
             os.close(dir_fd)
     except OSError as error:
         raise CdiError(f"{where}: cannot write the container's record: {error.strerror}") from None
+
+
+# The idle note, `<id>.idle` beside `<id>.json`: the post stages whose record holds no work
+# for them, what identifies the container (is_of's checks) and the checksum line of the
+# record it goes with. An installed entry reads it first (cdi_hook/start.py) and returns
+# at once for such a stage, without starting the rest of cdi-hook. Only a faster way to an
+# answer: written after the record and not fsync'd (a lost or torn note sends the stage the
+# full way); removed before the record; a note whose record was written again since (its
+# checksum line differs) is not believed.
+NOTE_SUFFIX = ".idle"
+NOTE_VERSION = 1
+
+
+def _note_name(name: str) -> str:
+    return name[:-len(".json")] + NOTE_SUFFIX
+
+
+def _write_note(dir_fd: int, record: Record, record_head: bytes) -> None:
+    from cdi_hook import jsonio
+
+    idle = [stage for stage in POST_STAGES if stage not in record.work]
+    name = _note_name(state.file_name(record.container) + ".json")
+    if not idle or record.config is None:
+        state.remove_at(dir_fd, name)
+        return
+    note = {"version": NOTE_VERSION, "idle": idle, "container": record.container, "bundle": record.bundle,
+            "config": record.config, "pid": record.pid, "start_time": record.start_time,
+            "record": record_head.decode("ascii")}
+    state.write_atomic_at(dir_fd, name, (jsonio.dumps(note) + "\n").encode(), durable=False)
 
 
 # --- reading ----------------------------------------------------------------------------
@@ -213,6 +245,7 @@ def remove(container_id: str, only: Record | None = None) -> None:
                 document = state.read_record(dir_fd, name, where)
                 if document is None or _parse(document, where, container_id) != only:
                     return
+            state.remove_at(dir_fd, _note_name(name))  # first: a note never outlives its record
             state.remove_at(dir_fd, name)
         finally:
             os.close(dir_fd)

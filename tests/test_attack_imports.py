@@ -39,8 +39,6 @@ def test_nothing_is_imported_after_entering_a_containers_mount_namespace(runc, t
     start with every kind of edit (nodes, mounts, a library and so ldconfig, spec hooks)
     imports nothing after. Before the fix python-prctl and resource were imported in the
     container's mount namespace."""
-    from cdi_hook.hook_entry import ENTRY_CODE
-
     seen = tmp_path / "imports"
     spec = hook_env.full_spec(hook_env.host_files(tmp_path))
     (tmp_path / "b").mkdir()
@@ -48,8 +46,8 @@ def test_nothing_is_imported_after_entering_a_containers_mount_namespace(runc, t
         "CDI_HOOK_CACHE_DIR": str(tmp_path / "b" / "cache"), "CDI_HOOK_LOG_LEVEL": "debug"})
     config = json.loads((bundle / "config.json").read_text())
     entry = config["hooks"]["createRuntime"][0]
-    assert entry["args"][1:4] == ["-I", "-c", ENTRY_CODE]
-    entry["args"][3] = IMPORTS_SEEN.format(out=str(seen)) + ENTRY_CODE
+    assert entry["args"][1:4] == ["-I", "-S", "-c"]
+    entry["args"][4] = IMPORTS_SEEN.format(out=str(seen)) + entry["args"][4]
     (bundle / "config.json").write_text(json.dumps(config, indent=2))
     result = oci_env.run_container(bundle)
     assert result.returncode == 0, result.stderr

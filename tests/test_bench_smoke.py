@@ -15,13 +15,14 @@ import bench  # noqa: E402
 
 
 def test_report_names_every_benchmark_and_target():
-    runc = {"no hook": [10.0, 12.0, 11.0], "empty Python hook (-c)": [20.0, 22.0, 21.0],
-            "empty Python module (-m)": [25.0, 27.0, 26.0], "cdi-hook live": [30.0, 32.0, 31.0],
+    runc = {"no hook": [10.0, 12.0, 11.0], bench.EMPTY_ONE: [20.0, 22.0, 21.0],
+            bench.EMPTY_ALL: [40.0, 42.0, 41.0], "empty Python module (-m), createRuntime": [25.0, 27.0, 26.0],
+            bench.HOOK_ONE: [30.0, 32.0, 31.0], bench.HOOK_ALL: [38.0, 40.0, 39.0],
             "same devices by inject --mode edits": [11.0, 13.0, 12.0],
             "steps": [{"duration_ms": 9.0, "steps_ms": {"resolve": 1.0, "worker": 5.0}}],
             "imports": [("cdi_hook.oci", 800), ("cdi_hook", 300), ("_socket", 200), ("json", 0)]}
     podman = {"no device": [100.0], "native CDI --device": [110.0], "cdi-hook precreate": [115.0],
-              "cdi-hook live": [120.0]}
+              bench.PODMAN_LIVE: [120.0]}
     scale = {1: {"warm": [(40.0, 15000)], "watched": [(40.0, 15000)], "cold": [(45.0, 15000)],
                  "watcher_ready_s": 0.1, "watcher_rss_kib": 12000},
              10000: {"warm": [(80.0, 16000)], "watched": [(46.0, 16000)], "cold": [(3000.0, 260000)],
@@ -29,9 +30,15 @@ def test_report_names_every_benchmark_and_target():
     watch = {"files": 10000, "seen": [0.5, 0.7], "trusted": [90.0, 110.0], "used": [True] * 4}
     text = bench.report(None, {"runc": runc, "podman": podman, "scale": scale, "watch": watch,
                                "memory": [15000, 16384]})
-    assert "| cdi-hook live | 31.0 (30.0 / 32.0) | +20.0 (+20.0 / +20.0) |" in text
-    assert "| runc: cdi-hook overhead / empty Python hook's (-c) | 2.00 |" in text and "<= 2.0 | yes |" in text
-    assert "| podman: cdi-hook live / native --device | 1.09 |" in text
+    assert f"| {bench.HOOK_ONE} | 31.0 (30.0 / 32.0) | +20.0 (+20.0 / +20.0) |" in text
+    assert "| runc: cdi-hook createRuntime alone / ONE empty Python hook's (-c) | 2.00 |" in text
+    assert "<= 2.0 | yes |" in text
+    assert "| runc: cdi-hook as installed (3 stages) / ONE empty Python hook's (-c) | 2.80 |" in text
+    assert "<= 2.5 | **no** |" in text
+    assert ("| runc: one post stage, nothing recorded for it ((as installed - createRuntime alone) / 2) / ONE "
+            "empty Python hook's (-c) | 0.40 |") in text
+    assert "| runc: cdi-hook as installed / the empty hook at the same three stages (no target) | 0.93 |" in text
+    assert f"| podman: {bench.PODMAN_LIVE} / native --device | 1.09 |" in text
     assert "| 10,000 | 80.0 (80.0 / 80.0) | 46.0 (46.0 / 46.0) | 3000.0 (3000.0 / 3000.0) | 15.6 / 253.9 | 4.0 / 12.7 |" in text
     assert "| scale: hook at 10,000 spec files / at 1, with the watcher | 1.15 |" in text
     assert "| watch: an in-place edit seen (s, slowest) | 0.00 |" in text

@@ -106,7 +106,7 @@ def test_files_an_older_version_wrote_with_dash_m_are_checked(node, capsys):
     node.install("hook")
     for path in node.hooks.iterdir():
         definition = json.loads(path.read_text())
-        definition["hook"]["args"][1:4] = ["-I", "-m", "cdi_hook"]
+        definition["hook"]["args"][1:5] = ["-I", "-m", "cdi_hook"]
         path.write_text(json.dumps(definition))
     (node.specs / "dev.json").write_text(json.dumps(SPEC))
     code, findings = node.doctor(capsys=capsys)

@@ -157,8 +157,8 @@ def test_refused_mknod_falls_back_to_the_host_node_by_bind_mount(runc, tmp_path)
                                                  extra_env={"CDI_HOOK_LOG_LEVEL": "debug"})  # notes in the log
     config = json.loads((bundle / "config.json").read_text())
     [entry] = config["hooks"]["createRuntime"]
-    assert entry["args"][1:3] == ["-I", "-c"], entry
-    entry["args"][3] = _MKNOD_REFUSED
+    assert entry["args"][1:4] == ["-I", "-S", "-c"], entry
+    entry["args"][4] = entry["args"][4].split("; from cdi_hook.start ")[0] + "\n" + _MKNOD_REFUSED
     (bundle / "config.json").write_text(json.dumps(config))
     result = oci_env.run_container(bundle)
     assert result.returncode == 0, result.stderr

@@ -9,13 +9,15 @@ commands, hasBindMounts; regexes compile), stages (OCI stages or the precreate e
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 from cdi_hook.commands.install import ALL_FILES, hook_definitions, render
-from cdi_hook.hook_entry import ENTRY_CODE
+from cdi_hook.hook_entry import entry_code, site_paths
 
 
 @pytest.fixture(autouse=True)
@@ -125,20 +127,21 @@ def test_repo_file_is_valid_and_matches_install(path):
 @pytest.mark.parametrize("mode", ["precreate", "hook"])
 @pytest.mark.parametrize("spec_dirs", [None, ["/etc/cdi", "/tmp/x y"]])
 def test_every_installed_definition_is_valid(mode, spec_dirs):
-    for name, definition in hook_definitions(mode, "/usr/bin/python3", spec_dirs).items():
+    python = os.path.abspath(sys.executable)  # an interpreter that has cdi-hook: install asks it for its paths
+    for name, definition in hook_definitions(mode, python, spec_dirs).items():
         assert oci_hooks_errors(definition) == [], name
         assert definition["when"] == {"annotations": {r"^cdi\.k8s\.io/": ".*"}}
         assert re.search(list(definition["when"]["annotations"])[0], "cdi.k8s.io/gpu")
         assert not re.search(list(definition["when"]["annotations"])[0], "cdixk8s.io/gpu")
         hook = definition["hook"]
-        assert hook["args"][:4] == [hook["path"], "-I", "-c", ENTRY_CODE]
+        assert hook["args"][:5] == [hook["path"], "-I", "-S", "-c", entry_code(site_paths(python))]
         env = dict(e.split("=", 1) for e in hook["env"])
         assert env["PATH"]
         assert env.get("CDI_SPEC_DIRS") == (":".join(spec_dirs) if spec_dirs else None)
 
 
 def test_hook_mode_stages_each_get_their_own_argv():
-    definitions = hook_definitions("hook", "/usr/bin/python3", None)
+    definitions = hook_definitions("hook", os.path.abspath(sys.executable), None)
     stages = {d["stages"][0]: d["hook"]["args"] for d in definitions.values()}
     assert set(stages) == {"createRuntime", "poststart", "poststop"}
     for stage, args in stages.items():

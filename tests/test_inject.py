@@ -12,7 +12,7 @@ import pytest
 from cdi_hook.commands import edit
 from cdi_hook.cli import main
 from cdi_hook.commands.edit import INJECT_ANNOTATION
-from cdi_hook.hook_entry import ENTRY_CODE
+from cdi_hook.hook_entry import entry_code, site_paths
 from cdi_hook.request import APPLIED_ANNOTATION
 from oci_env import make_bundle, run_container, write_spec
 
@@ -122,7 +122,8 @@ def test_hook_mode_adds_annotation_and_live_hook_entries(bundle, spec_dir):
         entries = config["hooks"][stage]
         assert len(entries) == 1, stage  # not added twice
         assert entries[0]["path"] == python
-        assert entries[0]["args"] == [python, "-I", "-c", ENTRY_CODE, "hook", "--stage", stage]
+        assert entries[0]["args"] == [python, "-I", "-S", "-c", entry_code(site_paths(python)), "hook", "--stage",
+                                      stage]
         assert entries[0]["env"] == ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", f"CDI_SPEC_DIRS={spec_dir}"]
     assert not {"prestart", "createContainer", "startContainer"} & set(config["hooks"])
 
@@ -133,7 +134,7 @@ def test_hook_mode_keeps_an_entry_an_older_version_wrote_with_dash_m(spec_dir):
     python = os.path.abspath(sys.executable)
     first = edit.add_hook_request(CONFIG, ["vendor.com/class=zero"], [spec_dir])
     for entries in first["hooks"].values():
-        entries[0]["args"][1:4] = ["-I", "-m", "cdi_hook"]
+        entries[0]["args"][1:5] = ["-I", "-m", "cdi_hook"]
     again = edit.add_hook_request(first, ["vendor.com/class=zero"], [spec_dir])
     for stage, entries in again["hooks"].items():
         assert [e["args"][:4] for e in entries] == [[python, "-I", "-m", "cdi_hook"]], stage

@@ -151,18 +151,19 @@ def test_installed_hook_command_runs_isolated(tmp_path):
 
 
 def test_installed_entry_is_dash_c_and_ignores_a_cdi_hook_package_in_cwd(tmp_path):
-    """The entry is `-I -c ENTRY_CODE` (no runpy); -I keeps the current directory off
-    sys.path, so a cdi_hook package planted in the hook's cwd is not what runs."""
-    from cdi_hook.hook_entry import ENTRY_CODE
+    """The entry is `-I -S -c ENTRY_CODE` (no runpy, no site: the paths written in); -I
+    keeps the current directory off sys.path, so a cdi_hook package planted in the hook's
+    cwd is not what runs."""
+    from cdi_hook.hook_entry import entry_code, site_paths
 
     main(["install", "--hooks-dir", str(tmp_path / "hooks.d"), "--mode", "hook"])
     hook = json.loads((tmp_path / "hooks.d" / "cdi-hook-poststart.json").read_text())["hook"]
-    assert hook["args"][1:4] == ["-I", "-c", ENTRY_CODE]
+    assert hook["args"][1:5] == ["-I", "-S", "-c", entry_code(site_paths(hook["path"]))]
     decoy = tmp_path / "cwd" / "cdi_hook"
     decoy.mkdir(parents=True)
     (decoy / "__init__.py").write_text("raise SystemExit('decoy cdi_hook imported')\n")
     (decoy / "cli.py").write_text("raise SystemExit('decoy cdi_hook imported')\n")
-    argv = [*hook["args"][:4], "--version"]
+    argv = [*hook["args"][:5], "--version"]
     env = dict(e.split("=", 1) for e in hook["env"])
     result = subprocess.run(argv, executable=hook["path"], env=env, cwd=decoy.parent, capture_output=True, text=True)
     assert result.returncode == 0 and "decoy" not in result.stderr, result.stderr
@@ -177,14 +178,14 @@ def test_files_an_older_version_wrote_with_dash_m_are_ours(tmp_path, capsys):
     main(["install", "--hooks-dir", str(tmp_path), "--mode", "hook"])
     for name in os.listdir(tmp_path):
         definition = json.loads((tmp_path / name).read_text())
-        definition["hook"]["args"][1:4] = ["-I", "-m", "cdi_hook"]
+        definition["hook"]["args"][1:5] = ["-I", "-m", "cdi_hook"]
         (tmp_path / name).write_text(json.dumps(definition))
         assert install.is_ours(str(tmp_path / name))
     assert main(["install", "--hooks-dir", str(tmp_path), "--mode", "hook"]) == 0
     assert all("-c" in json.loads((tmp_path / n).read_text())["hook"]["args"] for n in os.listdir(tmp_path))
     for name in os.listdir(tmp_path):
         definition = json.loads((tmp_path / name).read_text())
-        definition["hook"]["args"][1:4] = ["-I", "-m", "cdi_hook"]
+        definition["hook"]["args"][1:5] = ["-I", "-m", "cdi_hook"]
         (tmp_path / name).write_text(json.dumps(definition))
     assert main(["uninstall", "--hooks-dir", str(tmp_path)]) == 0
     assert files(tmp_path) == []
@@ -196,7 +197,7 @@ def test_settings_set_while_installing_are_carried_but_never_insecure_specs(tmp_
     monkeypatch.setenv("CDI_HOOK_INSECURE_SPECS", "1")
     from cdi_hook.hook_entry import live_hook_entry
 
-    env = live_hook_entry("createRuntime", "/usr/bin/python3", None)["env"]
+    env = live_hook_entry("createRuntime", sys.executable, None)["env"]
     assert "CDI_HOOK_LOG=/var/log/other.log" in env and "CDI_HOOK_CACHE_DIR=/run/other-cache" in env
     assert not any(item.startswith("CDI_HOOK_INSECURE_SPECS") for item in env)
 

@@ -118,13 +118,13 @@ def add_hook_request(config: dict, names: list[str], spec_dirs: Sequence[str] | 
 def _same_hook(existing: Any, entry: dict) -> bool:
     """The same interpreter running the same cdi-hook command, in today's entry form or the
     -m form older versions wrote (a bundle edited by one is not given a second hook)."""
-    from cdi_hook.hook_entry import is_cdi_hook_argv
+    from cdi_hook.hook_entry import entry_command, is_cdi_hook_argv
 
     if not isinstance(existing, dict) or existing.get("path") != entry["path"]:
         return False
     args: Any = existing.get("args")
     return args == entry["args"] or (is_cdi_hook_argv(args) and args[0] == entry["args"][0]
-                                     and args[4:] == entry["args"][4:])
+                                     and entry_command(args) == entry_command(entry["args"]))
 
 
 def cmd_inject(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int:
