@@ -15,6 +15,8 @@ cannot put escape sequences in front of an operator, nor make one line megabytes
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 import time
 
@@ -118,23 +120,61 @@ class _Step:
 
 
 def _write(level: str, event: str, fields: dict) -> None:
-    path = settings.current().log_file
-    try:
-        log_file = open(path, "a", encoding="utf-8")
-    except OSError as error:
-        warn(f"cannot open log file {path}: {error.strerror}")
-        return
     if level == "info" and "notes" not in fields and "steps_ms" not in fields:
         # The plain "injected" line of every container start: importing structlog costs
         # ~25 ms (it pulls in asyncio, logging, ssl), more than the rest of the hook's
         # imports together. This writes the very line structlog's processors below would
         # (same keys, order, timestamp and JSON; tests/test_cache.py compares the two);
         # warnings, errors and debug notes still go through structlog.
-        with log_file:
-            log_file.write(render_line(level, event, fields))
-        return
-    with log_file:
-        getattr(structlog_logger(log_file), level)(event, **fields)
+        line = render_line(level, event, fields)
+    else:
+        import io
+
+        rendered = io.StringIO()
+        getattr(structlog_logger(rendered), level)(event, **fields)
+        line = rendered.getvalue()
+    path = settings.current().log_file
+    problem = append_line(path, line.encode("utf-8", "backslashreplace"))
+    if problem:
+        # Best effort: a log line never costs a container its start (a full or read-only
+        # /var/log, EIO, a missing folder, a FIFO someone left there). The line goes to
+        # stderr, which the runtime keeps (runc shows it when a hook fails, CRI-O and
+        # Podman log it), and the start goes on.
+        warn(f"cannot write log file {path}: {problem}; the line follows")
+        try:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def append_line(path: str, data: bytes) -> str | None:
+    """Append data (one whole line) to path with a single write on an O_APPEND descriptor;
+    None when written, else what went wrong, for the operator.
+
+    One write(2) of one line on O_APPEND is what makes concurrent hooks and logrotate safe:
+    every hook opens the file anew for its line, so the kernel appends whole lines, never
+    interleaved, and a hook that opened the file before a rotation renamed it writes its
+    line, whole, to the rotated file (deploy/logrotate/cdi-hook). O_NONBLOCK: a FIFO left at
+    the path must not hang a container start (no reader: ENXIO)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK,
+                     0o640)
+    except OSError as error:
+        return error.strerror or str(error)
+    try:
+        mode = os.fstat(fd).st_mode
+        # a character device (/dev/null, to drop the lines) is fine; anything else not a file is not
+        if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+            return "not a regular file"
+        written = os.write(fd, data)
+        if written != len(data):
+            return f"short write ({written} of {len(data)} bytes: the file system is full?)"
+        return None
+    except OSError as error:
+        return error.strerror or str(error)
+    finally:
+        os.close(fd)
 
 
 _PROCESSORS: list[Processor] | None = None

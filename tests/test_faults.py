@@ -15,6 +15,7 @@ so the hook process itself is not patched in any way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -229,3 +230,75 @@ def test_a_failing_device_program_load_undoes_everything_cgroup_v2(runc, tmp_pat
                 subprocess.run(command + ["delete", "--force", cid], capture_output=True)
 
         _run_and_check(tmp_path, bundle, rootfs, "device cgroup", "Input/output error", run=run_v2)
+
+
+# --- Node faults (issue 27): a full or read-only filesystem under what the hook writes ----
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, *, size: str = "64k", full: bool = True, readonly: bool = False):
+    """A tmpfs of its own at `where`: filled to the last byte (full) or remounted read-only
+    once the caller's files are in (readonly, through the yielded remount function)."""
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "cdi-fault", str(where)], check=True)
+    try:
+        def fill() -> None:
+            fd = os.open(where / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                while os.write(fd, b"\0" * 4096):
+                    pass
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+        def make_readonly() -> None:
+            subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
+
+        yield fill if full else make_readonly
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def _started(tmp_path: Path, bundle: Path) -> subprocess.CompletedProcess:
+    result = oci_env.run_container(bundle)
+    assert result.returncode == 0 and "RAN" in result.stdout, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def _hook_stderr_to(bundle: Path, stderr_file: Path, **env: str) -> None:
+    """Each cdi-hook entry's stderr also kept in stderr_file (runc shows a hook's stderr only
+    when the hook fails), and env set in the entry."""
+    config = json.loads((bundle / "config.json").read_text())
+    for entries in config["hooks"].values():
+        for entry in entries:
+            entry["args"] = ["sh", "-c", f'exec "$0" "$@" 2>>{stderr_file}', entry["path"], *entry["args"][1:]]
+            entry["path"] = "/bin/sh"
+            entry["env"] = [e for e in entry["env"] if e.split("=", 1)[0] not in env] + [f"{k}={v}" for k, v in env.items()]
+    (bundle / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("fault", ["full", "readonly", "missing-folder", "a-directory", "a-fifo"])
+def test_a_log_that_cannot_be_written_never_fails_a_start(runc, tmp_path, fault):
+    """The log line goes to stderr instead, and the container starts with its devices."""
+    bundle, rootfs = _bundle(tmp_path, _spec(hook_env.host_files(tmp_path)))
+    log_dir = tmp_path / "logfs"
+    log_file = log_dir / "cdi-hook.log"
+    stderr_file = tmp_path / "hook-stderr"
+    _hook_stderr_to(bundle, stderr_file, CDI_HOOK_LOG=str(log_file))
+    with contextlib.ExitStack() as stack:
+        if fault in ("full", "readonly"):
+            spoil = stack.enter_context(small_tmpfs(log_dir, full=fault == "full", readonly=fault == "readonly"))
+            log_file.write_text("")  # the file exists: the line is appended to it
+            spoil()
+        elif fault == "a-directory":
+            log_file.mkdir(parents=True)
+        elif fault == "a-fifo":
+            log_dir.mkdir()
+            os.mkfifo(log_file)  # no reader: opening it for writing must not hang the start
+        _started(tmp_path, bundle)
+    stderr = stderr_file.read_text()
+    assert "cdi-hook: warning: cannot write log file" in stderr and str(log_file) in stderr, stderr
+    lines = [json.loads(x) for x in stderr.splitlines() if x.startswith("{")]  # the line itself, on stderr
+    assert [x["event"] for x in lines] == ["cdi-hook injected"] and lines[0]["devices"] == [ALL], stderr
+    assert "Traceback" not in stderr, stderr
