@@ -166,7 +166,10 @@ def save(record: Record) -> None:
         try:
             data = state.encode_record({"version": VERSION, **record._asdict()})
             state.write_atomic_at(dir_fd, name, data)
-            _write_note(dir_fd, record, data[:data.index(b"\n")])
+            try:
+                _write_note(dir_fd, record, data[:data.index(b"\n")])
+            except OSError:
+                pass  # only a faster way to an answer: without it, the post stages go the full way
         finally:
             os.close(dir_fd)
     except OSError as error:
@@ -247,6 +250,8 @@ def remove(container_id: str, only: Record | None = None) -> None:
                     return
             state.remove_at(dir_fd, _note_name(name))  # first: a note never outlives its record
             state.remove_at(dir_fd, name)
+        except OSError as error:  # a read-only or failing state folder: one line, no traceback
+            raise CdiError(f"{where}: cannot remove the container's record: {error.strerror}") from None
         finally:
             os.close(dir_fd)
 

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -85,14 +86,15 @@ def _spec(sources: dict, **edits) -> dict:
             "devices": [{"name": "all", "containerEdits": container_edits}]}
 
 
-def _run_and_check(tmp_path: Path, bundle: Path, rootfs: Path, step: str, extra: str = "", run=None) -> str:
+def _run_and_check(tmp_path: Path, bundle: Path, rootfs: Path, step: str, extra: str = "", run=None,
+                   device: str = ALL) -> str:
     before = oci_env.tree_snapshot(rootfs)
     mounts_before = oci_env.host_mount_points()
     result = (run or oci_env.run_container)(bundle)
     assert result.returncode != 0 and "RAN" not in result.stdout, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     line = next((x for x in result.stderr.splitlines() if x.startswith("cdi-hook")), result.stderr)
-    assert f"{step} for {ALL}" in line or (step in line and ALL in line), result.stderr
+    assert f"{step} for {device}" in line or (step in line and device in line), result.stderr
     assert extra in result.stderr, result.stderr
     after = oci_env.tree_snapshot(rootfs)
     assert after == before, {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys()
@@ -266,14 +268,15 @@ def _started(tmp_path: Path, bundle: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def _hook_stderr_to(bundle: Path, stderr_file: Path, **env: str) -> None:
+def _hook_stderr_to(bundle: Path, stderr_file: Path | None, **env: str) -> None:
     """Each cdi-hook entry's stderr also kept in stderr_file (runc shows a hook's stderr only
     when the hook fails), and env set in the entry."""
     config = json.loads((bundle / "config.json").read_text())
     for entries in config["hooks"].values():
         for entry in entries:
-            entry["args"] = ["sh", "-c", f'exec "$0" "$@" 2>>{stderr_file}', entry["path"], *entry["args"][1:]]
-            entry["path"] = "/bin/sh"
+            if stderr_file is not None:
+                entry["args"] = ["sh", "-c", f'exec "$0" "$@" 2>>{stderr_file}', entry["path"], *entry["args"][1:]]
+                entry["path"] = "/bin/sh"
             entry["env"] = [e for e in entry["env"] if e.split("=", 1)[0] not in env] + [f"{k}={v}" for k, v in env.items()]
     (bundle / "config.json").write_text(json.dumps(config))
 
@@ -302,3 +305,50 @@ def test_a_log_that_cannot_be_written_never_fails_a_start(runc, tmp_path, fault)
     lines = [json.loads(x) for x in stderr.splitlines() if x.startswith("{")]  # the line itself, on stderr
     assert [x["event"] for x in lines] == ["cdi-hook injected"] and lines[0]["devices"] == [ALL], stderr
     assert "Traceback" not in stderr, stderr
+
+
+def _settled_spec(tmp_path: Path) -> None:
+    """The spec older than the cache's settle window, so the start tries to compile it."""
+    old = time.time() - 60
+    for path in (tmp_path / "cdi").iterdir():
+        os.utime(path, (old, old))
+    os.utime(tmp_path / "cdi", (old, old))
+
+
+@pytest.mark.parametrize("fault", ["full", "readonly"])
+def test_a_cache_dir_that_cannot_be_written_never_fails_a_start(runc, tmp_path, fault):
+    """The compiled cache and the ldconfig memo (both under CDI_HOOK_CACHE_DIR) are best
+    effort: the start succeeds, the devices and the library are there."""
+    bundle, rootfs = _bundle(tmp_path, _spec(hook_env.host_files(tmp_path)))
+    config = json.loads((bundle / "config.json").read_text())
+    config["process"]["args"] = ["sh", "-c", "test -c /cdi/nodes/zero && grep -q cdi /etc/ld.so.cache && echo RAN"]
+    (bundle / "config.json").write_text(json.dumps(config))
+    _settled_spec(tmp_path)
+    cache_dir = tmp_path / "cachefs"
+    stderr_file = tmp_path / "hook-stderr"
+    _hook_stderr_to(bundle, stderr_file, CDI_HOOK_CACHE_DIR=str(cache_dir))
+    with small_tmpfs(cache_dir, full=fault == "full", readonly=fault == "readonly") as spoil:
+        spoil()
+        _started(tmp_path, bundle)
+        files = [p.name for p in cache_dir.rglob("*") if not p.is_dir()]
+        assert files == (["filler"] if fault == "full" else []), files
+    assert "Traceback" not in stderr_file.read_text()
+
+
+@pytest.mark.parametrize("fault", ["full", "readonly"])
+def test_a_record_that_cannot_be_written_fails_the_start_cleanly(runc, tmp_path, fault):
+    """The container record guards safety: it fails closed, with one line naming the file
+    and the error; the rootfs, the host's mounts and the state folder are as they were."""
+    bundle, rootfs = _bundle(tmp_path, _spec(hook_env.host_files(tmp_path)))
+    state_dir = tmp_path / "statefs"
+    _hook_stderr_to(bundle, None, CDI_HOOK_STATE_DIR=str(state_dir / "held"))
+    with small_tmpfs(state_dir, full=fault == "full", readonly=fault == "readonly") as spoil:
+        for sub in ("containers", "held", "netdev", "attachments"):
+            (state_dir / sub).mkdir(mode=0o700)
+        spoil()
+        before = oci_env.tree_snapshot(state_dir)
+        stderr = _run_and_check(tmp_path, bundle, rootfs, "record", device="")
+        assert oci_env.tree_snapshot(state_dir) == before
+    line = next(x for x in stderr.splitlines() if "cdi-hook" in x and "record" in x)
+    assert str(state_dir / "containers") in line, stderr
+    assert ("No space left on device" if fault == "full" else "Read-only file system") in line, stderr

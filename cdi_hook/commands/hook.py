@@ -92,8 +92,8 @@ def _inject_holding(exclusive: list[str], stage: str, container_plan: Plan, stat
     from cdi_hook.live import inject
 
     if not exclusive:
-        made = inject.run_stage(stage, container_plan, state, config, log)
-        _save_record(container_plan, state, log, [], made)
+        inject.run_stage(stage, container_plan, state, config, log,
+                         before_commit=lambda made: _save_record(container_plan, state, log, [], made))
         return
     from cdi_hook.errors import CdiError, HookError
     from cdi_hook.live import holds
@@ -103,8 +103,8 @@ def _inject_holding(exclusive: list[str], stage: str, container_plan: Plan, stat
     held = container_plan.identity_of(exclusive)
     taken = holds.hold(held, state.id, state.pid)
     try:
-        made = inject.run_stage(stage, container_plan, state, config, log)
-        _save_record(container_plan, state, log, held, made)
+        inject.run_stage(stage, container_plan, state, config, log,
+                         before_commit=lambda made: _save_record(container_plan, state, log, held, made))
     except BaseException:
         try:
             holds.release(taken, state.id)
@@ -115,10 +115,11 @@ def _inject_holding(exclusive: list[str], stage: str, container_plan: Plan, stat
 
 def _save_record(container_plan: Plan, state: State, log: ContainerLog, holds: list[tuple[str, tuple[str, ...]]],
                  made: Report | None) -> None:
-    """The container's record, after every step succeeded: what later stages and commands
-    read instead of today's specs. A record that cannot be written fails the start (the
-    runtime then deletes the container, and poststop undoes the rest the older way): a
-    container whose gifts nobody could later find or take back must not run."""
+    """The container's record, after every step succeeded and before the undo journal is
+    dropped: what later stages and commands read instead of today's specs. A record that
+    cannot be written (a full or read-only state folder) fails the start with one line and
+    the injection is undone: a container whose gifts nobody could later find or take back
+    must not run."""
     from cdi_hook import record
     from cdi_hook.containers import process_start_time
 

@@ -22,7 +22,7 @@ from cdi_hook.errors import CdiError, HookError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from cdi_hook.live.cgroups import DeviceRule
     from cdi_hook.live.child import Report
@@ -38,10 +38,12 @@ INJECTION_STAGES = ("createRuntime", "prestart")
 
 
 def run_stage(stage: str, plan: Plan, state: State, config: Config, log: ContainerLog,
-              spec_hooks: bool = True) -> Report | None:
+              spec_hooks: bool = True, before_commit: Callable[[Report | None], None] | None = None) -> Report | None:
     """spec_hooks=False: at poststop, only undo what createRuntime did (a request the policy
     no longer honours gets no spec hook run). At an injection stage: the worker's READY
-    report (what it made, by identity: for the container record), or None without one."""
+    report (what it made, by identity: for the container record), or None without one;
+    before_commit(report) runs once every step succeeded, before the undo journal is
+    dropped: if it fails (the container record cannot be written), everything is undone."""
     if stage not in INJECTION_STAGES:
         if stage == "poststop":
             _return_net_devices(state, config, plan, log)
@@ -50,10 +52,11 @@ def run_stage(stage: str, plan: Plan, state: State, config: Config, log: Contain
             with log.step("spec hooks"):
                 _run_spec_hooks(plan.hooks_at(stage), state)
         return None
-    return inject(stage, plan, state, config, log)
+    return inject(stage, plan, state, config, log, before_commit)
 
 
-def inject(stage: str, plan: Plan, state: State, config: Config, log: ContainerLog) -> Report | None:
+def inject(stage: str, plan: Plan, state: State, config: Config, log: ContainerLog,
+           before_commit: Callable[[Report | None], None] | None = None) -> Report | None:
     if not state.pid:
         raise CdiError(f"OCI state on stdin: pid: missing, needed at {stage} to reach the container")
     _refuse_start_container_hooks(plan)
@@ -98,6 +101,8 @@ def inject(stage: str, plan: Plan, state: State, config: Config, log: ContainerL
         if worker is not None and worker.runs_container_hooks:
             with log.step("createContainer hooks"):
                 worker.run_container_hooks()
+        if before_commit is not None:
+            before_commit(made)
         committed = True
     finally:
         if moved_net_devices and not committed:
