@@ -19,6 +19,7 @@ runtime itself.
 from __future__ import annotations
 
 import os
+import time
 
 from collections import namedtuple
 
@@ -99,38 +100,98 @@ class SpecFileResult:
         self.errors = errors
         self.kind = kind
         self.refused = refused  # not trusted: never read
+        self.being_written = False  # fresh and still failing when the settle budget ran out
+
+
+# A spec file changed within FRESH_NS (cache.FRESH_NS, the cache's settle window) or while
+# it was read may be half-written: a vendor tool or an administrator rewriting it in place
+# (truncate, then write, as `cat >` does). Such a file that fails to parse (its JSON or
+# YAML syntax: a whole document that parses but is invalid was not cut short), or that
+# changed while it was read, is read again until it parses or settles, within
+# SETTLE_BUDGET_S for a whole load (a container start waits at most about that long); only
+# then is it reported broken, as "being written". A broken file that is old fails at once.
+FRESH_NS = 2_000_000_000
+SETTLE_BUDGET_S = 1.0
+_RETRY_PAUSES_S = (0.002, 0.005, 0.01, 0.02)
+
+
+def settle_deadline() -> float:
+    """The monotonic time until which one load may read fresh files again."""
+    return time.monotonic() + SETTLE_BUDGET_S
 
 
 def load_spec_file(path: str, *, require_trusted: bool = False, max_size: int | None = None,
-                   check_folders: bool = True) -> SpecFileResult:
+                   check_folders: bool = True, deadline: float | None = None) -> SpecFileResult:
     """Read, parse and validate one file; never raises for a bad file. check_folders=False:
-    the caller has checked every folder down to the file (a spec dir's plain files)."""
+    the caller has checked every folder down to the file (a spec dir's plain files).
+    deadline (time.monotonic()): until when a fresh file that fails (or that changed while it
+    was read) is read again; None: read once, a fresh broken file is still called "being written"."""
+    attempt = 0
+    while True:
+        result, st, parsed = _load_spec_file_once(path, require_trusted, max_size, check_folders)
+        if st is None or result.refused:
+            return result
+        now_ns = time.time_ns()
+        fresh = now_ns - max(st.st_mtime_ns, st.st_ctime_ns) < FRESH_NS
+        if result.spec is not None and not fresh:
+            return result  # the common case: an old file that parses, one stat and no more
+        changed = _changed_since(path, st)
+        if not changed and (result.spec is not None or not fresh or parsed):
+            # read whole: one consistent version, good, broken and old (at once, as
+            # before), or a whole document that is invalid
+            return result
+        if deadline is None or time.monotonic() >= deadline:
+            if result.spec is None:
+                result.errors[-1] += (f" (being written: changed within the last {FRESH_NS // 10**9} s or while it "
+                                      "was read, it may be half-written; read it again once it settles)")
+                result.being_written = True
+            return result
+        time.sleep(min(_RETRY_PAUSES_S[min(attempt, len(_RETRY_PAUSES_S) - 1)], max(0.0, deadline - time.monotonic())))
+        attempt += 1
+
+
+def _changed_since(path: str, st: os.stat_result) -> bool:
+    """Whether the file at path is no longer what st described (another inode, size or mtime)."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return True
+    return (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns) != (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+
+
+def _load_spec_file_once(path: str, require_trusted: bool, max_size: int | None,
+                         check_folders: bool) -> tuple[SpecFileResult, os.stat_result | None, bool]:
+    """One read: the result, the file's fstat (None if it was not read) and whether its
+    syntax parsed."""
     # Imported here, not above: a start answered by the compiled cache (cache.py) never
     # parses a spec, and parse + validate (with json, re) cost it milliseconds.
     from cdi_hook.spec.parse import build_spec, decode_document, read_spec_bytes
     from cdi_hook.spec.validate import validate_spec
 
     kind = None
+    st = None
+    parsed = False
     try:
         if require_trusted and check_folders:
             found = folders_problem(path)
             if found:
-                return SpecFileResult(path, None, [_folder_refusal(path, "file", found)], refused=True)
+                return SpecFileResult(path, None, [_folder_refusal(path, "file", found)], refused=True), None, False
         data, st = read_spec_bytes(path, max_size)
         if require_trusted:
             problem = untrusted_problem(st)
             if problem:
-                return SpecFileResult(path, None, [_refusal(path, "file", problem)], refused=True)
+                return SpecFileResult(path, None, [_refusal(path, "file", problem)], refused=True), st, False
         document = decode_document(data, path)
+        parsed = True
         if isinstance(document, dict) and isinstance(document.get("kind"), str):
             kind = document["kind"]
         spec = build_spec(document, path)
     except CdiError as error:
-        return SpecFileResult(path, None, [str(error)], kind)
+        return SpecFileResult(path, None, [str(error)], kind), st, parsed
     problems = validate_spec(spec)
     if problems:
-        return SpecFileResult(path, None, [str(p) for p in problems], spec.kind)
-    return SpecFileResult(path, spec, [], spec.kind)
+        return SpecFileResult(path, None, [str(p) for p in problems], spec.kind), st, True
+    return SpecFileResult(path, spec, [], spec.kind), st, True
 
 
 class Registry:
@@ -142,6 +203,7 @@ class Registry:
         self.conflicts: dict[str, tuple[str, ...]] = {}  # unavailable name -> files
         self.invalid_kinds: dict[str, list[str]] = {}  # kind -> invalid spec files
         self.refusals: list[str] = []  # trust refusals (a dir's or a file's), error lines in scan order
+        self.being_written: list[str] = []  # broken files that were still changing (load_spec_file)
 
     @classmethod
     def load(cls, spec_dirs: Iterable[str] | None = None, *, insecure: bool | None = None,
@@ -153,11 +215,12 @@ class Registry:
         registry = cls(tuple(DEFAULT_SPEC_DIRS if spec_dirs is None else spec_dirs))
         require_trusted = os.geteuid() == 0 and not insecure_specs_allowed(insecure, settings)
         max_size = settings.max_spec_size if max_size is None else max_size
+        deadline = settle_deadline()  # one budget for every fresh file of this load
         for spec_dir in registry.spec_dirs:
-            registry._load_dir(spec_dir, require_trusted, max_size)
+            registry._load_dir(spec_dir, require_trusted, max_size, deadline)
         return registry
 
-    def _load_dir(self, spec_dir: str, require_trusted: bool, max_size: int | None) -> None:
+    def _load_dir(self, spec_dir: str, require_trusted: bool, max_size: int | None, deadline: float) -> None:
         from cdi_hook.spec.parse import is_spec_file_name
 
         try:
@@ -188,9 +251,11 @@ class Registry:
             # A plain file's folders are the spec dir's, checked above; a symlink leads
             # through folders of its own.
             result = load_spec_file(os.path.join(spec_dir, name), require_trusted=require_trusted,
-                                    max_size=max_size, check_folders=is_link)
+                                    max_size=max_size, check_folders=is_link, deadline=deadline)
             if result.spec is None:
                 self.errors[result.path] = result.errors
+                if result.being_written:
+                    self.being_written.append(result.path)
                 if result.refused:
                     self.refusals.extend(result.errors)
                 if result.kind:
@@ -237,7 +302,9 @@ class Registry:
             else:
                 kind = name.split("=", 1)[0]
                 if kind in self.invalid_kinds:
-                    details.append(f"{name}: a spec for {kind} is invalid ({listed(self.invalid_kinds[kind])})")
+                    written = [p for p in self.invalid_kinds[kind] if p in self.being_written]
+                    state = "being written, still unreadable after a second" if written else "invalid"
+                    details.append(f"{name}: a spec for {kind} is {state} ({listed(self.invalid_kinds[kind])})")
         message = (f"unresolvable CDI device{'s' if len(missing) > 1 else ''}: "
                    f"{listed(quote(n) if not is_qualified_name(n) else n for n in missing)} "
                    f"(spec dirs searched: {listed(self.spec_dirs) or 'none'})")

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -352,3 +353,112 @@ def test_a_record_that_cannot_be_written_fails_the_start_cleanly(runc, tmp_path,
     line = next(x for x in stderr.splitlines() if "cdi-hook" in x and "record" in x)
     assert str(state_dir / "containers") in line, stderr
     assert ("No space left on device" if fault == "full" else "Read-only file system") in line, stderr
+
+
+class _InPlaceRewriter:
+    """Rewrites a spec file in place, as `cat > file` or a script does: truncate, then the
+    bytes in a few writes, over and over, until stopped; each version is the same spec."""
+
+    def __init__(self, path: Path, pieces: int = 4, pause: float = 0.002):
+        self.path, self.pieces, self.pause = path, pieces, pause
+        self.data = path.read_bytes()
+        self.rounds = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        step = -(-len(self.data) // self.pieces)
+        while not self._stop.is_set():
+            with open(self.path, "r+b") as out:
+                out.truncate(0)
+                for start in range(0, len(self.data), step):
+                    out.write(self.data[start:start + step])
+                    out.flush()
+                    time.sleep(self.pause)
+            self.rounds += 1
+            time.sleep(self.pause)
+
+    def __enter__(self) -> "_InPlaceRewriter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.path.write_bytes(self.data)
+
+
+def test_starts_while_a_spec_is_rewritten_in_place_all_succeed(runc, tmp_path):
+    """40 real starts while the spec is truncated and written again in a loop: each waits
+    for the file to settle (a fresh file that fails to parse is read again) and succeeds."""
+    spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [
+        {"name": "all", "containerEdits": {"deviceNodes": [{"path": "/cdi/nodes/zero", "hostPath": "/dev/zero"}],
+                                          "env": [f"PADDING{i}=" + "x" * 64 for i in range(40)]}}]}
+    bundle, log_file = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "test -c /cdi/nodes/zero && echo RAN")
+    failures = []
+    with _InPlaceRewriter(tmp_path / "cdi" / "test.json") as rewriter:
+        for _ in range(40):
+            result = oci_env.run_container(bundle)
+            if result.returncode != 0 or "RAN" not in result.stdout:
+                failures.append(result.stderr.strip()[-300:])
+    assert rewriter.rounds > 40
+    assert failures == [], f"{len(failures)} of 40 starts failed: {failures[:3]}"
+
+
+def test_a_broken_spec_that_is_old_fails_at_once_and_a_fresh_one_is_being_written(tmp_path, monkeypatch):
+    """Pure registry checks (no root): an old broken spec is reported at once; a broken spec
+    still changing is read again for about a second, then reported as being written, by
+    the registry and by `cdi-hook validate`."""
+    from cdi_hook import cache, registry
+
+    assert registry.FRESH_NS == cache.FRESH_NS  # one settle window for the cache and the reader
+    spec_dir = tmp_path / "cdi"
+    spec_dir.mkdir()
+    broken = spec_dir / "broken.json"
+    broken.write_text('{"cdiVersion": "0.6.0", "kind": "')
+    monkeypatch.setattr(registry, "FRESH_NS", 100_000_000)  # old: its mtime and ctime 0.1 s behind
+    time.sleep(0.15)
+    started = time.monotonic()
+    loaded = registry.Registry.load([str(spec_dir)], insecure=True)
+    assert time.monotonic() - started < 0.2
+    assert list(loaded.errors) == [str(broken)] and loaded.being_written == []
+    assert "being written" not in " ".join(loaded.all_errors())
+
+    monkeypatch.setattr(registry, "FRESH_NS", cache.FRESH_NS)
+    broken.write_text('{"cdiVersion": "0.6.0", "kind": "')  # fresh now
+    started = time.monotonic()
+    loaded = registry.Registry.load([str(spec_dir)], insecure=True)
+    waited = time.monotonic() - started
+    assert 0.9 <= waited < 1.5, waited
+    assert loaded.being_written == [str(broken)]
+    assert "invalid JSON" in loaded.all_errors()[0] and "being written" in loaded.all_errors()[0]
+    broken.write_text('{"cdiVersion": "0.6.0", "kind": "')  # fresh again
+    validate = subprocess.run([oci_env.PYTHON, "-m", "cdi_hook", "validate"], capture_output=True, text=True,
+                              env={**os.environ, "CDI_SPEC_DIRS": str(spec_dir), "CDI_HOOK_INSECURE_SPECS": "1"})
+    assert validate.returncode == 1 and "being written" in validate.stderr, validate.stderr
+
+
+def test_a_fresh_spec_that_settles_within_the_budget_is_read_whole(tmp_path):
+    """A spec truncated and then written in a slow second piece: the load waits for it."""
+    from cdi_hook import registry
+
+    spec_dir = tmp_path / "cdi"
+    spec_dir.mkdir()
+    path = spec_dir / "test.json"
+    data = json.dumps({"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [
+        {"name": "all", "containerEdits": {"env": ["A=1"]}}]}).encode()
+    path.write_bytes(data[:20])
+
+    def finish() -> None:
+        time.sleep(0.3)
+        with open(path, "r+b") as out:
+            out.seek(20)
+            out.write(data[20:])
+
+    writer = threading.Thread(target=finish)
+    writer.start()
+    try:
+        loaded = registry.Registry.load([str(spec_dir)], insecure=True)
+    finally:
+        writer.join()
+    assert loaded.errors == {} and ALL in loaded.devices

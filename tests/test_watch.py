@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -267,3 +268,32 @@ def test_an_older_serving_units_watch_serve_is_still_accepted():
 
     args = cli.build_parser().parse_args(["watch", "--serve"])
     assert args.command == "watch" and args.serve is True
+
+
+def test_a_spec_being_written_is_never_vouched_for_as_broken(setup):
+    """A spec truncated and half written, finished 1.8 s later: the watcher's rebuild reads it
+    again for its settle budget, then gives up without vouching, so a start at 1.5 s checks
+    the files itself (and waits for the end of the write) instead of trusting a cache that
+    calls the file broken."""
+    spec_dir, start = setup
+    path = write_spec(spec_dir, "a.json", spec("A=1"))
+    data = path.read_bytes()
+    watcher = start()
+    watcher.wait_trusted()
+    with open(path, "r+b") as out:
+        out.truncate(0)
+        out.write(data[:len(data) // 2])
+    started = time.monotonic()
+    time.sleep(1.5)
+    with open(path, "r+b") as out:
+        out.seek(len(data) // 2)
+        finisher = threading.Timer(max(0.0, 1.8 - (time.monotonic() - started)),
+                                   lambda: (out.write(data[len(data) // 2:]), out.flush()))
+        finisher.start()
+        try:
+            assert env_of([spec_dir]) == "A=1"
+        finally:
+            finisher.join()
+    watcher.wait_trusted()
+    assert env_of([spec_dir]) == "A=1"
+    assert watcher.stop() == 0

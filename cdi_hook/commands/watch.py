@@ -296,7 +296,13 @@ class Watcher:
         child.stdout.close()
         code = child.wait()
         temp, _, target = output.partition("\t")
-        if code != 0 or not output:
+        if code == 0 and output == "~":
+            # a spec was being written: no trust until a later rebuild reads it settled
+            if self.generation != NO_TRUST:
+                self.set_generation(NO_TRUST)
+            self.last_change = time.monotonic()
+            self.dirty_since = self.dirty_since or self.last_change
+        elif code != 0 or not output:
             log(f"rebuilding the cache failed (exit status {code}); starts check every spec file")
             if self.generation != NO_TRUST:
                 self.set_generation(NO_TRUST)
@@ -372,6 +378,11 @@ def rebuild(generation: bytes, dirs: tuple[str, ...]) -> None:
     key = cache._key(dirs, registry)
     listing = cache.snapshot(dirs)
     loaded = registry.Registry.load(dirs)
+    if loaded.being_written:
+        # A spec still being written (in place) when the load's settle budget ran out: no
+        # cache that calls it broken is vouched for; the watcher tries again shortly.
+        print("~", flush=True)
+        return
     settled = cache.is_settled(listing)
     if not settled and generation == NO_TRUST:
         print("-", flush=True)  # neither a listing nor a generation to vouch for it: nothing to keep
