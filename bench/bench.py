@@ -389,7 +389,7 @@ def bench_podman(ws: Workspace, runs: int) -> dict:
     tar.wait()
     when = {"annotations": {r"^cdi\.k8s\.io/": ".*"}}
     live_hooks = ws.root / "hooks.live"  # as `install --hooks-dir DIR` writes it: one file per stage
-    subprocess.run([ws.python, "-I", "-m", "cdi_hook", "install", "--hooks-dir", str(live_hooks), "--mode", "hook"],
+    subprocess.run([ws.python, "-I", "-m", "cdi_hook", "install", "--hooks-dir", str(live_hooks), "--mode", "hook", "--no-logrotate"],
                    env=ws.hook_env(), check=True, capture_output=True)
     if len(list(live_hooks.iterdir())) != len(LIVE_HOOK_STAGES):
         raise RuntimeError(f"install --hooks-dir wrote {sorted(p.name for p in live_hooks.iterdir())}")

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--watch", action="store_true", help="also write the systemd unit of `cdi-hook watch`")
     p.add_argument("--systemd-dir", metavar="DIR", help="where --watch writes it (default /etc/systemd/system)")
+    p.add_argument("--logrotate-dir", metavar="DIR", help="where the log's logrotate configuration goes, "
+                   "if the folder exists (default /etc/logrotate.d)")
+    p.add_argument("--no-logrotate", action="store_true", help="write no logrotate configuration")
 
     p = sub.add_parser("policy", help="the request policy: `policy check [FILE]`")
     policy_sub = p.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
@@ -127,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--watch", action="store_true", help="also remove the systemd unit of `cdi-hook watch`")
     p.add_argument("--systemd-dir", metavar="DIR", help="where it is (default /etc/systemd/system)")
+    p.add_argument("--logrotate-dir", metavar="DIR", help="where the logrotate configuration is "
+                   "(default /etc/logrotate.d)")
+    p.add_argument("--no-logrotate", action="store_true", help="leave the logrotate configuration alone")
 
     p = with_specs(sub.add_parser("doctor", help="check this node's hook set-up: runtimes and their hooks dirs, "
                                                  "spec dirs, cache and watcher, policy; --probe starts test containers"))

@@ -88,8 +88,17 @@ def fresh_settings():
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache_and_log(tmp_path_factory):
-    """cdi-hook's cache and log go to a session temp dir, never /run/cdi-hook or /var/log."""
+    """cdi-hook's cache and log go to a session temp dir, never /run/cdi-hook or /var/log,
+    and install writes no logrotate file."""
     import oci_env
 
+    from cdi_hook.commands import install
+
     with oci_env.private_cache_and_log(tmp_path_factory.mktemp("cdi-hook-state")) as top:
-        yield top
+        # in-process `cdi-hook install` calls write no logrotate file into the host's
+        # /etc/logrotate.d (a folder that does not exist: none is written)
+        saved, install.LOGROTATE_DIR = install.LOGROTATE_DIR, str(top / "no-logrotate.d")
+        try:
+            yield top
+        finally:
+            install.LOGROTATE_DIR = saved

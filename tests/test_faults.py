@@ -29,7 +29,7 @@ import pytest
 
 import hook_env
 import oci_env
-from conftest import require
+from conftest import require, require_program
 from ci_rules import require_cgroup_v1
 
 ALL = f"{hook_env.VENDOR}=all"
@@ -462,3 +462,57 @@ def test_a_fresh_spec_that_settles_within_the_budget_is_read_whole(tmp_path):
     finally:
         writer.join()
     assert loaded.errors == {} and ALL in loaded.devices
+
+
+def test_logrotate_while_hooks_write_loses_and_splits_no_line(runc, tmp_path):
+    """The shipped configuration (create, no postrotate), forced again and again with real
+    logrotate while real runc starts log: every start's line is in exactly one file, whole."""
+    from concurrent.futures import ThreadPoolExecutor
+    import gzip
+
+    from cdi_hook.commands import install
+
+    logrotate = require_program("logrotate")
+    log_file = tmp_path / "cdi-hook.log"
+    bundles = []
+    for worker in range(4):  # a bundle (and rootfs) each: starts run four at a time
+        bundle, _ = hook_env.bundle_with_hook(tmp_path / f"w{worker}", _spec(hook_env.host_files(tmp_path / f"w{worker}")),
+                                              [ALL], "echo RAN")
+        _hook_stderr_to(bundle, None, CDI_HOOK_LOG=str(log_file))
+        bundles.append(bundle)
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text(install.logrotate_config(str(log_file)).replace("rotate 8", "rotate 1000"))
+    os.chmod(conf, 0o644)
+    stop = threading.Event()
+    rotations = []
+
+    def rotate() -> None:
+        while not stop.is_set():
+            done = subprocess.run([logrotate, "-f", "-s", str(tmp_path / "logrotate.state"), str(conf)],
+                                  capture_output=True, text=True)
+            rotations.append(done.returncode == 0 or done.stderr)
+            time.sleep(0.02)
+
+    ids = [f"cdi-rotate-{uuid.uuid4().hex[:10]}" for _ in range(40)]
+    rotator = threading.Thread(target=rotate)
+    rotator.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            def starts(worker: int) -> list[subprocess.CompletedProcess]:
+                return [oci_env.run_container(bundles[worker], container_id=cid) for cid in ids[worker::4]]
+
+            results = [r for done in pool.map(starts, range(4)) for r in done]
+    finally:
+        stop.set()
+        rotator.join()
+    assert all(r.returncode == 0 and "RAN" in r.stdout for r in results), [r.stderr for r in results if r.returncode]
+    assert rotations and all(r is True for r in rotations), rotations[:3]
+    assert len(rotations) >= 3
+    texts = []
+    for path in tmp_path.glob("cdi-hook.log*"):
+        texts.append(gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text())
+    assert len(texts) >= 3  # it did rotate while the hooks wrote
+    lines = [line for text in texts for line in text.splitlines()]
+    assert all(text.endswith("\n") for text in texts if text)
+    containers = sorted(json.loads(line)["container"] for line in lines)  # each line whole JSON
+    assert containers == sorted(ids)  # each start's line exactly once: none lost, none doubled

@@ -231,3 +231,34 @@ def test_install_watch_writes_the_confined_unit_and_replaces_an_older_serving_on
     capsys.readouterr()
     assert main(["uninstall", "--hooks-dir", hooks, "--watch", "--systemd-dir", str(units)]) == 0
     assert not unit.exists() and f"removed {unit}" in capsys.readouterr().out
+
+
+def test_install_writes_the_logrotate_file_where_logrotate_is_and_uninstall_removes_it(tmp_path, capsys,
+                                                                                      monkeypatch):
+    from cdi_hook.cli import main as cli_main
+
+    hooks, rotate_dir = tmp_path / "hooks", tmp_path / "logrotate.d"
+    assert cli_main(["install", "--hooks-dir", str(hooks), "--logrotate-dir", str(rotate_dir)]) == 0
+    assert not rotate_dir.exists()  # no logrotate on this node: nothing written
+    rotate_dir.mkdir()
+    monkeypatch.setenv("CDI_HOOK_LOG", "/var/log/cdi/hook.log")
+    settings.use(None)
+    assert cli_main(["install", "--hooks-dir", str(hooks), "--logrotate-dir", str(rotate_dir)]) == 0
+    text = (rotate_dir / "cdi-hook").read_text()
+    assert "\n/var/log/cdi/hook.log {\n" in text and "\n    create 0640 root root\n" in text
+    assert "\n    copytruncate" not in text
+    assert cli_main(["uninstall", "--hooks-dir", str(hooks), "--logrotate-dir", str(rotate_dir)]) == 0
+    assert os.listdir(rotate_dir) == []
+    (rotate_dir / "cdi-hook").write_text("/var/log/theirs.log {}\n")  # not ours: never touched
+    assert cli_main(["install", "--hooks-dir", str(hooks), "--logrotate-dir", str(rotate_dir)]) == 0
+    assert cli_main(["uninstall", "--hooks-dir", str(hooks), "--logrotate-dir", str(rotate_dir)]) == 0
+    assert (rotate_dir / "cdi-hook").read_text() == "/var/log/theirs.log {}\n"
+    assert "left" in capsys.readouterr().out
+
+
+def test_deploy_holds_the_logrotate_file_install_writes():
+    from oci_env import REPO
+
+    assert (REPO / "deploy" / "logrotate" / "cdi-hook").read_text() == install.logrotate_config("/var/log/cdi-hook.log")
+    with pytest.raises(CdiError):
+        install.logrotate_config("/var/log/two words.log")

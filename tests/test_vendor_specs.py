@@ -310,7 +310,7 @@ def run_way(top: Path, image: Path, podman: Podman, fixture: str, way: str) -> t
     if way.startswith("podman"):
         hooks_dir = work / "hooks.d"
         mode = "hook" if way == "podman-hook" else "precreate"
-        installed = cdi_hook_cli("install", "--hooks-dir", str(hooks_dir), "--mode", mode,
+        installed = cdi_hook_cli("install", "--hooks-dir", str(hooks_dir), "--mode", mode, "--no-logrotate",
                                  env={"CDI_SPEC_DIRS": spec_dir})
         assert installed.returncode == 0, installed.stderr
         result = podman.run(hooks_dir, devices, args)

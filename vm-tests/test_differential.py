@@ -333,8 +333,9 @@ class Podman:
         assert imported.returncode == 0, f"podman import: {imported.stderr}"
         # The reference gets an empty hooks dir: nothing of the host's hooks.d may take part.
         self.hooks_dirs["podman-native"].mkdir()
-        _cdi_hook("install", "--hooks-dir", str(self.hooks_dirs["podman-hook"]), "--mode", "hook")
-        _cdi_hook("install", "--hooks-dir", str(self.hooks_dirs["podman-precreate"]), "--mode", "precreate")
+        _cdi_hook("install", "--hooks-dir", str(self.hooks_dirs["podman-hook"]), "--mode", "hook", "--no-logrotate")
+        _cdi_hook("install", "--hooks-dir", str(self.hooks_dirs["podman-precreate"]), "--mode", "precreate",
+                  "--no-logrotate")
         # What Podman itself puts in the environment (the live hook's env rule compares with it).
         argv = self.base + ["--hooks-dir", str(self.hooks_dirs["podman-native"])] + PODMAN_RUN
         term = _run(argv + [IMAGE, "sh", "-c", 'echo "${TERM-<unset>}"'])

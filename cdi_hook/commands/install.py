@@ -36,6 +36,10 @@ and cdi-hook's other settings (hook_entry.CARRIED_SETTINGS) that are set while i
 /etc/systemd/system or --systemd-dir) with the same interpreter and environment as the hooks,
 so the watcher keeps exactly the cache the hooks read; deploy/systemd/ holds the same unit
 for /opt/cdi-hook. `uninstall --watch` removes it. Neither runs systemctl.
+
+Where /etc/logrotate.d exists (logrotate installed), install also writes its configuration
+for the hook's log (deploy/logrotate/cdi-hook, with the configured $CDI_HOOK_LOG), and
+uninstall removes it; --logrotate-dir DIR writes it elsewhere, --no-logrotate not at all.
 """
 
 from __future__ import annotations
@@ -67,6 +71,10 @@ REQUEST_ANNOTATION_KEY = r"^cdi\.k8s\.io/"
 SYSTEMD_DIR = "/etc/systemd/system"
 WATCH_UNIT = "cdi-hook-watch.service"
 UNIT_MARK = "# written by cdi-hook install --watch"
+LOGROTATE_DIR = "/etc/logrotate.d"
+LOGROTATE_FILE = "cdi-hook"
+LOGROTATE_MARK = "# written by cdi-hook install"
+DEFAULT_LOG_PATH = "/var/log/cdi-hook.log"  # the path deploy/logrotate/cdi-hook names
 
 
 def _definition(hook: dict, stages: list[str]) -> dict:
@@ -304,11 +312,107 @@ def uninstall_watch_unit(systemd_dir: str, *, dry_run: bool = False, out: TextIO
     return target
 
 
+def logrotate_config(log_file: str) -> str:
+    """deploy/logrotate/cdi-hook for log_file."""
+    if any(c.isspace() or c in '"\\{}#*?[' for c in log_file) or not os.path.isabs(log_file):
+        raise CdiError(f"cannot write the log path {log_file!r} into a logrotate configuration")
+    return LOGROTATE_TEXT.replace(DEFAULT_LOG_PATH + " {", log_file + " {", 1)
+
+
+# deploy/logrotate/cdi-hook, word for word (tests/test_install.py checks the two agree)
+LOGROTATE_TEXT = """\
+# written by cdi-hook install
+# logrotate(8) configuration for the cdi-hook log (one JSON line per container and stage).
+# `cdi-hook install` writes this file into /etc/logrotate.d with the log path it is
+# configured with ($CDI_HOOK_LOG); `cdi-hook uninstall` removes it.
+#
+# Why `create` (rename, then a new empty file) and no postrotate, not `copytruncate`:
+# cdi-hook keeps no log file open. Every hook process opens the log (O_APPEND | O_CREAT),
+# writes its one line with a single write(2) and closes it (cdi_hook/log.py append_line).
+# So after logrotate renames the file, the next line goes to the new file with nobody to
+# signal; a hook that opened the file just before the rename writes its line, whole, to the
+# rotated file. No line is lost or split. copytruncate would lose the lines written between
+# the copy and the truncate. `delaycompress` keeps the newest rotated file uncompressed for
+# a hook that may still be appending its line to it.
+/var/log/cdi-hook.log {
+    weekly
+    maxsize 50M
+    rotate 8
+    missingok
+    notifempty
+    compress
+    delaycompress
+    create 0640 root root
+}
+"""
+
+
+def install_logrotate(logrotate_dir: str, *, dry_run: bool = False, out: TextIO | None = None) -> str | None:
+    """Write the logrotate configuration for the configured log; None when logrotate_dir
+    does not exist (no logrotate on this node) or on a dry run."""
+    from cdi_hook import settings
+
+    out = out or sys.stdout
+    if not os.path.isdir(logrotate_dir):
+        return None
+    target = os.path.join(logrotate_dir, LOGROTATE_FILE)
+    if os.path.lexists(target) and not _is_ours_marked(target, LOGROTATE_MARK):
+        print(f"left {target} alone: not written by cdi-hook", file=out)
+        return None
+    text = logrotate_config(settings.current().log_file)
+    if dry_run:
+        print(f"would write {target}:", file=out)
+        out.write(text)
+        return None
+    try:
+        write_atomic(target, text.encode(), 0o644)
+    except OSError as error:
+        raise CdiError(f"cannot write {target}: {error.strerror}") from None
+    print(f"wrote {target} (logrotate rotates {settings.current().log_file})", file=out)
+    return target
+
+
+def uninstall_logrotate(logrotate_dir: str, *, dry_run: bool = False, out: TextIO | None = None) -> str | None:
+    out = out or sys.stdout
+    target = os.path.join(logrotate_dir, LOGROTATE_FILE)
+    if not os.path.lexists(target):
+        return None
+    if not _is_ours_marked(target, LOGROTATE_MARK):
+        print(f"left {target} alone: not written by cdi-hook", file=out)
+        return None
+    if dry_run:
+        print(f"would remove {target}", file=out)
+        return None
+    try:
+        os.unlink(target)
+    except OSError as error:
+        raise CdiError(f"cannot remove {target}: {error.strerror}") from None
+    print(f"removed {target}", file=out)
+    return target
+
+
+def _is_ours_marked(path: str, mark: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.readline().rstrip(b"\n") == mark.encode()
+    except OSError:
+        return False
+
+
+def _logrotate_dir_of(args: argparse.Namespace) -> str | None:
+    if getattr(args, "no_logrotate", False):
+        return None
+    return getattr(args, "logrotate_dir", None) or LOGROTATE_DIR
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     install(hooks_dir_of(args), args.mode or default_mode(args), spec_dirs=_spec_dirs_from_env(),
             dry_run=args.dry_run)
     if getattr(args, "watch", False):
         install_watch_unit(args.systemd_dir or SYSTEMD_DIR, spec_dirs=_spec_dirs_from_env(), dry_run=args.dry_run)
+    logrotate_dir = _logrotate_dir_of(args)
+    if logrotate_dir:
+        install_logrotate(logrotate_dir, dry_run=args.dry_run)
     return 0
 
 
@@ -316,4 +420,7 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     uninstall(hooks_dir_of(args), dry_run=args.dry_run)
     if getattr(args, "watch", False):
         uninstall_watch_unit(args.systemd_dir or SYSTEMD_DIR, dry_run=args.dry_run)
+    logrotate_dir = _logrotate_dir_of(args)
+    if logrotate_dir:
+        uninstall_logrotate(logrotate_dir, dry_run=args.dry_run)
     return 0
