@@ -336,22 +336,36 @@ def test_a_cache_dir_that_cannot_be_written_never_fails_a_start(runc, tmp_path, 
     assert "Traceback" not in stderr_file.read_text()
 
 
+@pytest.mark.parametrize("what", ["record", "holds"])
 @pytest.mark.parametrize("fault", ["full", "readonly"])
-def test_a_record_that_cannot_be_written_fails_the_start_cleanly(runc, tmp_path, fault):
-    """The container record guards safety: it fails closed, with one line naming the file
-    and the error; the rootfs, the host's mounts and the state folder are as they were."""
+def test_safety_state_that_cannot_be_written_fails_the_start_cleanly(runc, tmp_path, fault, what):
+    """The container record and the exclusive devices' holds guard safety: they fail closed,
+    with one line naming the folder and the error; the rootfs, the host's mounts and the
+    state folder are as they were (the injection is undone)."""
     bundle, rootfs = _bundle(tmp_path, _spec(hook_env.host_files(tmp_path)))
     state_dir = tmp_path / "statefs"
-    _hook_stderr_to(bundle, None, CDI_HOOK_STATE_DIR=str(state_dir / "held"))
+    env = {"CDI_HOOK_STATE_DIR": str(state_dir / "held")}
+    if what == "holds":
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(f'version: "1"\nexclusive: ["{hook_env.VENDOR}=*"]\n')
+        policy.chmod(0o644)
+        env["CDI_HOOK_POLICY"] = str(policy)
+    _hook_stderr_to(bundle, None, **env)
     with small_tmpfs(state_dir, full=fault == "full", readonly=fault == "readonly") as spoil:
         for sub in ("containers", "held", "netdev", "attachments"):
             (state_dir / sub).mkdir(mode=0o700)
         spoil()
         before = oci_env.tree_snapshot(state_dir)
-        stderr = _run_and_check(tmp_path, bundle, rootfs, "record", device="")
+        # read-only: the first write of a start is the removal of an earlier container's
+        # record under this id, before any hold is taken
+        failing = "record" if what == "record" or fault == "readonly" else "holds"
+        if failing == "record":
+            stderr = _run_and_check(tmp_path, bundle, rootfs, "record", device="")
+        else:
+            stderr = _run_and_check(tmp_path, bundle, rootfs, "exclusive device")
         assert oci_env.tree_snapshot(state_dir) == before
-    line = next(x for x in stderr.splitlines() if "cdi-hook" in x and "record" in x)
-    assert str(state_dir / "containers") in line, stderr
+    line = next(x for x in stderr.splitlines() if "cdi-hook" in x)
+    assert str(state_dir / ("containers" if failing == "record" else "held")) in line, stderr
     assert ("No space left on device" if fault == "full" else "Read-only file system") in line, stderr
 
 
