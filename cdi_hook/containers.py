@@ -247,9 +247,9 @@ def _crio_state(name: str, socket_path: str) -> dict:
     crio_annotations = info.get("crio_annotations") if isinstance(info.get("crio_annotations"), dict) else {}
     if config is None:
         config = _crio_config(socket_path, what)
-    runtime_config = config.get("runtime") if isinstance(config.get("runtime"), dict) else {}
+    runtime_config: Any = config.get("runtime") if isinstance(config.get("runtime"), dict) else {}
     handler = crio_annotations.get("io.kubernetes.cri-o.RuntimeHandler") or runtime_config.get("default_runtime")
-    runtimes = runtime_config.get("runtimes") if isinstance(runtime_config.get("runtimes"), dict) else {}
+    runtimes: Any = runtime_config.get("runtimes") if isinstance(runtime_config.get("runtimes"), dict) else {}
     runtime = runtimes.get(handler) if isinstance(handler, str) else None
     if not isinstance(runtime, dict) or runtime.get("runtime_type", "oci") not in ("", "oci") \
             or not isinstance(runtime.get("runtime_root"), str) or not runtime.get("runtime_path"):
