@@ -244,7 +244,7 @@ def _crio_state(name: str, socket_path: str) -> dict:
             raise CdiError(f"{what}: the prefix matches {len(known)} CRI-O containers; give more of the id")
         container_id, info = known[0]
     assert info is not None
-    crio_annotations = info.get("crio_annotations") if isinstance(info.get("crio_annotations"), dict) else {}
+    crio_annotations: Any = info.get("crio_annotations") if isinstance(info.get("crio_annotations"), dict) else {}
     if config is None:
         config = _crio_config(socket_path, what)
     runtime_config: Any = config.get("runtime") if isinstance(config.get("runtime"), dict) else {}
