@@ -177,7 +177,15 @@ def dispatch(args: Any) -> int:  # argparse's Namespace, or HookArgs for a plain
         return policy.cmd_explain(args, _spec_dirs(args)) if command == "explain" else policy.cmd_policy_check(args)
     if command == "device-plugin":
         # Imports grpc: only this command does, never the hook.
-        from cdi_hook.commands import device_plugin
+        try:
+            from cdi_hook.commands import device_plugin
+        except ModuleNotFoundError as missing:
+            if (missing.name or "").partition(".")[0] not in ("grpc", "google"):
+                raise
+            from cdi_hook.errors import CdiError
+
+            raise CdiError(f"device-plugin needs the [kubernetes] extra (grpcio, protobuf; {missing.name} is "
+                           "missing): pip install '/path/to/checkout[kubernetes]' into cdi-hook's venv") from None
 
         return device_plugin.cmd_device_plugin(args, _spec_dirs(args))
     if command == "doctor":
