@@ -44,6 +44,9 @@ IMAGE = "localhost/busybox:latest"
 KIND = "test.cdi-hook.io/crio"
 EXCLUSIVE = "test.cdi-hook.io/excl=one"
 CDI_HOOK = str(oci_env.REPO / ".venv" / "bin" / "cdi-hook")
+# PID 1 of its pid namespace ignores a SIGTERM it has no handler for: without the trap every
+# stop would wait out CRI-O's grace period.
+SLEEPER = ("sh", "-c", "trap 'exit 0' TERM; sleep 600 & wait")
 HOST_NETWORK_PID_CONTAINER = {"namespace_options": {"network": 2, "pid": 1}}
 
 
@@ -186,7 +189,7 @@ enable_nri = false
         return done.stdout.strip(), config
 
     def create(self, pod: tuple[str, Path], annotations: dict | None = None,
-               command: tuple[str, ...] = ("sleep", "600")) -> subprocess.CompletedProcess:
+               command: tuple[str, ...] = SLEEPER) -> subprocess.CompletedProcess:
         """crictl create: the container config's annotations are the kubelet's."""
         config = pod[1].with_name(pod[1].stem + "-" + uuid.uuid4().hex[:6] + ".ctr.json")
         config.write_text(json.dumps({
