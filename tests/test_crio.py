@@ -239,7 +239,7 @@ enable_nri = false
             "pods": left_pods,
             "processes": [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline_names(pid, mine)],
             "mounts": [m for m in oci_env.host_mount_points() if m.startswith(mine)],
-            "cgroups": sorted(set(_crio_cgroups()) - self.cgroups_before),
+            "cgroups": sorted(set(_crio_cgroups()) - self.cgroups_before, key=len, reverse=True),  # children first
         }
         for pid in left["processes"]:
             try:
@@ -264,8 +264,8 @@ enable_nri = false
 
 
 def _crio_cgroups() -> list[str]:
-    """CRI-O's container and conmon cgroups (cgroupfs: crio-<id>, crio-conmon-<id>), v1 and v2."""
-    return glob.glob("/sys/fs/cgroup/crio-*") + glob.glob("/sys/fs/cgroup/*/crio-*")
+    """CRI-O's cgroups (cgroupfs: the crio parent, crio-<id>, crio-conmon-<id>), v1 and v2."""
+    return [p for pattern in ("crio", "crio-*", "*/crio", "*/crio-*") for p in glob.glob(f"/sys/fs/cgroup/{pattern}")]
 
 
 def _cmdline_names(pid: str, path: str) -> bool:
