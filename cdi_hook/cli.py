@@ -93,8 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_specs(sub.add_parser("explain", help="which devices a container asks for, who asked, and whether "
                                                   "each is honoured (a bundle, or an OCI state on stdin)"))
+    p.add_argument("container", nargs="?", metavar="CONTAINER",
+                   help="runc:ID, podman:NAME-OR-ID or crio:ID (its config.json, as its runtime names it)")
     p.add_argument("--bundle", metavar="DIR")
     p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--runc-root", default="/run/runc", metavar="DIR", help="runc's --root (default: %(default)s)")
+    p.add_argument("--crio-socket", default="/var/run/crio/crio.sock", metavar="PATH",
+                   help="CRI-O's socket, for crio:ID (default: %(default)s)")
 
     p = with_specs(sub.add_parser("device-plugin", help="serve each CDI kind as a Kubernetes extended resource "
                                                         "(the kubelet's device plugin API v1beta1)"))
@@ -110,12 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
                        ("attach", "give a running container devices (root only)"),
                        ("detach", "take devices back from a running container (root only)")):
         p = with_specs(sub.add_parser(name, help=text))
-        p.add_argument("container", metavar="CONTAINER", help="runc:ID, podman:NAME-OR-ID or pid:N")
+        p.add_argument("container", metavar="CONTAINER", help="runc:ID, podman:NAME-OR-ID, crio:ID or pid:N")
         if name == "verify":
             p.add_argument("--format", choices=("text", "json"), default="text")
         else:
             p.add_argument("devices", nargs="+", metavar="DEVICE")
         p.add_argument("--runc-root", default="/run/runc", metavar="DIR", help="runc's --root (default: %(default)s)")
+        p.add_argument("--crio-socket", default="/var/run/crio/crio.sock", metavar="PATH",
+                       help="CRI-O's socket, for crio:ID (default: %(default)s)")
         p.add_argument("--bundle", metavar="DIR", help="the container's bundle, when its runtime does not say")
 
     p = with_specs(sub.add_parser("stale", help="list the running containers whose devices' specs changed since "
@@ -176,7 +183,15 @@ def dispatch(args: Any) -> int:  # argparse's Namespace, or HookArgs for a plain
         return policy.cmd_explain(args, _spec_dirs(args)) if command == "explain" else policy.cmd_policy_check(args)
     if command == "device-plugin":
         # Imports grpc: only this command does, never the hook.
-        from cdi_hook.commands import device_plugin
+        try:
+            from cdi_hook.commands import device_plugin
+        except ModuleNotFoundError as missing:
+            if (missing.name or "").partition(".")[0] not in ("grpc", "google"):
+                raise
+            from cdi_hook.errors import CdiError
+
+            raise CdiError(f"device-plugin needs the [kubernetes] extra (grpcio, protobuf; {missing.name} is "
+                           "missing): pip install '/path/to/checkout[kubernetes]' into cdi-hook's venv") from None
 
         return device_plugin.cmd_device_plugin(args, _spec_dirs(args))
     if command == "doctor":

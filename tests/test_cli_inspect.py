@@ -216,3 +216,19 @@ def test_closed_stdout_is_no_traceback(tmp_path):
                             env={"CDI_HOOK_INSECURE_SPECS": "1", "PATH": "/usr/bin:/bin"})
     assert result.stdout.startswith("DEVICE")
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+
+
+def test_device_plugin_without_the_kubernetes_extra_says_which_extra(tmp_path):
+    """An install without [kubernetes] (no grpc): one line naming the extra, no traceback."""
+    import subprocess
+    import sys
+
+    for blocked in ("grpc", "google.protobuf"):
+        code = (f"import sys; sys.modules[{blocked!r}] = None; "
+                "from cdi_hook.cli import main; sys.exit(main(['device-plugin', '--socket-dir', sys.argv[1]]))")
+        done = subprocess.run([sys.executable, "-I", "-c", code, str(tmp_path)], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 1, done.stderr
+        assert "Traceback" not in done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("cdi-hook: device-plugin needs the [kubernetes] extra"), lines

@@ -460,3 +460,34 @@ def test_a_probe_device_resolves_only_while_its_doctor_lives(tmp_path):
         for name in ("pdead", "polder"):
             with pytest.raises(ResolveError, match="the probe of a `cdi-hook doctor --probe` that is gone"):
                 select([f"{kind}={name}"])
+
+
+def test_native_cdi_runtimes_said_and_cdi_hook_beside_crio_warned(tmp_path):
+    """CRI-O >= 1.23, containerd >= 1.7 and Docker >= 25 apply CDI requests themselves:
+    doctor says which; cdi-hook's live hooks in a dir CRI-O reads are a warning (the kubelet's
+    requests applied twice) with what to change; an older CRI-O, or none of ours, no warning."""
+    from cdi_hook.commands import doctor, install
+
+    hooks = tmp_path / "hooks.d"
+    files = {str(hooks / name): doctor.HookFile(str(hooks / name), {"hook": {}})
+             for name in install.HOOK_FILES.values()}
+    runtimes = {"crio": "/usr/bin/crio", "containerd": "/usr/bin/containerd", "dockerd": "/usr/bin/dockerd"}
+    views = {"crio": ([str(hooks)], "test")}
+    versions = {"crio": "crio version 1.33.13", "containerd": "containerd containerd.io 1.7.24 abc",
+                "dockerd": "Docker version 26.1.5+dfsg1, build a72d7cd"}
+    report = doctor.Report()
+    doctor.check_native_cdi(report, runtimes, views, files, versions)
+    found = {(f["check"], f["status"]): f for f in report.findings}
+    assert set(found) == {("crio native CDI", "ok"), ("containerd native CDI", "ok"), ("dockerd native CDI", "ok"),
+                          ("crio native CDI", "warn")}
+    assert "the kubelet's cdi.k8s.io/ annotations" in found["crio native CDI", "ok"]["detail"]
+    assert "applied twice" in found["crio native CDI", "warn"]["detail"]
+    assert "cdi-hook uninstall --hooks-dir" in found["crio native CDI", "warn"]["fix"]
+
+    report = doctor.Report()
+    doctor.check_native_cdi(report, runtimes, views, files, {"crio": "crio version 1.22.5",
+                                                             "containerd": "containerd 1.6.20", "dockerd": "Docker 24.0.7"})
+    assert report.findings == []
+    report = doctor.Report()
+    doctor.check_native_cdi(report, {"crio": "/usr/bin/crio"}, views, {}, versions)
+    assert [(f["check"], f["status"]) for f in report.findings] == [("crio native CDI", "ok")]

@@ -77,7 +77,15 @@ if TYPE_CHECKING:
     from typing import Any
 
 OK, WARN, FAIL = "ok", "warn", "fail"
-RUNTIMES = ("podman", "crio", "runc", "crun", "containerd")
+RUNTIMES = ("podman", "crio", "runc", "crun", "containerd", "dockerd")
+# The first versions that apply CDI requests themselves, and which requests (issue 24).
+NATIVE_CDI = {
+    "crio": ((1, 23), "the kubelet's cdi.k8s.io/ annotations (container config) and the CRI's CDI devices, "
+                      "from its cdi_spec_dirs; a name it cannot resolve fails the container"),
+    "containerd": ((1, 7), "the CRI's CDI devices and the kubelet's cdi.k8s.io/ annotations, when its CRI plugin "
+                           "has enable_cdi (default from 2.0)"),
+    "dockerd": ((25, 0), "`docker run --device vendor.com/class=name`, when the daemon's cdi feature is on"),
+}
 PODMAN_CONFS = ("/usr/share/containers/containers.conf", "/etc/containers/containers.conf")
 PODMAN_CONF_DIR = "/etc/containers/containers.conf.d"
 CRIO_CONF = "/etc/crio/crio.conf"
@@ -146,6 +154,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     runtimes = check_runtimes(report)
     views = runtime_hooks_dirs(report, root, runtimes)
     files = check_hook_files(report, root, views, args.hooks_dir or [])
+    check_native_cdi(report, runtimes, views, files)
     primary = primary_files(views, files)
     entry_env = hook_settings(report, primary)
     hook = installed_settings(report, root, entry_env)
@@ -187,6 +196,40 @@ def check_runtimes(report: Report) -> dict[str, str]:
     if not {"podman", "crio", "runc"} & set(found):
         report.add("runtimes", WARN, "none of podman, crio, runc found on PATH", "install a runtime that runs OCI hooks")
     return found
+
+
+def _version_numbers(text: str) -> tuple[int, ...] | None:
+    import re
+
+    found = re.search(r"(\d+)\.(\d+)", text)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def check_native_cdi(report: Report, runtimes: dict, views: dict, files: dict[str, HookFile],
+                     versions: dict[str, str] | None = None) -> None:
+    """Runtimes that apply CDI requests themselves: which requests; and a warning when
+    cdi-hook's files sit where CRI-O runs them, so the kubelet's requests are applied twice.
+    versions: name -> `--version` line (tests); asked of each runtime otherwise."""
+    for name, (first, what) in NATIVE_CDI.items():
+        if name not in runtimes:
+            continue
+        line = (versions or {}).get(name) or _version(runtimes[name])
+        numbers = _version_numbers(line)
+        if numbers is None or numbers < first:
+            continue
+        report.add(f"{name} native CDI", OK, f"{line}: applies {what}")
+        if name != "crio" or "crio" not in views:
+            continue
+        ours = _effective(views["crio"][0], files)
+        live = sorted(f.path for f in ours.values() if f.mode == "hook")
+        if live:
+            report.add("crio native CDI", WARN,
+                       f"cdi-hook's hooks ({', '.join(live)}) run in CRI-O, which applies the kubelet's requests "
+                       "itself: those devices are applied twice (nodes and mounts are seen once, the spec's own "
+                       "hooks run twice)",
+                       "leave the kubelet's requests to CRI-O: `cdi-hook uninstall --hooks-dir DIR` for CRI-O's "
+                       "hooks dir, unless you need cdi-hook's policy, exclusive devices or attach/verify there "
+                       "(README: CRI-O)")
 
 
 def _version(path: str) -> str:

@@ -37,7 +37,19 @@ def cmd_explain(args: argparse.Namespace, spec_dirs: Sequence[str] | None = None
     Reads the bundle's config.json (--bundle), or an OCI state on stdin whose bundle it
     reads. Exit 0 when every request is honoured, 1 when any is refused.
     """
-    if args.bundle:
+    container_address = getattr(args, "container", None)
+    if container_address and args.bundle:
+        raise CdiError("explain: give a CONTAINER or --bundle DIR, not both")
+    if container_address:
+        import os
+
+        from cdi_hook import containers
+
+        path = containers.config_path(container_address, runc_root=args.runc_root, crio_socket=args.crio_socket)
+        _, doc = oci.read_config_file(path)
+        config = oci.parse_config(doc, os.path.dirname(path), path)
+        annotations = dict(config.annotations)
+    elif args.bundle:
         config = oci.read_config(args.bundle)
         annotations = dict(config.annotations)
     else:

@@ -49,7 +49,8 @@ RUNC_DEFAULT_ALLOWED = (  # runc's own rules beside config.json's (libcontainer/
 def _target(args: argparse.Namespace) -> Target:
     from cdi_hook import containers
 
-    return containers.resolve(args.container, runc_root=args.runc_root, bundle=args.bundle)
+    return containers.resolve(args.container, runc_root=args.runc_root, bundle=args.bundle,
+                              crio_socket=args.crio_socket)
 
 
 def _require_root(command: str) -> None:

@@ -1,0 +1,396 @@
+"""CRI-O 1.33.13 for real, driven with crictl 1.34.0 as a kubelet would (issue 24).
+
+The binaries come from ../shared/crio (the folder beside the checkout: /work/shared/crio for
+/work/main), unpacked into a temp dir; Debian gives conmon, runc and the CNI plugins
+(scripts/setup). How it runs here is that folder's README: one CRI-O of this module with its
+own config, config dir, storage, run root, socket, logs, exits, attach and namespaces dirs,
+runc root, version and shutdown files (never /etc/crio, /var/lib/crio, /run/crio), NRI off;
+a busybox image imported with Podman into its storage; host-network pods with `pid: 1` and
+`network: 2` in sandbox and container, which need no infra (pause) container.
+
+cdi-hook's hooks.d files are the ones `cdi-hook install --hooks-dir DIR --mode hook` writes
+(CRI-O's layout, live hook), with the module's spec dir, log and policy as the installing
+environment carries them. CRI-O's own `cdi_spec_dirs` is the same spec dir: CRI-O 1.33
+injects the CDI devices a container config's `cdi.k8s.io/` annotations name (the kubelet's)
+itself, and refuses the container when it cannot resolve one, so a kubelet request always
+meets CRI-O's native injection too (test_kubelet_request_beside_crio_native_cdi).
+
+Afterwards nothing may be left: no pod or container in CRI-O, no process naming the temp
+dir (crio, conmon), no mount under it, no container cgroup.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import oci_env
+from ci_rules import TIME_FACTOR, require
+from conftest import require_program
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "crio"
+ARCHIVE = "cri-o-1.33.13-amd64.tar.xz"
+IMAGE = "localhost/busybox:latest"
+KIND = "test.cdi-hook.io/crio"
+EXCLUSIVE = "test.cdi-hook.io/excl=one"
+CDI_HOOK = str(oci_env.REPO / ".venv" / "bin" / "cdi-hook")
+# PID 1 of its pid namespace ignores a SIGTERM it has no handler for: without the trap every
+# stop would wait out CRI-O's grace period.
+SLEEPER = ("sh", "-c", "trap 'exit 0' TERM; sleep 600 & wait")
+HOST_NETWORK_PID_CONTAINER = {"namespace_options": {"network": 2, "pid": 1}}
+
+
+def _prerequisites() -> None:
+    require(os.geteuid() == 0, "needs root")
+    require((SHARED / ARCHIVE).is_file(), f"needs {SHARED / ARCHIVE} (CRI-O 1.33.13 and crictl, issue 24)")
+    for program in ("conmon", "runc", "podman"):
+        require_program(program)
+    require(os.path.exists("/usr/lib/cni/loopback"), "needs containernetworking-plugins (/usr/lib/cni/loopback)")
+    require(os.path.exists("/bin/busybox"), "needs busybox-static (/bin/busybox)")
+
+
+class Crio:
+    """One CRI-O of this module, and crictl against it."""
+
+    def __init__(self, top: Path):
+        self.top = top
+        self.socket = str(top / "crio.sock")
+        self.spec_dir = top / "cdi"
+        self.hooks_dir = top / "hooks.d"
+        self.log_file = top / "cdi-hook.log"
+        self.policy = top / "policy.yaml"
+        self.spec_hooks = top / "spec-hooks.txt"
+        self.pods: list[str] = []
+        for name in ("cdi", "hooks.d", "conf.d", "net", "logs", "exits", "attach", "ns", "runc", "pod-logs",
+                     "policies", "keys"):
+            (top / name).mkdir(mode=0o755)
+        (top / "dist").mkdir()
+        subprocess.run(["tar", "-xJf", str(SHARED / ARCHIVE), "-C", str(top / "dist")], check=True, timeout=120)
+        self.bin = top / "dist" / "cri-o-1.33.13" / "bin"
+        (top / "net" / "10-loopback.conflist").write_text(json.dumps(
+            {"cniVersion": "1.0.0", "name": "cdi-hook-test-lo", "plugins": [{"type": "loopback"}]}))
+        self._write_specs()
+        self.policy.write_text(f'version: "1"\nexclusive: ["{EXCLUSIVE}"]\n')
+        self.policy.chmod(0o644)
+        self.install_hooks()
+        config = top / "crio.conf"
+        config.write_text(f"""[crio]
+root = "{top}/root"
+runroot = "{top}/runroot"
+log_dir = "{top}/logs"
+storage_driver = "overlay"
+version_file = "{top}/version"
+version_file_persist = ""
+clean_shutdown_file = "{top}/clean.shutdown"
+[crio.api]
+listen = "{self.socket}"
+[crio.runtime]
+conmon = "/usr/bin/conmon"
+conmon_cgroup = "pod"
+cgroup_manager = "cgroupfs"
+pinns_path = "{self.bin}/pinns"
+hooks_dir = ["{self.hooks_dir}"]
+cdi_spec_dirs = ["{self.spec_dir}"]
+container_exits_dir = "{top}/exits"
+container_attach_socket_dir = "{top}/attach"
+namespaces_dir = "{top}/ns"
+decryption_keys_path = "{top}/keys"
+irqbalance_config_file = ""
+default_runtime = "runc"
+[crio.runtime.runtimes.runc]
+runtime_path = "/usr/sbin/runc"
+runtime_root = "{top}/runc"
+[crio.image]
+pause_image = "{IMAGE}"
+signature_policy_dir = "{top}/policies"
+[crio.network]
+network_dir = "{top}/net"
+plugin_dirs = ["/usr/lib/cni"]
+[crio.nri]
+enable_nri = false
+""")
+        (top / "crictl.yaml").write_text(f"runtime-endpoint: unix://{self.socket}\n"
+                                         f"image-endpoint: unix://{self.socket}\ntimeout: 60\n")
+        self._import_image()
+        self.cgroups_before = set(_crio_cgroups())
+        self.log = open(top / "crio.log", "w")
+        self.process = subprocess.Popen([str(self.bin / "crio"), "--config", str(config), "--config-dir",
+                                         str(top / "conf.d")], stdin=subprocess.DEVNULL, stdout=self.log,
+                                        stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60 * TIME_FACTOR
+        while self.crictl("version").returncode != 0:
+            assert self.process.poll() is None, (top / "crio.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "CRI-O did not answer on its socket in time"
+            time.sleep(0.2)
+
+    def _write_specs(self) -> None:
+        """KIND=dev: a node (the host's /dev/zero), a read-only file and two spec hooks that
+        append to a host file (poststart, poststop). EXCLUSIVE: a node only."""
+        data = self.top / "data.txt"
+        data.write_text("host data\n")
+        hooks = [{"hookName": stage, "path": "/bin/sh",
+                  "args": ["sh", "-c", f'echo "{stage} $(cat)" >> {self.spec_hooks}']}
+                 for stage in ("poststart", "poststop")]
+        oci_env.write_spec(self.spec_dir, "crio.json", {"cdiVersion": "0.6.0", "kind": KIND, "devices": [
+            {"name": "dev", "containerEdits": {
+                "deviceNodes": [{"path": "/dev/cdi-zero", "hostPath": "/dev/zero"}],
+                "mounts": [{"hostPath": str(data), "containerPath": "/etc/cdi-data.txt", "options": ["ro", "bind"]}],
+                "hooks": hooks}}]})
+        oci_env.write_spec(self.spec_dir, "excl.json", {"cdiVersion": "0.6.0", "kind": EXCLUSIVE.split("=")[0],
+                                                        "devices": [{"name": "one", "containerEdits": {
+                                                            "deviceNodes": [{"path": "/dev/cdi-excl",
+                                                                             "hostPath": "/dev/null"}]}}]})
+
+    def install_hooks(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CDI_")}
+        env.update(CDI_SPEC_DIRS=str(self.spec_dir), CDI_HOOK_LOG=str(self.log_file), CDI_HOOK_POLICY=str(self.policy),
+                   CDI_HOOK_STATE_DIR=str(self.top / "held"), CDI_HOOK_CACHE_DIR=os.environ["CDI_HOOK_CACHE_DIR"])
+        done = subprocess.run([CDI_HOOK, "install", "--hooks-dir", str(self.hooks_dir), "--mode", "hook"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+
+    def _import_image(self) -> None:
+        rootfs = oci_env.make_rootfs(self.top / "image-rootfs")
+        tar = self.top / "rootfs.tar"
+        with tarfile.open(tar, "w") as out:
+            out.add(rootfs, arcname=".")
+        done = subprocess.run(["podman", "--root", f"{self.top}/root", "--runroot", f"{self.top}/runroot",
+                               "--storage-driver", "overlay", "import", str(tar), IMAGE],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        shutil.rmtree(rootfs)
+        tar.unlink()
+
+    def crictl(self, *args: str, timeout: int = 90) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.bin / "crictl"), "--config", str(self.top / "crictl.yaml"), *args],
+                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def pod(self, annotations: dict | None = None) -> tuple[str, Path]:
+        """A host-network pod without infra container; (its id, its sandbox config)."""
+        name = "p-" + uuid.uuid4().hex[:8]
+        config = self.top / f"{name}.json"
+        config.write_text(json.dumps({
+            "metadata": {"name": name, "namespace": "ml", "uid": uuid.uuid4().hex, "attempt": 0},
+            "annotations": annotations or {}, "log_directory": str(self.top / "pod-logs" / name),
+            "linux": {"security_context": HOST_NETWORK_PID_CONTAINER}}))
+        done = self.crictl("runp", str(config))
+        assert done.returncode == 0, done.stderr
+        self.pods.append(done.stdout.strip())
+        return done.stdout.strip(), config
+
+    def create(self, pod: tuple[str, Path], annotations: dict | None = None,
+               command: tuple[str, ...] = SLEEPER) -> subprocess.CompletedProcess:
+        """crictl create: the container config's annotations are the kubelet's."""
+        config = pod[1].with_name(pod[1].stem + "-" + uuid.uuid4().hex[:6] + ".ctr.json")
+        config.write_text(json.dumps({
+            "metadata": {"name": "main"}, "image": {"image": IMAGE}, "command": list(command),
+            "annotations": annotations or {}, "log_path": "main.log",
+            "linux": {"security_context": HOST_NETWORK_PID_CONTAINER}}))
+        return self.crictl("create", pod[0], str(config), str(pod[1]))
+
+    def running(self, pod: tuple[str, Path], annotations: dict) -> str:
+        created = self.create(pod, annotations)
+        assert created.returncode == 0, created.stderr
+        cid = created.stdout.strip()
+        started = self.crictl("start", cid)
+        assert started.returncode == 0, started.stderr
+        return cid
+
+    def exec(self, cid: str, script: str) -> str:
+        done = self.crictl("exec", cid, "sh", "-c", script)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def remove_pods(self) -> None:
+        for pod in self.pods:
+            done = self.crictl("rmp", "--force", pod)
+            assert done.returncode == 0, done.stderr
+        self.pods.clear()
+
+    def hook_log(self, cid: str) -> list[dict]:
+        if not self.log_file.exists():
+            return []
+        lines = [json.loads(line) for line in self.log_file.read_text().splitlines() if line.startswith("{")]
+        return [line for line in lines if line.get("container") == cid]
+
+    def stop(self) -> dict:
+        """Stop CRI-O; what it left behind (and then clear that away)."""
+        left_pods = self.crictl("pods", "-q").stdout.split()
+        self.crictl("rmp", "-fa")
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+        mine = str(self.top)
+        left = {
+            "pods": left_pods,
+            "processes": [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline_names(pid, mine)],
+            "mounts": [m for m in oci_env.host_mount_points() if m.startswith(mine)],
+            "cgroups": sorted(set(_crio_cgroups()) - self.cgroups_before, key=len, reverse=True),  # children first
+        }
+        for pid in left["processes"]:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+        for mount in reversed(left["mounts"]):
+            subprocess.run(["umount", "-l", mount], capture_output=True)
+        # CRI-O 1.33 with cgroupfs leaves the (empty) crio-conmon-<id> cgroup of a container
+        # whose creation failed (a hook refused it): removed here, and a failure only when
+        # one cannot be removed (something still in it).
+        deadline = time.monotonic() + 5
+        for cgroup in left.pop("cgroups"):
+            while os.path.exists(cgroup) and time.monotonic() < deadline:
+                try:
+                    os.rmdir(cgroup)
+                except OSError:
+                    time.sleep(0.05)
+            if os.path.exists(cgroup):
+                left.setdefault("cgroups", []).append(cgroup)
+        return {what: found for what, found in left.items() if found}
+
+
+def _crio_cgroups() -> list[str]:
+    """CRI-O's cgroups (cgroupfs: the crio parent, crio-<id>, crio-conmon-<id>), v1 and v2."""
+    return [p for pattern in ("crio", "crio-*", "*/crio", "*/crio-*") for p in glob.glob(f"/sys/fs/cgroup/{pattern}")]
+
+
+def _cmdline_names(pid: str, path: str) -> bool:
+    try:
+        return path in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def crio(tmp_path_factory, private_cache_and_log):
+    _prerequisites()
+    top = tmp_path_factory.mktemp("crio")
+    os.chmod(top, 0o755)
+    daemon = Crio(top)
+    try:
+        yield daemon
+    finally:
+        left = daemon.stop()
+        shutil.rmtree(top, ignore_errors=True)
+    assert left == {}, f"CRI-O left behind: {left}"
+
+
+@pytest.fixture
+def pods(crio):
+    """Each test's pods are removed after it, and CRI-O must then know none."""
+    yield crio
+    crio.remove_pods()
+    assert crio.crictl("pods", "-q").stdout.split() == []
+    assert crio.crictl("ps", "-aq").stdout.split() == []
+
+
+def test_installed_hooks_run_at_every_stage_for_the_kubelets_request(pods):
+    """The three hooks.d files install writes are run by CRI-O at createRuntime, poststart
+    and poststop; the container config's annotation is the kubelet's (logged so)."""
+    crio = pods
+    assert sorted(os.listdir(crio.hooks_dir)) == ["cdi-hook-createRuntime.json", "cdi-hook-poststart.json",
+                                                  "cdi-hook-poststop.json"]
+    pod = crio.pod()
+    cid = crio.running(pod, {"cdi.k8s.io/gpu": f"{KIND}=dev"})
+    assert crio.exec(cid, "test -c /dev/cdi-zero && cat /etc/cdi-data.txt") == "host data\n"
+    crio.remove_pods()   # stop and delete: runc delete runs poststop
+    lines = crio.hook_log(cid)
+    assert [line["stage"] for line in lines] == ["createRuntime", "poststart", "poststop"], lines
+    assert all("error" not in line for line in lines), lines
+    assert lines[0]["sources"] == {f"{KIND}=dev": "kubelet"}
+    assert lines[0]["devices"] == [f"{KIND}=dev"]
+
+
+def test_pod_authors_request_is_refused_and_the_error_reaches_crictl(pods):
+    """A pod annotation (the sandbox config's, which CRI-O copies into every container's
+    config.json): CRI-O does not inject it (not the kubelet's); cdi-hook refuses it at
+    createRuntime, so `crictl create` fails with cdi-hook's line and nothing is given."""
+    crio = pods
+    pod = crio.pod({"cdi.k8s.io/mine": f"{KIND}=dev"})
+    before = crio.spec_hooks.read_text() if crio.spec_hooks.exists() else ""
+    created = crio.create(pod)
+    assert created.returncode != 0
+    assert "cdi-hook: refused CDI request in a cri-o container: " in created.stderr, created.stderr
+    assert f"{KIND}=dev (asked by pod through cdi.k8s.io/mine" in created.stderr, created.stderr
+    assert crio.crictl("ps", "-aq").stdout.split() == []
+    assert (crio.spec_hooks.read_text() if crio.spec_hooks.exists() else "") == before   # no spec hook ran
+
+
+def test_kubelet_request_beside_crio_native_cdi(pods):
+    """What happens when CRI-O's own CDI and cdi-hook both apply the kubelet's request: CRI-O
+    writes the device's node, mount and spec hooks into config.json before the runtime
+    starts; cdi-hook, at createRuntime, finds the node and the mount already there. The
+    container sees each once (one node, one mount in its mountinfo). The spec's own hooks
+    are not the container's to see, and they do run twice: once from config.json (CRI-O's
+    injection), once from cdi-hook (doctor warns of this set-up)."""
+    crio = pods
+    crio.spec_hooks.unlink(missing_ok=True)
+    pod = crio.pod()
+    cid = crio.running(pod, {"cdi.k8s.io/gpu": f"{KIND}=dev"})
+    seen = crio.exec(cid, "ls /dev | grep -c '^cdi-zero$'; grep -c ' /etc/cdi-data.txt ' /proc/self/mountinfo")
+    assert seen.split() == ["1", "1"], seen
+    config = json.loads((crio.top / "runroot" / "overlay-containers" / cid / "userdata" / "config.json").read_text())
+    assert [d["path"] for d in config["linux"]["devices"] if d["path"] == "/dev/cdi-zero"] == ["/dev/cdi-zero"]
+    assert len(config["hooks"]["poststart"]) == 2   # CRI-O's copy of the spec hook, and cdi-hook's entry
+    crio.remove_pods()
+    ran = crio.spec_hooks.read_text().splitlines()
+    assert [line.split()[0] for line in ran] == ["poststart", "poststart", "poststop", "poststop"], ran
+
+
+def test_verify_and_explain_name_a_crio_container(pods):
+    """`verify crio:ID` (full id and a unique prefix) and `explain crio:ID` through CRI-O's
+    socket; an id CRI-O does not know is one line."""
+    crio = pods
+    pod = crio.pod()
+    cid = crio.running(pod, {"cdi.k8s.io/gpu": f"{KIND}=dev"})
+    env = dict(os.environ, CDI_SPEC_DIRS=str(crio.spec_dir), CDI_HOOK_POLICY=str(crio.policy),
+               CDI_HOOK_STATE_DIR=str(crio.top / "held"))
+    for name in (cid, cid[:10]):
+        verified = subprocess.run([CDI_HOOK, "verify", f"crio:{name}", "--crio-socket", crio.socket],
+                                  capture_output=True, text=True, timeout=60, env=env)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        assert verified.stdout.startswith(f"crio:{name}: ") and "hold" in verified.stdout, verified.stdout
+    explained = subprocess.run([CDI_HOOK, "explain", f"crio:{cid[:12]}", "--crio-socket", crio.socket,
+                                "--format", "json"], capture_output=True, text=True, timeout=60, env=env)
+    assert explained.returncode == 0, explained.stderr
+    report = json.loads(explained.stdout)
+    assert report["container"]["runtime"] == "cri-o"
+    assert [(r["device"], r["source"], r["honoured"]) for r in report["requests"]] == [(f"{KIND}=dev", "kubelet", True)]
+    unknown = subprocess.run([CDI_HOOK, "verify", "crio:0123456789ab", "--crio-socket", crio.socket],
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip().splitlines() == [
+        f"cdi-hook: container crio:0123456789ab: CRI-O at {crio.socket} knows no container with that id or id prefix"]
+
+
+def test_exclusive_device_across_two_pods(pods):
+    """The node's policy makes EXCLUSIVE exclusive: a second pod's container asking for it
+    while the first runs is refused (crictl create fails with the holder named); once the
+    first pod is removed (poststop releases the hold), a new container gets it."""
+    crio = pods
+    first = crio.pod()
+    holder = crio.running(first, {"cdi.k8s.io/x": EXCLUSIVE})
+    second = crio.pod()
+    refused = crio.create(second, {"cdi.k8s.io/x": EXCLUSIVE})
+    assert refused.returncode != 0
+    assert f"exclusive device for {EXCLUSIVE}: held as {EXCLUSIVE} by running container '{holder}'" \
+        in refused.stderr, refused.stderr
+    done = crio.crictl("rmp", "--force", first[0])
+    assert done.returncode == 0, done.stderr
+    crio.pods.remove(first[0])
+    later = crio.running(second, {"cdi.k8s.io/x": EXCLUSIVE})
+    assert crio.exec(later, "test -c /dev/cdi-excl && echo ok") == "ok\n"
