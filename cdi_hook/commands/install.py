@@ -282,23 +282,19 @@ def install_watch_unit(systemd_dir: str, *, python: str | None = None, spec_dirs
     return target
 
 
-def _is_our_unit(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.readline().rstrip(b"\n") == UNIT_MARK.encode()
-    except OSError:
-        return False
-
-
 def uninstall_watch_unit(systemd_dir: str, *, dry_run: bool = False, out: TextIO | None = None) -> str | None:
     # Compatibility: the unconfined unit an older `install --watch --serve` wrote had this
     # same file name and UNIT_MARK, so it is removed here too (and `install --watch`
     # replaces it with the confined one).
-    out = out or sys.stdout
-    target = os.path.join(systemd_dir, WATCH_UNIT)
+    return _remove_ours(os.path.join(systemd_dir, WATCH_UNIT), UNIT_MARK, dry_run, out or sys.stdout,
+                        f" (stop it first: systemctl disable --now {WATCH_UNIT})")
+
+
+def _remove_ours(target: str, mark: str, dry_run: bool, out: TextIO, note: str = "") -> str | None:
+    """Remove a file install wrote (its first line is mark); one that is not ours is left alone."""
     if not os.path.lexists(target):
         return None
-    if not _is_our_unit(target):
+    if not _is_ours_marked(target, mark):
         print(f"left {target} alone: not written by cdi-hook", file=out)
         return None
     if dry_run:
@@ -308,7 +304,7 @@ def uninstall_watch_unit(systemd_dir: str, *, dry_run: bool = False, out: TextIO
         os.unlink(target)
     except OSError as error:
         raise CdiError(f"cannot remove {target}: {error.strerror}") from None
-    print(f"removed {target} (stop it first: systemctl disable --now {WATCH_UNIT})", file=out)
+    print(f"removed {target}{note}", file=out)
     return target
 
 
@@ -373,22 +369,11 @@ def install_logrotate(logrotate_dir: str, *, dry_run: bool = False, out: TextIO 
 
 
 def uninstall_logrotate(logrotate_dir: str, *, dry_run: bool = False, out: TextIO | None = None) -> str | None:
-    out = out or sys.stdout
-    target = os.path.join(logrotate_dir, LOGROTATE_FILE)
-    if not os.path.lexists(target):
-        return None
-    if not _is_ours_marked(target, LOGROTATE_MARK):
-        print(f"left {target} alone: not written by cdi-hook", file=out)
-        return None
-    if dry_run:
-        print(f"would remove {target}", file=out)
-        return None
-    try:
-        os.unlink(target)
-    except OSError as error:
-        raise CdiError(f"cannot remove {target}: {error.strerror}") from None
-    print(f"removed {target}", file=out)
-    return target
+    return _remove_ours(os.path.join(logrotate_dir, LOGROTATE_FILE), LOGROTATE_MARK, dry_run, out or sys.stdout)
+
+
+def _is_our_unit(path: str) -> bool:
+    return _is_ours_marked(path, UNIT_MARK)
 
 
 def _is_ours_marked(path: str, mark: str) -> bool:
