@@ -5,7 +5,7 @@ A later step never asks today's spec files what a container got: after a driver 
 they describe another version of the device, or none. It asks the record, which holds the
 plan's items for the container exactly as they were carried out (nodes with their device
 numbers, mounts with their host source's identity and the mount's id, device cgroup
-rules, the loader's folders, interfaces moved, the RDT group, exclusive holds, and the
+rules, interfaces moved, the RDT group, exclusive holds, and the
 spec hooks of the stages still to come), keyed by the device that asked for each.
 
 One file per container, `<state root>/containers/<id>.json`, through the state layer
@@ -119,7 +119,6 @@ def items_of(plan: Plan, made: Report | None) -> dict:
         "nodes": nodes,
         "rules": [list(rule) for rule in plan.device_rules],
         "mounts": mounts,
-        "library_dirs": _library_dirs(plan),
         "net_devices": [[origin, list(device)] for origin, device in plan.net_devices],
         "rdt": [plan.intel_rdt[0], _plain(plan.intel_rdt[1])] if plan.intel_rdt else None,
         "hooks": {stage: [[origin, _plain(hook)] for origin, hook in plan.hooks_at(stage)] for stage in POST_STAGES
@@ -138,13 +137,6 @@ def _source_identity(host_path: str) -> list[int] | None:
     except (OSError, TypeError, ValueError):
         return None
     return [st.st_dev, st.st_ino]
-
-
-def _library_dirs(plan: Plan) -> list[str]:
-    from cdi_hook.live import ldcache
-
-    return ldcache.library_dirs([m.container_path for _, m in plan.mounts if ldcache.is_library_name(m.container_path)
-                                 and (m.type in ("", "bind", "rbind") or {"bind", "rbind"} & set(m.options))])
 
 
 def work_of(items: dict) -> list[str]:
@@ -304,7 +296,7 @@ def with_edited_devices(found: Record | None, resolved: list[tuple[str, Plan]], 
     resources: Any = linux.get("resources") if isinstance(linux.get("resources"), dict) else {}
     allowed = {(r.get("type"), r.get("major"), r.get("minor")) for r in resources.get("devices") or ()
                if isinstance(r, dict) and r.get("allow")}
-    items = dict(found.items) if found is not None else {"library_dirs": [], "net_devices": [], "rdt": None,
+    items = dict(found.items) if found is not None else {"net_devices": [], "rdt": None,
                                                          "hooks": {}, "holds": []}
     nodes, mounts, rules = list(items.get("nodes", ())), list(items.get("mounts", ())), list(items.get("rules", ()))
     devices = list(found.devices) if found is not None else []

@@ -278,19 +278,26 @@ def _unmount_by_id(rootfs: Rootfs, device: str, where: str, source: Sequence[int
         if mount_id(fd) != wanted:
             problems.append(f"{device}: mount {at}: another mount covers it; left alone")
             return
-        st = os.fstat(fd)
-        if source is not None and (st.st_dev, st.st_ino) != tuple(source):
-            problems.append(f"{device}: mount {at}: what is mounted there is not the device's source; left alone")
-            return
-        if source is None and mount.fs_type != fstype:
-            problems.append(f"{device}: mount {at}: a {mount.fs_type} is mounted there, not {fstype}; left alone")
-            return
-        syscalls.umount2(syscalls.fd_path(fd), syscalls.MNT_DETACH)
-        notes.append(f"{device}: unmounted {at}")
+        _unmount_if_ours(fd, mount.fs_type, device, at, source, fstype, notes, problems)
     except OSError as error:
         problems.append(f"{device}: mount {at}: {error.strerror}")
     finally:
         os.close(fd)
+
+
+def _unmount_if_ours(fd: int, mounted_type: str | None, device: str, at: str, source: Sequence[int] | None,
+                     fstype: str, notes: list[str], problems: list[str]) -> None:
+    """Unmount what fd is on when it is the device's: its host source by identity (a bind
+    mount), else its filesystem type; otherwise a problem, and it stays."""
+    st = os.fstat(fd)
+    if source is not None and (st.st_dev, st.st_ino) != tuple(source):
+        problems.append(f"{device}: mount {at}: what is mounted there is not the device's source; left alone")
+        return
+    if source is None and mounted_type != fstype:
+        problems.append(f"{device}: mount {at}: a {mounted_type} is mounted there, not {fstype}; left alone")
+        return
+    syscalls.umount2(syscalls.fd_path(fd), syscalls.MNT_DETACH)
+    notes.append(f"{device}: unmounted {at}")
 
 
 def _is_mount_point(rootfs: Rootfs, fd: int, where: str) -> bool:
@@ -318,16 +325,7 @@ def _unmount(rootfs: Rootfs, device: str, where: str, source: Sequence[int] | No
         if not _is_mount_point(rootfs, fd, where):
             notes.append(f"{device}: {where} is not mounted")
             return
-        st = os.fstat(fd)
-        mounted_type = _mount_types().get(mount_id(fd))
-        if source is not None and (st.st_dev, st.st_ino) != tuple(source):
-            problems.append(f"{device}: mount {where}: what is mounted there is not the device's source; left alone")
-            return
-        if source is None and mounted_type != fstype:
-            problems.append(f"{device}: mount {where}: a {mounted_type} is mounted there, not {fstype}; left alone")
-            return
-        syscalls.umount2(syscalls.fd_path(fd), syscalls.MNT_DETACH)
-        notes.append(f"{device}: unmounted {where}")
+        _unmount_if_ours(fd, _mount_types().get(mount_id(fd)), device, where, source, fstype, notes, problems)
     except OSError as error:
         problems.append(f"{device}: mount {where}: {error.strerror}")
     finally:
