@@ -112,6 +112,9 @@ def _holds_of(devices: list[str], spec_dirs: Sequence[str] | None) -> dict[str, 
         held = [{"key": key, "as": record.get("device") or device, "container": record.get("container"),
                  "pid": record.get("pid")} for key, record in current.items()
                 if key in keys or key == holds.name_key(device) or record.get("device") == device]
+        # in the order of the device's identity (its nodes first, as the plan lists them), not
+        # the order the folder happens to list the holds in
+        held.sort(key=lambda h: (keys.index(h["key"]) if h["key"] in keys else len(keys), h["key"]))
         found[device] = {"held_by": held[0]["container"] if held else None, "held": held, "identity": keys,
                          **({"hold_error": error} if error else {})}
     return found
