@@ -110,7 +110,7 @@ def _holds_of(devices: list[str], spec_dirs: Sequence[str] | None) -> dict[str, 
         # what it is on the host, its hold of before identities, and (its spec gone) holds
         # taken under its very name
         held = [{"key": key, "as": record.get("device") or device, "container": record.get("container"),
-                 "pid": record.get("pid")} for key, record in current.items()
+                 "pid": record.get("pid")} for key, record in current
                 if key in keys or key == holds.name_key(device) or record.get("device") == device]
         # in the order of the device's identity (its nodes first, as the plan lists them), not
         # the order the folder happens to list the holds in

@@ -296,11 +296,11 @@ def _attach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -
                              target.config.user_namespace, inject.host_ids_of_container_root(target.config))
     # held by what they are on the host (the plan's identities): an alias of a device another
     # container holds is refused as that device is
-    held = new_plan.identity_of(policy.exclusive_devices(rules, names))
+    held = new_plan.identity_of(new_plan.counted(policy.exclusive_devices(rules, names)))
     taken, cgroup, handle, report = [], None, None, None
     committed = False
     try:
-        taken = holds.hold(held, target.id, target.pid)
+        taken = holds.hold(held, target.id, target.pid, dict(new_plan.shares))
         handle = attach.start_attach(target.pidfd, work)
         report = handle.read()
         if not report.ok:
