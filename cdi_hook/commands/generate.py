@@ -88,7 +88,7 @@ def _shared(value: Any, where: str) -> int | None:
     if value is None:
         return None
     if type(value) is not int or not 1 <= value <= MAX_SHARED:
-        raise CdiError(f"{where}: shared {quote(value)} is not a whole number from 1 to {MAX_SHARED}")
+        raise CdiError(f"{where}: {quote(value)} is not a whole number from 1 to {MAX_SHARED}")
     return value
 
 
@@ -182,7 +182,7 @@ def load_request(path: str) -> Request:
             fail(f"devices[{i}].name", "required, a device name or template")
         if type(text) is not str or not text:
             fail(f"devices[{i}].selector", "required, a /dev path or glob, or usb:VENDOR:PRODUCT[:SERIAL]")
-        selectors.append(Selector(where, name, text, parse_selector(text, where), _shared(item.get("shared"), where),
+        selectors.append(Selector(where, name, text, parse_selector(text, where), _shared(item.get("shared"), f"{where}.shared"),
                                   _edits(item.get("env"), item.get("mounts"), where)))
     return Request(path, kind, tuple(selectors), output, allow_empty)
 

@@ -73,6 +73,15 @@ class Hotplug:
                 dirs.clear()  # gone again, or not a folder any more: its parent's event says so
 
     def regenerate(self) -> None:
+        # SIGTERM waits until the spec is written and said so: a stop between the write and
+        # its log line would leave a change nobody was told of.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            self._regenerate()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def _regenerate(self) -> None:
         warnings: list[str] = []
         try:
             spec, changed = generate.generate(self.request, self.scanner, self.output, warnings.append)
