@@ -317,6 +317,12 @@ def test_a_shared_device_is_held_by_at_most_its_count_of_containers(host, runc):
         assert (f"exclusive device for {name}: all 2 shares are held, as {name}, by running containers "
                 f"'{first.id}' (pid {first.pid}), '{second.id}' (pid {second.pid})") in line, line
         assert SHARED_ANNOTATION in line
+        explain = subprocess.run([sys.executable, "-m", "cdi_hook", "explain", "--bundle", str(bundles[2]),
+                                  "--spec-dir", str(host / "c2" / "cdi")], capture_output=True, text=True,
+                                 cwd=oci_env.REPO, env={**os.environ, "CDI_HOOK_INSECURE_SPECS": "1"})
+        ids = sorted((first.id, second.id))
+        assert (f"shared by 2, held by {ids[0]} as {name} (c 1:5); held by {ids[1]} as {name} (c 1:5)"
+                in explain.stdout), explain
         # edits cannot hold: refused, not given unheld
         refused = subprocess.run([sys.executable, "-m", "cdi_hook", "inject", "--bundle", str(bundles[2]),
                                   "--mode", "edits", "--device", name, "--spec-dir", str(host / "c2" / "cdi")],

@@ -169,7 +169,7 @@ def _hold(devices: Sequence[tuple[str, Sequence[str]]], container_id: str, pid: 
                     if free is None and not alive:
                         continue  # this container's own hold (an alias, the hook at two stages)
                     if free is None:
-                        raise HookError(STEP, device, _refusal(key, alive, capacity))
+                        raise HookError(STEP, device, _refusal(key, alive, capacity, device in capacities))
                     if key not in keys:
                         continue  # a hold of before keys that is over: left for its poststop
                     # over a stale one, or an earlier container's under this id: replaced
@@ -199,13 +199,14 @@ def _free_slot(dir_fd: int, key: str, device: str, capacity: int,
     return (free if len(alive) < capacity else None), alive
 
 
-def _refusal(key: str, alive: list[dict], capacity: int) -> str:
+def _refusal(key: str, alive: list[dict], capacity: int, spec_count: bool) -> str:
     what = describe(key)
     first = alive[0]
     if capacity == 1:
+        why = f"its spec says one container at a time ({SHARED_ANNOTATION})" if spec_count else \
+            "the policy makes it exclusive"
         return (f"held as {first.get('device') or key.partition(' ')[2]} by running container "
-                f"{first.get('container')!r} (pid {first.get('pid')}{'; ' + what if what else ''}); "
-                "the policy makes it exclusive")
+                f"{first.get('container')!r} (pid {first.get('pid')}{'; ' + what if what else ''}); {why}")
     holders = listed(f"{h.get('container')!r} (pid {h.get('pid')})" for h in alive)
     return (f"all {capacity} shares are held, as {first.get('device') or key.partition(' ')[2]}, by running "
             f"containers {holders}{'; ' + what if what else ''}; its spec shares it among {capacity} "
