@@ -102,9 +102,10 @@ class Scanner:
             matches.append(Match(os.path.basename(host_path), dev_path, (node,)))
         return matches, skipped
 
-    def usb(self, vendor: str, product: str, serial: str | None) -> tuple[list[Match], list[str]]:
-        """Every USB device of vendor:product (and serial), one Match each with every node of
-        it, and why a matching device gave none (its nodes not made under /dev yet)."""
+    def usb(self, vendor: str, product: str | None, serial: str | None) -> tuple[list[Match], list[str]]:
+        """Every USB device of vendor:product (product None: any of the vendor's; and serial),
+        one Match each with every node of it, and why a matching device gave none (its nodes
+        not made under /dev yet)."""
         matches, skipped = [], []
         top = os.path.join(self.sys_root, USB_DEVICES)
         try:
@@ -114,7 +115,7 @@ class Scanner:
         for entry in entries:
             folder = os.path.realpath(os.path.join(top, entry))
             if ((_read(os.path.join(folder, "idVendor")) or "").lower() != vendor
-                    or (_read(os.path.join(folder, "idProduct")) or "").lower() != product
+                    or (product is not None and (_read(os.path.join(folder, "idProduct")) or "").lower() != product)
                     or (serial is not None and _read(os.path.join(folder, "serial")) != serial)):
                 continue
             nodes = []
@@ -126,7 +127,7 @@ class Scanner:
                     skipped.append(f"USB device {entry}: /dev/{devname} is not (yet) its device node")
             if nodes:
                 name = _read(os.path.join(folder, "serial")) or entry
-                matches.append(Match(name, f"USB device {entry} ({vendor}:{product})", tuple(nodes)))
+                matches.append(Match(name, f"USB device {entry} ({vendor}:{product or '*'})", tuple(nodes)))
         return matches, skipped
 
 

@@ -157,6 +157,8 @@ def test_usb_selects_every_node_of_each_matching_device(host):
     hub = spec_of("--device", "hub=usb:05e3:0608", host=host)
     # the hub's own node only: the device behind it is its own USB device
     assert devices_of(hub) == {"hub": [("/dev/bus/usb/001/005", f"{dev}/bus/usb/001/005", 189, 4)]}
+    vendor = spec_of("--device", "ftdi-{index}=usb:0403:*", host=host)  # every product of FTDI's
+    assert list(devices_of(vendor)) == ["ftdi-0", "ftdi-1", "ftdi-2"]
     behind = spec_of("--device", "acm=usb:0403:6015", host=host)
     assert [n[0] for n in devices_of(behind)["acm"]] == ["/dev/bus/usb/001/006", "/dev/ttyACM0"]
 

@@ -2,7 +2,8 @@
 
 A selector names host devices: a /dev path (/dev/kvm), a glob (/dev/ttyUSB*: one device per
 match), a stable link (/dev/serial/by-id/*: resolved, the device named by the link), or
-`usb:VENDOR:PRODUCT[:SERIAL]` (every node of each matching USB device, hostscan.py). Each
+`usb:VENDOR:PRODUCT[:SERIAL]` (every node of each matching USB device, hostscan.py; PRODUCT
+may be `*`, every device of the vendor). Each
 is given with a device name, which for many matches is a template: `{name}` (the match's
 basename, the link's name, the USB serial or sysfs name) and `{index}` (0, 1, ... in
 sorted order). Per selector, extra edits (env, mounts) and a share count (--shared N: the
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
     from cdi_hook.spec.model import Spec
 
 # where: how a message names it ("--device kvm=/dev/kvm", "gen.yaml: devices[2]").
-# selector: ("path", "/dev/ttyUSB*") or ("usb", vendor, product, serial or None).
+# selector: ("path", "/dev/ttyUSB*") or ("usb", vendor, product or None (any), serial or None).
 # edits: CDI containerEdits data (env, mounts) every device of the selector gets.
 Selector = namedtuple("Selector", ["where", "name", "text", "selector", "shared", "edits"])
 Request = namedtuple("Request", ["source", "kind", "selectors", "output", "allow_empty"])
@@ -73,11 +74,17 @@ def parse_selector(text: str, where: str) -> tuple:
     if text.startswith("usb:"):
         parts = text.split(":")
         ids = parts[1:3]
-        if len(parts) not in (3, 4) or not all(len(i) == 4 and all(c in "0123456789abcdefABCDEF" for c in i)
-                                               for i in ids) or (len(parts) == 4 and not parts[3]):
+
+        def is_id(value: str, wildcard: bool) -> bool:
+            return (wildcard and value == "*") or (len(value) == 4 and all(c in "0123456789abcdefABCDEF"
+                                                                            for c in value))
+
+        if (len(parts) not in (3, 4) or not is_id(ids[0], False) or not is_id(ids[1], True)
+                or (len(parts) == 4 and not parts[3])):
             raise CdiError(f"{where}: selector {quote(text)} is not usb:VENDOR:PRODUCT[:SERIAL] "
-                           "(four hex digits each, as lsusb shows them)")
-        return ("usb", ids[0].lower(), ids[1].lower(), parts[3] if len(parts) == 4 else None)
+                           "(four hex digits each, as lsusb shows them; PRODUCT may be * for any)")
+        product = None if ids[1] == "*" else ids[1].lower()
+        return ("usb", ids[0].lower(), product, parts[3] if len(parts) == 4 else None)
     if not text.startswith("/dev/") or ".." in text.split("/") or "\0" in text:
         raise CdiError(f"{where}: selector {quote(text)} is neither a path under /dev (a glob or a link may do) "
                        "nor usb:VENDOR:PRODUCT[:SERIAL]")
