@@ -110,6 +110,8 @@ class Scanner:
         top = os.path.join(self.sys_root, USB_DEVICES)
         try:
             entries = sorted(os.listdir(top))
+        except FileNotFoundError:
+            return [], [f"{top} does not exist (no USB bus on this host)"]
         except OSError as error:
             raise CdiError(f"{top}: cannot list USB devices: {error.strerror}") from None
         for entry in entries:
