@@ -48,7 +48,7 @@ from cdi_hook.spec.validate import validate_spec
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     import argparse
-    from typing import Any
+    from typing import Any, NoReturn
 
     from cdi_hook.hostscan import Match
     from cdi_hook.spec.model import Spec
@@ -153,7 +153,7 @@ def load_request(path: str) -> Request:
     data, _ = read_spec_bytes(path, MAX_FILE_SIZE)
     document = decode_document(data, path)
 
-    def fail(field: str, message: str) -> None:
+    def fail(field: str, message: str) -> NoReturn:
         raise CdiError(f"{path}: {field}: {message}")
 
     if type(document) is not dict:

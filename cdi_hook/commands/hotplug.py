@@ -72,6 +72,18 @@ class Hotplug:
             except OSError:
                 dirs.clear()  # gone again, or not a folder any more: its parent's event says so
 
+    def forget(self, wd: int, moved: bool) -> None:
+        """A watched folder went (IN_IGNORED) or moved away (IN_MOVE_SELF): its path may hold
+        a new folder, which watch_tree must watch. A moved folder's watches, and those of the
+        folders it took along, are dropped (they now watch a place outside /dev's names)."""
+        path = next((p for p, w in self.watched.items() if w == wd), None)
+        if path is None:
+            return
+        for gone in [p for p in self.watched if p == path or (moved and p.startswith(path + "/"))]:
+            old = self.watched.pop(gone)
+            if moved:
+                self.inotify.rm_watch(old)
+
     def regenerate(self) -> None:
         # SIGTERM waits until the spec is written and said so: a stop between the write and
         # its log line would leave a change nobody was told of.
@@ -125,9 +137,9 @@ class Hotplug:
                         first_event = first_event or time.monotonic()
                         if any(mask & (ino.IN_ISDIR | ino.IN_Q_OVERFLOW) for _, mask, _ in events):
                             self.watch_tree()
-                        gone = {wd for wd, mask, _ in events if mask & ino.IN_IGNORED}
-                        if gone:
-                            self.watched = {path: wd for path, wd in self.watched.items() if wd not in gone}
+                        for wd, mask, _ in events:
+                            if mask & (ino.IN_IGNORED | ino.IN_MOVE_SELF):
+                                self.forget(wd, moved=bool(mask & ino.IN_MOVE_SELF))
                         if time.monotonic() - first_event < MAX_DELAY_S:
                             continue  # not quiet yet
                 if first_event is not None or time.monotonic() >= next_scan:
