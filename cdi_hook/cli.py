@@ -203,6 +203,10 @@ def dispatch(args: Any) -> int:  # argparse's Namespace, or HookArgs for a plain
             from cdi_hook.commands import hotplug
 
             return hotplug.cmd_watch_generate(args)
+        if args.output or args.dev_root != "/dev" or args.sys_root != "/sys" or args.rescan_interval != 60.0:
+            from cdi_hook.errors import CdiError
+
+            raise CdiError("watch: --output, --dev-root, --sys-root and --rescan-interval go with --generate FILE")
         if args.serve:
             print("cdi-hook: warning: watch --serve: the injection server was removed; watching only "
                   "(run `cdi-hook install --watch` again to rewrite the unit)", file=sys.stderr)

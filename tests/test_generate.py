@@ -420,3 +420,13 @@ def test_hotplug_a_node_made_or_removed_reaches_the_spec_within_a_second(host):
         assert watcher.wait(10) == 0, log.read_text()
     text = log.read_text()
     assert "written, 4 device(s)" in text and "removed, no device matches" in text, text
+
+
+def test_watch_generate_refuses_what_it_cannot_run(tmp_path):
+    conf = tmp_path / "gen.yaml"
+    conf.write_text(f"kind: {KIND}\ndevices:\n  - name: kvm\n    selector: /dev/kvm\n")
+    result = cli("watch", "--generate", str(conf))
+    assert result.returncode == 1 and result.stderr == (
+        f"cdi-hook: watch --generate {conf}: no output: give --output FILE or `output:` in the file\n")
+    result = cli("watch", "--output", str(tmp_path / "x.json"))
+    assert result.returncode == 1 and "go with --generate FILE" in result.stderr
