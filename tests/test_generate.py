@@ -352,6 +352,9 @@ def test_the_device_plugin_lists_a_shared_device_as_its_count_of_units(host, roo
         dp.registered(node, KIND)
         node.kubelet.wait_for(KIND, {"fuse#0": "Healthy", "fuse#1": "Healthy", "fuse#2": "Healthy",
                                      "kvm": "Healthy"})
+        lines = [json.loads(line) for line in node.plugin_log().splitlines() if '"device"' in line]
+        fuse = [line for line in lines if line.get("event") == "device" and line.get("device") == "fuse"]
+        assert len(fuse) == 1 and fuse[0]["units"] == 3, lines  # one line for its units, not three
         response = node.allocate(["fuse#0", "fuse#2"], ["fuse#1"], resource=KIND)
         first, second = response.container_responses
         assert [d.name for d in first.cdi_devices] == [f"{KIND}=fuse"]  # two units, one device

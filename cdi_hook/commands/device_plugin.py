@@ -55,7 +55,7 @@ import socket
 import stat
 import sys
 import threading
-from collections import namedtuple
+from collections import Counter, namedtuple
 from concurrent import futures
 
 import grpc
@@ -352,10 +352,16 @@ class Resource(api_pb2_grpc.DevicePluginServicer):
                           nodes=listed(sorted(map(host_device_text, inventory.shared))))
         self.shared = inventory.shared
         health = {name: unit.health for name, unit in inventory.units.items()}
+        shared_units = Counter(device_of(name) for name in inventory.units if UNIT_MARK in name)
         for name, unit in sorted(inventory.units.items()):
+            device, mark, number = name.partition(UNIT_MARK)
+            if mark and number != "0":
+                continue  # a shared device's units come, go and change health together: one line
             before = self.units.get(name)
             if before is None or (before.health, before.aliases) != (unit.health, unit.aliases):
-                fields = {"resource": self.kind, "device": name, "health": unit.health}
+                fields = {"resource": self.kind, "device": device, "health": unit.health}
+                if mark:
+                    fields["units"] = shared_units[device]
                 if unit.why:
                     fields["why"] = unit.why
                 if unit.aliases:
