@@ -27,7 +27,8 @@ The spec is built here as CDI data and checked by the project's own parser and v
 that needs no newer field stays readable by older CDI consumers. Written to stdout, or
 atomically (state.write_atomic) to --output, only when its bytes change.
 
-Everything but scan() is pure: it takes what the Scanner found.
+Apart from scan() (the one read of the host, through hostscan.Scanner) and write_output()
+(the one write, through the state layer), it is pure: it takes what the Scanner found.
 """
 
 from __future__ import annotations
