@@ -615,12 +615,17 @@ def _runtime_allows(config: Config, rule: DeviceRule) -> bool:
 
 def cmd_stale(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int:
     """Every running container cdi-hook gave devices to whose devices no longer match today's
-    specs, from the records. It changes nothing: the record of a container that ended is left
-    for its poststop."""
+    specs, from the records. It changes one thing: the records of containers that ended and
+    that no poststop of cdi-hook's will come for (record.prune) are removed; the record of
+    any other container that ended is left for its poststop."""
     _require_root("stale")
     from cdi_hook import attachments, jsonio, record
     from cdi_hook.errors import printable
 
+    pruned = record.prune()
+    if pruned:
+        print(f"cdi-hook: stale: removed the records of {len(pruned)} ended container(s) no poststop comes for",
+              file=sys.stderr)
     found = []
     attachment_records = {r["container"]: r for r in attachments.live_records()}
     for given, where in record.all_records():
