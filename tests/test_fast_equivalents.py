@@ -3,6 +3,7 @@
 To keep `json` and `re` (and with it `enum`) out of a container start, the hook uses: jsonio (json.loads/json.dumps through _json), a quote
 split for the JSON depth pre-scan (was a regex), character sets for the CDI name patterns
 and the library-name test (were regexes), a hand decoder of mountinfo escapes (was re.sub),
+names.quote's hand escape of printable ASCII (the unicode_escape codec, a module of its own),
 Each is compared here with the original on many inputs. (The syscalls stay with ctypes: a C
 extension was measured and not worth it, see live/syscalls.py.)
 """
@@ -94,6 +95,18 @@ def test_library_names_are_the_regex_it_replaced():
     for _ in range(50_000):
         path = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
         assert ldcache.is_library_name(path) == bool(library.match(os.path.basename(path))), path
+
+
+def test_quote_of_plain_text_is_the_codec_it_skips():
+    """names.quote escapes printable ASCII by hand (the unicode_escape codec is a module
+    loaded on the first use, ~0.5 ms of a start): the same text as the codec's."""
+    rng = random.Random(7)
+    alphabet = [chr(c) for c in range(0x20, 0x7f)] + ["\\", '"', "\t", "\n", "\x00", "é", "\u2028", "\x7f"]
+    texts = ["", "vendor.com/class=name", '\\"', "a\\nb"] + [
+        "".join(rng.choice(alphabet) for _ in range(rng.randrange(12))) for _ in range(2000)]
+    for text in texts:
+        expected = '"' + text.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
+        assert names.quote(text) == expected, text
 
 
 def test_mountinfo_unescape_is_the_re_sub_it_replaced():
