@@ -186,7 +186,8 @@ def save(record: Record) -> None:
         dir_fd = state.open_private_dir(folder(), create=True)
         assert dir_fd is not None
         try:
-            data = state.write_record(dir_fd, name, {"version": VERSION, **record._asdict()})
+            data = state.encode_record({"version": VERSION, **record._asdict()})
+            state.write_atomic_at(dir_fd, name, data)
             try:
                 _write_note(dir_fd, record, data[:data.index(b"\n")])
             except OSError:

@@ -14,8 +14,6 @@ Three rules, each once:
   the new one, never half of either, and a crash leaves one of the two: `write_atomic`,
   `write_atomic_at`. `write_atomic_at` is the same write relative to a folder's fd, for
   folders opened safely elsewhere (a container's rootfs, through openat2 RESOLVE_IN_ROOT).
-  Records of running containers (`write_record`) skip the fsyncs: what would lose them
-  (the machine ending) ends the containers they describe.
 
 Layout under the state root (settings.Settings.state_root, /run/cdi-hook by default, a
 tmpfs gone at reboot like the containers the records describe):
@@ -272,12 +270,5 @@ def read_record(dir_fd: int, name: str, where: str, max_size: int = MAX_RECORD,
     return None if data is None else decode_record(data, where, plain_json)
 
 
-def write_record(dir_fd: int, name: str, document: object) -> bytes:
-    """Write a record atomically; its bytes. Not fsync'd (durable=False): a record describes
-    running containers, and whatever ends the machine before the page cache reaches the disk
-    ends those containers too (the state root is a tmpfs on most hosts, where an fsync does
-    nothing). A killed process loses nothing: the rename is in the kernel already. The
-    fsyncs cost a start ~1.3 ms where /run is a disk (this project's test VM)."""
-    data = encode_record(document)
-    write_atomic_at(dir_fd, name, data, durable=False)
-    return data
+def write_record(dir_fd: int, name: str, document: object) -> None:
+    write_atomic_at(dir_fd, name, encode_record(document))
