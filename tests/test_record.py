@@ -281,8 +281,8 @@ def test_inject_without_later_work_writes_no_post_entry_and_stale_prunes_its_rec
         assert record_file.exists()
         rc, checks = env.verify_json(spec_dir, f"runc:{c.id}")
         assert rc == 0 and checks, checks
-        kept = env.cli(spec_dir, "stale")  # running: kept
-        assert record_file.exists() and "removed" not in kept.stderr, kept
+        kept = env.cli(spec_dir, "stale")  # running: kept (other tests' ended containers' may go)
+        assert kept.returncode == 0 and record_file.exists(), kept
     assert record_file.exists()  # runc deleted the container; no poststop of ours ran
     # A gone container whose config.json ran a poststop entry: its record waits for it.
     waiting = records / "cdi-test-awaits-poststop.json"
@@ -298,7 +298,7 @@ def test_inject_without_later_work_writes_no_post_entry_and_stale_prunes_its_rec
     try:
         pruned = env.cli(spec_dir, "stale")
         assert pruned.returncode == 0, pruned
-        assert "removed the records of 1 ended container" in pruned.stderr, pruned.stderr
+        assert "removed the records of " in pruned.stderr, pruned.stderr
         assert not record_file.exists() and waiting.exists()
     finally:
         waiting.unlink(missing_ok=True)
