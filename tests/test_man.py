@@ -126,3 +126,23 @@ def test_every_page_renders_without_warnings(tmp_path):
         assert result.returncode == 0, f"{source.name}: man -l failed: {result.stderr}"
         assert result.stderr == "", f"{source.name}: warnings: {result.stderr}"
         assert "NAME" in result.stdout and "SEE ALSO" in result.stdout
+
+
+def test_scripts_man_installs_where_man_finds_them_and_uninstall_removes_exactly_those(tmp_path):
+    require(shutil.which("go-md2man") is not None, "go-md2man is not installed (scripts/setup)")
+    require(shutil.which("man") is not None, "man is not installed (scripts/setup: man-db)")
+    prefix = tmp_path / "prefix"
+    other = prefix / "share" / "man" / "man8" / "someone-else.8"
+    other.parent.mkdir(parents=True)
+    other.write_text(".TH SOMEONE-ELSE 8\n")
+    subprocess.run(["bash", str(ROOT / "scripts" / "man"), "--install", "--prefix", str(prefix)], check=True,
+                   capture_output=True)
+    installed = {p.relative_to(prefix / "share" / "man").as_posix() for p in (prefix / "share" / "man").rglob("*.[58]")}
+    assert {f"man8/cdi-hook-{c}.8" for c in COMMANDS} | {"man8/cdi-hook.8", "man5/cdi-hook-policy.5"} <= installed
+    found = subprocess.run(["man", "-M", str(prefix / "share" / "man"), "-w", "cdi-hook-install"],
+                           capture_output=True, text=True)
+    assert found.stdout.strip().endswith("man8/cdi-hook-install.8"), found
+    subprocess.run(["bash", str(ROOT / "scripts" / "man"), "--uninstall", "--prefix", str(prefix)], check=True,
+                   capture_output=True)
+    left = sorted(p.relative_to(prefix).as_posix() for p in prefix.rglob("*") if p.is_file())
+    assert left == ["share/man/man8/someone-else.8"]
