@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "starts skip the per-file checks (a long-running service)"))
     # The systemd unit an older `install --watch --serve` wrote still runs `watch --serve`:
     # accepted and ignored (with a warning), so that unit keeps the watcher running after an
-    # upgrade; the injection server itself is gone (README, Speed).
+    # upgrade; the injection server itself is gone (docs/development/performance.md).
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
 
     p = with_specs(sub.add_parser("inject", help="edit a bundle's config.json for manual runc use"))

@@ -45,7 +45,7 @@ def test_report_names_every_benchmark_and_target():
     assert "| scale: hook at 10,000 spec files / at 1, with the watcher | 1.15 |" in text
     assert "| watch: an in-place edit seen (s, slowest) | 0.00 |" in text
     assert "| memory: peak RSS of the hook (MiB) | 16.00 |" in text
-    assert "served" not in text  # the resident server's way was removed (README Speed)
+    assert "served" not in text  # the resident server's way was removed (docs/development/performance.md)
     assert "steps (median ms): resolve 1.00, worker 5.00" in text
     assert "1.3 ms in all, of which cdi_hook's modules 1.1 ms; the largest: cdi_hook.oci 0.80, cdi_hook 0.30" in text
     assert "runpy" not in text  # the -c entry install writes imports none of it
