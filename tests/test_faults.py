@@ -30,6 +30,7 @@ import pytest
 import hook_env
 import oci_env
 from conftest import require, require_program
+from fault_env import small_tmpfs
 from ci_rules import require_cgroup_v1
 
 ALL = f"{hook_env.VENDOR}=all"
@@ -236,31 +237,6 @@ def test_a_failing_device_program_load_undoes_everything_cgroup_v2(runc, tmp_pat
 
 
 # --- Node faults (issue 27): a full or read-only filesystem under what the hook writes ----
-
-@contextlib.contextmanager
-def small_tmpfs(where: Path, *, size: str = "64k", full: bool = True, readonly: bool = False):
-    """A tmpfs of its own at `where`: filled to the last byte (full) or remounted read-only
-    once the caller's files are in (readonly, through the yielded remount function)."""
-    where.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "cdi-fault", str(where)], check=True)
-    try:
-        def fill() -> None:
-            fd = os.open(where / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-            try:
-                while os.write(fd, b"\0" * 4096):
-                    pass
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-
-        def make_readonly() -> None:
-            subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
-
-        yield fill if full else make_readonly
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
-
 
 def _started(tmp_path: Path, bundle: Path) -> subprocess.CompletedProcess:
     result = oci_env.run_container(bundle)
