@@ -1,17 +1,20 @@
-"""Node faults (issue 27, item 4) under the records of moved network devices:
-<state>/netdev on a small tmpfs of its own, filled to the last byte or remounted
-read-only, with real runc.
+"""Node faults (issue 27, item 4) under the records of moved network devices and of
+attachments: <state>/netdev and <state>/attachments each on a small tmpfs of their own,
+filled to the last byte or remounted read-only, with real runc.
 
-The record guards safety (without it poststop cannot tell the moved interface from one
-the container made), so a write that cannot be made fails with one line naming the file
-and the error, and the container and the host are as they were. A removal needs no
-space: on a full folder it succeeds.
+Both records guard safety (without the netdev record poststop cannot tell the moved
+interface from one the container made; without the attachment record a device could be
+given twice or never taken back), so a write that cannot be made fails with one line
+naming the file and the error, and the container and the host are as they were. A
+removal needs no space: on a full folder it succeeds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import stat
 import subprocess
 import uuid
 from pathlib import Path
@@ -20,8 +23,10 @@ import pytest
 
 import hook_env
 import oci_env
-from conftest import require_program
+import running_env as env
+from conftest import require, require_program
 from fault_env import small_tmpfs
+from running_env import KVM, LOOP
 
 ERRORS = {"full": "No space left on device", "readonly": "Read-only file system"}
 
@@ -133,3 +138,75 @@ def test_poststop_sends_the_interface_home_when_its_record_cannot_be_removed(run
                 assert f"cannot remove {record}: Read-only file system" in warnings, poststop
     finally:
         subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
+# --- attachments: <state>/attachments -------------------------------------------------
+
+@pytest.fixture
+def running(runc, tmp_path):
+    """A container given loop at creation (its hook keeps its records in the test's state
+    root), and that state root; attach and detach run with the same one."""
+    require(os.path.exists("/dev/kvm") and os.path.exists("/dev/loop0"), "needs /dev/kvm and /dev/loop0")
+    top = _state_root(tmp_path)
+    settings = {"CDI_HOOK_STATE_DIR": str(top / "held")}
+    document, _ = env.spec(tmp_path)
+    bundle, _ = hook_env.bundle_with_hook(tmp_path, document, [LOOP], "sleep 120", extra_env=settings)
+    os.mknod(bundle / "rootfs" / "tmp" / "kvm", stat.S_IFCHR | 0o666, os.makedev(10, 232))
+    os.mknod(bundle / "rootfs" / "tmp" / "loop0", stat.S_IFBLK | 0o666, os.makedev(7, 0))
+    with oci_env.detached_container(bundle, runc=runc) as container:
+        container.spec_dir = tmp_path / "cdi"
+        container.rootfs = bundle / "rootfs"
+        container.address = f"runc:{container.id}"
+        container.top = top
+        container.settings = settings
+        yield container
+
+
+def _what_it_has(c) -> tuple:
+    """The container as attach and detach may change it: its rootfs, its mounts, what it
+    may open, and what verify says it was given."""
+    opens = tuple(oci_env.open_in_container(c, path, "r").returncode == 0 for path in ("/tmp/kvm", "/tmp/loop0"))
+    rc, checks = _verify(c)
+    return oci_env.tree_snapshot(c.rootfs), env.mountinfo_of(c.pid), opens, rc, checks
+
+
+def _verify(c) -> tuple[int, list]:
+    done = env.cli(c.spec_dir, "verify", c.address, "--format", "json", env=c.settings)
+    assert done.returncode in (0, 1) and done.stdout, done.stderr
+    return done.returncode, sorted((x["device"], x["item"], x["ok"]) for x in json.loads(done.stdout))
+
+
+@pytest.mark.parametrize("fault", ["full", "readonly"])
+@pytest.mark.parametrize("action", ["attach", "detach-attached", "detach-given"])
+def test_an_attachment_record_that_cannot_be_written(running, fault, action):
+    """attach: the record is written last; it cannot be, so the nodes, mounts, loader cache
+    and device cgroup go back. detach: the record it will write is prepared before anything
+    is taken away, so it fails first. Each: one line naming the record and the error, the
+    container as it was. The one exception is a detach whose record is just removed, on a
+    full folder: a removal needs no space, it succeeds."""
+    c = running
+    records = c.top / "attachments"
+    with small_tmpfs(records, full=fault == "full", readonly=fault == "readonly") as spoil:
+        if action == "detach-attached":
+            done = env.cli(c.spec_dir, "attach", c.address, KVM, env=c.settings)
+            assert done.returncode == 0, done.stderr
+        else:  # the lock file is there (made as attach makes it: it only locks it later)
+            (records / f"{c.id}.lock").touch(mode=0o600)
+        spoil()
+        before = _what_it_has(c)
+        files_before = oci_env.tree_snapshot(records)
+        command, device = {"attach": ("attach", KVM), "detach-attached": ("detach", KVM),
+                           "detach-given": ("detach", LOOP)}[action]
+        done = env.cli(c.spec_dir, command, c.address, device, env=c.settings)
+        assert "Traceback" not in done.stderr, done.stderr
+        if action == "detach-attached" and fault == "full":
+            assert done.returncode == 0, done.stderr
+            assert not (records / f"{c.id}.json").exists()
+            oci_env.assert_refused(c, "/tmp/kvm", "r")
+            return
+        assert done.returncode == 1 and done.stdout == "", done
+        assert done.stderr.splitlines() == [done.stderr.strip()], done.stderr
+        assert f"{records}/{c.id}.json: cannot write the attachment record: {ERRORS[fault]}" in done.stderr, \
+            done.stderr
+        assert _what_it_has(c) == before
+        assert oci_env.tree_snapshot(records) == files_before  # no temp file left either
