@@ -1,6 +1,9 @@
 """Node faults (issue 27, item 4) under the records of moved network devices and of
 attachments: <state>/netdev and <state>/attachments each on a small tmpfs of their own,
-filled to the last byte or remounted read-only, with real runc.
+filled to the last byte or remounted read-only, with real runc; and a disk that fails
+(EIO): this kernel has no device-mapper for an `error` target, so the hook or the command
+runs under the seccomp filter of fault_env that fails every fsync with EIO, where a
+failing disk reports a buffered write (the records are written durably, fsync'd).
 
 Both records guard safety (without the netdev record poststop cannot tell the moved
 interface from one the container made; without the attachment record a device could be
@@ -25,10 +28,10 @@ import hook_env
 import oci_env
 import running_env as env
 from conftest import require, require_program
-from fault_env import small_tmpfs
+from fault_env import failing_syscalls, run_and_check, small_tmpfs, with_failing_syscalls
 from running_env import KVM, LOOP
 
-ERRORS = {"full": "No space left on device", "readonly": "Read-only file system"}
+ERRORS = {"full": "No space left on device", "readonly": "Read-only file system", "eio": "Input/output error"}
 
 
 def _state_root(tmp_path: Path) -> Path:
@@ -68,13 +71,24 @@ def _net_spec(tmp_path: Path, name: str) -> dict:
         "netDevices": [{"hostInterfaceName": name, "name": "cdi0"}]}}]}
 
 
-@pytest.mark.parametrize("fault", ["full", "readonly"])
+@contextlib.contextmanager
+def _spoiled(where: Path, fault: str):
+    """The folder on a full or a read-only tmpfs of its own (spoiled at once, nothing to keep
+    in it); for eio a plain folder (the filter fails the write)."""
+    if fault == "eio":
+        where.mkdir(mode=0o700)
+        yield
+        return
+    with small_tmpfs(where, full=fault == "full", readonly=fault == "readonly") as spoil:
+        spoil()
+        yield
+
+
+@pytest.mark.parametrize("fault", ["full", "readonly", "eio"])
 def test_a_netdev_record_that_cannot_be_written_fails_the_start_cleanly(runc, tmp_path, fault):
     """createRuntime moves the interface, then cannot record it: the start fails with one
     line naming the record and the error; the interface is back on the host as it was (name,
     state, MTU), the rootfs, the host's mounts and the state folder as they were."""
-    from test_faults import _run_and_check  # the faults' shared check: rootfs, mounts, one line
-
     top = _state_root(tmp_path)
     with _veth() as name:
         subprocess.run(["ip", "link", "set", name, "mtu", "1400"], check=True)
@@ -83,10 +97,11 @@ def test_a_netdev_record_that_cannot_be_written_fails_the_start_cleanly(runc, tm
                                               "echo RAN", rootfs=hook_env.glibc_like_rootfs(tmp_path / "bundle" / "rootfs"),
                                               extra_env={"CDI_HOOK_STATE_DIR": str(top / "held")})
         rootfs = bundle / "rootfs"
-        with small_tmpfs(top / "netdev", full=fault == "full", readonly=fault == "readonly") as spoil:
-            spoil()
+        if fault == "eio":
+            with_failing_syscalls(bundle, tmp_path, ["fsync"])
+        with _spoiled(top / "netdev", fault):
             before = oci_env.tree_snapshot(top)
-            stderr = _run_and_check(tmp_path, bundle, rootfs, "network device", ERRORS[fault])
+            stderr = run_and_check(tmp_path, bundle, rootfs, "network device", ERRORS[fault])
             assert oci_env.tree_snapshot(top) == before
         line = next(x for x in stderr.splitlines() if "cdi-hook" in x)
         assert f"recording the moved interfaces in {top}/netdev/" in line and ERRORS[fault] in line, stderr
@@ -150,6 +165,8 @@ def running(runc, tmp_path):
     top = _state_root(tmp_path)
     settings = {"CDI_HOOK_STATE_DIR": str(top / "held")}
     document, _ = env.spec(tmp_path)
+    document["devices"].append({"name": "null", "containerEdits": {  # a node alone: attach runs no ldconfig
+        "deviceNodes": [{"path": "/dev/cdi-null", "hostPath": "/dev/null"}]}})
     bundle, _ = hook_env.bundle_with_hook(tmp_path, document, [LOOP], "sleep 120", extra_env=settings)
     os.mknod(bundle / "rootfs" / "tmp" / "kvm", stat.S_IFCHR | 0o666, os.makedev(10, 232))
     os.mknod(bundle / "rootfs" / "tmp" / "loop0", stat.S_IFBLK | 0o666, os.makedev(7, 0))
@@ -176,28 +193,33 @@ def _verify(c) -> tuple[int, list]:
     return done.returncode, sorted((x["device"], x["item"], x["ok"]) for x in json.loads(done.stdout))
 
 
-@pytest.mark.parametrize("fault", ["full", "readonly"])
+@pytest.mark.parametrize("fault", ["full", "readonly", "eio"])
 @pytest.mark.parametrize("action", ["attach", "detach-attached", "detach-given"])
-def test_an_attachment_record_that_cannot_be_written(running, fault, action):
+def test_an_attachment_record_that_cannot_be_written(running, tmp_path, fault, action):
     """attach: the record is written last; it cannot be, so the nodes, mounts, loader cache
     and device cgroup go back. detach: the record it will write is prepared before anything
     is taken away, so it fails first. Each: one line naming the record and the error, the
     container as it was. The one exception is a detach whose record is just removed, on a
-    full folder: a removal needs no space, it succeeds."""
+    full folder: a removal needs no space, it succeeds. (eio attaches a node alone: the
+    filter would fail ldconfig's own fsync first.)"""
     c = running
     records = c.top / "attachments"
-    with small_tmpfs(records, full=fault == "full", readonly=fault == "readonly") as spoil:
+    with contextlib.ExitStack() as stack:
+        spoil = (lambda: None) if fault == "eio" else stack.enter_context(
+            small_tmpfs(records, full=fault == "full", readonly=fault == "readonly"))
         if action == "detach-attached":
             done = env.cli(c.spec_dir, "attach", c.address, KVM, env=c.settings)
             assert done.returncode == 0, done.stderr
         else:  # the lock file is there (made as attach makes it: it only locks it later)
+            records.mkdir(mode=0o700, exist_ok=True)
             (records / f"{c.id}.lock").touch(mode=0o600)
         spoil()
         before = _what_it_has(c)
         files_before = oci_env.tree_snapshot(records)
-        command, device = {"attach": ("attach", KVM), "detach-attached": ("detach", KVM),
-                           "detach-given": ("detach", LOOP)}[action]
-        done = env.cli(c.spec_dir, command, c.address, device, env=c.settings)
+        command, device = {"attach": ("attach", f"{env.VENDOR}=null" if fault == "eio" else KVM),
+                           "detach-attached": ("detach", KVM), "detach-given": ("detach", LOOP)}[action]
+        enter = failing_syscalls(tmp_path, ["fsync"]) if fault == "eio" else None
+        done = env.cli(c.spec_dir, command, c.address, device, env=c.settings, enter=enter)
         assert "Traceback" not in done.stderr, done.stderr
         if action == "detach-attached" and fault == "full":
             assert done.returncode == 0, done.stderr
