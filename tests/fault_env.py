@@ -45,7 +45,7 @@ def small_tmpfs(where: Path, *, size: str = "64k", full: bool = True, readonly: 
 
 
 SYSCALLS_X86_64 = {"mknodat": 259, "move_mount": 429, "mount_setattr": 442, "mount": 165, "bpf": 321,
-                   "fsync": 74}
+                   "fsync": 74, "rename": 82}
 
 SECCOMP_WRAPPER = r'''
 import ctypes, errno, os, struct, sys
