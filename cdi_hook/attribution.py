@@ -1,8 +1,8 @@
 """Who asked for each device: the kubelet, a pod author, the local administrator, or unknown.
 
 A config.json says which runtime built it and, for a Kubernetes container, which of its
-annotations the kubelet sent. The rules below follow the runtimes' own sources (README,
-"Who may ask for a device"); where the source cannot be told, the answer is "unknown",
+annotations the kubelet sent. The rules below follow the runtimes' own sources
+(docs/kubernetes/who-may-ask.md); where the source cannot be told, the answer is "unknown",
 which the default policy refuses (fail closed).
 
 CRI-O (internal/factory/container/container.go, SpecAddAnnotations): the pod's annotations

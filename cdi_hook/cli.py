@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "starts skip the per-file checks (a long-running service)"))
     # The systemd unit an older `install --watch --serve` wrote still runs `watch --serve`:
     # accepted and ignored (with a warning), so that unit keeps the watcher running after an
-    # upgrade; the injection server itself is gone (README, Speed).
+    # upgrade; the injection server itself is gone (docs/development/performance.md).
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--generate", metavar="FILE", help="instead: keep the spec of a `generate --from` FILE current "
                                                       "as devices appear and disappear under /dev (hotplug)")

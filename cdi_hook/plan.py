@@ -164,7 +164,7 @@ def _nodes(selection: Selection, process_uid: int, process_gid: int, stat_host: 
         if node.type in ("b", "c", "u"):
             # "u" (unbuffered) is a character device to the kernel and its device cgroup. The
             # reference writes rules for b and c only, leaving a "u" node unopenable under
-            # runc's default deny; cdi-hook allows it as "c" in both paths (README).
+            # runc's default deny; cdi-hook allows it as "c" in both paths (docs/reference/live-hook.md).
             rule_type = "c" if node.type == "u" else node.type
             rules.append(DeviceRule(origin, rule_type, node.major or 0, node.minor or 0, cgroup_access(node)))
             # every node the device names counts, also one a later device's node at the same

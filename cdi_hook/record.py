@@ -13,7 +13,9 @@ One file per container, `<state root>/containers/<id>.json`, through the state l
 after every step has succeeded and before the hook returns: a hook killed half-way leaves
 no record (the runtime fails the start and the hook's own undo ran, or the container
 never ran), never one that says more than was done. poststop removes it when its work is
-done. A container started by an older cdi-hook has no record: its later stages keep the
+done; a container whose config.json runs no poststop of cdi-hook's (`inject --mode hook`
+writes none for devices with nothing to do then) has its record removed by prune, from
+`cdi-hook stale` and the watcher, once it is gone. A container started by an older cdi-hook has no record: its later stages keep the
 older behaviour (re-resolving the specs) and say so in the log.
 
 Records are namedtuples and lists, not dataclasses: poststart and poststop read one on
@@ -43,9 +45,11 @@ POST_STAGES = ("poststart", "poststop")
 # What one container got. items: the plan's items as JSON lists (see _items); work: the
 # later stages that have something to do, for poststart/poststop to return at once otherwise.
 # config: the identity of the bundle's config.json when the record was made (device, inode,
-# mtime, size): a later container under the same id and bundle has another.
+# mtime, size): a later container under the same id and bundle has another. entries: the
+# later stages config.json runs cdi-hook's hook at (post_entries); None in records written
+# before it was kept, which are treated as having both.
 Record = namedtuple("Record", ["container", "pid", "start_time", "bundle", "devices", "sources", "items", "work",
-                               "config"])
+                               "config", "entries"], defaults=(None,))
 
 
 def folder(settings: Settings | None = None) -> str:
@@ -65,7 +69,7 @@ def _where(container_id: str) -> tuple[str, str]:
 
 def from_plan(plan: Plan, container_id: str, pid: int, start_time: int | None, bundle: str,
               sources: dict[str, str], holds: Iterable[tuple[str, Iterable[str]]],
-              made: Report | None = None) -> Record:
+              made: Report | None = None, entries: list[str] | None = None) -> Record:
     """The record of a container given plan at createRuntime. made: the worker's report of
     what it made (each mount's id and source identity, each node created or found, and
     what it replaced); None when there was no rootfs work. holds: (device, its hold keys)
@@ -73,7 +77,33 @@ def from_plan(plan: Plan, container_id: str, pid: int, start_time: int | None, b
     items = items_of(plan, made)
     items["holds"] = [[device, list(keys)] for device, keys in holds]
     return Record(container_id, pid, start_time, bundle, list(plan.devices), dict(sources), items,
-                  work_of(items), config_identity(bundle))
+                  work_of(items), config_identity(bundle), entries)
+
+
+def post_entries(config_raw: dict) -> list[str]:
+    """The later stages config.json runs cdi-hook's hook at: the runtime merged install's
+    hooks.d files in, or `inject --mode hook` wrote only the stages the devices needed
+    (needed_stages). A record whose container has no poststop entry is removed by prune
+    once the container is gone, since no poststop will come for it."""
+    from cdi_hook.hook_entry import entry_command, is_cdi_hook_argv
+
+    hooks = config_raw.get("hooks")
+    found = []
+    for stage in POST_STAGES:
+        entries = hooks.get(stage) if isinstance(hooks, dict) else None
+        if isinstance(entries, list) and any(
+                isinstance(e, dict) and is_cdi_hook_argv(e.get("args"))
+                and entry_command(e["args"])[:3] == ["hook", "--stage", stage] for e in entries):
+            found.append(stage)
+    return found
+
+
+def needed_stages(plan: Plan, exclusive: bool) -> list[str]:
+    """The later stages a container given plan will have work at (work_of, decided from the
+    plan before the container exists): what `inject --mode hook` writes entries for.
+    exclusive: the policy holds some of its devices (released at poststop)."""
+    return work_of({"hooks": {stage: plan.hooks_at(stage) for stage in POST_STAGES},
+                    "net_devices": plan.net_devices, "rdt": plan.intel_rdt, "holds": exclusive})
 
 
 def config_identity(bundle: str) -> list[int] | None:
@@ -219,8 +249,10 @@ def _parse(document: object, where: str, container_id: str | None = None) -> Rec
     try:
         if not isinstance(document, dict) or document.get("version") != VERSION:
             raise ValueError("version")
-        record = Record(**{field: document[field] for field in Record._fields})
-        if (not isinstance(record.container, str) or (container_id is not None and record.container != container_id)
+        record = Record(**{field: document[field] for field in Record._fields if field != "entries"},
+                        entries=document.get("entries"))
+        if (not isinstance(record.container, str) or not isinstance(record.entries, (list, type(None)))
+                or (container_id is not None and record.container != container_id)
                 or not isinstance(record.devices, list) or not isinstance(record.items, dict)
                 or not isinstance(record.work, list) or not isinstance(record.sources, dict)):
             raise ValueError("shape")
@@ -277,6 +309,22 @@ def all_records() -> list[tuple[Record | None, str]]:
     return found
 
 
+def awaits_poststop(record: Record) -> bool:
+    """Whether a poststop of cdi-hook's will come for the record's container (and remove it)."""
+    return record.entries is None or "poststop" in record.entries
+
+
+def prune() -> list[str]:
+    """Remove the records of containers that are gone and that no poststop will come for
+    (awaits_poststop); the ids removed. Records a poststop will read are left to it."""
+    removed = []
+    for found, _ in all_records():
+        if found is not None and not awaits_poststop(found) and not is_alive(found):
+            remove(found.container, only=found)
+            removed.append(found.container)
+    return removed
+
+
 # --- containers edited before creation (precreate, inject --mode edits) -----------------
 
 def with_edited_devices(found: Record | None, resolved: list[tuple[str, Plan]], config_raw: dict, pid: int,
@@ -327,7 +375,7 @@ def with_edited_devices(found: Record | None, resolved: list[tuple[str, Plan]], 
     if found is not None:
         bundle = found.bundle  # the runtime's spelling, which poststop compares
     return Record(container_id, pid, start_time, bundle, devices, found.sources if found is not None else {}, items,
-                  work_of(items), config_identity(bundle))
+                  work_of(items), config_identity(bundle), post_entries(config_raw))
 
 
 def _char(node_type: object) -> object:

@@ -1,6 +1,6 @@
 """config.json annotations built the way each runtime builds them for a Kubernetes container.
 
-The order of each builder is the runtime's own (README, "Who may ask for a device"):
+The order of each builder is the runtime's own (docs/kubernetes/who-may-ask.md):
 
 CRI-O, internal/factory/container/container.go SpecAddAnnotations: the pod's annotations,
 then CRI-O's keys (io.kubernetes.cri-o.Annotations: json.Marshal of the kubelet's

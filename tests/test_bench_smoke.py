@@ -33,17 +33,19 @@ def test_report_names_every_benchmark_and_target():
     assert f"| {bench.HOOK_ONE} | 31.0 (30.0 / 32.0) | +20.0 (+20.0 / +20.0) |" in text
     assert "| runc: cdi-hook createRuntime alone / ONE empty Python hook's (-c) | 2.00 |" in text
     assert "<= 2.0 | yes |" in text
-    assert "| runc: cdi-hook as installed (3 stages) / ONE empty Python hook's (-c) | 2.80 |" in text
+    assert "| runc: cdi-hook as `install` installs it (hooks.d, 3 stages) / ONE empty Python hook's (-c) | 2.80 |" in text
     assert "<= 2.5 | **no** |" in text
-    assert ("| runc: one post stage, nothing recorded for it ((as installed - createRuntime alone) / 2) / ONE "
+    assert ("| runc: cdi-hook as `inject --mode hook` installs it (createRuntime alone) / ONE empty Python hook's "
+            "(-c) | 2.00 |") in text
+    assert ("| runc: one post stage, nothing recorded for it ((3 stages - createRuntime alone) / 2) / ONE "
             "empty Python hook's (-c) | 0.40 |") in text
-    assert "| runc: cdi-hook as installed / the empty hook at the same three stages (no target) | 0.93 |" in text
+    assert "| runc: cdi-hook at 3 stages / the empty hook at the same three stages (no target) | 0.93 |" in text
     assert f"| podman: {bench.PODMAN_LIVE} / native --device | 1.09 |" in text
     assert "| 10,000 | 80.0 (80.0 / 80.0) | 46.0 (46.0 / 46.0) | 3000.0 (3000.0 / 3000.0) | 15.6 / 253.9 | 4.0 / 12.7 |" in text
     assert "| scale: hook at 10,000 spec files / at 1, with the watcher | 1.15 |" in text
     assert "| watch: an in-place edit seen (s, slowest) | 0.00 |" in text
     assert "| memory: peak RSS of the hook (MiB) | 16.00 |" in text
-    assert "served" not in text  # the resident server's way was removed (README Speed)
+    assert "served" not in text  # the resident server's way was removed (docs/development/performance.md)
     assert "steps (median ms): resolve 1.00, worker 5.00" in text
     assert "1.3 ms in all, of which cdi_hook's modules 1.1 ms; the largest: cdi_hook.oci 0.80, cdi_hook 0.30" in text
     assert "runpy" not in text  # the -c entry install writes imports none of it

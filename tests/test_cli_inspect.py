@@ -179,7 +179,7 @@ def test_show_unknown_device_is_one_line_error(capsys, spec_dir):
 
 @pytest.mark.slow
 def test_validate_speed_1000_specs(capsys, tmp_path):
-    """The README figure's check: 1,000 specs x 10 devices validated in under 2 s of CPU."""
+    """The performance page's figure (docs/development/performance.md), checked: 1,000 specs x 10 devices validated in under 2 s of CPU."""
     d = tmp_path / "many"
     generate(str(d), files=1000, devices=10)
     started = time.process_time()

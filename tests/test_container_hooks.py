@@ -4,7 +4,7 @@ Each recording hook finds the rootfs through the bundle in the OCI state on its 
 NVIDIA's nvidia-cdi-hook does), writes what it saw into a file it creates there, and makes a
 symlink the container then reads. The same spec through `cdi-hook inject --mode edits` lets
 runc run the hooks itself: both records are compared field by field; the differences are
-the ones README ("What a live hook can and cannot do") names.
+the ones docs/reference/live-hook.md names.
 """
 
 from __future__ import annotations

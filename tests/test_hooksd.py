@@ -32,7 +32,7 @@ def no_carried_settings(monkeypatch):
 REPO = Path(__file__).resolve().parent.parent
 OCI_STAGES = {"prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop"}
 EXTENSION_STAGES = {"precreate"}  # Podman's; CRI-O knows none
-PLACEHOLDER_PYTHON = "/opt/cdi-hook/bin/python3"  # the repo files' interpreter; README says to replace it
+PLACEHOLDER_PYTHON = "/opt/cdi-hook/bin/python3"  # the repo files' interpreter; docs/operators/install.md says install writes the real one
 
 
 def oci_hooks_errors(definition) -> list[str]:

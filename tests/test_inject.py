@@ -118,7 +118,9 @@ def test_hook_mode_adds_annotation_and_live_hook_entries(bundle, spec_dir):
     assert config["annotations"][INJECT_ANNOTATION] == "vendor.com/class=zero,vendor.com/class=null"
     assert "devices" not in config["linux"]  # the live hook does the work
     python = os.path.abspath(sys.executable)
-    for stage in ("createRuntime", "poststart", "poststop"):
+    # nothing to do after the start for these devices: no post entry, no interpreter started for one
+    assert set(config["hooks"]) == {"createRuntime"}
+    for stage in ("createRuntime",):
         entries = config["hooks"][stage]
         assert len(entries) == 1, stage  # not added twice
         assert entries[0]["path"] == python
@@ -126,6 +128,35 @@ def test_hook_mode_adds_annotation_and_live_hook_entries(bundle, spec_dir):
                                       stage]
         assert entries[0]["env"] == ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", f"CDI_SPEC_DIRS={spec_dir}"]
     assert not {"prestart", "createContainer", "startContainer"} & set(config["hooks"])
+
+
+LATER_WORK = {
+    "poststart hook": ({"hooks": [{"hookName": "poststart", "path": "/bin/true"}]}, None, ["poststart"]),
+    "poststop hook": ({"hooks": [{"hookName": "poststop", "path": "/bin/true"}]}, None, ["poststop"]),
+    "network device": ({"netDevices": [{"hostInterfaceName": "cdi-x0", "name": "eth9"}]}, None, ["poststop"]),
+    "exclusive in the policy": ({"env": ["X=1"]}, "exclusive", ["poststop"]),
+    "nothing later": ({"env": ["X=1"]}, None, []),
+}
+
+
+@pytest.mark.parametrize("case", LATER_WORK)
+def test_hook_mode_writes_the_later_stages_the_devices_have_work_at(bundle, tmp_path, monkeypatch, case):
+    """inject --mode hook writes createRuntime and only the later stages the plan has work at
+    (record.needed_stages, the same rule the record's work follows): a later stage with
+    nothing to do would start an interpreter on every start for nothing."""
+    edits, policy, stages = LATER_WORK[case]
+    monkeypatch.setenv("CDI_HOOK_INSECURE_SPECS", "1")
+    write_spec(tmp_path / "later", "later.json", {"cdiVersion": "1.1.0", "kind": "vendor.com/later",
+                                                  "devices": [{"name": "d", "containerEdits": edits}]})
+    if policy:
+        path = tmp_path / "policy.yaml"
+        path.write_text('version: "1"\nexclusive: [vendor.com/later=d]\n')
+        os.chmod(path, 0o600)
+        monkeypatch.setenv("CDI_HOOK_POLICY", str(path))
+    assert inject(bundle, str(tmp_path / "later"), "vendor.com/later=d", mode="hook") == 0
+    hooks = config_of(bundle)["hooks"]
+    assert sorted(hooks) == sorted(["createRuntime", *stages])
+    assert all(hooks[stage][0]["args"][-1] == stage for stage in hooks)
 
 
 def test_hook_mode_keeps_an_entry_an_older_version_wrote_with_dash_m(spec_dir):

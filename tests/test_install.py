@@ -208,7 +208,7 @@ def _directives(text: str) -> set[str]:
 
 def test_install_watch_writes_the_confined_unit_and_replaces_an_older_serving_one(tmp_path, capsys):
     """--watch writes the confined unit. The unconfined, serving unit of an older install (the
-    resident server was removed, README Speed) has the same file name and mark: install
+    resident server was removed, docs/development/performance.md) has the same file name and mark: install
     --watch replaces it, uninstall --watch removes it."""
     hooks, units = str(tmp_path / "hooks.d"), tmp_path / "systemd"
     assert main(["install", "--hooks-dir", hooks, "--watch", "--systemd-dir", str(units)]) == 0

@@ -258,3 +258,47 @@ def test_container_edited_before_creation_gets_its_record_when_first_needed(runc
         # The node and its cgroup rule are config.json's, which runc made and keeps: detach
         # never removes a node linux.devices lists, and says the rule stays.
         assert "b 7:0 stays allowed" in done.stdout, done.stdout
+
+
+def test_inject_without_later_work_writes_no_post_entry_and_stale_prunes_its_record(runc, tmp_path):
+    """`inject --mode hook` for a device with nothing to do after the start writes only the
+    createRuntime entry (no interpreter at poststart or poststop). The record still says what
+    the container got while it runs (verify reads it); once the container is gone, no
+    poststop removes it, and `cdi-hook stale` does. A record that a poststop will still read
+    (the container's config.json runs one) is left to it."""
+    spec_dir = tmp_path / "cdi"
+    oci_env.write_spec(spec_dir, "test.json", {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [
+        {"name": "null", "containerEdits": {"deviceNodes": [{"path": "/dev/cdi-null", "hostPath": "/dev/null"}]}}]})
+    bundle = oci_env.make_bundle(tmp_path / "bundle", ["sleep", "120"], rootfs=hook_env.glibc_like_rootfs(
+        tmp_path / "bundle" / "rootfs"))
+    done = env.cli(spec_dir, "inject", "--bundle", str(bundle), "--device", f"{hook_env.VENDOR}=null", "--mode", "hook")
+    assert done.returncode == 0, done.stderr
+    assert set(json.loads((bundle / "config.json").read_text())["hooks"]) == {"createRuntime"}
+    records = Path(os.environ["CDI_HOOK_STATE_DIR"]).parent / "containers"
+    with oci_env.detached_container(bundle, runc=runc) as c:
+        assert c.exec(["sh", "-c", "test -c /dev/cdi-null && echo x > /dev/cdi-null"]).returncode == 0
+        record_file = records / f"{c.id}.json"
+        assert record_file.exists()
+        rc, checks = env.verify_json(spec_dir, f"runc:{c.id}")
+        assert rc == 0 and checks, checks
+        kept = env.cli(spec_dir, "stale")  # running: kept (other tests' ended containers' may go)
+        assert kept.returncode == 0 and record_file.exists(), kept
+    assert record_file.exists()  # runc deleted the container; no poststop of ours ran
+    # A gone container whose config.json ran a poststop entry: its record waits for it.
+    waiting = records / "cdi-test-awaits-poststop.json"
+    data = record_file.read_bytes()
+    document = json.loads(data[data.index(b"\n") + 1:])
+    from cdi_hook import state
+    fd = os.open(records, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        state.write_record(fd, waiting.name, dict(document, container="cdi-test-awaits-poststop",
+                                                  entries=["poststop"]))
+    finally:
+        os.close(fd)
+    try:
+        pruned = env.cli(spec_dir, "stale")
+        assert pruned.returncode == 0, pruned
+        assert "removed the records of " in pruned.stderr, pruned.stderr
+        assert not record_file.exists() and waiting.exists()
+    finally:
+        waiting.unlink(missing_ok=True)

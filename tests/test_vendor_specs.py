@@ -16,8 +16,7 @@ the stand-in vendor hook (tests/vendor/nvidia-cdi-hook, as `nvidia-cdi-hook` and
 
 and what the probe reports (nodes, links, modes, mounted files and their mounts, the
 vendor hook's ld.so.conf.d drop-ins, the loader cache as soname -> path) must be equal.
-The allowed differences, on the live paths only: the spec's env is not set (README "What a
-live hook can and cannot do"); the vendor's update-ldcache writes no 00-nvcr-*.conf for a
+The allowed differences, on the live paths only: the spec's env is not set (docs/reference/live-hook.md); the vendor's update-ldcache writes no 00-nvcr-*.conf for a
 folder cdi-hook's own ldconfig step already listed in 00-cdi-hook.conf (the toolkit skips
 configured folders), so the configured set of folders (ld-dirs) is compared instead. The stand-in logs each run: the tests check it ran once per
 hook, in the same order on every path, inside the container's mount namespace, and saw
@@ -47,7 +46,7 @@ from conftest import require, require_program
 VENDOR_DIR = Path(__file__).resolve().parent / "vendor"
 STAND_IN = VENDOR_DIR / "nvidia-cdi-hook"
 IMAGE = "localhost/cdi-hook-vendortest-" + uuid.uuid4().hex[:8]
-# On this VM crun refuses the hybrid cgroups and root lacks CAP_SYS_RESOURCE (README Podman).
+# On this VM crun refuses the hybrid cgroups and root lacks CAP_SYS_RESOURCE (docs/operators/podman.md).
 PODMAN_RUN = ["run", "--rm", "--runtime", "runc", "--network", "none",
               "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 WAYS = ("runc-edits", "runc-hook", "podman-hook", "podman-precreate")

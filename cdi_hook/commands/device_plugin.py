@@ -2,7 +2,7 @@
 
 On a Kubernetes node whose runtime only runs hooks, a container gets a CDI device when the
 kubelet sets a `cdi.k8s.io/` annotation on it, and the kubelet does that only for what a
-device plugin's Allocate answer carries (README, "Who may ask for a device"). This command
+device plugin's Allocate answer carries (docs/kubernetes/who-may-ask.md). This command
 is that device plugin:
 
 * One extended resource per CDI kind found in the spec dirs (`vendor.com/class`), but for

@@ -191,7 +191,7 @@ def check_runtimes(report: Report) -> dict[str, str]:
             continue
         found[name] = path
         report.add(f"runtime {name}", OK, f"{_version(path)} ({path})" +
-                   ("; containerd 1.6 runs no hooks.d files: use the runc wrapper (README: containerd)"
+                   ("; containerd 1.6 runs no hooks.d files: use the runc wrapper (docs/operators/containerd-docker.md)"
                     if name == "containerd" else ""))
     if not {"podman", "crio", "runc"} & set(found):
         report.add("runtimes", WARN, "none of podman, crio, runc found on PATH", "install a runtime that runs OCI hooks")
@@ -229,7 +229,7 @@ def check_native_cdi(report: Report, runtimes: dict, views: dict, files: dict[st
                        "hooks run twice)",
                        "leave the kubelet's requests to CRI-O: `cdi-hook uninstall --hooks-dir DIR` for CRI-O's "
                        "hooks dir, unless you need cdi-hook's policy, exclusive devices or attach/verify there "
-                       "(README: CRI-O)")
+                       "(docs/operators/crio.md)")
 
 
 def _version(path: str) -> str:

@@ -93,8 +93,11 @@ def read_bundle_config(bundle: str) -> tuple[str, bytes, dict]:
     return path, raw, config
 
 
-def add_hook_request(config: dict, names: list[str], spec_dirs: Sequence[str] | None) -> dict:
-    """A copy of config that asks the live hook for names: the annotation plus hook entries."""
+def add_hook_request(config: dict, names: list[str], spec_dirs: Sequence[str] | None,
+                     later_stages: Sequence[str] = ("poststart", "poststop")) -> dict:
+    """A copy of config that asks the live hook for names: the annotation plus hook entries,
+    at createRuntime and at the later_stages (record.needed_stages: a later stage with
+    nothing to do costs every start an interpreter otherwise)."""
     from cdi_hook.hook_entry import LIVE_HOOK_STAGES, live_hook_entry
 
     edited = copy.deepcopy(config)
@@ -109,6 +112,8 @@ def add_hook_request(config: dict, names: list[str], spec_dirs: Sequence[str] | 
     if not isinstance(hooks, dict):
         raise CdiError("config.json: hooks is not a JSON object")
     for stage in LIVE_HOOK_STAGES:
+        if stage != "createRuntime" and stage not in later_stages:
+            continue
         entry = live_hook_entry(stage, spec_dirs=spec_dirs)
         entries = hooks.get(stage)
         if entries is None:
@@ -154,8 +159,14 @@ def cmd_inject(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int
         _refuse_counted(policy.load(), container_plan)
         edited = config_editor.apply_plan(config, container_plan)
     else:
-        _plan_for(config, names, spec_dirs)  # refuse unknown devices now, not at container start
-        edited = add_hook_request(config, names, spec_dirs)
+        from cdi_hook import policy, record
+
+        # unknown devices refused now, not at container start; only the later stages the
+        # devices have work at get an entry (a record that no poststop will remove is
+        # removed by `cdi-hook stale` or the watcher once the container is gone)
+        later = record.needed_stages(_plan_for(config, names, spec_dirs),
+                                     bool(policy.exclusive_devices(policy.load(), names)))
+        edited = add_hook_request(config, names, spec_dirs, later)
 
     st = os.stat(path)
     mode = st.st_mode & 0o7777

@@ -95,7 +95,7 @@ def _inject_holding(exclusive: list[str], stage: str, container_plan: Plan, stat
 
     if not exclusive:
         inject.run_stage(stage, container_plan, state, config, log,
-                         before_commit=lambda made: _save_record(container_plan, state, log, [], made))
+                         before_commit=lambda made: _save_record(container_plan, state, config, log, [], made))
         return
     from cdi_hook.errors import CdiError, HookError
     from cdi_hook.live import holds
@@ -106,7 +106,7 @@ def _inject_holding(exclusive: list[str], stage: str, container_plan: Plan, stat
     taken = holds.hold(held, state.id, state.pid, dict(container_plan.shares))
     try:
         inject.run_stage(stage, container_plan, state, config, log,
-                         before_commit=lambda made: _save_record(container_plan, state, log, held, made))
+                         before_commit=lambda made: _save_record(container_plan, state, config, log, held, made))
     except BaseException:
         try:
             holds.release(taken, state.id)
@@ -115,8 +115,8 @@ def _inject_holding(exclusive: list[str], stage: str, container_plan: Plan, stat
         raise
 
 
-def _save_record(container_plan: Plan, state: State, log: ContainerLog, holds: list[tuple[str, tuple[str, ...]]],
-                 made: Report | None) -> None:
+def _save_record(container_plan: Plan, state: State, config: Config, log: ContainerLog,
+                 holds: list[tuple[str, tuple[str, ...]]], made: Report | None) -> None:
     """The container's record, after every step succeeded and before the undo journal is
     dropped: what later stages and commands read instead of today's specs. A record that
     cannot be written (a full or read-only state folder) fails the start with one line and
@@ -126,8 +126,16 @@ def _save_record(container_plan: Plan, state: State, log: ContainerLog, holds: l
     from cdi_hook.containers import process_start_time
 
     with log.step("record"):
-        record.save(record.from_plan(container_plan, state.id, state.pid, process_start_time(state.pid),
-                                     state.bundle, log.fields.get("sources", {}), holds, made))
+        given = record.from_plan(container_plan, state.id, state.pid, process_start_time(state.pid), state.bundle,
+                                 log.fields.get("sources", {}), holds, made, record.post_entries(config.raw))
+        record.save(given)
+    missing = [stage for stage in given.work if stage not in given.entries]
+    if missing:
+        # inject --mode hook wrote entries for the stages the devices needed then; the
+        # specs (or the policy's exclusive devices) changed since, or a hand-written config
+        # left them out. The start goes on: what those stages would do is not needed for it.
+        log.warning(f"{', '.join(container_plan.devices)}: work at {', '.join(missing)} but config.json runs no "
+                    f"cdi-hook entry there (the specs changed since `cdi-hook inject`?); edit the bundle again")
 
 
 def _later_stage_from_record(stage: str, state: State) -> bool:

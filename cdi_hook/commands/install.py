@@ -215,7 +215,7 @@ def watch_unit(python: str, spec_dirs: list[str] | None, settings: dict[str, str
             raise CdiError(f"cannot write {item!r} into a systemd unit (quotes, spaces, %, $ or newlines)")
     return f"""{UNIT_MARK}
 # cdi-hook's spec watcher: keeps the compiled CDI spec cache current, so a container start
-# checks one generation file instead of stat()ing every spec file (README: `cdi-hook watch`).
+# checks one generation file instead of stat()ing every spec file (docs/operators/watch.md).
 # The hooks stay correct without it: they fall back to checking every file.
 # Then: systemctl daemon-reload && systemctl enable --now cdi-hook-watch
 [Unit]

@@ -53,6 +53,9 @@ if TYPE_CHECKING:
 NO_TRUST = bytes(16)  # the generation written while the watcher cannot vouch for the files
 DEBOUNCE_S = 0.05  # a rebuild starts once the files were quiet this long...
 MAX_DELAY_S = 1.0  # ...or this long after the first change it covers
+# Records of containers that ended with no poststop of cdi-hook's to come (inject --mode hook
+# writes none for devices with nothing to do then) are removed this often (record.prune).
+PRUNE_INTERVAL_S = 60.0
 SELF_EVENTS = ino.IN_DELETE_SELF | ino.IN_MOVE_SELF | ino.IN_IGNORED | ino.IN_UNMOUNT
 DIR_MASK = (ino.IN_CREATE | ino.IN_DELETE | ino.IN_MOVED_FROM | ino.IN_MOVED_TO | ino.IN_MODIFY
             | ino.IN_CLOSE_WRITE | ino.IN_ATTRIB | ino.IN_DELETE_SELF | ino.IN_MOVE_SELF | ino.IN_ONLYDIR)
@@ -331,7 +334,7 @@ class Watcher:
             poller.register(self.inotify.fileno(), select.POLLIN)
             poller.register(mount_table.fileno(), select.POLLPRI | select.POLLERR)
             watchdog = _watchdog_interval()
-            next_beat = time.monotonic()
+            next_beat = next_prune = time.monotonic()
             while True:
                 now = time.monotonic()
                 if self.rebuild_due(now):
@@ -345,6 +348,9 @@ class Watcher:
                     if watchdog:
                         sd_notify("WATCHDOG=1")
                     next_beat = now + cache.HEARTBEAT_NS / 1e9
+                    if now >= next_prune:
+                        prune_records()
+                        next_prune = now + PRUNE_INTERVAL_S
                 wait = next_beat - now
                 if self.dirty_since is not None and self.child is None:
                     wait = min(wait, max(0.0, min(self.last_change + DEBOUNCE_S, self.dirty_since + MAX_DELAY_S) - now))
@@ -368,6 +374,20 @@ class Watcher:
             mount_table.close()
             for s, handler in zip((signal.SIGTERM, signal.SIGINT), old_handlers):
                 signal.signal(s, handler)
+
+
+def prune_records() -> None:
+    """record.prune, said in the watcher's log; a records folder that went wrong is said too,
+    and watching goes on."""
+    from cdi_hook import record
+
+    try:
+        removed = record.prune()
+    except CdiError as error:
+        log(f"pruning container records: {error}")
+        return
+    if removed:
+        log(f"removed the records of {len(removed)} ended container(s) no poststop comes for")
 
 
 def rebuild(generation: bytes, dirs: tuple[str, ...]) -> None:
