@@ -164,8 +164,10 @@ def cmd_inject(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int
         # unknown devices refused now, not at container start; only the later stages the
         # devices have work at get an entry (a record that no poststop will remove is
         # removed by `cdi-hook stale` or the watcher once the container is gone)
-        later = record.needed_stages(_plan_for(config, names, spec_dirs),
-                                     bool(policy.exclusive_devices(policy.load(), names)))
+        container_plan = _plan_for(config, names, spec_dirs)
+        # held by the live hook, given back at poststop: the policy's exclusive devices and the shareable ones
+        held = container_plan.counted(policy.exclusive_devices(policy.load(), names))
+        later = record.needed_stages(container_plan, bool(held))
         edited = add_hook_request(config, names, spec_dirs, later)
 
     st = os.stat(path)
