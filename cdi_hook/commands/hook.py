@@ -134,8 +134,9 @@ def _save_record(container_plan: Plan, state: State, config: Config, log: Contai
         # inject --mode hook wrote entries for the stages the devices needed then; the
         # specs (or the policy's exclusive devices) changed since, or a hand-written config
         # left them out. The start goes on: what those stages would do is not needed for it.
-        log.warning(f"{', '.join(container_plan.devices)}: work at {', '.join(missing)} but config.json runs no "
-                    f"cdi-hook entry there (the specs changed since `cdi-hook inject`?); edit the bundle again")
+        log.warning(f"{', '.join(container_plan.devices)}: {config.path} runs no cdi-hook entry at {', '.join(missing)}, "
+                    "where these devices have work (spec hooks, interfaces to send home, holds to give back); it will "
+                    "not be done: run `cdi-hook inject --mode hook` on the bundle again, or install every hooks.d file")
 
 
 def _later_stage_from_record(stage: str, state: State) -> bool:
