@@ -30,6 +30,7 @@ import signal
 import stat
 import subprocess
 import tarfile
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -363,21 +364,39 @@ def test_pod_authors_request_is_refused_and_the_error_reaches_crictl(pods):
 
 
 def test_kubelet_request_beside_crio_native_cdi(pods):
-    """What happens when CRI-O's own CDI and cdi-hook both apply the kubelet's request: CRI-O
-    writes the device's node, mount and spec hooks into config.json before the runtime
-    starts; cdi-hook, at createRuntime, finds the node and the mount already there. The
-    container sees each once (one node, one mount in its mountinfo). The spec's own hooks
-    are not the container's to see, and they do run twice: once from config.json (CRI-O's
-    injection), once from cdi-hook (doctor warns of this set-up)."""
+    """What happens when CRI-O's own CDI and cdi-hook both apply the kubelet's request (both
+    read the same spec dir): CRI-O writes the devices' nodes, cgroup rules, mount, env and
+    spec hooks into config.json before runc creates the container; cdi-hook, at
+    createRuntime, finds each node and the mount already there and leaves them alone, and
+    writes a rule the cgroup already has. The container sees each once: one node per device,
+    one mount, one cgroup rule, the variable once (CRI-O's: a live hook cannot set env, and
+    says so in its log line), and the device cgroup opens kvm; verify holds. The spec's own
+    hooks are not the container's to see, and they do run twice: once from config.json
+    (CRI-O's injection), once from cdi-hook (doctor warns of this set-up)."""
+    require(os.path.exists("/dev/kvm"), "needs /dev/kvm")
     crio = pods
     crio.spec_hooks.unlink(missing_ok=True)
     pod = crio.pod()
-    cid = crio.running(pod, {"cdi.k8s.io/gpu": f"{KIND}=dev"})
-    seen = crio.exec(cid, "ls /dev | grep -c '^cdi-zero$'; grep -c ' /etc/cdi-data.txt ' /proc/self/mountinfo")
-    assert seen.split() == ["1", "1"], seen
+    cid = crio.running(pod, {"cdi.k8s.io/gpu": f"{KIND}=dev,{KVM}"})
+    seen = crio.exec(cid, "ls /dev | grep -c '^cdi-zero$'; ls /dev | grep -c '^cdi-kvm$'; "
+                          "grep -c ' /etc/cdi-data.txt ' /proc/self/mountinfo; "
+                          "grep -c '^c 10:232 rwm$' /sys/fs/cgroup/devices/devices.list; "
+                          "tr '\\0' '\\n' < /proc/1/environ | grep -c '^CDI_CRIO_DEV=1$'")
+    assert seen.split() == ["1", "1", "1", "1", "1"], seen
+    assert _open(crio, cid, "/dev/cdi-kvm").returncode == 0
     config = json.loads((crio.top / "runroot" / "overlay-containers" / cid / "userdata" / "config.json").read_text())
-    assert [d["path"] for d in config["linux"]["devices"] if d["path"] == "/dev/cdi-zero"] == ["/dev/cdi-zero"]
+    assert [d["path"] for d in config["linux"]["devices"] if d["path"].startswith("/dev/cdi-")] == \
+        ["/dev/cdi-zero", "/dev/cdi-kvm"]   # CRI-O's injection
+    assert [m["destination"] for m in config["mounts"] if m["destination"] == "/etc/cdi-data.txt"] == \
+        ["/etc/cdi-data.txt"]
+    assert config["process"]["env"].count("CDI_CRIO_DEV=1") == 1
     assert len(config["hooks"]["poststart"]) == 2   # CRI-O's copy of the spec hook, and cdi-hook's entry
+    [created] = [line for line in crio.hook_log(cid) if line["stage"] == "createRuntime"]
+    assert created["devices"] == [f"{KIND}=dev", KVM] and "error" not in created, created
+    assert created["warnings"] == [f"{KIND}=dev: environment variables CDI_CRIO_DEV cannot be applied by a live "
+                                   "hook; use `cdi-hook precreate` or `cdi-hook inject --mode edits` for them"]
+    verified = crio.cli("verify", f"crio:{cid}")
+    assert verified.returncode == 0 and verified.stdout == f"crio:{cid}: 5 checks hold\n", verified
     crio.remove_pods()
     ran = crio.spec_hooks.read_text().splitlines()
     assert [line.split()[0] for line in ran] == ["poststart", "poststart", "poststop", "poststop"], ran
@@ -539,3 +558,34 @@ def test_net_device_moved_into_a_pod_and_home_when_its_container_is_removed(pods
         subprocess.run(["ip", "link", "del", host_end], capture_output=True, timeout=30)
         spec.unlink()
     assert host_end not in _links() and host_end + "p" not in _links()
+
+
+def test_device_plugin_allocation_reaches_a_crio_container(pods, tmp_path):
+    """`cdi-hook device-plugin` as the DaemonSet runs it, against the test kubelet of
+    test_device_plugin.py: registered and listed, the kubelet's Allocate answer's
+    annotations become the container config's annotations given to CRI-O (what the kubelet
+    does with them), and the container has both devices, through CRI-O's own CDI and
+    cdi-hook (logged as the kubelet's)."""
+    from test_device_plugin import HEALTHY_ALL, KIND as DP_KIND, Node, registered
+
+    crio = pods
+    socket_dir = Path(tempfile.mkdtemp(prefix="cdi-dp-", dir="/tmp"))   # a unix socket path is short
+    node = Node(tmp_path, socket_dir)
+    node.spec_dir = crio.spec_dir   # the node's spec dir: the plugin's, CRI-O's and the hook's
+    try:
+        node.start()
+        registered(node)
+        node.kubelet.wait_for(DP_KIND, HEALTHY_ALL)
+        [answer] = node.allocate(["node0", "zero"]).container_responses
+        annotations = dict(answer.annotations)
+        assert list(annotations.values()) == [f"{DP_KIND}=node0,{DP_KIND}=zero"]
+        cid = crio.running(crio.pod(), annotations)
+        assert crio.exec(cid, "test -c /dev/cdi-dp0 && echo written > /dev/cdi-dp0 && "
+                              "head -c 3 /dev/cdi-dp1 | od -An -tx1") == " 00 00 00\n"
+        [line] = [line for line in crio.hook_log(cid) if line["stage"] == "createRuntime"]
+        assert line["devices"] == [f"{DP_KIND}=node0", f"{DP_KIND}=zero"] and "error" not in line, line
+        assert set(line["sources"].values()) == {"kubelet"}, line
+    finally:
+        node.stop()
+        shutil.rmtree(socket_dir, ignore_errors=True)
+        (crio.spec_dir / "dp.json").unlink(missing_ok=True)
