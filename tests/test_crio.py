@@ -39,7 +39,6 @@ import pytest
 
 import oci_env
 from ci_rules import TIME_FACTOR, require
-from conftest import require_program
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "crio"
 ARCHIVE = "cri-o-1.33.13-amd64.tar.xz"
@@ -58,19 +57,32 @@ KVM = f"{KIND}=kvm"
 NET = "test.cdi-hook.io/net=nic"
 
 
+def _require_program(name: str) -> None:
+    # not conftest's: vm-tests/test_crio_differential.py imports this module beside its own conftest
+    require(shutil.which(name) is not None, f"needs {name} on PATH")
+
+
 def _prerequisites() -> None:
     require(os.geteuid() == 0, "needs root")
     require((SHARED / ARCHIVE).is_file(), f"needs {SHARED / ARCHIVE} (CRI-O 1.33.13 and crictl, issue 24)")
     for program in ("conmon", "runc", "podman"):
-        require_program(program)
+        _require_program(program)
     require(os.path.exists("/usr/lib/cni/loopback"), "needs containernetworking-plugins (/usr/lib/cni/loopback)")
     require(os.path.exists("/bin/busybox"), "needs busybox-static (/bin/busybox)")
 
 
-class Crio:
-    """One CRI-O of this module, and crictl against it."""
+# The node's policy: EXCLUSIVE is exclusive, and pods of namespace ml may ask for network
+# devices themselves (CRI-O 1.33 cannot give them: test_net_device_moved_into_a_pod_and_home_when_its_container_is_removed).
+POLICY = (f'version: "1"\nexclusive: ["{EXCLUSIVE}"]\nrules:\n'
+          f'  - {{action: allow, sources: [pod], namespaces: [ml], devices: ["{NET.split("=")[0]}=*"]}}\n')
 
-    def __init__(self, top: Path):
+
+class Crio:
+    """One CRI-O, and crictl against it. policy: the node's cdi-hook policy (the text);
+    hooks: whether cdi-hook's hooks.d files are installed (False: CRI-O's own CDI alone,
+    vm-tests/test_crio_differential.py's reference)."""
+
+    def __init__(self, top: Path, policy: str = POLICY, hooks: bool = True):
         self.top = top
         self.socket = str(top / "crio.sock")
         self.spec_dir = top / "cdi"
@@ -88,12 +100,10 @@ class Crio:
         (top / "net" / "10-loopback.conflist").write_text(json.dumps(
             {"cniVersion": "1.0.0", "name": "cdi-hook-test-lo", "plugins": [{"type": "loopback"}]}))
         self._write_specs()
-        # pods of namespace ml may ask for network devices themselves (CRI-O 1.33 cannot give
-        # them: test_net_device_moved_into_a_pod_and_home_after_the_pod_is_removed)
-        self.policy.write_text(f'version: "1"\nexclusive: ["{EXCLUSIVE}"]\nrules:\n'
-                               f'  - {{action: allow, sources: [pod], namespaces: [ml], devices: ["{NET.split("=")[0]}=*"]}}\n')
+        self.policy.write_text(policy)
         self.policy.chmod(0o644)
-        self.install_hooks()
+        if hooks:
+            self.install_hooks()
         config = top / "crio.conf"
         config.write_text(f"""[crio]
 root = "{top}/root"
@@ -203,20 +213,45 @@ enable_nri = false
         self.pods.append(done.stdout.strip())
         return done.stdout.strip(), config
 
-    def create(self, pod: tuple[str, Path], annotations: dict | None = None,
-               command: tuple[str, ...] = SLEEPER) -> subprocess.CompletedProcess:
+    def create(self, pod: tuple[str, Path], annotations: dict | None = None, command: tuple[str, ...] = SLEEPER,
+               user: tuple[int, int] | None = None) -> subprocess.CompletedProcess:
         """crictl create: the container config's annotations are the kubelet's, and so are its
         labels (the ones the kubelet always sets: kubelet/kuberuntime/labels.go)."""
         config = pod[1].with_name(pod[1].stem + "-" + uuid.uuid4().hex[:6] + ".ctr.json")
         sandbox = json.loads(pod[1].read_text())
         meta = sandbox["metadata"]
+        security = dict(sandbox["linux"]["security_context"])
+        if user is not None:
+            security.update(run_as_user={"value": user[0]}, run_as_group={"value": user[1]})
         config.write_text(json.dumps({
             "metadata": {"name": "main"}, "image": {"image": IMAGE}, "command": list(command),
             "annotations": annotations or {}, "log_path": "main.log",
             "labels": {"io.kubernetes.container.name": "main", "io.kubernetes.pod.name": meta["name"],
                        "io.kubernetes.pod.namespace": meta["namespace"], "io.kubernetes.pod.uid": meta["uid"]},
-            "linux": {"security_context": sandbox["linux"]["security_context"]}}))
+            "linux": {"security_context": security}}))
         return self.crictl("create", pod[0], str(config), str(pod[1]))
+
+    def run_to_end(self, pod: tuple[str, Path], annotations: dict, command: tuple[str, ...],
+                   user: tuple[int, int] | None = None) -> subprocess.CompletedProcess:
+        """A container that runs command to its end: its exit code and output (crictl logs),
+        or the failed crictl create or start."""
+        created = self.create(pod, annotations, command, user)
+        if created.returncode != 0:
+            return created
+        cid = created.stdout.strip()
+        started = self.crictl("start", cid)
+        if started.returncode != 0:
+            return started
+        deadline = time.monotonic() + 60 * TIME_FACTOR
+        while True:
+            status = json.loads(self.crictl("inspect", cid).stdout)["status"]
+            if status["state"] == "CONTAINER_EXITED":
+                break
+            assert time.monotonic() < deadline, f"container {cid} did not end: {status['state']}"
+            time.sleep(0.1)
+        logs = self.crictl("logs", cid)
+        assert logs.returncode == 0, logs.stderr
+        return subprocess.CompletedProcess(command, int(status["exitCode"]), logs.stdout, logs.stderr)
 
     def running(self, pod: tuple[str, Path], annotations: dict) -> str:
         created = self.create(pod, annotations)
@@ -367,12 +402,13 @@ def test_kubelet_request_beside_crio_native_cdi(pods):
     """What happens when CRI-O's own CDI and cdi-hook both apply the kubelet's request (both
     read the same spec dir): CRI-O writes the devices' nodes, cgroup rules, mount, env and
     spec hooks into config.json before runc creates the container; cdi-hook, at
-    createRuntime, finds each node and the mount already there and leaves them alone, and
-    writes a rule the cgroup already has. The container sees each once: one node per device,
-    one mount, one cgroup rule, the variable once (CRI-O's: a live hook cannot set env, and
-    says so in its log line), and the device cgroup opens kvm; verify holds. The spec's own
-    hooks are not the container's to see, and they do run twice: once from config.json
-    (CRI-O's injection), once from cdi-hook (doctor warns of this set-up)."""
+    createRuntime, finds the mount and /dev/cdi-zero already there as the spec says and
+    leaves them alone, replaces CRI-O's /dev/cdi-kvm by a node of the host's mode (see
+    below), and writes a rule the cgroup already has. The container sees each once: one
+    node per device, one mount, one cgroup rule, the variable once (CRI-O's: a live hook
+    cannot set env, and says so in its log line), and the device cgroup opens kvm; verify
+    holds. The spec's own hooks are not the container's to see, and they do run twice: once
+    from config.json (CRI-O's injection), once from cdi-hook (doctor warns of this set-up)."""
     require(os.path.exists("/dev/kvm"), "needs /dev/kvm")
     crio = pods
     crio.spec_hooks.unlink(missing_ok=True)
@@ -380,10 +416,16 @@ def test_kubelet_request_beside_crio_native_cdi(pods):
     cid = crio.running(pod, {"cdi.k8s.io/gpu": f"{KIND}=dev,{KVM}"})
     seen = crio.exec(cid, "ls /dev | grep -c '^cdi-zero$'; ls /dev | grep -c '^cdi-kvm$'; "
                           "grep -c ' /etc/cdi-data.txt ' /proc/self/mountinfo; "
-                          "grep -c '^c 10:232 rwm$' /sys/fs/cgroup/devices/devices.list; "
                           "tr '\\0' '\\n' < /proc/1/environ | grep -c '^CDI_CRIO_DEV=1$'")
-    assert seen.split() == ["1", "1", "1", "1", "1"], seen
+    assert seen.split() == ["1", "1", "1", "1"], seen
+    if os.path.isdir("/sys/fs/cgroup/devices"):   # v1: the rules as the container reads them
+        assert crio.exec(cid, "grep -c '^c 10:232 rwm$' /sys/fs/cgroup/devices/devices.list") == "1\n"
     assert _open(crio, cid, "/dev/cdi-kvm").returncode == 0
+    # CRI-O's CDI 1.0.1 leaves the mode of a node without fileMode unset (runc: 0666);
+    # cdi-hook reads the spec as CDI 1.1.0 does (the host node's mode) and puts its own
+    # node in place of CRI-O's: one node, with cdi-hook's mode (vm-tests/test_crio_differential.py)
+    host_mode = f"{stat.S_IMODE(os.stat('/dev/kvm').st_mode):o}"
+    assert crio.exec(cid, "stat -c %a /dev/cdi-kvm") == host_mode + "\n"
     config = json.loads((crio.top / "runroot" / "overlay-containers" / cid / "userdata" / "config.json").read_text())
     assert [d["path"] for d in config["linux"]["devices"] if d["path"].startswith("/dev/cdi-")] == \
         ["/dev/cdi-zero", "/dev/cdi-kvm"]   # CRI-O's injection
@@ -520,7 +562,7 @@ def test_net_device_moved_into_a_pod_and_home_when_its_container_is_removed(pods
     kubelet annotations name a device it cannot resolve, before any hook runs. So the pod
     asks, and the node's policy lets pods of namespace ml ask for this kind (cdi-hook alone
     reads pod annotations; CRI-O never injects them)."""
-    require_program("ip")
+    _require_program("ip")
     crio = pods
     host_end = "cdt" + uuid.uuid4().hex[:8]
     subprocess.run(["ip", "link", "add", host_end, "type", "veth", "peer", "name", host_end + "p"], check=True,
