@@ -72,7 +72,7 @@ CRUN_WAYS = ("podman-native", "crun-edits", "crun-hook")
 # beside it (crio-both: the env is CRI-O's there, so only the node mode rule applies)
 CRIO_WAYS = ("crio-native", "crio-hook", "crio-both")
 LIVE_HOOK_WAYS = {"podman-hook", "runc-hook", "crun-hook", "crio-hook"}
-CDI_HOOK_WAYS = (set(WAYS) | set(CRUN_WAYS) | {"crio-hook", "crio-both"}) - {"podman-native"}
+CDI_HOOK_WAYS = (set(WAYS) | set(CRUN_WAYS) | {"crio-hook", "crio-both", "docker-runc-cdi"}) - {"podman-native"}
 
 # What the reference's CDI library does, from the Podman version found (None: no Podman).
 PODMAN_CDI = runtime_versions.podman_cdi_library()
