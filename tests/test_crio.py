@@ -65,7 +65,7 @@ def _require_program(name: str) -> None:
 def _prerequisites() -> None:
     require(os.geteuid() == 0, "needs root")
     require((SHARED / ARCHIVE).is_file(), f"needs {SHARED / ARCHIVE} (CRI-O 1.33.13 and crictl, issue 24)")
-    for program in ("conmon", "runc", "podman"):
+    for program in ("xz", "conmon", "runc", "podman"):   # xz: tar unpacks the .tar.xz with it
         _require_program(program)
     require(os.path.exists("/usr/lib/cni/loopback"), "needs containernetworking-plugins (/usr/lib/cni/loopback)")
     require(os.path.exists("/bin/busybox"), "needs busybox-static (/bin/busybox)")
