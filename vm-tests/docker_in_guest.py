@@ -8,11 +8,12 @@ guest image carries docker.io, its docker.service masked). Not collected by vm-t
 
 It starts a dockerd of its own (data root, exec root, pid file, socket and daemon.json in a
 temp dir; no bridge, no iptables; cgroupfs) whose daemon.json names
-  runtimes       {"runc-cdi": {"path": "<checkout>/examples/runc-cdi"}}
+  runtimes       {"runc-cdi": {"path": a wrapper that sets what runc-cdi and cdi-hook read
+                 (CDI_HOOK, CDI_SPEC_DIRS, the session's log and cache) and execs
+                 <checkout>/examples/runc-cdi: Docker runs a runtime's path with the shim's
+                 environment, not dockerd's}}
   features       {"cdi": true}, and cdi-spec-dirs: the test's spec dir
-and whose environment carries what runc-cdi passes on to cdi-hook (CDI_HOOK, CDI_SPEC_DIRS,
-the log and cache of the session): containerd and its runc shim inherit it. The image is a
-busybox rootfs `docker import`ed. test_differential's scenarios run two ways:
+The image is a busybox rootfs `docker import`ed. test_differential's scenarios run two ways:
   docker-native    docker run --device vendor/class=name             (Docker's CDI: the reference)
   docker-runc-cdi  docker run --runtime runc-cdi --annotation cdi.k8s.io/...=name
                    (cdi-hook precreate edits config.json before runc: env and groups too)
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -46,18 +48,26 @@ class Dockerd:
     def __init__(self, top: Path, spec_dir: Path):
         self.top = top
         self.socket = top / "docker.sock"
+        # Docker runs a runtime's path in containerd's shim with an environment of its own, not
+        # dockerd's (seen: "runc-cdi: 53: cdi-hook: not found"), so what runc-cdi and cdi-hook
+        # read is set by a wrapper, as on a node (or cdi-hook on PATH and the default spec dirs).
+        runtime = top / "runc-cdi"
+        settings = {**{k: v for k, v in os.environ.items() if k.startswith("CDI_")},
+                    "CDI_HOOK": str(REPO / ".venv" / "bin" / "cdi-hook"), "CDI_SPEC_DIRS": str(spec_dir)}
+        runtime.write_text("#!/bin/sh\n" + "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(settings.items()))
+                           + f"exec {shlex.quote(str(REPO / 'examples' / 'runc-cdi'))} \"$@\"\n")
+        runtime.chmod(0o755)
         config = top / "daemon.json"
         config.write_text(json.dumps({
-            "runtimes": {"runc-cdi": {"path": str(REPO / "examples" / "runc-cdi")}},
+            "runtimes": {"runc-cdi": {"path": str(runtime)}},
             "features": {"cdi": True}, "cdi-spec-dirs": [str(spec_dir)],
             "exec-opts": ["native.cgroupdriver=cgroupfs"], "bridge": "none", "iptables": False,
             "ip6tables": False, "storage-driver": "overlay2"}))
-        env = dict(os.environ, CDI_HOOK=str(REPO / ".venv" / "bin" / "cdi-hook"), CDI_SPEC_DIRS=str(spec_dir))
         self.log = open(top / "dockerd.log", "w")
         self.process = subprocess.Popen(
             ["dockerd", "--config-file", str(config), "--data-root", str(top / "data"), "--exec-root",
              str(top / "exec"), "--pidfile", str(top / "dockerd.pid"), "-H", f"unix://{self.socket}"],
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120 * TIME_FACTOR
         while self.docker("version").returncode != 0:
             assert self.process.poll() is None, (top / "dockerd.log").read_text()[-3000:]

@@ -181,6 +181,20 @@ def _host_mode_instead_of_0666(ctx, way, key, reference, got) -> bool:
     return reference.replace("mode=666 ", f"mode={host_mode:o} ") == got and "mode=666 " in reference
 
 
+def _process_user_owns_unowned_node(ctx, way, key, reference, got) -> bool:
+    """Only the owner differs, and with it what the container's user can open: a node whose
+    spec gives no uid (gid) in a container run as a user is root's from Docker's own CDI,
+    which sets no owner, and the process user's from cdi-hook, as Podman's own CDI gives it."""
+    user, node = ctx.scenario.user, ctx.node(key.split(":", 1)[1])
+    if user is None or node is None or reference is None or got is None:
+        return False
+    native = f"uid={node.get('uid', 0)} gid={node.get('gid', 0)}"
+    ours = f"uid={node.get('uid', user[0])} gid={node.get('gid', user[1])}"
+    access = re.compile(r" read=\w+ write=\w+$")
+    return native != ours and native in reference and access.sub("", reference.replace(native, ours)) == \
+        access.sub("", got)
+
+
 # THE list of differences between Podman's native CDI and cdi-hook that this proof accepts.
 ALLOWED_DIFFERENCES = (
     Allowed(frozenset(LIVE_HOOK_WAYS), r"^env:",
@@ -195,6 +209,10 @@ ALLOWED_DIFFERENCES = (
             "leaves fileMode unset, so runc creates the node 0666; cdi-hook follows the current CDI reference "
             "(1.1.0: fillMissingInfo copies the host node's permission bits)",
             _host_mode_instead_of_0666),
+    Allowed(frozenset({"docker-runc-cdi"}), r"^node:",
+            "a node without uid/gid in a container run as a user: Docker 26's own CDI leaves it root's "
+            "(the user cannot open a 0600 node), cdi-hook gives it to the process's user as Podman's CDI does",
+            _process_user_owns_unowned_node),
     Allowed(frozenset(LIVE_HOOK_WAYS), r"^mount:.*#\d+$",
             "a read-only bind of a nosuid/nodev source: runc's read-only remount clears the source's "
             "nosuid/nodev, the live hook's mount_setattr keeps them (never more than the host mount allows)",
@@ -628,3 +646,13 @@ def test_compare_flags_what_it_must(tmp_path):
                    {"mount:/opt/x#1": kept["mount:/opt/x#1"].replace("ro,", "rw,")}, "runc-hook", ctx)[0]
     assert compare(ro, {"mount:/opt/x#1": "root=/data dev=0:33 opts=ro,noatime fs=tmpfs tmpfs"}, "runc-hook", ctx)[0]
     assert compare(ro, {"mount:/opt/x#1": "root=/other dev=0:33 opts=ro,nosuid fs=tmpfs tmpfs"}, "runc-hook", ctx)[0]
+    # a node without uid/gid given to the container's user: allowed against Docker's CDI only,
+    # and only the owner (and so the user's access) may differ
+    as_user = Context(dataclasses.replace(scenario, user=(1000, 1000)))
+    root_owned = {"node:/dev/x": "character special file rdev=a:e8 mode=600 uid=0 gid=0 read=no write=no"}
+    user_owned = {"node:/dev/x": "character special file rdev=a:e8 mode=600 uid=1000 gid=1000 read=yes write=yes"}
+    assert not compare(root_owned, user_owned, "docker-runc-cdi", as_user)[0]
+    assert compare(root_owned, user_owned, "podman-precreate", as_user)[0]
+    assert compare(root_owned, user_owned, "docker-runc-cdi", ctx)[0]   # no user: no allowance
+    assert compare(root_owned, {"node:/dev/x": user_owned["node:/dev/x"].replace("600", "666")}, "docker-runc-cdi",
+                   as_user)[0]
