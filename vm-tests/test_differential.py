@@ -68,8 +68,11 @@ PODMAN_CAPABILITIES = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETI
                        "CAP_SYS_CHROOT"]
 WAYS = ("podman-native", "podman-hook", "podman-precreate", "runc-edits", "runc-hook")
 CRUN_WAYS = ("podman-native", "crun-edits", "crun-hook")
-LIVE_HOOK_WAYS = {"podman-hook", "runc-hook", "crun-hook"}
-CDI_HOOK_WAYS = (set(WAYS) | set(CRUN_WAYS)) - {"podman-native"}
+# test_crio_differential.py: CRI-O's own CDI as the reference, cdi-hook alone (crio-hook) and
+# beside it (crio-both: the env is CRI-O's there, so only the node mode rule applies)
+CRIO_WAYS = ("crio-native", "crio-hook", "crio-both")
+LIVE_HOOK_WAYS = {"podman-hook", "runc-hook", "crun-hook", "crio-hook"}
+CDI_HOOK_WAYS = (set(WAYS) | set(CRUN_WAYS) | {"crio-hook", "crio-both", "docker-runc-cdi"}) - {"podman-native"}
 
 # What the reference's CDI library does, from the Podman version found (None: no Podman).
 PODMAN_CDI = runtime_versions.podman_cdi_library()
@@ -114,8 +117,10 @@ echo "caps=$(sed -n 's/^CapEff:[[:space:]]*//p' /proc/self/status)"
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """What a difference check may look at: the scenario's specs and the host."""
+    """What a difference check may look at: the scenario's specs, the host, and whether the
+    reference's CDI library fills a node's missing fileMode from the host node."""
     scenario: "Scenario"
+    native_fills_file_mode: bool = NATIVE_FILLS_FILE_MODE
 
     def node(self, path: str) -> dict | None:
         for edits in self.scenario.all_edits():
@@ -136,7 +141,8 @@ class Allowed:
 # What each runtime sets by itself in every container: the runc/crun bundles (tests/oci_env
 # make_bundle) TERM=xterm; Podman's is probed once by the env fixture (Podman 4.3 sets
 # TERM=xterm without a tty, Podman 5.4 sets no TERM).
-RUNTIME_ENV = {"podman": {"TERM": "xterm"}, "runc": {"TERM": "xterm"}, "crun": {"TERM": "xterm"}}
+RUNTIME_ENV = {"podman": {"TERM": "xterm"}, "runc": {"TERM": "xterm"}, "crun": {"TERM": "xterm"},
+               "crio": {"TERM": "xterm"}}
 
 
 def _env_not_applied(ctx, way, key, reference, got) -> bool:
@@ -165,7 +171,7 @@ def _source_flags_kept_on_read_only_bind(ctx, way, key, reference, got) -> bool:
 def _host_mode_instead_of_0666(ctx, way, key, reference, got) -> bool:
     """Only the mode differs: 0666 from a Podman whose CDI library predates 1.1.0, the host
     node's mode from cdi-hook. A reference that fills fileMode itself must agree exactly."""
-    if NATIVE_FILLS_FILE_MODE:
+    if ctx.native_fills_file_mode:
         return False
     path = key.split(":", 1)[1]
     node = ctx.node(path)
@@ -173,6 +179,20 @@ def _host_mode_instead_of_0666(ctx, way, key, reference, got) -> bool:
         return False
     host_mode = stat.S_IMODE(os.stat(node.get("hostPath", path)).st_mode)
     return reference.replace("mode=666 ", f"mode={host_mode:o} ") == got and "mode=666 " in reference
+
+
+def _process_user_owns_unowned_node(ctx, way, key, reference, got) -> bool:
+    """Only the owner differs, and with it what the container's user can open: a node whose
+    spec gives no uid (gid) in a container run as a user is root's from Docker's own CDI,
+    which sets no owner, and the process user's from cdi-hook, as Podman's own CDI gives it."""
+    user, node = ctx.scenario.user, ctx.node(key.split(":", 1)[1])
+    if user is None or node is None or reference is None or got is None:
+        return False
+    native = f"uid={node.get('uid', 0)} gid={node.get('gid', 0)}"
+    ours = f"uid={node.get('uid', user[0])} gid={node.get('gid', user[1])}"
+    access = re.compile(r" read=\w+ write=\w+$")
+    return native != ours and native in reference and access.sub("", reference.replace(native, ours)) == \
+        access.sub("", got)
 
 
 # THE list of differences between Podman's native CDI and cdi-hook that this proof accepts.
@@ -185,10 +205,14 @@ ALLOWED_DIFFERENCES = (
     # test_additional_gids covers it, against Podman's native CDI where that reads 0.7.0.
     Allowed(frozenset(CDI_HOOK_WAYS), r"^node:",
             f"a device node without fileMode: Podman {runtime_versions.version_text(runtime_versions.podman())} "
-            f"vendors CDI {runtime_versions.version_text(PODMAN_CDI)}, whose fillMissingInfo leaves fileMode "
-            "unset, so runc creates the node 0666; cdi-hook follows the current CDI reference (1.1.0: "
-            "fillMissingInfo copies the host node's permission bits)",
+            f"vendors CDI {runtime_versions.version_text(PODMAN_CDI)} (CRI-O 1.33: 1.0.1), whose fillMissingInfo "
+            "leaves fileMode unset, so runc creates the node 0666; cdi-hook follows the current CDI reference "
+            "(1.1.0: fillMissingInfo copies the host node's permission bits)",
             _host_mode_instead_of_0666),
+    Allowed(frozenset({"docker-runc-cdi"}), r"^node:",
+            "a node without uid/gid in a container run as a user: Docker 26's own CDI leaves it root's "
+            "(the user cannot open a 0600 node), cdi-hook gives it to the process's user as Podman's CDI does",
+            _process_user_owns_unowned_node),
     Allowed(frozenset(LIVE_HOOK_WAYS), r"^mount:.*#\d+$",
             "a read-only bind of a nosuid/nodev source: runc's read-only remount clears the source's "
             "nosuid/nodev, the live hook's mount_setattr keeps them (never more than the host mount allows)",
@@ -362,11 +386,8 @@ class Podman:
         _umount_below(self.top)
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    require_programs("podman", "runc", "tar")
-    top = tmp_path_factory.mktemp("difftest")
-    data = top / "data"
+def make_data(data: Path) -> None:
+    """The host files the scenarios' mounts name."""
     (data / "data").mkdir(parents=True)
     (data / "data" / "a.txt").write_text("a\n")
     (data / "data" / "sub").mkdir()
@@ -377,16 +398,31 @@ def env(tmp_path_factory):
     (data / "rw" / "r.txt").write_text("rw\n")
     (data / "file.txt").write_text("the file\n")
     (data / "file-rw.txt").write_text("the rw file\n")
-    rootfs = make_rootfs(top / "rootfs")
+
+
+def host_nodes() -> str:
+    """Make sure the loop nodes the scenarios name exist; the kvm node to use: /dev/kvm, or a
+    stand-in the caller removes afterwards on a host without KVM (a TCG guest): a root-only
+    node of the same number, which opens nowhere (ENODEV) but is still created, owned, moded
+    and allowed the same way by all."""
     if not os.path.exists("/dev/loop1"):
         subprocess.run(["modprobe", "loop"], capture_output=True)  # creates /dev/loop0..7
     require(os.path.exists("/dev/loop0") and os.path.exists("/dev/loop1"), "needs /dev/loop0 and /dev/loop1")
-    kvm = "/dev/kvm"
-    if not os.path.exists(kvm):
-        # A host without KVM (a TCG guest): a root-only node of the same number, which opens
-        # nowhere (ENODEV) but is still created, owned, moded and allowed the same way by all.
-        kvm = f"/dev/cdi-difftest-{RUN_ID}-kvm"
-        os.mknod(kvm, 0o600 | stat.S_IFCHR, os.makedev(10, 232))
+    if os.path.exists("/dev/kvm"):
+        return "/dev/kvm"
+    kvm = f"/dev/cdi-difftest-{RUN_ID}-kvm"
+    os.mknod(kvm, 0o600 | stat.S_IFCHR, os.makedev(10, 232))
+    return kvm
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    require_programs("podman", "runc", "tar")
+    top = tmp_path_factory.mktemp("difftest")
+    data = top / "data"
+    make_data(data)
+    rootfs = make_rootfs(top / "rootfs")
+    kvm = host_nodes()
     podman = Podman(top)
     made_spec_dir = not os.path.isdir(NATIVE_SPEC_DIR)  # a fresh machine may have none yet
     try:
@@ -472,14 +508,15 @@ def parse_probe(output: str) -> dict[str, str]:
     return seen
 
 
-def compare(reference: dict, got: dict, way: str, ctx: Context) -> tuple[list[str], list[tuple]]:
+def compare(reference: dict, got: dict, way: str, ctx: Context,
+            reference_way: str = "podman-native") -> tuple[list[str], list[tuple]]:
     """(unexplained differences, allowed ones as (way, key, reference, got, reason))."""
     unexplained, allowed = [], []
     for key in sorted(set(reference) | set(got)):
         ref, value = reference.get(key), got.get(key)
         if ref == value:
             continue
-        line = f"{way}: {key}: podman-native {ref!r} != {value!r}"
+        line = f"{way}: {key}: {reference_way} {ref!r} != {value!r}"
         rule = next((a for a in ALLOWED_DIFFERENCES
                      if way in a.ways and re.search(a.key, key) and a.check(ctx, way, key, ref, value)), None)
         if rule is None:
@@ -609,3 +646,13 @@ def test_compare_flags_what_it_must(tmp_path):
                    {"mount:/opt/x#1": kept["mount:/opt/x#1"].replace("ro,", "rw,")}, "runc-hook", ctx)[0]
     assert compare(ro, {"mount:/opt/x#1": "root=/data dev=0:33 opts=ro,noatime fs=tmpfs tmpfs"}, "runc-hook", ctx)[0]
     assert compare(ro, {"mount:/opt/x#1": "root=/other dev=0:33 opts=ro,nosuid fs=tmpfs tmpfs"}, "runc-hook", ctx)[0]
+    # a node without uid/gid given to the container's user: allowed against Docker's CDI only,
+    # and only the owner (and so the user's access) may differ
+    as_user = Context(dataclasses.replace(scenario, user=(1000, 1000)))
+    root_owned = {"node:/dev/x": "character special file rdev=a:e8 mode=600 uid=0 gid=0 read=no write=no"}
+    user_owned = {"node:/dev/x": "character special file rdev=a:e8 mode=600 uid=1000 gid=1000 read=yes write=yes"}
+    assert not compare(root_owned, user_owned, "docker-runc-cdi", as_user)[0]
+    assert compare(root_owned, user_owned, "podman-precreate", as_user)[0]
+    assert compare(root_owned, user_owned, "docker-runc-cdi", ctx)[0]   # no user: no allowance
+    assert compare(root_owned, {"node:/dev/x": user_owned["node:/dev/x"].replace("600", "666")}, "docker-runc-cdi",
+                   as_user)[0]
