@@ -483,3 +483,20 @@ def test_bind_mounts_never_propagate_back_to_a_shared_host_source(runc, tmp_path
         assert (src / "nested" / "n.txt").read_text() == "under\n"  # nothing mounted over it on the host
     finally:
         subprocess.run(["umount", "-R", str(src)], check=False)
+
+
+def test_env_config_json_already_holds_is_not_warned_about(runc, tmp_path):
+    """A live hook cannot set env: it warns for a spec's variable config.json lacks, and not
+    for one config.json already holds as the spec says (a runtime with CDI of its own, or an
+    editor, applied the same request)."""
+    spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "env", "containerEdits": {
+        "deviceNodes": [{"path": "/dev/cdi-null", "hostPath": "/dev/null"}], "env": ["CDI_A=1", "CDI_B=2"]}}]}
+    bundle, log_file = hook_env.bundle_with_hook(tmp_path, spec, [f"{hook_env.VENDOR}=env"], "test -c /dev/cdi-null")
+    config = json.loads((bundle / "config.json").read_text())
+    config["process"]["env"].append("CDI_A=1")
+    (bundle / "config.json").write_text(json.dumps(config))
+    done = oci_env.run_container(bundle, runc=runc)
+    assert done.returncode == 0, done
+    [line] = hook_env.log_lines(log_file)
+    assert line["warnings"] == [f"{hook_env.VENDOR}=env: environment variables CDI_B cannot be applied by a live hook; "
+                                "use `cdi-hook precreate` or `cdi-hook inject --mode edits` for them"], line

@@ -64,7 +64,7 @@ def inject(stage: str, plan: Plan, state: State, config: Config, log: ContainerL
 
     pidfd = oci.check_container_process(state.pid, config.rootfs)
     try:
-        _warn_unapplicable(plan, log)
+        _warn_unapplicable(plan, config, log)
         with log.step("worker"):
             worker = _start_rootfs_work(pidfd, config, plan, log, state)
     finally:
@@ -239,12 +239,22 @@ def _allow_devices(pid: int, plan: Plan) -> None:
         raise HookError(error.step, origins, f"{error.device}: {error.detail}" if error.device else error.detail) from None
 
 
-def _warn_unapplicable(plan: Plan, log: ContainerLog) -> None:
-    """env and additionalGids belong to config.json; a live hook is too late for them."""
+def _warn_unapplicable(plan: Plan, config: Config, log: ContainerLog) -> None:
+    """env and additionalGids belong to config.json; a live hook is too late for them. Those
+    config.json already holds as the spec says (a runtime with CDI of its own applied the
+    same request, or an editor did) need nothing: no warning for them."""
+    process = config.raw.get("process")
+    process = process if isinstance(process, dict) else {}
+    user = process.get("user")
+    user = user if isinstance(user, dict) else {}
+    present = {"environment variables": process.get("env"), "additional GIDs": user.get("additionalGids")}
     for items, what in ((plan.env, "environment variables"), (plan.additional_gids, "additional GIDs")):
+        found = present[what]
+        there: list = found if isinstance(found, list) else []
         by_origin: dict[str, list[str]] = {}
         for origin, item in items:
-            by_origin.setdefault(origin, []).append(str(item).split("=", 1)[0])
+            if item not in there:
+                by_origin.setdefault(origin, []).append(str(item).split("=", 1)[0])
         for origin, names in by_origin.items():
             log.warning(f"{origin}: {what} {', '.join(names)} cannot be applied by a live hook; "
                         "use `cdi-hook precreate` or `cdi-hook inject --mode edits` for them")
