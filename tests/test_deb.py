@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 import oci_env
+from ci_rules import skip_if_deb_on_host_declared
 from conftest import require, require_program, require_root
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,6 +127,7 @@ def _files(root: Path) -> set[str]:
 
 @pytest.fixture(params=sorted(SUITES))
 def chroot(request):
+    skip_if_deb_on_host_declared()
     require_root()
     for program in ("unshare", "chroot", "tar", "runc", "git"):
         require_program(program)
@@ -155,6 +157,7 @@ def _copy_tree(target: Path) -> None:
 
 @pytest.fixture(scope="module")
 def deb(tmp_path_factory) -> Path:
+    skip_if_deb_on_host_declared()
     require_root()
     out = tmp_path_factory.mktemp("deb")
     built = subprocess.run(["bash", str(REPO / "scripts" / "build-deb"), "--out", str(out)],
