@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 import oci_env
+from cdi_hook.commands import install
 from ci_rules import skip_if_deb_on_host_declared
 from conftest import require, require_program, require_root
 
@@ -236,7 +237,10 @@ print("grpc", grpc.__version__, "answered", options.get_preferred_allocation_ava
 
     # install, from the package: entries that run Debian's python3 isolated and without site,
     # with the package's folder written in.
-    _ok(_in_chroot(root, "cdi-hook install --crio"))
+    installed = _ok(_in_chroot(root, "cdi-hook install --crio"))
+    # The package's logrotate conffile carries the mark install knows as the package's.
+    assert (root / "etc/logrotate.d/cdi-hook").read_text().split("\n")[0] == install.PACKAGE_LOGROTATE_MARK
+    assert "left /etc/logrotate.d/cdi-hook alone: the cdi-hook package's" in installed, installed
     hooks_dir = root / "usr/share/containers/oci/hooks.d"
     hooks = {}
     for stage in ("createRuntime", "poststart", "poststop"):
