@@ -131,7 +131,7 @@ def _files(root: Path) -> set[str]:
 def chroot(request):
     skip_if_deb_on_host_declared()
     require_root()
-    for program in ("unshare", "chroot", "tar", "runc", "git"):
+    for program in ("unshare", "chroot", "tar", "runc", "git", "ip"):
         require_program(program)
     require(os.path.exists("/bin/busybox"), "needs busybox-static (/bin/busybox)")
     tarball = _cached_chroot(request.param)
@@ -234,43 +234,55 @@ print("grpc", grpc.__version__, "answered", options.get_preferred_allocation_ava
     (root / "tmp" / "grpc_probe.py").write_text(probe)
     assert "answered True" in _ok(_in_chroot(root, "python3 -I /tmp/grpc_probe.py; rm /tmp/grpc_probe.py"))
 
-    # A small spec: /dev/zero at /dev/cdi-hook-deb.
-    oci_env.write_spec(root / "etc" / "cdi", "deb-test.json", {
-        "cdiVersion": "0.6.0", "kind": KIND,
-        "devices": [{"name": "zero", "containerEdits": {
-            "deviceNodes": [{"path": "/dev/cdi-hook-deb", "hostPath": "/dev/zero"}]}}]})
+    # A small spec: /dev/zero at /dev/cdi-hook-deb; and a veth end (the chroot shares the
+    # host's network namespace) moved in as net0, through that release's pyroute2 (Debian
+    # 12's 0.7.2 has no IPRoute(netns=)).
+    veth = f"cdd{os.getpid() % 10**8:08d}"
+    subprocess.run(["ip", "link", "add", veth, "type", "veth", "peer", "name", veth + "p"], check=True)
+    try:
+        oci_env.write_spec(root / "etc" / "cdi", "deb-test.json", {
+            "cdiVersion": "1.1.0", "kind": KIND,
+            "devices": [{"name": "zero", "containerEdits": {
+                             "deviceNodes": [{"path": "/dev/cdi-hook-deb", "hostPath": "/dev/zero"}]}},
+                        {"name": "net", "containerEdits": {
+                             "netDevices": [{"hostInterfaceName": veth, "name": "net0"}]}}]})
 
-    # install, from the package: entries that run Debian's python3 isolated and without site,
-    # with the package's folder written in.
-    installed = _ok(_in_chroot(root, "cdi-hook install --crio"))
-    # The package's logrotate conffile carries the mark install knows as the package's.
-    assert (root / "etc/logrotate.d/cdi-hook").read_text().split("\n")[0] == install.PACKAGE_LOGROTATE_MARK
-    assert "left /etc/logrotate.d/cdi-hook alone: the cdi-hook package's" in installed, installed
-    hooks_dir = root / "usr/share/containers/oci/hooks.d"
-    hooks = {}
-    for stage in ("createRuntime", "poststart", "poststop"):
-        definition = json.loads((hooks_dir / f"cdi-hook-{stage}.json").read_text())
-        entry = definition["hook"]
-        assert entry["path"] == "/usr/bin/python3" and entry["args"][:4] == ["/usr/bin/python3", "-I", "-S", "-c"]
-        assert "'/usr/lib/python3/dist-packages'" in entry["args"][4], entry
-        hooks[stage] = [entry]
+        # install, from the package: entries that run Debian's python3 isolated and without site,
+        # with the package's folder written in.
+        installed = _ok(_in_chroot(root, "cdi-hook install --crio"))
+        # The package's logrotate conffile carries the mark install knows as the package's.
+        assert (root / "etc/logrotate.d/cdi-hook").read_text().split("\n")[0] == install.PACKAGE_LOGROTATE_MARK
+        assert "left /etc/logrotate.d/cdi-hook alone: the cdi-hook package's" in installed, installed
+        hooks_dir = root / "usr/share/containers/oci/hooks.d"
+        hooks = {}
+        for stage in ("createRuntime", "poststart", "poststop"):
+            definition = json.loads((hooks_dir / f"cdi-hook-{stage}.json").read_text())
+            entry = definition["hook"]
+            assert entry["path"] == "/usr/bin/python3"
+            assert entry["args"][:4] == ["/usr/bin/python3", "-I", "-S", "-c"]
+            assert "'/usr/lib/python3/dist-packages'" in entry["args"][4], entry
+            hooks[stage] = [entry]
 
-    doctor = _ok(_in_chroot(root, "cdi-hook doctor"))
-    assert doctor.rstrip().endswith(" 0 fail"), doctor
-    for stage in hooks:
-        assert f"cdi-hook-{stage}.json: /usr/bin/python3 runs cdi-hook " in doctor, doctor
+        doctor = _ok(_in_chroot(root, "cdi-hook doctor"))
+        assert doctor.rstrip().endswith(" 0 fail"), doctor
+        for stage in hooks:
+            assert f"cdi-hook-{stage}.json: /usr/bin/python3 runs cdi-hook " in doctor, doctor
 
-    # A runc container carrying the installed entries, as an oci-hooks runtime would add them.
-    bundle = root / "bundle"
-    oci_env.make_bundle(bundle, ["/bin/sh", "-c", "stat -c 'DEV %t:%T' /dev/cdi-hook-deb; "
-                                 "head -c 4 /dev/cdi-hook-deb | od -An -tx1"],
-                        annotations={"cdi.k8s.io/deb-test": f"{KIND}=zero"}, hooks=hooks)
-    out = _ok(_in_chroot(root, "runc run --bundle /bundle deb-test; runc delete --force deb-test 2>/dev/null || true"))
-    assert "DEV 1:5" in out and "00 00 00 00" in out, out
-    shutil.rmtree(bundle)
-    os.unlink(root / "etc" / "cdi" / "deb-test.json")
-    os.rmdir(root / "etc" / "cdi")
-    assert (root / "run" / "cdi-hook").is_dir() and (root / "var" / "log" / "cdi-hook.log").is_file()
+        # A runc container carrying the installed entries, as an oci-hooks runtime would add them.
+        bundle = root / "bundle"
+        oci_env.make_bundle(bundle, ["/bin/sh", "-c", "stat -c 'DEV %t:%T' /dev/cdi-hook-deb; "
+                                     "head -c 4 /dev/cdi-hook-deb | od -An -tx1; grep -o ' net0:' /proc/net/dev"],
+                            annotations={"cdi.k8s.io/deb-test": f"{KIND}=zero,{KIND}=net"}, hooks=hooks)
+        out = _ok(_in_chroot(root, "runc run --bundle /bundle deb-test; "
+                                   "runc delete --force deb-test 2>/dev/null || true"))
+        assert "DEV 1:5" in out and "00 00 00 00" in out and " net0:" in out, out
+        shutil.rmtree(bundle)
+        os.unlink(root / "etc" / "cdi" / "deb-test.json")
+        os.rmdir(root / "etc" / "cdi")
+        assert (root / "run" / "cdi-hook").is_dir() and (root / "var" / "log" / "cdi-hook.log").is_file()
+    finally:
+        subprocess.run(["ip", "link", "del", veth], capture_output=True)  # its peer goes with it
+        subprocess.run(["ip", "link", "del", veth + "p"], capture_output=True)
 
     _ok(_in_chroot(root, "dpkg --purge cdi-hook"))
     left = sorted(_files(root) - before)
