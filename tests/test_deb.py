@@ -249,7 +249,9 @@ print("grpc", grpc.__version__, "answered", options.get_preferred_allocation_ava
 
         # install, from the package: entries that run Debian's python3 isolated and without site,
         # with the package's folder written in.
-        installed = _ok(_in_chroot(root, "cdi-hook install --crio"))
+        # --watch too: removing the package must take that unit away with the hooks.d files.
+        installed = _ok(_in_chroot(root, "cdi-hook install --crio --watch"))
+        assert (root / "etc/systemd/system/cdi-hook-watch.service").is_file()
         # The package's logrotate conffile carries the mark install knows as the package's.
         assert (root / "etc/logrotate.d/cdi-hook").read_text().split("\n")[0] == install.PACKAGE_LOGROTATE_MARK
         assert "left /etc/logrotate.d/cdi-hook alone: the cdi-hook package's" in installed, installed
