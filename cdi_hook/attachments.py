@@ -114,12 +114,37 @@ def save(record: dict) -> None:
         assert dir_fd is not None  # create=True: made, or CdiError
         _prune(dir_fd)
         if not record["attached"] and not record["detached"]:
-            state.remove_at(dir_fd, _name(record["container"]))
+            try:
+                state.remove_at(dir_fd, _name(record["container"]))
+            except OSError as error:
+                raise CdiError(f"{path}: cannot remove the attachment record: {error.strerror}") from None
             return
         try:
             state.write_record(dir_fd, _name(record["container"]), record)
         except OSError as error:
             raise CdiError(f"{path}: cannot write the attachment record: {error.strerror}") from None
+
+
+def prepare(record: dict) -> state.PendingRecord:
+    """The record's next version, written beside it but not yet in place (see
+    state.PendingRecord): detach prepares what it will record before it takes anything away,
+    so a full or read-only folder fails it with one line and the container unchanged."""
+    path = _path(record["container"])
+    empty_now = not record["attached"] and not record["detached"]
+    with _private_dir(create=True) as dir_fd:
+        assert dir_fd is not None  # create=True: made, or CdiError
+        try:
+            return state.PendingRecord(dir_fd, _name(record["container"]), None if empty_now else record)
+        except OSError as error:
+            raise CdiError(f"{path}: cannot write the attachment record: {error.strerror}") from None
+
+
+def commit(pending: state.PendingRecord, container_id: str) -> None:
+    """Put a prepared record in place; CdiError naming the file when it cannot be."""
+    try:
+        pending.commit()
+    except OSError as error:
+        raise CdiError(f"{_path(container_id)}: cannot write the attachment record: {error.strerror}") from None
 
 
 def _prune(dir_fd: int) -> None:

@@ -66,6 +66,32 @@ def build_parser() -> argparse.ArgumentParser:
     # accepted and ignored (with a warning), so that unit keeps the watcher running after an
     # upgrade; the injection server itself is gone (docs/development/performance.md).
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--generate", metavar="FILE", help="instead: keep the spec of a `generate --from` FILE current "
+                                                      "as devices appear and disappear under /dev (hotplug)")
+    p.add_argument("--output", metavar="FILE", help="with --generate: where the spec goes (default: FILE's output)")
+    p.add_argument("--dev-root", default="/dev", metavar="DIR", help="with --generate: the /dev to watch (tests)")
+    p.add_argument("--sys-root", default="/sys", metavar="DIR", help="with --generate: the /sys to read (tests)")
+    p.add_argument("--rescan-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="with --generate: also scan this often, for changes no /dev event shows "
+                        "(default: %(default)s)")
+
+    p = sub.add_parser("generate", help="write a CDI spec for host devices named by path, glob, stable link or "
+                                        "USB id (no hand-written spec)")
+    p.add_argument("--kind", metavar="VENDOR/CLASS", help="the spec's kind, e.g. example.com/serial")
+    p.add_argument("--device", action="append", metavar="NAME=SELECTOR",
+                   help="a device (or a {name}/{index} template for many) and its selector: /dev/PATH, a glob, "
+                        "a link such as /dev/serial/by-id/*, or usb:VENDOR:PRODUCT[:SERIAL] (repeatable)")
+    p.add_argument("--from", dest="from_file", metavar="FILE", help="read kind and devices from a YAML file")
+    p.add_argument("--output", metavar="FILE", help="write the spec here atomically (default: stdout)")
+    p.add_argument("--shared", type=int, metavar="N", help="each device may be held by N containers at once")
+    p.add_argument("--env", action="append", metavar="NAME=VALUE", help="also set this in each container "
+                                                                        "(repeatable)")
+    p.add_argument("--mount", action="append", metavar="HOST:CONTAINER[:OPTIONS]",
+                   help="also bind-mount this into each container (repeatable)")
+    p.add_argument("--allow-empty", action="store_true", help="a selector that matches nothing is a warning")
+    p.add_argument("--format", choices=("json", "yaml"), default="json", help="stdout's format (default: json)")
+    p.add_argument("--dev-root", default="/dev", metavar="DIR", help="scan DIR as /dev (tests)")
+    p.add_argument("--sys-root", default="/sys", metavar="DIR", help="scan DIR as /sys (tests)")
 
     p = with_specs(sub.add_parser("inject", help="edit a bundle's config.json for manual runc use"))
     p.add_argument("--bundle", required=True, metavar="DIR")
@@ -173,6 +199,14 @@ def dispatch(args: Any) -> int:  # argparse's Namespace, or HookArgs for a plain
     if command == "watch":
         from cdi_hook.commands import watch
 
+        if args.generate:
+            from cdi_hook.commands import hotplug
+
+            return hotplug.cmd_watch_generate(args)
+        if args.output or args.dev_root != "/dev" or args.sys_root != "/sys" or args.rescan_interval != 60.0:
+            from cdi_hook.errors import CdiError
+
+            raise CdiError("watch: --output, --dev-root, --sys-root and --rescan-interval go with --generate FILE")
         if args.serve:
             print("cdi-hook: warning: watch --serve: the injection server was removed; watching only "
                   "(run `cdi-hook install --watch` again to rewrite the unit)", file=sys.stderr)
@@ -194,6 +228,10 @@ def dispatch(args: Any) -> int:  # argparse's Namespace, or HookArgs for a plain
                            "missing): pip install '/path/to/checkout[kubernetes]' into cdi-hook's venv") from None
 
         return device_plugin.cmd_device_plugin(args, _spec_dirs(args))
+    if command == "generate":
+        from cdi_hook.commands import generate
+
+        return generate.cmd_generate(args)
     if command == "doctor":
         from cdi_hook.commands import doctor
 

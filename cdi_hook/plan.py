@@ -65,15 +65,17 @@ DeviceRule = namedtuple("DeviceRule", ["origin", "type", "major", "minor", "acce
 
 
 class Plan(namedtuple("Plan", ["devices", "nodes", "device_rules", "mounts", "env", "hooks",
-                               "additional_gids", "intel_rdt", "net_devices", "shared", "identities"],
-                      defaults=((), ()))):
+                               "additional_gids", "intel_rdt", "net_devices", "shared", "identities", "shares"],
+                      defaults=((), (), ()))):
     """devices: the qualified names, request order. Every other field is a tuple of
     (origin, item) pairs, or PlannedNode / DeviceRule records; hooks is a tuple of
     (stage, ((origin, Hook), ...)) in HOOK_STAGES order; intel_rdt is (origin, IntelRdt) or None.
     shared: (("node" or "mount", path, origins), ...) for a node path or mount destination
     that more than one origin names: the plan keeps it once, under the last, but it is each
     of theirs (taking one device back must leave it to the others). identities: ((device,
-    (key, ...)), ...) in request order, each device's host identity (see the module's notes)."""
+    (key, ...)), ...) in request order, each device's host identity (see the module's notes).
+    shares: ((device, N), ...) for the requested devices N containers may hold at once (their
+    spec's share count): each is held, by its identity, in one of N slots (live/holds.py)."""
 
     __slots__ = ()
 
@@ -81,6 +83,12 @@ class Plan(namedtuple("Plan", ["devices", "nodes", "device_rules", "mounts", "en
         """(device, keys) for the given devices that the plan knows, in request order."""
         wanted = set(devices)
         return [(device, keys) for device, keys in self.identities if device in wanted]
+
+    def counted(self, exclusive: Iterable[str]) -> list[str]:
+        """The requested devices that are held while a container has them: the policy's
+        exclusive ones and the shareable ones (their spec's count), in request order."""
+        wanted = set(exclusive) | {device for device, _ in self.shares}
+        return [device for device in self.devices if device in wanted]
 
     def hooks_at(self, *stages: str) -> list:
         """(origin, Hook) for the given stages, in the order the stages are given."""
@@ -123,6 +131,7 @@ def build(selection: Selection, *, process_uid: int = 0, process_gid: int = 0, s
         net_devices=_net_devices(selection),
         shared=_shared(selection, {p.node.path for p in nodes}, {m.container_path for _, m in mounts}),
         identities=tuple((device, tuple(keys) or (f"name {device}",)) for device, keys in identities.items()),
+        shares=tuple(selection.shares),
     )
 
 

@@ -29,6 +29,7 @@ from cdi_hook.settings import DEFAULT_SPEC_DIRS, INSECURE_ENV, Settings
 from cdi_hook.settings import current as current_settings
 from cdi_hook.spec.model import ContainerEdits, Device, Spec
 from cdi_hook.spec.names import is_qualified_name, quote
+from cdi_hook.spec.rules import shared_count
 from cdi_hook.trust import file_problem as untrusted_problem
 from cdi_hook.trust import folders_problem
 
@@ -41,12 +42,13 @@ if TYPE_CHECKING:
 EditsPart = namedtuple("EditsPart", ["origin", "spec_path", "edits"])
 
 
-class Selection(namedtuple("Selection", ["devices", "parts"])):
+class Selection(namedtuple("Selection", ["devices", "parts", "shares"], defaults=((),))):
     """Which spec edits a request applies, in order, before anything is decided (plan.build).
 
     devices: the qualified names requested, in request order, no repeats; parts: for each
     device, its spec's spec-level edits once (the first time that spec is met), then the
-    device's own edits.
+    device's own edits; shares: ((device, N), ...) for each device whose spec says N
+    containers may hold it at once (spec/rules.py SHARED_ANNOTATION).
     """
 
     __slots__ = ()
@@ -327,9 +329,14 @@ def select(wanted: list[str], devices: Mapping[str, tuple[Spec, Device]]) -> Sel
     """The Selection for known, distinct names; devices maps each to its (Spec, Device).
     A device of `cdi-hook doctor --probe` resolves only while the doctor that wrote it lives."""
     parts: list[EditsPart] = []
+    shares: list[tuple[str, int]] = []
     specs_met: set[str] = set()
     for name in wanted:
         spec, device = devices[name]
+        if device.annotations:
+            count = shared_count(device.annotations)
+            if count is not None:
+                shares.append((name, count))
         if spec.kind == PROBE_KIND:
             _check_probe(name, spec)
         if spec.path not in specs_met:
@@ -337,7 +344,7 @@ def select(wanted: list[str], devices: Mapping[str, tuple[Spec, Device]]) -> Sel
             if not spec.container_edits.is_empty():
                 parts.append(EditsPart(f"{spec.kind} (spec-level)", spec.path, spec.container_edits))
         parts.append(EditsPart(name, spec.path, device.container_edits))
-    return Selection(tuple(wanted), tuple(parts))
+    return Selection(tuple(wanted), tuple(parts), tuple(shares))
 
 
 def _check_probe(name: str, spec: Spec) -> None:

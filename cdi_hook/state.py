@@ -14,6 +14,9 @@ Three rules, each once:
   the new one, never half of either, and a crash leaves one of the two: `write_atomic`,
   `write_atomic_at`. `write_atomic_at` is the same write relative to a folder's fd, for
   folders opened safely elsewhere (a container's rootfs, through openat2 RESOLVE_IN_ROOT).
+  `PendingRecord` is a record's write in two steps: the temp file first (a full or
+  read-only folder fails there, before the caller changed anything), the rename once the
+  caller has done what the record describes.
 
 Layout under the state root (settings.Settings.state_root, /run/cdi-hook by default, a
 tmpfs gone at reboot like the containers the records describe):
@@ -145,6 +148,19 @@ def write_atomic_at(dir_fd: int, name: str, data: bytes, mode: int = 0o600,
     """Replace name in the folder dir_fd with data all at once (see the module's text).
     durable=False skips the fsyncs: for files that are only a faster way to an answer
     (caches) or that die with the container (its rootfs), where a crash costs nothing."""
+    temp = _write_temp(dir_fd, name, data, mode, owner, durable)
+    try:
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        _unlink_quietly(dir_fd, temp)
+        raise
+    if durable:
+        os.fsync(dir_fd)
+
+
+def _write_temp(dir_fd: int, name: str, data: bytes, mode: int, owner: tuple[int, int] | None,
+                durable: bool) -> str:
+    """A new temp file beside name holding data, written whole (and fsync'd): its name."""
     # Unguessable: in a container's rootfs the image could otherwise put a file under the
     # temp name first and make the write fail (O_EXCL never writes through what is there).
     temp = f".{name}.{os.urandom(6).hex()}.tmp"
@@ -161,15 +177,59 @@ def write_atomic_at(dir_fd: int, name: str, data: bytes, mode: int = 0o600,
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
-        try:
-            os.unlink(temp, dir_fd=dir_fd)
-        except OSError:
-            pass
+        _unlink_quietly(dir_fd, temp)
         raise
-    if durable:
-        os.fsync(dir_fd)
+    return temp
+
+
+def _unlink_quietly(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
+class PendingRecord:
+    """A record's next version written whole beside it and fsync'd, not yet in place: for a
+    caller that must know the record can be written before it changes anything (detach
+    takes devices away, then records that). commit() puts it in place; discard() drops it.
+    document None: the record is to be removed; the empty temp file made in its stead shows
+    the folder takes a change (a read-only one refuses it) and is removed by either call.
+    Holds its own fd of the folder until then."""
+
+    def __init__(self, dir_fd: int, name: str, document: object | None):
+        self.name = name
+        self.removal = document is None
+        self.dir_fd = os.dup(dir_fd)
+        try:
+            self.temp = _write_temp(self.dir_fd, name, b"" if document is None else encode_record(document),
+                                    0o600, None, True)
+        except BaseException:
+            os.close(self.dir_fd)
+            raise
+
+    def commit(self) -> None:
+        """OSError when the record cannot be put in place (the temp file is gone then too)."""
+        try:
+            if self.removal:
+                remove_at(self.dir_fd, self.name)
+                _unlink_quietly(self.dir_fd, self.temp)
+            else:
+                os.rename(self.temp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+            os.fsync(self.dir_fd)
+        except BaseException:
+            _unlink_quietly(self.dir_fd, self.temp)
+            raise
+        finally:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+    def discard(self) -> None:
+        if self.dir_fd >= 0:
+            _unlink_quietly(self.dir_fd, self.temp)
+            os.close(self.dir_fd)
+            self.dir_fd = -1
 
 
 def write_atomic(path: str, data: bytes, mode: int = 0o600, owner: tuple[int, int] | None = None,

@@ -239,12 +239,12 @@ def test_a_successful_start_changes_only_the_cache_and_the_conf_file(runc, tmp_p
                                            "etc/ld.so.conf.d/00-cdi-hook.conf"}, changed
 
 
-def test_ldconfigs_complaints_reach_the_error_escaped(runc, tmp_path, monkeypatch):
+def test_ldconfigs_complaints_reach_the_error_escaped(runc, tmp_path):
     """ldconfig fails (its rename(2) of the new cache fails, by a seccomp filter on the hook)
     after complaining about an image file whose name holds a terminal escape: the error
     names it with the control bytes escaped, and the rootfs is what it was. (runc quotes a
     hook's stderr itself; the next test holds the hook's own message to the same rule.)"""
-    import test_faults
+    import fault_env
 
     rootfs = _image(tmp_path / "bundle" / "rootfs")
     (rootfs / "opt" / "lib").mkdir(parents=True)
@@ -252,8 +252,7 @@ def test_ldconfigs_complaints_reach_the_error_escaped(runc, tmp_path, monkeypatc
     (rootfs / "opt" / "lib" / hostile).touch()  # "File /opt/lib/... is empty, not checked."
     bundle, _ = hook_env.bundle_with_hook(tmp_path, _spec(hook_env.host_files(tmp_path)), [ALL], "echo RAN",
                                           rootfs=rootfs)
-    monkeypatch.setitem(test_faults.SYSCALLS_X86_64, "rename", 82)  # the hook itself renames with renameat
-    test_faults._with_failing_syscalls(bundle, tmp_path, ["rename"])
+    fault_env.with_failing_syscalls(bundle, tmp_path, ["rename"])  # ldconfig's; the hook renames with renameat
     before = oci_env.tree_snapshot(rootfs)
     result = oci_env.run_container(bundle)
     assert result.returncode != 0 and "RAN" not in result.stdout, result.stderr

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import subprocess
 import threading
 import time
@@ -29,49 +28,11 @@ import pytest
 
 import hook_env
 import oci_env
-from conftest import require, require_program
+from conftest import require_program
+from fault_env import run_and_check, small_tmpfs, with_failing_syscalls
 from ci_rules import require_cgroup_v1
 
 ALL = f"{hook_env.VENDOR}=all"
-SYSCALLS_X86_64 = {"mknodat": 259, "move_mount": 429, "mount_setattr": 442, "mount": 165, "bpf": 321}
-
-SECCOMP_WRAPPER = r'''
-import ctypes, errno, os, struct, sys
-# argv: wrapper.py SYSCALL_NR [SYSCALL_NR...] -- program args...
-split = sys.argv.index("--")
-numbers = [int(n) for n in sys.argv[1:split]]
-program = sys.argv[split + 1:]
-BPF_LD_W_ABS, BPF_JEQ_K, BPF_RET_K = 0x20, 0x15, 0x06
-ALLOW, ERRNO = 0x7FFF0000, 0x00050000
-code = [(BPF_LD_W_ABS, 0, 0, 0)]  # the syscall number
-for number in numbers:
-    code += [(BPF_JEQ_K, 0, 1, number), (BPF_RET_K, 0, 0, ERRNO | errno.EIO)]
-code.append((BPF_RET_K, 0, 0, ALLOW))
-raw = b"".join(struct.pack("HBBI", *insn) for insn in code)
-buffer = ctypes.create_string_buffer(raw)
-class Prog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-prog = Prog(len(code), ctypes.addressof(buffer))
-libc = ctypes.CDLL(None, use_errno=True)
-if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:
-    sys.exit("cannot install the seccomp filter: " + os.strerror(ctypes.get_errno()))
-os.execv(program[0], program)
-'''
-
-
-def _with_failing_syscalls(bundle: Path, tmp_path: Path, names: list[str]) -> None:
-    """Rewrite the bundle's cdi-hook entry to run under a filter failing `names` with EIO."""
-    require(platform.machine() == "x86_64", "the seccomp fault filter knows x86_64 syscall numbers only")
-    wrapper = tmp_path / "seccomp_wrapper.py"
-    wrapper.write_text(SECCOMP_WRAPPER)
-    config = json.loads((bundle / "config.json").read_text())
-    for entries in config["hooks"].values():
-        for entry in entries:
-            numbers = [str(SYSCALLS_X86_64[n]) for n in names]
-            entry["args"] = [oci_env.PYTHON, "-I", str(wrapper), *numbers, "--", *entry["args"]]
-    (bundle / "config.json").write_text(json.dumps(config))
-
-
 def _spec(sources: dict, **edits) -> dict:
     """Nodes and mounts in new folders (so undo must remove folders, too), then `edits`."""
     container_edits = {
@@ -87,23 +48,6 @@ def _spec(sources: dict, **edits) -> dict:
             "devices": [{"name": "all", "containerEdits": container_edits}]}
 
 
-def _run_and_check(tmp_path: Path, bundle: Path, rootfs: Path, step: str, extra: str = "", run=None,
-                   device: str = ALL) -> str:
-    before = oci_env.tree_snapshot(rootfs)
-    mounts_before = oci_env.host_mount_points()
-    result = (run or oci_env.run_container)(bundle)
-    assert result.returncode != 0 and "RAN" not in result.stdout, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    line = next((x for x in result.stderr.splitlines() if x.startswith("cdi-hook")), result.stderr)
-    assert f"{step} for {device}" in line or (step in line and device in line), result.stderr
-    assert extra in result.stderr, result.stderr
-    after = oci_env.tree_snapshot(rootfs)
-    assert after == before, {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys()
-                             if before.get(k) != after.get(k)}
-    assert oci_env.new_host_mounts(mounts_before, oci_env.host_mount_points(), tmp_path) == []
-    return result.stderr
-
-
 def _bundle(tmp_path: Path, spec: dict, rootfs: Path | None = None, **kwargs):
     rootfs = rootfs or hook_env.glibc_like_rootfs(tmp_path / "bundle" / "rootfs")
     (rootfs / "etc" / "ld.so.cache").write_bytes(b"the image's own cache") if not (
@@ -117,15 +61,15 @@ def _bundle(tmp_path: Path, spec: dict, rootfs: Path | None = None, **kwargs):
                          ids=["mknod", "bind-mount", "read-only-setattr", "propagation-remount"])
 def test_a_failing_syscall_undoes_everything(runc, tmp_path, syscall, step):
     bundle, rootfs = _bundle(tmp_path, _spec(hook_env.host_files(tmp_path)))
-    _with_failing_syscalls(bundle, tmp_path, [syscall])
-    _run_and_check(tmp_path, bundle, rootfs, step, "Input/output error")
+    with_failing_syscalls(bundle, tmp_path, [syscall])
+    run_and_check(tmp_path, bundle, rootfs, step, "Input/output error")
 
 
 def test_a_typed_mount_with_a_bad_option_undoes_everything(runc, tmp_path):
     spec = _spec(hook_env.host_files(tmp_path), mounts=[
         {"hostPath": "tmpfs", "containerPath": "/cdi/tmp/scratch", "type": "tmpfs", "options": ["size=bogus"]}])
     bundle, rootfs = _bundle(tmp_path, spec)
-    _run_and_check(tmp_path, bundle, rootfs, "mount", "/cdi/tmp/scratch")
+    run_and_check(tmp_path, bundle, rootfs, "mount", "/cdi/tmp/scratch")
 
 
 def test_a_failing_ldconfig_undoes_everything(runc, tmp_path):
@@ -133,14 +77,14 @@ def test_a_failing_ldconfig_undoes_everything(runc, tmp_path):
     (rootfs / "etc" / "ld.so.cache").mkdir()  # ldconfig cannot rename its new cache over it
     (rootfs / "etc" / "ld.so.cache" / "image-file").write_text("kept\n")
     bundle, rootfs = _bundle(tmp_path, _spec(hook_env.host_files(tmp_path)), rootfs=rootfs)
-    _run_and_check(tmp_path, bundle, rootfs, "ldconfig")
+    run_and_check(tmp_path, bundle, rootfs, "ldconfig")
 
 
 def test_a_failing_spec_hook_undoes_everything(runc, tmp_path):
     spec = _spec(hook_env.host_files(tmp_path), hooks=[
         {"hookName": "createRuntime", "path": "/bin/sh", "args": ["sh", "-c", "echo broken >&2; exit 3"]}])
     bundle, rootfs = _bundle(tmp_path, spec)
-    _run_and_check(tmp_path, bundle, rootfs, "spec hook", "broken")
+    run_and_check(tmp_path, bundle, rootfs, "spec hook", "broken")
 
 
 def test_a_refused_cgroup_write_undoes_everything(runc, tmp_path):
@@ -159,7 +103,7 @@ def test_a_refused_cgroup_write_undoes_everything(runc, tmp_path):
         config["linux"]["cgroupsPath"] = f"/{parent_name}/{uuid.uuid4().hex[:8]}"
         config["linux"]["resources"] = {"devices": [{"allow": False, "access": "rwm"}]}
         (bundle / "config.json").write_text(json.dumps(config))
-        _run_and_check(tmp_path, bundle, rootfs, "device cgroup", "10:232")
+        run_and_check(tmp_path, bundle, rootfs, "device cgroup", "10:232")
     finally:
         for child in parent.iterdir():
             if child.is_dir():
@@ -176,7 +120,7 @@ def test_a_failing_spec_hook_sends_the_network_device_home(runc, tmp_path):
         spec["cdiVersion"] = "1.1.0"
         spec["devices"][0]["containerEdits"]["netDevices"] = [{"hostInterfaceName": name, "name": "cdi0"}]
         bundle, rootfs = _bundle(tmp_path, spec)
-        _run_and_check(tmp_path, bundle, rootfs, "spec hook", "broken")
+        run_and_check(tmp_path, bundle, rootfs, "spec hook", "broken")
         shown = subprocess.run(["ip", "link", "show", name], capture_output=True, text=True)
         assert shown.returncode == 0, f"{name} did not come back to the host: {shown.stderr}"
     finally:
@@ -200,7 +144,7 @@ def test_undo_puts_the_image_cache_back_as_it_was(runc, tmp_path, cache):
     spec = _spec(hook_env.host_files(tmp_path), hooks=[
         {"hookName": "createRuntime", "path": "/bin/sh", "args": ["sh", "-c", "echo broken >&2; exit 3"]}])
     bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "echo RAN", rootfs=rootfs)
-    _run_and_check(tmp_path, bundle, rootfs, "spec hook", "broken")
+    run_and_check(tmp_path, bundle, rootfs, "spec hook", "broken")
     assert host_file.read_bytes() == b"host file, never written"
 
 
@@ -215,13 +159,13 @@ def test_undo_puts_an_existing_conf_file_back(runc, tmp_path):
     spec = _spec(hook_env.host_files(tmp_path), hooks=[
         {"hookName": "createRuntime", "path": "/bin/sh", "args": ["sh", "-c", "echo broken >&2; exit 3"]}])
     bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "echo RAN", rootfs=rootfs)
-    _run_and_check(tmp_path, bundle, rootfs, "spec hook", "broken")
+    run_and_check(tmp_path, bundle, rootfs, "spec hook", "broken")
 
 
 def test_a_failing_device_program_load_undoes_everything_cgroup_v2(runc, tmp_path):
     """cgroup v2: the bpf() calls that read and replace runc's device program fail (EIO)."""
     bundle, rootfs = _bundle(tmp_path, _spec(hook_env.host_files(tmp_path)))
-    _with_failing_syscalls(bundle, tmp_path, ["bpf"])
+    with_failing_syscalls(bundle, tmp_path, ["bpf"])
     with oci_env.cgroup2_namespace() as namespace:
         def run_v2(bundle: Path) -> subprocess.CompletedProcess:
             cid = "cdi-fault-v2-" + uuid.uuid4().hex[:8]
@@ -232,35 +176,10 @@ def test_a_failing_device_program_load_undoes_everything_cgroup_v2(runc, tmp_pat
             finally:
                 subprocess.run(command + ["delete", "--force", cid], capture_output=True)
 
-        _run_and_check(tmp_path, bundle, rootfs, "device cgroup", "Input/output error", run=run_v2)
+        run_and_check(tmp_path, bundle, rootfs, "device cgroup", "Input/output error", run=run_v2)
 
 
 # --- Node faults (issue 27): a full or read-only filesystem under what the hook writes ----
-
-@contextlib.contextmanager
-def small_tmpfs(where: Path, *, size: str = "64k", full: bool = True, readonly: bool = False):
-    """A tmpfs of its own at `where`: filled to the last byte (full) or remounted read-only
-    once the caller's files are in (readonly, through the yielded remount function)."""
-    where.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "cdi-fault", str(where)], check=True)
-    try:
-        def fill() -> None:
-            fd = os.open(where / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-            try:
-                while os.write(fd, b"\0" * 4096):
-                    pass
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-
-        def make_readonly() -> None:
-            subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
-
-        yield fill if full else make_readonly
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
-
 
 def _started(tmp_path: Path, bundle: Path) -> subprocess.CompletedProcess:
     result = oci_env.run_container(bundle)
@@ -360,13 +279,46 @@ def test_safety_state_that_cannot_be_written_fails_the_start_cleanly(runc, tmp_p
         # record under this id, before any hold is taken
         failing = "record" if what == "record" or fault == "readonly" else "holds"
         if failing == "record":
-            stderr = _run_and_check(tmp_path, bundle, rootfs, "record", device="")
+            stderr = run_and_check(tmp_path, bundle, rootfs, "record", device="")
         else:
-            stderr = _run_and_check(tmp_path, bundle, rootfs, "exclusive device")
+            stderr = run_and_check(tmp_path, bundle, rootfs, "exclusive device")
         assert oci_env.tree_snapshot(state_dir) == before
     line = next(x for x in stderr.splitlines() if "cdi-hook" in x)
     assert str(state_dir / ("containers" if failing == "record" else "held")) in line, stderr
     assert ("No space left on device" if fault == "full" else "Read-only file system") in line, stderr
+
+
+@pytest.mark.parametrize("what", ["record", "holds"])
+def test_safety_state_on_a_failing_disk_fails_the_start_cleanly(runc, tmp_path, what):
+    """EIO where a failing disk reports a buffered write: every fsync of the hook fails (the
+    seccomp filter; this kernel has no device-mapper for an `error` target). The record and
+    the holds are written durably, so they fail closed: one line naming the folder and the
+    error, the injection undone. The spec has no library: ldconfig's own fsync would fail first."""
+    spec = _spec(hook_env.host_files(tmp_path))
+    edits = spec["devices"][0]["containerEdits"]
+    edits["mounts"] = [m for m in edits["mounts"] if not m["containerPath"].endswith(".so.1")]
+    bundle, rootfs = _bundle(tmp_path, spec)
+    state_dir = tmp_path / "state"
+    for sub in ("held", "containers"):
+        (state_dir / sub).mkdir(mode=0o700, parents=True)
+    os.chmod(state_dir, 0o700)
+    env = {"CDI_HOOK_STATE_DIR": str(state_dir / "held")}
+    if what == "holds":
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(f'version: "1"\nexclusive: ["{hook_env.VENDOR}=*"]\n')
+        policy.chmod(0o644)
+        env["CDI_HOOK_POLICY"] = str(policy)
+    _hook_stderr_to(bundle, None, **env)
+    with_failing_syscalls(bundle, tmp_path, ["fsync"])
+    before = oci_env.tree_snapshot(state_dir)
+    if what == "record":
+        stderr = run_and_check(tmp_path, bundle, rootfs, "record", device="")
+    else:
+        stderr = run_and_check(tmp_path, bundle, rootfs, "exclusive device")
+    assert oci_env.tree_snapshot(state_dir) == before
+    line = next(x for x in stderr.splitlines() if "cdi-hook" in x)
+    assert str(state_dir / ("containers" if what == "record" else "held")) in line, stderr
+    assert "Input/output error" in line, stderr
 
 
 class _InPlaceRewriter:

@@ -295,8 +295,8 @@ def test_no_ld_so_conf_skips_ldconfig_without_failing(runc, tmp_path):
     assert any("ldconfig skipped" in note for note in line["notes"])
 
 
-def test_failing_ldconfig_is_reported_with_its_output(runc, tmp_path, monkeypatch):
-    import test_faults
+def test_failing_ldconfig_is_reported_with_its_output(runc, tmp_path):
+    import fault_env
 
     sources = hook_env.host_files(tmp_path)
     rootfs = hook_env.glibc_like_rootfs(tmp_path / "bundle" / "rootfs")
@@ -304,8 +304,7 @@ def test_failing_ldconfig_is_reported_with_its_output(runc, tmp_path, monkeypatc
         "mounts": [{"hostPath": sources["library"], "containerPath": "/opt/lib/libz.so.1", "options": ["bind"]}]}}]}
     bundle, _ = hook_env.bundle_with_hook(tmp_path, spec, [ALL], "echo RAN", rootfs=rootfs)
     # ldconfig's rename(2) of its new ld.so.cache~ fails (the hook itself renames with renameat).
-    monkeypatch.setitem(test_faults.SYSCALLS_X86_64, "rename", 82)
-    test_faults._with_failing_syscalls(bundle, tmp_path, ["rename"])
+    fault_env.with_failing_syscalls(bundle, tmp_path, ["rename"])  # ldconfig's; the hook renames with renameat
     result = oci_env.run_container(bundle)
     assert result.returncode != 0 and "RAN" not in result.stdout
     assert f"ldconfig for {ALL}: exit status" in result.stderr and "ld.so.cache" in result.stderr, result.stderr

@@ -135,6 +135,7 @@ LATER_WORK = {
     "poststop hook": ({"hooks": [{"hookName": "poststop", "path": "/bin/true"}]}, None, ["poststop"]),
     "network device": ({"netDevices": [{"hostInterfaceName": "cdi-x0", "name": "eth9"}]}, None, ["poststop"]),
     "exclusive in the policy": ({"env": ["X=1"]}, "exclusive", ["poststop"]),
+    "shareable (held)": ({"env": ["X=1"]}, "shared", ["poststop"]),
     "nothing later": ({"env": ["X=1"]}, None, []),
 }
 
@@ -146,9 +147,12 @@ def test_hook_mode_writes_the_later_stages_the_devices_have_work_at(bundle, tmp_
     nothing to do would start an interpreter on every start for nothing."""
     edits, policy, stages = LATER_WORK[case]
     monkeypatch.setenv("CDI_HOOK_INSECURE_SPECS", "1")
+    device = {"name": "d", "containerEdits": edits}
+    if policy == "shared":
+        device["annotations"] = {"io.github.cdi-hook.shared": "2"}
     write_spec(tmp_path / "later", "later.json", {"cdiVersion": "1.1.0", "kind": "vendor.com/later",
-                                                  "devices": [{"name": "d", "containerEdits": edits}]})
-    if policy:
+                                                  "devices": [device]})
+    if policy == "exclusive":
         path = tmp_path / "policy.yaml"
         path.write_text('version: "1"\nexclusive: [vendor.com/later=d]\n')
         os.chmod(path, 0o600)

@@ -21,7 +21,7 @@ LAYERS = [
      "cdi_hook.probe_spec"},
     {"cdi_hook.registry"},
     {"cdi_hook.cache"},
-    {"cdi_hook.hostdev", "cdi_hook.plan", "cdi_hook.policy"},
+    {"cdi_hook.hostdev", "cdi_hook.hostscan", "cdi_hook.plan", "cdi_hook.policy"},
     {"cdi_hook.config_editor", "cdi_hook.live", "cdi_hook.live.*", "cdi_hook.record"},
     {"cdi_hook.commands", "cdi_hook.commands.*"},
     {"cdi_hook.cli", "cdi_hook.__main__", "cdi_hook.start"},

@@ -171,3 +171,37 @@ def test_write_atomic_sets_mode_and_owner_whatever_the_umask(tmp_path):
         os.umask(old)
     st = os.stat(tmp_path / "hooks.json")
     assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o644, OTHER_UID, OTHER_UID)
+
+
+def test_a_pending_record_is_in_place_only_once_committed(folder):
+    """PendingRecord: the new version waits beside the old one (a reader still gets the old)
+    until commit; discard drops it; a removal's empty probe file goes either way."""
+    path, fd = folder
+    state.write_record(fd, "c1.json", {"n": 1})
+    pending = state.PendingRecord(fd, "c1.json", {"n": 2})
+    assert state.read_record(fd, "c1.json", "c1") == {"n": 1}
+    pending.commit()
+    assert state.read_record(fd, "c1.json", "c1") == {"n": 2}
+    state.PendingRecord(fd, "c1.json", {"n": 3}).discard()
+    assert state.read_record(fd, "c1.json", "c1") == {"n": 2}
+    removal = state.PendingRecord(fd, "c1.json", None)
+    assert state.read_record(fd, "c1.json", "c1") == {"n": 2}
+    removal.commit()
+    removal.discard()  # after a commit: nothing
+    assert sorted(os.listdir(path)) == []
+    state.PendingRecord(fd, "c1.json", None).discard()
+    assert sorted(os.listdir(path)) == []
+
+
+def test_a_pending_record_that_cannot_be_written_leaves_no_temp_file(folder, monkeypatch):
+    path, fd = folder
+    state.write_record(fd, "c1.json", {"n": 1})
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(state.os, "write", full)
+    with pytest.raises(OSError, match="No space"):
+        state.PendingRecord(fd, "c1.json", {"n": 2})
+    monkeypatch.undo()
+    assert os.listdir(path) == ["c1.json"] and state.read_record(fd, "c1.json", "c1") == {"n": 1}

@@ -17,6 +17,11 @@ is that device plugin:
   Each resource has its own gRPC server on its own socket in the kubelet's device plugin
   dir (`cdi-hook-<kind id>.sock`, kind_id) and registers there with the kubelet
   (kubelet.sock, API version v1beta1).
+* A shareable device (its spec's io.github.cdi-hook.shared annotation: N, as `generate
+  --shared N` writes it) is N units, `<name>#0` .. `<name>#N-1` ('#' is in no CDI name):
+  the kubelet hands each to one container, so at most N containers have it at once, as
+  the hook's holds allow (live/holds.py); an allocation names the device once however
+  many of its units a container gets.
 * Every POLL seconds the spec dirs are read again and every device node is checked: kinds
   come and go with their specs, devices with their entries, and a device is Healthy while
   each of its device nodes' host paths is the node the spec names (lstat: a character,
@@ -50,7 +55,7 @@ import socket
 import stat
 import sys
 import threading
-from collections import namedtuple
+from collections import Counter, namedtuple
 from concurrent import futures
 
 import grpc
@@ -64,6 +69,7 @@ from cdi_hook.probe_spec import PROBE_KIND
 from cdi_hook.registry import Registry
 from cdi_hook.request import ANNOTATION_PREFIX, MAX_KEY_NAME_LENGTH, build_annotations, key_name_problem
 from cdi_hook.spec.names import ALNUM
+from cdi_hook.spec.rules import shared_count
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
@@ -78,6 +84,7 @@ if TYPE_CHECKING:
     SocketIdentity = tuple[int, int, int]  # st_dev, st_ino, st_ctime_ns
 
 API_VERSION = "v1beta1"
+UNIT_MARK = "#"  # name#3: the fourth unit of a shared device; '#' is in no CDI device name
 KUBELET_SOCKET = "kubelet.sock"
 HEALTHY, UNHEALTHY = "Healthy", "Unhealthy"
 # The plugin part of every annotation key: cdi.k8s.io/cdi-hook_<kind id>.
@@ -208,9 +215,13 @@ def inventory(registry: Registry, host_root: str = "/",
     """
     health: dict[str, dict[str, tuple[str, str]]] = {}
     own_nodes: dict[str, dict[str, frozenset[HostDevice]]] = {}
+    shares: dict[str, dict[str, int]] = {}
     for qualified, (spec, device) in registry.devices.items():
         if spec.kind == PROBE_KIND:
             continue  # doctor's throwaway device: never a pod's
+        count = shared_count(device.annotations)
+        if count is not None and count > 1:
+            shares.setdefault(spec.kind, {})[device.name] = count
         nodes = spec.container_edits.device_nodes + device.container_edits.device_nodes
         problems = [problem for problem in (node_problem(node, host_root) for node in nodes) if problem]
         health.setdefault(spec.kind, {})[device.name] = (UNHEALTHY, "; ".join(problems)) if problems else (HEALTHY, "")
@@ -219,9 +230,22 @@ def inventory(registry: Registry, host_root: str = "/",
     kinds = {}
     for kind, devices in own_nodes.items():
         found = physical_units(devices, (listed_before or {}).get(kind, ()))
-        kinds[kind] = Inventory({name: Unit(*health[kind][name], aliases) for name, aliases in found.units.items()},
-                                found.unlisted, found.shared)
+        counts = shares.get(kind, {})
+        units = {unit_id: Unit(*health[kind][name], aliases) for name, aliases in found.units.items()
+                 for unit_id in unit_ids(name, counts.get(name, 1))}
+        kinds[kind] = Inventory(units, found.unlisted, found.shared)
     return kinds
+
+
+def unit_ids(name: str, count: int) -> list[str]:
+    """The device ids of a device N containers may share: name#0 .. name#N-1 (its name alone
+    when it is not shared)."""
+    return [name] if count <= 1 else [f"{name}{UNIT_MARK}{i}" for i in range(count)]
+
+
+def device_of(unit_id: str) -> str:
+    """The device name of a unit id (name#3 -> name)."""
+    return unit_id.partition(UNIT_MARK)[0]
 
 
 def socket_identity(path: str) -> SocketIdentity | None:
@@ -328,10 +352,16 @@ class Resource(api_pb2_grpc.DevicePluginServicer):
                           nodes=listed(sorted(map(host_device_text, inventory.shared))))
         self.shared = inventory.shared
         health = {name: unit.health for name, unit in inventory.units.items()}
+        shared_units = Counter(device_of(name) for name in inventory.units if UNIT_MARK in name)
         for name, unit in sorted(inventory.units.items()):
+            device, mark, number = name.partition(UNIT_MARK)
+            if mark and number != "0":
+                continue  # a shared device's units come, go and change health together: one line
             before = self.units.get(name)
             if before is None or (before.health, before.aliases) != (unit.health, unit.aliases):
-                fields = {"resource": self.kind, "device": name, "health": unit.health}
+                fields = {"resource": self.kind, "device": device, "health": unit.health}
+                if mark:
+                    fields["units"] = shared_units[device]
                 if unit.why:
                     fields["why"] = unit.why
                 if unit.aliases:
@@ -468,7 +498,7 @@ class Resource(api_pb2_grpc.DevicePluginServicer):
             if not ids:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"resource {self.kind}: a container request with no "
                                                                  "device ids")
-            names = [f"{self.kind}={device_id}" for device_id in ids]
+            names = list(dict.fromkeys(f"{self.kind}={device_of(device_id)}" for device_id in ids))
             try:
                 annotations = build_annotations(PLUGIN_NAME, self.annotation_id, names)
             except CdiError as error:

@@ -60,22 +60,27 @@ def cmd_precreate(spec_dirs: Sequence[str] | None, stdin: BinaryIO, stdout: Bina
 
     rules = policy.load()
     policy.authorize(rules, annotations, pending)  # refused: CdiError, nothing written
-    _refuse_exclusive(rules, pending)
-    edited = config_editor.apply_plan(config, _plan_for(config, pending, spec_dirs))
+    container_plan = _plan_for(config, pending, spec_dirs)
+    _refuse_counted(rules, container_plan)
+    edited = config_editor.apply_plan(config, container_plan)
     stdout.write(json.dumps(edited, separators=(",", ":")).encode())
     stdout.flush()
     return 0
 
 
-def _refuse_exclusive(rules: Policy, names: list[str]) -> None:
-    """An exclusive device is held from createRuntime to poststop, which only the live hook
-    sees; an edited config.json would give it away with no hold."""
+def _refuse_counted(rules: Policy, container_plan: Plan) -> None:
+    """An exclusive or shareable device is held from createRuntime to poststop, which only
+    the live hook sees; an edited config.json would give it away with no hold."""
     from cdi_hook import policy
 
-    exclusive = policy.exclusive_devices(rules, names)
+    exclusive = policy.exclusive_devices(rules, container_plan.devices)
     if exclusive:
         raise CdiError(f"{', '.join(exclusive)}: exclusive in the policy {rules.path}; exclusive devices are given "
                        "by the live hook only (cdi-hook install --mode hook, or inject --mode hook)")
+    if container_plan.shares:
+        shared = ", ".join(f"{device} (shared by {count})" for device, count in container_plan.shares)
+        raise CdiError(f"{shared}: its spec limits how many containers may hold it at once; such devices are "
+                       "given by the live hook only (cdi-hook install --mode hook, or inject --mode hook)")
 
 
 def read_bundle_config(bundle: str) -> tuple[str, bytes, dict]:
@@ -150,16 +155,19 @@ def cmd_inject(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int
             return 0
         from cdi_hook import policy
 
-        _refuse_exclusive(policy.load(), pending)
-        edited = config_editor.apply_plan(config, _plan_for(config, pending, spec_dirs))
+        container_plan = _plan_for(config, pending, spec_dirs)
+        _refuse_counted(policy.load(), container_plan)
+        edited = config_editor.apply_plan(config, container_plan)
     else:
         from cdi_hook import policy, record
 
         # unknown devices refused now, not at container start; only the later stages the
         # devices have work at get an entry (a record that no poststop will remove is
         # removed by `cdi-hook stale` or the watcher once the container is gone)
-        later = record.needed_stages(_plan_for(config, names, spec_dirs),
-                                     bool(policy.exclusive_devices(policy.load(), names)))
+        container_plan = _plan_for(config, names, spec_dirs)
+        # held by the live hook, given back at poststop: the policy's exclusive devices and the shareable ones
+        held = container_plan.counted(policy.exclusive_devices(policy.load(), names))
+        later = record.needed_stages(container_plan, bool(held))
         edited = add_hook_request(config, names, spec_dirs, later)
 
     st = os.stat(path)

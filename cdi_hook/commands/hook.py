@@ -67,7 +67,8 @@ def run(stage: str, spec_dirs: list[str] | None, stdin: BinaryIO) -> int:
             from cdi_hook import record
 
             record.remove(state.id)  # an earlier container's under this id: never this one's
-            _inject_holding(policy.exclusive_devices(rules, names), stage, container_plan, state, config, log)
+            counted = container_plan.counted(policy.exclusive_devices(rules, names))
+            _inject_holding(counted, stage, container_plan, state, config, log)
         else:
             # No record of this container (started by a cdi-hook older than records, or its
             # record could not be matched): the older way, from today's specs.
@@ -87,8 +88,9 @@ def run(stage: str, spec_dirs: list[str] | None, stdin: BinaryIO) -> int:
 
 def _inject_holding(exclusive: list[str], stage: str, container_plan: Plan, state: State, config: Config,
                     log: ContainerLog) -> None:
-    """Inject with the policy's exclusive devices held (by what they are on the host, as the
-    plan says: aliases of one device exclude each other); a failed start gives them back."""
+    """Inject with the policy's exclusive devices and the shareable ones held (by what they
+    are on the host, as the plan says: aliases of one device exclude each other; a shareable
+    one in one of its spec's count of slots); a failed start gives them back."""
     from cdi_hook.live import inject
 
     if not exclusive:
@@ -101,7 +103,7 @@ def _inject_holding(exclusive: list[str], stage: str, container_plan: Plan, stat
     if not state.pid:
         raise CdiError(f"OCI state on stdin: pid: missing, needed at {stage} to reach the container")
     held = container_plan.identity_of(exclusive)
-    taken = holds.hold(held, state.id, state.pid)
+    taken = holds.hold(held, state.id, state.pid, dict(container_plan.shares))
     try:
         inject.run_stage(stage, container_plan, state, config, log,
                          before_commit=lambda made: _save_record(container_plan, state, config, log, held, made))
@@ -132,8 +134,9 @@ def _save_record(container_plan: Plan, state: State, config: Config, log: Contai
         # inject --mode hook wrote entries for the stages the devices needed then; the
         # specs (or the policy's exclusive devices) changed since, or a hand-written config
         # left them out. The start goes on: what those stages would do is not needed for it.
-        log.warning(f"{', '.join(container_plan.devices)}: work at {', '.join(missing)} but config.json runs no "
-                    f"cdi-hook entry there (the specs changed since `cdi-hook inject`?); edit the bundle again")
+        log.warning(f"{', '.join(container_plan.devices)}: {config.path} runs no cdi-hook entry at {', '.join(missing)}, "
+                    "where these devices have work (spec hooks, interfaces to send home, holds to give back); it will "
+                    "not be done: run `cdi-hook inject --mode hook` on the bundle again, or install every hooks.d file")
 
 
 def _later_stage_from_record(stage: str, state: State) -> bool:

@@ -64,13 +64,16 @@ def cmd_explain(args: argparse.Namespace, spec_dirs: Sequence[str] | None = None
                                                 containerd_kubelet_only=rules.containerd_kubelet_only)
     decisions = policy.decide(rules, container, requests)
     exclusive = policy.exclusive_devices(rules, names)
-    held = _holds_of(exclusive, spec_dirs) if exclusive else {}
+    shares = _share_counts(names, spec_dirs)
+    counted = list(dict.fromkeys(exclusive + list(shares)))
+    held = _holds_of(counted, spec_dirs) if counted else {}
     report: dict[str, Any] = {
         "container": {"runtime": container.runtime, "namespace": container.namespace, "pod": container.pod},
         "policy": rules.path or "built-in default",
         "requests": [{"device": d.request.device, "annotation": d.request.key, "source": d.request.source,
                       "why": d.request.why, "honoured": d.allowed, "reason": d.reason,
-                      **({"exclusive": True, **held[d.request.device]} if d.request.device in held else {})}
+                      **({"exclusive": True, **held[d.request.device]} if d.request.device in held else {}),
+                      **({"shared": shares[d.request.device]} if d.request.device in shares else {})}
                      for d in decisions],
     }
     if getattr(args, "format", "text") == "json":
@@ -84,11 +87,26 @@ def cmd_explain(args: argparse.Namespace, spec_dirs: Sequence[str] | None = None
         for item in report["requests"]:
             verdict = "honoured" if item["honoured"] else "REFUSED"
             extra = ""
-            if item.get("exclusive"):
+            if item.get("shared"):
+                extra = f"; shared by {item['shared']}, " + _hold_text(item)
+            elif item.get("exclusive"):
                 extra = "; exclusive, " + _hold_text(item)
             print(printable(f"{item['device']}: {verdict}: asked by {item['source']} through {item['annotation']} "
                             f"({item['why']}); {item['reason']}{extra}"))
     return 0 if all(d.allowed for d in decisions) else 1
+
+
+def _share_counts(names: list[str], spec_dirs: Sequence[str] | None) -> dict[str, int]:
+    """device -> how many containers its spec lets hold it at once, for the shareable ones
+    (held like exclusive ones, in that many slots)."""
+    if not names:
+        return {}
+    from cdi_hook.registry import Registry
+    from cdi_hook.spec.rules import shared_count
+
+    known = Registry.load(spec_dirs).devices
+    counts = {name: shared_count(known[name][1].annotations) for name in names if name in known}
+    return {name: count for name, count in counts.items() if count is not None}
 
 
 def _holds_of(devices: list[str], spec_dirs: Sequence[str] | None) -> dict[str, dict]:
@@ -110,11 +128,12 @@ def _holds_of(devices: list[str], spec_dirs: Sequence[str] | None) -> dict[str, 
         # what it is on the host, its hold of before identities, and (its spec gone) holds
         # taken under its very name
         held = [{"key": key, "as": record.get("device") or device, "container": record.get("container"),
-                 "pid": record.get("pid")} for key, record in current.items()
+                 "pid": record.get("pid")} for key, record in current
                 if key in keys or key == holds.name_key(device) or record.get("device") == device]
         # in the order of the device's identity (its nodes first, as the plan lists them), not
         # the order the folder happens to list the holds in
-        held.sort(key=lambda h: (keys.index(h["key"]) if h["key"] in keys else len(keys), h["key"]))
+        held.sort(key=lambda h: (keys.index(h["key"]) if h["key"] in keys else len(keys), h["key"],
+                                 str(h["container"])))  # a shared device's holders: by container id
         found[device] = {"held_by": held[0]["container"] if held else None, "held": held, "identity": keys,
                          **({"hold_error": error} if error else {})}
     return found

@@ -296,11 +296,11 @@ def _attach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -
                              target.config.user_namespace, inject.host_ids_of_container_root(target.config))
     # held by what they are on the host (the plan's identities): an alias of a device another
     # container holds is refused as that device is
-    held = new_plan.identity_of(policy.exclusive_devices(rules, names))
+    held = new_plan.identity_of(new_plan.counted(policy.exclusive_devices(rules, names)))
     taken, cgroup, handle, report = [], None, None, None
     committed = False
     try:
-        taken = holds.hold(held, target.id, target.pid)
+        taken = holds.hold(held, target.id, target.pid, dict(new_plan.shares))
         handle = attach.start_attach(target.pidfd, work)
         report = handle.read()
         if not report.ok:
@@ -512,29 +512,46 @@ def _detach(target: Target, names: list[str], spec_dirs: Sequence[str] | None) -
         (runtime_kept if _runtime_allows(target.config, rule) else withdraw).append(rule)
     for rule in runtime_kept:
         notes.append(f"device cgroup: {rule} stays allowed: the runtime's own rules allow it")
-    # Access first: from here on no new open of the device succeeds. When it cannot be taken
-    # away nothing else is done: the record keeps the device attached, for a later detach.
+    # The record as it will be when every device goes, written beside the old one before
+    # anything is taken away: a full or read-only records folder fails here, one line, with
+    # the container unchanged (the record is what keeps a device held while it is reachable).
+    expected = dict(record, attached=[e for e in record["attached"] if e["device"] not in names],
+                    detached=list(dict.fromkeys(record["detached"] + from_creation)))
+    pending = attachments.prepare(expected)
     try:
-        notes += cgroups.withdraw(target.pid, withdraw, ", ".join(names))
-    except CdiError as error:
-        raise CdiError(f"detach: {error}; nothing else was changed: {listed(names)} stay attached") from None
-    remaining_libraries = ldcache.library_dirs([m.container_path for _, m in _library_mounts(remaining_plan)]) \
-        if remaining_plan else []
-    work = attach.DetachWork(nodes, mounts_work, created, remaining_libraries, bool(library_paths),
-                             ", ".join(names), inject.host_ids_of_container_root(target.config))
-    report = attach.run_detach(target.pidfd, work)
-    if not report.ok:
-        problems.append(report.error or "the worker in the container failed")
-    notes += report.notes
-    problems += report.problems
-    # A device is gone when every node and mount of it is: one the worker could not take back
-    # (covered by another mount, no longer the device's node) stays given, and held, so that
-    # no second container gets it while this one can still reach it; detach again finishes it.
-    left = _devices_of(report.failed, names) if report.ok else list(names)
-    gone = [n for n in names if n not in left]
-    record["attached"] = [e for e in record["attached"] if e["device"] not in gone]
-    record["detached"] = list(dict.fromkeys(record["detached"] + [n for n in from_creation if n in gone]))
-    attachments.save(record)
+        # Access first: from here on no new open of the device succeeds. When it cannot be
+        # taken away nothing else is done: the record keeps the device attached, for a later detach.
+        try:
+            notes += cgroups.withdraw(target.pid, withdraw, ", ".join(names))
+        except CdiError as error:
+            raise CdiError(f"detach: {error}; nothing else was changed: {listed(names)} stay attached") from None
+        remaining_libraries = ldcache.library_dirs([m.container_path for _, m in _library_mounts(remaining_plan)]) \
+            if remaining_plan else []
+        work = attach.DetachWork(nodes, mounts_work, created, remaining_libraries, bool(library_paths),
+                                 ", ".join(names), inject.host_ids_of_container_root(target.config))
+        report = attach.run_detach(target.pidfd, work)
+        if not report.ok:
+            problems.append(report.error or "the worker in the container failed")
+        notes += report.notes
+        problems += report.problems
+        # A device is gone when every node and mount of it is: one the worker could not take back
+        # (covered by another mount, no longer the device's node) stays given, and held, so that
+        # no second container gets it while this one can still reach it; detach again finishes it.
+        left = _devices_of(report.failed, names) if report.ok else list(names)
+        gone = [n for n in names if n not in left]
+        record["attached"] = [e for e in record["attached"] if e["device"] not in gone]
+        record["detached"] = list(dict.fromkeys(record["detached"] + [n for n in from_creation if n in gone]))
+        try:
+            if record == expected:
+                attachments.commit(pending, target.id)
+            else:
+                pending.discard()
+                attachments.save(record)
+        except CdiError as error:
+            raise CdiError(f"detach: {error}; {listed(gone)} taken away but still recorded as given to container "
+                           f"{target.name}, and held") from None
+    finally:
+        pending.discard()  # nothing when committed
     if left:
         problems.append(f"{listed(left)}: not everything of it could be taken back: it stays given to container "
                         f"{target.name} (its device cgroup access withdrawn) and stays held; detach it again")

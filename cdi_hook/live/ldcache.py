@@ -45,6 +45,7 @@ from cdi_hook import state
 from cdi_hook.errors import HookError
 from cdi_hook.live import syscalls as sc
 from cdi_hook.live.rootfs import Rootfs
+from cdi_hook.spec.names import escape
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the hook's path
 if TYPE_CHECKING:
@@ -244,7 +245,7 @@ def _build_cache(view_fd: int, ldconfig_fd: int, device: str, verbose: bool = Fa
             # ldconfig's complaints name the image's files: escaped, so no name can reach a
             # terminal or a log as control characters.
             tail = " ".join(output.split())[-2000:] or "no output"
-            raise HookError(STEP, device, f"{status}: {tail.encode('unicode_escape').decode('ascii')}")
+            raise HookError(STEP, device, f"{status}: {escape(tail)}")
         try:
             fd = os.open(OUT_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=out_fd)
         except OSError as error:

@@ -261,8 +261,9 @@ def _move_all(host: IPRoute, inner: IPRoute, netns_fd: int, host_fd: int,
             _save_record(container_id, netns_fd, inner, moved)
         except Exception as error:  # without the record poststop could not send them home
             origins = ", ".join(item.origin for item in moved)
-            raise HookError(STEP, origins, f"recording the moved interfaces in {record_dir()}: "
-                                           f"{_why(error)}") from None
+            # a write that failed names the file; a folder refused names itself in the error
+            where = _record_path(container_id) if isinstance(error, OSError) else record_dir()
+            raise HookError(STEP, origins, f"recording the moved interfaces in {where}: {_why(error)}") from None
     except HookError as error:
         undone = _move_back(host, inner, host_fd, moved)
         if undone:
@@ -383,7 +384,7 @@ def return_to_host(state: State | dict[str, Any], config: Config | dict[str, Any
     notes: list[str] = []
     failures: list[str] = []
     try:
-        record = _take_record(container_id)
+        record = _take_record(container_id, failures)
     except Exception as error:
         record = None
         failures.append(f"reading the record of the moved interfaces in {record_dir()}: {_why(error)}")
@@ -551,8 +552,17 @@ def _save_record(container_id: str, netns_fd: int, inner: IPRoute, moved: list[_
         os.close(dir_fd)
 
 
-def _take_record(container_id: object) -> dict | None:
-    """This container's record, removed from the dir; None when there is none."""
+def _record_path(container_id: object) -> str:
+    try:
+        return os.path.join(record_dir(), _record_name(container_id))
+    except ValueError:
+        return record_dir()
+
+
+def _take_record(container_id: object, failures: list[str]) -> dict | None:
+    """This container's record, removed from the dir; None when there is none. A record
+    that cannot be removed (a read-only folder) is still used: the interfaces go home, and
+    failures names the file left behind."""
     name = _record_name(container_id)
     directory = record_dir()
     dir_fd = open_private_dir(directory)
@@ -562,7 +572,10 @@ def _take_record(container_id: object) -> dict | None:
         # plain_json: a container started by the cdi-hook before state.py has a record with
         # no checksum line; its interface must still come home after an upgrade.
         record = read_record(dir_fd, name, os.path.join(directory, name), plain_json=True)
-        remove_at(dir_fd, name)
+        try:
+            remove_at(dir_fd, name)
+        except OSError as error:
+            failures.append(f"cannot remove {os.path.join(directory, name)}: {_why(error)}")
     finally:
         os.close(dir_fd)
     return record if isinstance(record, dict) else None

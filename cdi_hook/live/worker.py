@@ -233,9 +233,6 @@ def _child(ns_fd: int, work: RootfsWork, channel: child.Channel, sources: _socke
         # The folder of remembered ldconfig runs is on the host: opened before setns.
         memo_fd = ldmemo.open_dir() if ldconfig_fd is not None and any(
             ldcache.is_library_name(j.mount.container_path) for j in work.mounts) else None
-        # The codec errors escape the image's names with (names.py, ldcache): a module, loaded
-        # now from the host's files (after setns nothing is imported).
-        "".encode("unicode_escape")
         started = _timed(steps_ms, "host files", started)
         try:
             syscalls.setns(ns_fd, syscalls.CLONE_NEWNS)

@@ -29,6 +29,31 @@ def fits_pattern(text: str, pattern: tuple[frozenset, frozenset]) -> bool:
 _QUOTE_LIMIT = 80
 
 
+_NAMED_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def escape(text: str) -> str:
+    """text.encode("unicode_escape").decode("ascii"), by hand: the codec is a module loaded
+    on first use (~0.5 ms of a start), and the hook's worker, which escapes the image's names,
+    can import nothing once inside the container."""
+    if text.isascii() and text.isprintable():
+        return text.replace("\\", "\\\\")
+    out = []
+    for char in text:
+        code = ord(char)
+        if char in _NAMED_ESCAPES:
+            out.append(_NAMED_ESCAPES[char])
+        elif 0x20 <= code < 0x7f:
+            out.append(char)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
 def quote(text: object) -> str:
     """text in double quotes on one line: control and non-ASCII characters escaped, long text cut.
 
@@ -38,11 +63,7 @@ def quote(text: object) -> str:
     text = str(text)
     if len(text) > _QUOTE_LIMIT:
         text = text[:_QUOTE_LIMIT] + "..."
-    if text.isascii() and text.isprintable():  # the common case, without loading the codec (~0.5 ms a start)
-        escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-    else:
-        escaped = text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
-    return f'"{escaped}"'
+    return '"' + escape(text).replace('"', '\\"') + '"'
 
 
 def vendor_problem(vendor: str) -> str | None:

@@ -57,3 +57,27 @@ def permissions_problem(permissions: str) -> str | None:
     if permissions == NO_PERMISSIONS or PERMISSION_CHARS.issuperset(permissions):
         return None
     return f"{quote(permissions)} is not a combination of r, w, m"
+
+
+# A device's own annotation (cdi-hook's key, in the reverse-DNS form of its other key,
+# io.github.cdi-hook.applied): how many containers may hold it at once. `generate --shared
+# N` writes it; the hook's holds and the device plugin's units count by it. A positive
+# decimal integer up to MAX_SHARED: a typo must not turn a limit into none.
+SHARED_ANNOTATION = "io.github.cdi-hook.shared"
+MAX_SHARED = 100_000
+
+
+def shared_count_problem(value: str) -> str | None:
+    """Why value cannot be a SHARED_ANNOTATION count, or None."""
+    if not (value.isascii() and value.isdigit()) or value.startswith("0") or int(value) > MAX_SHARED:
+        return f"{SHARED_ANNOTATION} {quote(value)} is not a whole number from 1 to {MAX_SHARED}"
+    return None
+
+
+def shared_count(annotations: tuple[tuple[str, str], ...]) -> int | None:
+    """How many containers may hold a device with these annotations at once; None when it
+    declares no count (or a bad one, which validation has already refused)."""
+    for key, value in annotations:
+        if key == SHARED_ANNOTATION:
+            return None if shared_count_problem(value) else int(value)
+    return None

@@ -17,8 +17,10 @@ from cdi_hook.spec.names import device_name_problem, kind_problem, quote
 from cdi_hook.spec.rules import (
     interface_name_problem,
     is_interface_name_template,
+    SHARED_ANNOTATION,
     mount_destination_problem,
     permissions_problem,
+    shared_count_problem,
 )
 
 NODE_TYPES = ("b", "c", "u", "p")
@@ -207,6 +209,10 @@ class _Checker:
                 else:
                     seen[device.name] = i
             self.annotations(f"{where}.annotations", device.annotations)
+            for key, value in device.annotations:
+                problem = shared_count_problem(value) if key == SHARED_ANNOTATION else None
+                if problem:
+                    self.error(f"{where}.annotations", problem)
             if device.container_edits.is_empty():
                 self.error(f"{where}.containerEdits", "a device needs at least one edit")
             else:
