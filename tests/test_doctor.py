@@ -264,6 +264,23 @@ def test_watcher_unit_checked_against_the_hooks(node, capsys, monkeypatch):
     assert find(findings, "watcher unit", OK)
 
 
+def test_the_debian_packages_unit_is_checked_when_install_wrote_none(node, capsys):
+    node.install("hook")
+    packaged = node.root / "lib/systemd/system"
+    packaged.mkdir(parents=True)
+    # The package's unit: the hooks' interpreter, no CDI_SPEC_DIRS (the defaults).
+    (packaged / "cdi-hook-watch.service").write_text(install.watch_unit(sys.executable, None, {}))
+    code, findings = node.doctor(capsys=capsys)
+    warning = find(findings, "watcher unit", WARN)[0]
+    assert warning["detail"].startswith(f"{packaged}/cdi-hook-watch.service: it watches /etc/cdi, /var/run/cdi")
+    # The hooks' settings too (this test's cache dir), as an edited or overriding unit has them.
+    hook_settings = install.carried_settings()
+    (packaged / "cdi-hook-watch.service").write_text(install.watch_unit(sys.executable, [str(node.specs)],
+                                                                        hook_settings))
+    code, findings = node.doctor(capsys=capsys)
+    assert find(findings, "watcher unit", OK)[0]["detail"].startswith(f"{packaged}/cdi-hook-watch.service (same")
+
+
 def test_text_format_one_line_per_finding(node, capsys):
     node.install("hook")
     capsys.readouterr()

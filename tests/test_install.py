@@ -256,6 +256,20 @@ def test_install_writes_the_logrotate_file_where_logrotate_is_and_uninstall_remo
     assert "left" in capsys.readouterr().out
 
 
+def test_the_debian_packages_logrotate_conffile_is_left_alone_and_said_so(tmp_path, capsys):
+    from cdi_hook.cli import main as cli_main
+
+    hooks, rotate_dir = tmp_path / "hooks", tmp_path / "logrotate.d"
+    rotate_dir.mkdir()
+    packaged = install.PACKAGE_LOGROTATE_MARK + "\n/var/log/cdi-hook.log {}\n"
+    (rotate_dir / "cdi-hook").write_text(packaged)
+    for command in ("install", "uninstall"):
+        capsys.readouterr()
+        assert cli_main([command, "--hooks-dir", str(hooks), "--logrotate-dir", str(rotate_dir)]) == 0
+        assert (rotate_dir / "cdi-hook").read_text() == packaged
+        assert f"left {rotate_dir}/cdi-hook alone: the cdi-hook package's (a conffile" in capsys.readouterr().out
+
+
 def test_deploy_holds_the_logrotate_file_install_writes():
     from oci_env import REPO
 

@@ -14,7 +14,7 @@ from cdi_hook.errors import SpecError
 from cdi_hook.spec.model import ContainerEdits, Device, DeviceNode, Hook, IntelRdt, Mount, NetDevice
 from cdi_hook import settings
 from cdi_hook.settings import DEFAULT_MAX_SPEC_SIZE
-from cdi_hook.spec.parse import load_spec, parse_spec_bytes, to_cdi_data
+from cdi_hook.spec.parse import MAX_YAML_FLOW_DEPTH, load_spec, parse_spec_bytes, to_cdi_data
 
 FULL = {
     "cdiVersion": "1.1.0",
@@ -256,6 +256,25 @@ def billion_laughs() -> bytes:
         name, prev = chr(ord("a") + level).encode(), chr(ord("a") + level - 1).encode()
         lines.append(name + b": &" + name + b" [" + b",".join([b"*" + prev] * 9) + b"]")
     return b"\n".join(lines) + b"\n"
+
+
+def test_deep_yaml_flow_nesting_is_refused_before_libyaml():
+    # Debian 12's libyaml crashes the process past ~30,000 levels instead of raising; the
+    # refusal must come first, balanced brackets or not, with every YAML library.
+    for depth in (MAX_YAML_FLOW_DEPTH + 1, 60_000):
+        assert "nested too deeply" in error_of(b"a: " + b"[" * depth + b"]" * depth + b"\n", "/etc/cdi/x.yaml")
+    assert "nested too deeply" in error_of(b"a: " + b"{b: " * 60_000, "/etc/cdi/x.yaml")
+    # Many flow lists side by side are no nesting: a big spec with more brackets than the
+    # limit still parses.
+    many = "".join(f"      - {{path: /dev/x{i}, permissions: rw}}\n        # [{{]}}\n" for i in range(MAX_YAML_FLOW_DEPTH))
+    spec = parse_spec_bytes(f"""cdiVersion: 0.6.0
+kind: vendor.com/gpu
+devices:
+  - name: all
+    containerEdits:
+      deviceNodes:
+{many}""".encode(), "/etc/cdi/x.yaml")
+    assert len(spec.devices[0].container_edits.device_nodes) == MAX_YAML_FLOW_DEPTH
 
 
 def test_billion_laughs_fails_fast():

@@ -665,6 +665,10 @@ def _watcher_problem(path: str, dirs: tuple) -> str:
     return "not trusted"
 
 
+# Where the Debian package puts cdi-hook-watch.service (Debian 12's debhelper: /lib; 13: /usr/lib).
+PACKAGE_UNIT_DIRS = ("/usr/lib/systemd/system", "/lib/systemd/system")
+
+
 def _check_watcher(report: Report, root: str | None, dirs: tuple, directory: str, hook: Settings) -> None:
     unit = os.path.join(under(root, install.SYSTEMD_DIR), install.WATCH_UNIT)
     unit_ours = os.path.lexists(unit) and install._is_our_unit(unit)
@@ -688,6 +692,13 @@ def _check_watcher(report: Report, root: str | None, dirs: tuple, directory: str
             ("start cdi-hook watch with the hooks' CDI_SPEC_DIRS" if others else "")
         report.add("watcher", WARN if expected or others else OK, detail, fix)
     if not os.path.lexists(unit):
+        # The Debian package's unit, installed but not enabled, is checked the same way:
+        # /etc/systemd/system (install --watch) overrides it when both are there.
+        packaged = [path for path in (os.path.join(under(root, d), install.WATCH_UNIT) for d in PACKAGE_UNIT_DIRS)
+                    if os.path.isfile(path)]
+        if packaged:
+            _check_unit(report, packaged[0], dirs, directory)
+            return
         report.add("watcher unit", OK, f"{unit} not installed (cdi-hook install --watch writes it)")
         return
     if not unit_ours:

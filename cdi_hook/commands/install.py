@@ -74,6 +74,9 @@ UNIT_MARK = "# written by cdi-hook install --watch"
 LOGROTATE_DIR = "/etc/logrotate.d"
 LOGROTATE_FILE = "cdi-hook"
 LOGROTATE_MARK = "# written by cdi-hook install"
+# The first line of the Debian package's logrotate file (debian/rules writes it): a conffile
+# that dpkg owns, which install and uninstall leave alone.
+PACKAGE_LOGROTATE_MARK = "# installed by the cdi-hook package (cdi-hook install and uninstall leave it alone)"
 DEFAULT_LOG_PATH = "/var/log/cdi-hook.log"  # the path deploy/logrotate/cdi-hook names
 
 
@@ -290,12 +293,19 @@ def uninstall_watch_unit(systemd_dir: str, *, dry_run: bool = False, out: TextIO
                         f" (stop it first: systemctl disable --now {WATCH_UNIT})")
 
 
+def _not_ours(target: str) -> str:
+    """Why install or uninstall leaves target alone, in one line."""
+    if _is_ours_marked(target, PACKAGE_LOGROTATE_MARK):
+        return f"left {target} alone: the cdi-hook package's (a conffile; edit it for another log path)"
+    return f"left {target} alone: not written by cdi-hook"
+
+
 def _remove_ours(target: str, mark: str, dry_run: bool, out: TextIO, note: str = "") -> str | None:
     """Remove a file install wrote (its first line is mark); one that is not ours is left alone."""
     if not os.path.lexists(target):
         return None
     if not _is_ours_marked(target, mark):
-        print(f"left {target} alone: not written by cdi-hook", file=out)
+        print(_not_ours(target), file=out)
         return None
     if dry_run:
         print(f"would remove {target}", file=out)
@@ -353,7 +363,7 @@ def install_logrotate(logrotate_dir: str, *, dry_run: bool = False, out: TextIO 
         return None
     target = os.path.join(logrotate_dir, LOGROTATE_FILE)
     if os.path.lexists(target) and not _is_ours_marked(target, LOGROTATE_MARK):
-        print(f"left {target} alone: not written by cdi-hook", file=out)
+        print(_not_ours(target), file=out)
         return None
     text = logrotate_config(settings.current().log_file)
     if dry_run:

@@ -177,6 +177,22 @@ class _Moved:
         self.inner_index = inner_index
 
 
+def _inside(netns_fd: int) -> IPRoute:
+    """An IPRoute whose socket a forked helper made inside the namespace netns_fd."""
+    from pyroute2 import IPRoute
+
+    try:
+        return IPRoute(netns=netns_fd, flags=0)
+    except TypeError as error:
+        # pyroute2 before 0.8 (Debian 12's python3-pyroute2 0.7.2) takes no netns= there:
+        # its NetNS forks the same helper, and proxies the same calls to it.
+        if "netns" not in str(error):
+            raise
+        from pyroute2 import NetNS
+
+        return NetNS(netns_fd, flags=0)
+
+
 def move_into_container(container_pid: int, items: list[tuple[str, NetDevice]], container_id: str) -> None:
     """Move each (origin, NetDevice) from this namespace into the container's; all or none.
 
@@ -194,19 +210,25 @@ def move_into_container(container_pid: int, items: list[tuple[str, NetDevice]], 
         raise HookError(STEP, first_origin,
                         f"cannot open the network namespace of container process {container_pid}: "
                         f"{_why(error)}") from None
+    host_fd = None
     try:
         if _same_namespace(netns_fd, "/proc/self/ns/net"):
             raise HookError(STEP, first_origin,
                             "the container shares the runtime's network namespace; moving an interface "
                             "there would change nothing (give the container its own 'network' namespace)")
+        # Opened before the helper forks: an undo sends interfaces home by this fd through the
+        # helper, and pyroute2 0.7's helper runs every call itself, with the fds of its fork.
+        host_fd = _open_namespace("/proc/self/ns/net")
         try:
-            with IPRoute() as host, IPRoute(netns=netns_fd, flags=0) as inner:
+            with IPRoute() as host, _inside(netns_fd) as inner:
                 plan = _check_all(host, inner, items)
-                _move_all(host, inner, netns_fd, plan, container_id)
+                _move_all(host, inner, netns_fd, host_fd, plan, container_id)
         except NetlinkError as error:  # a refusal outside a single device's steps
             raise HookError(STEP, first_origin, f"netlink: {_why(error)}") from None
     finally:
         os.close(netns_fd)
+        if host_fd is not None:
+            os.close(host_fd)
 
 
 def _check_all(host: IPRoute, inner: IPRoute,
@@ -229,8 +251,8 @@ def _check_all(host: IPRoute, inner: IPRoute,
     return plan
 
 
-def _move_all(host: IPRoute, inner: IPRoute, netns_fd: int, plan: list[tuple[str, NetDevice, LinkState]],
-              container_id: str) -> None:
+def _move_all(host: IPRoute, inner: IPRoute, netns_fd: int, host_fd: int,
+              plan: list[tuple[str, NetDevice, LinkState]], container_id: str) -> None:
     moved: list[_Moved] = []
     try:
         for origin, device, state in plan:
@@ -243,7 +265,7 @@ def _move_all(host: IPRoute, inner: IPRoute, netns_fd: int, plan: list[tuple[str
             where = _record_path(container_id) if isinstance(error, OSError) else record_dir()
             raise HookError(STEP, origins, f"recording the moved interfaces in {where}: {_why(error)}") from None
     except HookError as error:
-        undone = _move_back(host, inner, moved)
+        undone = _move_back(host, inner, host_fd, moved)
         if undone:
             raise HookError(error.step, error.device, f"{_message(error)}; undoing: {undone}") from None
         raise
@@ -292,20 +314,16 @@ def _moved_index(inner: IPRoute, cname: str, before: set[int]) -> int:
     return new[0]
 
 
-def _move_back(host: IPRoute, inner: IPRoute, moved: list[_Moved]) -> str:
+def _move_back(host: IPRoute, inner: IPRoute, host_fd: int, moved: list[_Moved]) -> str:
     """Undo a partial move: each interface home under its name, as it was. '' if all went well."""
     problems = []
-    host_fd = _open_namespace("/proc/self/ns/net")
-    try:
-        for item in reversed(moved):
-            try:
-                inner.link("set", index=item.inner_index, net_ns_fd=host_fd, ifname=item.host.name)
-                link = host.link("get", ifname=item.host.name)[0]
-                _configure(host, link["index"], item.host, up=item.host.up)
-            except Exception as error:
-                problems.append(f"'{item.host.name}' ({item.origin}): {_why(error)}")
-    finally:
-        os.close(host_fd)
+    for item in reversed(moved):
+        try:
+            inner.link("set", index=item.inner_index, net_ns_fd=host_fd, ifname=item.host.name)
+            link = host.link("get", ifname=item.host.name)[0]
+            _configure(host, link["index"], item.host, up=item.host.up)
+        except Exception as error:
+            problems.append(f"'{item.host.name}' ({item.origin}): {_why(error)}")
     return "; ".join(problems)
 
 
@@ -395,7 +413,7 @@ def _return_all(record: dict | None, netns_fd: int, items: list[tuple[str, NetDe
         moved = {}
     host_fd = _open_namespace("/proc/self/ns/net")
     try:
-        with IPRoute() as host, IPRoute(netns=netns_fd, flags=0) as inner:
+        with IPRoute() as host, _inside(netns_fd) as inner:
             for origin, device in items:
                 hname = device.host_interface_name
                 try:

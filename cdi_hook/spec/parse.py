@@ -40,6 +40,12 @@ SPEC_SUFFIXES = JSON_SUFFIXES + YAML_SUFFIXES
 # Nodes that YAML aliases may add beyond the document's own nodes. Real specs use a few
 # anchors at most; a billion-laughs document asks for ~10^9.
 MAX_ALIAS_EXPANSION = 100_000
+# Flow collections ([ and {) nested deeper than this are refused before libyaml sees them:
+# Debian 12's libyaml (0.2.5, python3-yaml 6.0) has no nesting limit and crashes the process
+# (SIGSEGV) somewhere past 30,000 levels; PyPI's wheels stop at libyaml's own limit, and the
+# pure-Python loader at the recursion limit, both near 1,000.
+MAX_YAML_FLOW_DEPTH = 1000
+_YAML_FLOW_BRACKETS = re.compile(rb"[\[\]{}]")
 
 U32_MAX = 0xFFFFFFFF
 
@@ -241,9 +247,24 @@ def _yaml_to_python(loader: yaml.SafeLoader, root: yaml.Node) -> Any:
     return convert(root)
 
 
+def _flow_depth_exceeds(data: bytes, limit: int) -> bool:
+    """Whether [ and { nest deeper than limit, counted over the raw bytes (quoted and
+    commented brackets too: a spec that is not a crafted one has nowhere near that many)."""
+    if data.count(b"[") + data.count(b"{") <= limit:  # the common path: two scans in C
+        return False
+    depth = 0
+    for match in _YAML_FLOW_BRACKETS.finditer(data):
+        depth = depth + 1 if match.group() in (b"[", b"{") else max(depth - 1, 0)
+        if depth > limit:
+            return True
+    return False
+
+
 def _decode_yaml(data: bytes, path: str) -> Any:
     import yaml
 
+    if _flow_depth_exceeds(data, MAX_YAML_FLOW_DEPTH):
+        raise SpecError(path, "", f"invalid YAML: nested too deeply (more than {MAX_YAML_FLOW_DEPTH} levels)")
     loader = _strict_yaml_loader()(data)
     try:
         node = loader.get_single_node()
