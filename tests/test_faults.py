@@ -265,10 +265,7 @@ def test_safety_state_that_cannot_be_written_fails_the_start_cleanly(runc, tmp_p
     state_dir = tmp_path / "statefs"
     env = {"CDI_HOOK_STATE_DIR": str(state_dir / "held")}
     if what == "holds":
-        policy = tmp_path / "policy.yaml"
-        policy.write_text(f'version: "1"\nexclusive: ["{hook_env.VENDOR}=*"]\n')
-        policy.chmod(0o644)
-        env["CDI_HOOK_POLICY"] = str(policy)
+        env["CDI_HOOK_POLICY"] = _exclusive_policy(tmp_path)
     _hook_stderr_to(bundle, None, **env)
     with small_tmpfs(state_dir, full=fault == "full", readonly=fault == "readonly") as spoil:
         for sub in ("containers", "held", "netdev", "attachments"):
@@ -288,6 +285,14 @@ def test_safety_state_that_cannot_be_written_fails_the_start_cleanly(runc, tmp_p
     assert ("No space left on device" if fault == "full" else "Read-only file system") in line, stderr
 
 
+def _exclusive_policy(tmp_path: Path) -> str:
+    """A policy that holds every device of the test vendor exclusively: its path."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f'version: "1"\nexclusive: ["{hook_env.VENDOR}=*"]\n')
+    policy.chmod(0o644)
+    return str(policy)
+
+
 @pytest.mark.parametrize("what", ["record", "holds"])
 def test_safety_state_on_a_failing_disk_fails_the_start_cleanly(runc, tmp_path, what):
     """EIO where a failing disk reports a buffered write: every fsync of the hook fails (the
@@ -304,10 +309,7 @@ def test_safety_state_on_a_failing_disk_fails_the_start_cleanly(runc, tmp_path, 
     os.chmod(state_dir, 0o700)
     env = {"CDI_HOOK_STATE_DIR": str(state_dir / "held")}
     if what == "holds":
-        policy = tmp_path / "policy.yaml"
-        policy.write_text(f'version: "1"\nexclusive: ["{hook_env.VENDOR}=*"]\n')
-        policy.chmod(0o644)
-        env["CDI_HOOK_POLICY"] = str(policy)
+        env["CDI_HOOK_POLICY"] = _exclusive_policy(tmp_path)
     _hook_stderr_to(bundle, None, **env)
     with_failing_syscalls(bundle, tmp_path, ["fsync"])
     before = oci_env.tree_snapshot(state_dir)
