@@ -9,7 +9,7 @@
    INSTALLED, injecting a GPU-like spec (8 device nodes, 24 library mounts, ldconfig):
    every entry `cdi-hook inject --mode hook` writes (createRuntime alone: the device has
    no later work), and that entry at the three stages `install`'s hooks.d files name
-   (createRuntime, poststart, poststop, as Podman and CRI-O merge them); the same devices written into
+   (createRuntime, poststart, poststop, as CRI-O merges them); the same devices written into
    config.json by `cdi-hook inject --mode edits` (runc does the work itself). cdi-hook's
    entries are inject's own; the empty hook is entered the same way (the venv's
    interpreter by its full path, -I, the same explicit environment), with

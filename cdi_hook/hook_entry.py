@@ -123,6 +123,30 @@ def entry_command(args: list) -> list:
     return args[1 + _form_length(args):]
 
 
+def hook_stages(hooks: object) -> list[str]:
+    """The stages at which a config.json's hooks run cdi-hook's hook, in any form install,
+    inject or a hand-written entry gives it (`hook --stage S`, `hook --spec-dir D --stage S`):
+    any entry of ours under a stage whose command is `hook` counts for that stage."""
+    if not isinstance(hooks, dict):
+        return []
+    return [stage for stage, entries in hooks.items() if isinstance(entries, list) and any(
+        isinstance(e, dict) and is_cdi_hook_argv(e.get("args")) and entry_command(e["args"])[:1] == ["hook"]
+        for e in entries)]
+
+
+def mark_post_stages(hooks: dict, stages: Iterable[str]) -> None:
+    """Say in each createRuntime entry of cdi-hook's hook which later stages the config
+    runs it at too (settings.POST_STAGES_ENV): a record then knows whether a poststop will
+    come to remove it. Only inject writes it: hooks.d files are static, and Podman runs
+    their poststop itself, outside config.json."""
+    value = f"{settings.POST_STAGES_ENV}={','.join(stages)}"
+    for entry in hooks.get("createRuntime") or ():
+        if isinstance(entry, dict) and is_cdi_hook_argv(entry.get("args")) and entry_command(entry["args"])[:1] == ["hook"]:
+            env = [e for e in entry.get("env") or () if not (isinstance(e, str) and
+                                                               e.startswith(settings.POST_STAGES_ENV + "="))]
+            entry["env"] = env + [value]
+
+
 def hook_entry(*command: str, python: str | None = None, spec_dirs: Iterable[str] | None = None,
                settings: dict | None = None, timeout: int = HOOK_TIMEOUT_S) -> dict:
     """{"path", "args", "env", "timeout"} running `cdi-hook COMMAND...`."""

@@ -46,8 +46,10 @@ POST_STAGES = ("poststart", "poststop")
 # later stages that have something to do, for poststart/poststop to return at once otherwise.
 # config: the identity of the bundle's config.json when the record was made (device, inode,
 # mtime, size): a later container under the same id and bundle has another. entries: the
-# later stages config.json runs cdi-hook's hook at (post_entries); None in records written
-# before it was kept, which are treated as having both.
+# later stages an entry of cdi-hook's will run at, as `inject --mode hook` said in the
+# createRuntime entry it wrote (settings.post_stages); None when nobody said (hooks.d files,
+# whose poststop Podman runs outside config.json; hand-written entries; older records):
+# then every later stage may come, and a poststop removes the record.
 Record = namedtuple("Record", ["container", "pid", "start_time", "bundle", "devices", "sources", "items", "work",
                                "config", "entries"], defaults=(None,))
 
@@ -78,24 +80,6 @@ def from_plan(plan: Plan, container_id: str, pid: int, start_time: int | None, b
     items["holds"] = [[device, list(keys)] for device, keys in holds]
     return Record(container_id, pid, start_time, bundle, list(plan.devices), dict(sources), items,
                   work_of(items), config_identity(bundle), entries)
-
-
-def post_entries(config_raw: dict) -> list[str]:
-    """The later stages config.json runs cdi-hook's hook at: the runtime merged install's
-    hooks.d files in, or `inject --mode hook` wrote only the stages the devices needed
-    (needed_stages). A record whose container has no poststop entry is removed by prune
-    once the container is gone, since no poststop will come for it."""
-    from cdi_hook.hook_entry import entry_command, is_cdi_hook_argv
-
-    hooks = config_raw.get("hooks")
-    found = []
-    for stage in POST_STAGES:
-        entries = hooks.get(stage) if isinstance(hooks, dict) else None
-        if isinstance(entries, list) and any(
-                isinstance(e, dict) and is_cdi_hook_argv(e.get("args"))
-                and entry_command(e["args"])[:3] == ["hook", "--stage", stage] for e in entries):
-            found.append(stage)
-    return found
 
 
 def needed_stages(plan: Plan, exclusive: bool) -> list[str]:
@@ -186,6 +170,7 @@ def save(record: Record) -> None:
         dir_fd = state.open_private_dir(folder(), create=True)
         assert dir_fd is not None
         try:
+            _lock(dir_fd)  # against a removal that checked the earlier record under this id (prune)
             data = state.encode_record({"version": VERSION, **record._asdict()})
             state.write_atomic_at(dir_fd, name, data)
             try:
@@ -261,23 +246,34 @@ def _parse(document: object, where: str, container_id: str | None = None) -> Rec
     return record
 
 
-def remove(container_id: str, only: Record | None = None) -> None:
+def remove(container_id: str, only: Record | None = None) -> bool:
     """Remove the container's record; with only, just when it still is that record (not one a
-    new container of the same id wrote since it was read)."""
+    new container of the same id wrote since it was read: the check and the removal hold the
+    folder's lock, which save takes too). Whether a record was removed."""
     name, where = _where(container_id)
     dir_fd = state.open_private_dir(folder())
-    if dir_fd is not None:
-        try:
-            if only is not None:
-                document = state.read_record(dir_fd, name, where)
-                if document is None or _parse(document, where, container_id) != only:
-                    return
-            state.remove_at(dir_fd, _note_name(name))  # first: a note never outlives its record
-            state.remove_at(dir_fd, name)
-        except OSError as error:  # a read-only or failing state folder: one line, no traceback
-            raise CdiError(f"{where}: cannot remove the container's record: {error.strerror}") from None
-        finally:
-            os.close(dir_fd)
+    if dir_fd is None:
+        return False
+    try:
+        if only is not None:
+            _lock(dir_fd)
+            document = state.read_record(dir_fd, name, where)
+            if document is None or _parse(document, where, container_id) != only:
+                return False
+        state.remove_at(dir_fd, _note_name(name))  # first: a note never outlives its record
+        state.remove_at(dir_fd, name)
+    except OSError as error:  # a read-only or failing state folder: one line, no traceback
+        raise CdiError(f"{where}: cannot remove the container's record: {error.strerror}") from None
+    finally:
+        os.close(dir_fd)
+    return True
+
+
+def _lock(dir_fd: int) -> None:
+    """The records folder's lock (flock on its own fd; dropped when the fd is closed)."""
+    import fcntl
+
+    fcntl.flock(dir_fd, fcntl.LOCK_EX)
 
 
 def is_alive(record: Record) -> bool:
@@ -317,12 +313,9 @@ def awaits_poststop(record: Record) -> bool:
 def prune() -> list[str]:
     """Remove the records of containers that are gone and that no poststop will come for
     (awaits_poststop); the ids removed. Records a poststop will read are left to it."""
-    removed = []
-    for found, _ in all_records():
-        if found is not None and not awaits_poststop(found) and not is_alive(found):
-            remove(found.container, only=found)
-            removed.append(found.container)
-    return removed
+    return [found.container for found, _ in all_records()
+            if found is not None and not awaits_poststop(found) and not is_alive(found)
+            and remove(found.container, only=found)]
 
 
 # --- containers edited before creation (precreate, inject --mode edits) -----------------
@@ -375,7 +368,9 @@ def with_edited_devices(found: Record | None, resolved: list[tuple[str, Plan]], 
     if found is not None:
         bundle = found.bundle  # the runtime's spelling, which poststop compares
     return Record(container_id, pid, start_time, bundle, devices, found.sources if found is not None else {}, items,
-                  work_of(items), config_identity(bundle), post_entries(config_raw))
+                  work_of(items), config_identity(bundle),
+                  # no createRuntime ran for a container only edited: no later stage of ours comes
+                  found.entries if found is not None else [])
 
 
 def _char(node_type: object) -> object:

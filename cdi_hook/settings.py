@@ -37,8 +37,13 @@ RESCTRL_ENV = "CDI_HOOK_RESCTRL"
 POLICY_ENV = "CDI_HOOK_POLICY"
 STATE_DIR_ENV = "CDI_HOOK_STATE_DIR"
 INSECURE_ENV = "CDI_HOOK_INSECURE_SPECS"
+# Written by `inject --mode hook` into the createRuntime entry it writes (never carried by
+# install): the later stages it also wrote an entry for. Unset: every later stage may come
+# (hooks.d files, hand-written entries, older installs), and a record waits for its poststop.
+POST_STAGES_ENV = "CDI_HOOK_POST_STAGES"
+POST_STAGES = ("poststart", "poststop")
 NAMES = (SPEC_DIRS_ENV, LOG_ENV, LOG_LEVEL_ENV, CACHE_DIR_ENV, MAX_SPEC_SIZE_ENV, RESCTRL_ENV, POLICY_ENV,
-         STATE_DIR_ENV, INSECURE_ENV)
+         STATE_DIR_ENV, INSECURE_ENV, POST_STAGES_ENV)
 
 
 class Settings(namedtuple("Settings", [
@@ -52,6 +57,7 @@ class Settings(namedtuple("Settings", [
         "policy_explicit",  # CDI_HOOK_POLICY named it: it must exist
         "state_dir",        # the exclusive holds' folder; its parent is the state root
         "insecure_specs",   # CDI_HOOK_INSECURE_SPECS=1: spec files not root's are read (tests only)
+        "post_stages",      # the later stages inject wrote entries for (CDI_HOOK_POST_STAGES), or None: all may come
         "environ",          # the CDI_* variables that were set, as given
 ])):
     __slots__ = ()
@@ -96,6 +102,10 @@ def from_environ(environ: Mapping[str, str]) -> Settings:
     insecure = get(INSECURE_ENV)
     if insecure not in ("", "0", "1"):
         raise _bad(f"{INSECURE_ENV}={insecure!r}: 1 or 0")
+    raw_stages = environ.get(POST_STAGES_ENV)
+    post_stages = None if raw_stages is None else tuple(s for s in raw_stages.split(",") if s)
+    if post_stages is not None and not set(post_stages) <= set(POST_STAGES):
+        raise _bad(f"{POST_STAGES_ENV}={raw_stages!r}: a comma-separated list of {', '.join(POST_STAGES)}")
     return Settings(
         spec_dirs=spec_dirs,
         log_file=get(LOG_ENV) or DEFAULT_LOG_FILE,
@@ -108,6 +118,7 @@ def from_environ(environ: Mapping[str, str]) -> Settings:
         policy_explicit=bool(get(POLICY_ENV)),
         state_dir=state_dir,
         insecure_specs=insecure == "1",
+        post_stages=post_stages,
         environ=tuple((name, environ[name]) for name in NAMES if name in environ),
     )
 

@@ -126,7 +126,9 @@ def test_hook_mode_adds_annotation_and_live_hook_entries(bundle, spec_dir):
         assert entries[0]["path"] == python
         assert entries[0]["args"] == [python, "-I", "-S", "-c", entry_code(site_paths(python)), "hook", "--stage",
                                       stage]
-        assert entries[0]["env"] == ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", f"CDI_SPEC_DIRS={spec_dir}"]
+        # CDI_HOOK_POST_STAGES: the later stages it wrote entries for (none): the record knows no poststop comes
+        assert entries[0]["env"] == ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", f"CDI_SPEC_DIRS={spec_dir}",
+                                     "CDI_HOOK_POST_STAGES="]
     assert not {"prestart", "createContainer", "startContainer"} & set(config["hooks"])
 
 
@@ -161,6 +163,33 @@ def test_hook_mode_writes_the_later_stages_the_devices_have_work_at(bundle, tmp_
     hooks = config_of(bundle)["hooks"]
     assert sorted(hooks) == sorted(["createRuntime", *stages])
     assert all(hooks[stage][0]["args"][-1] == stage for stage in hooks)
+    assert hooks["createRuntime"][0]["env"][-1] == "CDI_HOOK_POST_STAGES=" + ",".join(stages)
+
+
+def test_hook_mode_plans_the_stages_for_every_request_the_hook_will_act_on(bundle, tmp_path, monkeypatch):
+    """A config.json that already asks for a device with later work (a cdi.k8s.io/
+    annotation of its own) gets that stage's entry when inject adds a device with none: the
+    hook acts on every pending request, not only inject's. A second inject that needs the
+    stage adds it and says so in the createRuntime entry it wrote before."""
+    monkeypatch.setenv("CDI_HOOK_INSECURE_SPECS", "1")
+    write_spec(tmp_path / "later", "later.json", {"cdiVersion": "1.1.0", "kind": "vendor.com/later", "devices": [
+        {"name": "idle", "containerEdits": {"env": ["X=1"]}},
+        {"name": "late", "containerEdits": {"hooks": [{"hookName": "poststop", "path": "/bin/true"}]}}]})
+    config = config_of(bundle)
+    config["annotations"] = {"cdi.k8s.io/other": "vendor.com/later=late"}
+    (bundle / "config.json").write_text(json.dumps(config))
+    assert inject(bundle, str(tmp_path / "later"), "vendor.com/later=idle", mode="hook") == 0
+    hooks = config_of(bundle)["hooks"]
+    assert sorted(hooks) == ["createRuntime", "poststop"]
+    assert hooks["createRuntime"][0]["env"][-1] == "CDI_HOOK_POST_STAGES=poststop"
+    # again, on a bundle whose first inject wrote createRuntime alone
+    (bundle / "config.json").write_text(json.dumps(CONFIG))
+    assert inject(bundle, str(tmp_path / "later"), "vendor.com/later=idle", mode="hook") == 0
+    assert config_of(bundle)["hooks"]["createRuntime"][0]["env"][-1] == "CDI_HOOK_POST_STAGES="
+    assert inject(bundle, str(tmp_path / "later"), "vendor.com/later=late", mode="hook") == 0
+    hooks = config_of(bundle)["hooks"]
+    assert sorted(hooks) == ["createRuntime", "poststop"] and len(hooks["createRuntime"]) == 1
+    assert hooks["createRuntime"][0]["env"][-1] == "CDI_HOOK_POST_STAGES=poststop"
 
 
 def test_hook_mode_keeps_an_entry_an_older_version_wrote_with_dash_m(spec_dir):
@@ -178,7 +207,8 @@ def test_hook_mode_keeps_an_entry_an_older_version_wrote_with_dash_m(spec_dir):
 def test_hook_mode_without_spec_dirs_sets_no_spec_dir_env(bundle, spec_dir, monkeypatch):
     monkeypatch.delenv("CDI_SPEC_DIRS", raising=False)
     edited = edit.add_hook_request(CONFIG, ["vendor.com/class=zero"], None)
-    assert edited["hooks"]["createRuntime"][0]["env"] == ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+    assert edited["hooks"]["createRuntime"][0]["env"] == ["PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                                                           "CDI_HOOK_POST_STAGES=poststart,poststop"]
 
 
 @pytest.mark.parametrize("mode", ["edits", "hook"])

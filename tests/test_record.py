@@ -304,23 +304,33 @@ def test_inject_without_later_work_writes_no_post_entry_and_stale_prunes_its_rec
         waiting.unlink(missing_ok=True)
 
 
-def test_work_at_a_stage_config_json_runs_no_entry_at_is_warned(runc, tmp_path):
+@pytest.mark.parametrize("marked", [True, False])
+def test_work_at_a_stage_config_json_runs_no_entry_at(runc, tmp_path, marked):
     """A device with a poststop hook, in a bundle whose config.json runs cdi-hook at
-    createRuntime only (inject wrote it before the spec gained the hook, or a hand-written
-    config): the start goes on, its log line warns naming config.json and the stage, and the
-    record says no poststop comes (so prune, not a poststop, removes it once it has ended)."""
+    createRuntime alone. Marked (inject wrote the entry, CDI_HOOK_POST_STAGES empty, before
+    the spec gained the hook): the start goes on, its log line warns naming config.json and
+    the stage, and `stale` removes the record once the container is gone (no poststop
+    comes). Unmarked (hooks.d files, whose poststop Podman runs itself, outside config.json;
+    a hand-written entry): no warning, and the record waits for its poststop."""
     spec = {"cdiVersion": "0.6.0", "kind": hook_env.VENDOR, "devices": [{"name": "late", "containerEdits": {
         "deviceNodes": [{"path": "/dev/cdi-null", "hostPath": "/dev/null"}],
         "hooks": [{"hookName": "poststop", "path": "/bin/true"}]}}]}
-    bundle, log_file = hook_env.bundle_with_hook(tmp_path, spec, [f"{hook_env.VENDOR}=late"], "test -c /dev/cdi-null")
+    extra_env = {"CDI_HOOK_POST_STAGES": ""} if marked else None
+    bundle, log_file = hook_env.bundle_with_hook(tmp_path, spec, [f"{hook_env.VENDOR}=late"], "test -c /dev/cdi-null",
+                                                 extra_env=extra_env)
     cid = "cdi-test-no-poststop-" + os.urandom(4).hex()
     done = oci_env.run_container(bundle, runc=runc, container_id=cid)
     assert done.returncode == 0, done
     warnings = [w for line in hook_env.log_lines(log_file) for w in line.get("warnings", [])]
-    assert any(f"{bundle}/config.json runs no cdi-hook entry at poststop" in w for w in warnings), warnings
+    warned = [w for w in warnings if f"{bundle}/config.json runs no cdi-hook entry at poststop" in w]
+    assert bool(warned) == marked, warnings
     path = Path(os.environ["CDI_HOOK_STATE_DIR"]).parent / "containers" / f"{cid}.json"
     data = path.read_bytes()
     document = json.loads(data[data.index(b"\n") + 1:])
-    assert document["work"] == ["poststop"] and document["entries"] == [], document
-    assert env.cli(tmp_path / "cdi", "stale").returncode == 0
-    assert not path.exists()
+    assert document["work"] == ["poststop"] and document["entries"] == ([] if marked else None), document
+    try:
+        assert env.cli(tmp_path / "cdi", "stale").returncode == 0
+        assert path.exists() != marked
+    finally:
+        path.unlink(missing_ok=True)
+        path.with_suffix(".idle").unlink(missing_ok=True)

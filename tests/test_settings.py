@@ -22,7 +22,7 @@ def test_defaults():
     assert settings.from_environ({}) == settings.Settings(
         spec_dirs=None, log_file="/var/log/cdi-hook.log", log_level=20, cache_dir="/run/cdi-hook",
         max_spec_size=4 << 20, resctrl="/sys/fs/resctrl", policy="/etc/cdi-hook/policy.yaml", policy_explicit=False,
-        state_dir="/run/cdi-hook/held", insecure_specs=False, environ=())
+        state_dir="/run/cdi-hook/held", insecure_specs=False, post_stages=None, environ=())
     assert settings.from_environ({}).state_root == "/run/cdi-hook"
 
 
@@ -36,6 +36,8 @@ def test_values_as_given():
     assert got.policy == "/p.yaml" and got.policy_explicit and got.insecure_specs and got.state_root == "/s"
     assert dict(got.environ) == {k: v for k, v in environ.items() if k in settings.NAMES}
     assert settings.from_environ({"CDI_SPEC_DIRS": ""}).spec_dirs == ()  # set but empty: no dir at all
+    assert settings.from_environ({"CDI_HOOK_POST_STAGES": ""}).post_stages == ()  # inject wrote no later entry
+    assert settings.from_environ({"CDI_HOOK_POST_STAGES": "poststop"}).post_stages == ("poststop",)
 
 
 def test_read_once_until_use(monkeypatch):
@@ -55,6 +57,7 @@ def test_read_once_until_use(monkeypatch):
     ("CDI_HOOK_MAX_SPEC_SIZE", "0", "100000"),
     ("CDI_HOOK_STATE_DIR", "relative/held", "/run/cdi-hook-test/held"),
     ("CDI_HOOK_INSECURE_SPECS", "yes", "1"),
+    ("CDI_HOOK_POST_STAGES", "poststop,prestart", "poststop"),
 ])
 def test_a_bad_value_is_one_line_naming_the_variable(tmp_path, name, value, good):
     spec_dir = tmp_path / "cdi"

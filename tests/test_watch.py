@@ -250,12 +250,15 @@ def test_a_second_watcher_of_the_same_dirs_refuses(setup, tmp_path):
 def test_install_writes_the_unit_and_deploy_holds_the_same(tmp_path, monkeypatch):
     monkeypatch.setenv("CDI_HOOK_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CDI_SPEC_DIRS", "/etc/cdi:/srv/cdi")
+    monkeypatch.setenv("CDI_HOOK_STATE_DIR", str(tmp_path / "state" / "held"))
     written = install.install_watch_unit(str(tmp_path / "systemd"), python=PYTHON, spec_dirs=["/etc/cdi", "/srv/cdi"])
     text = Path(written).read_text()
     assert f"ExecStart={os.path.abspath(PYTHON)} -I -m cdi_hook watch\n" in text
     assert "Type=notify\n" in text and "Environment=CDI_SPEC_DIRS=/etc/cdi:/srv/cdi\n" in text
     assert f"Environment=CDI_HOOK_CACHE_DIR={tmp_path / 'cache'}\n" in text
     assert f"ReadWritePaths={tmp_path / 'cache'}\n" in text
+    # the records' folder it prunes (the state root), made root-only for ReadWritePaths=
+    assert f"ReadWritePaths={tmp_path / 'state'}\n" in text and (tmp_path / "state").stat().st_mode & 0o777 == 0o700
     assert install.uninstall_watch_unit(str(tmp_path / "systemd")) == written and not Path(written).exists()
     shipped = (REPO / "deploy" / "systemd" / "cdi-hook-watch.service").read_text()
     assert shipped == install.watch_unit("/opt/cdi-hook/bin/python3", None, {})

@@ -98,7 +98,8 @@ def add_hook_request(config: dict, names: list[str], spec_dirs: Sequence[str] | 
     """A copy of config that asks the live hook for names: the annotation plus hook entries,
     at createRuntime and at the later_stages (record.needed_stages: a later stage with
     nothing to do costs every start an interpreter otherwise)."""
-    from cdi_hook.hook_entry import LIVE_HOOK_STAGES, live_hook_entry
+    from cdi_hook.hook_entry import LIVE_HOOK_STAGES, hook_stages, live_hook_entry, mark_post_stages
+    from cdi_hook.settings import POST_STAGES
 
     edited = copy.deepcopy(config)
     annotations = config_editor.annotations_of(edited)
@@ -122,7 +123,27 @@ def add_hook_request(config: dict, names: list[str], spec_dirs: Sequence[str] | 
             raise CdiError(f"config.json: hooks.{stage} is not a JSON array")
         if not any(_same_hook(existing, entry) for existing in entries):
             entries.append(entry)
+    mark_post_stages(hooks, [stage for stage in POST_STAGES if stage in hook_stages(hooks)])
     return edited
+
+
+def _later_stages(config: dict, names: list[str], spec_dirs: Sequence[str] | None) -> Sequence[str]:
+    """The later stages the live hook will have work at for this config (record.needed_stages):
+    for every request it will act on, the ones config.json holds already as well as names.
+    Any doubt (one that does not resolve today, a policy that does not load): every stage,
+    since a missing poststop strands what createRuntime did and an idle one only costs time.
+    A record that no poststop will remove is pruned once its container has ended."""
+    from cdi_hook import policy, record
+    from cdi_hook.settings import POST_STAGES
+
+    requested = list(dict.fromkeys(pending_devices(config_editor.annotations_of(config)) + names))
+    try:
+        container_plan = _plan_for(config, requested, spec_dirs)
+        # held by the live hook, given back at poststop: the policy's exclusive devices and the shareable ones
+        held = container_plan.counted(policy.exclusive_devices(policy.load(), requested))
+    except CdiError:
+        return POST_STAGES
+    return record.needed_stages(container_plan, bool(held))
 
 
 def _same_hook(existing: Any, entry: dict) -> bool:
@@ -159,16 +180,8 @@ def cmd_inject(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int
         _refuse_counted(policy.load(), container_plan)
         edited = config_editor.apply_plan(config, container_plan)
     else:
-        from cdi_hook import policy, record
-
-        # unknown devices refused now, not at container start; only the later stages the
-        # devices have work at get an entry (a record that no poststop will remove is
-        # removed by `cdi-hook stale` or the watcher once the container is gone)
-        container_plan = _plan_for(config, names, spec_dirs)
-        # held by the live hook, given back at poststop: the policy's exclusive devices and the shareable ones
-        held = container_plan.counted(policy.exclusive_devices(policy.load(), names))
-        later = record.needed_stages(container_plan, bool(held))
-        edited = add_hook_request(config, names, spec_dirs, later)
+        _plan_for(config, names, spec_dirs)  # refuse unknown devices now, not at container start
+        edited = add_hook_request(config, names, spec_dirs, _later_stages(config, names, spec_dirs))
 
     st = os.stat(path)
     mode = st.st_mode & 0o7777
@@ -181,4 +194,19 @@ def cmd_inject(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int
         raise CdiError(f"{path}: cannot write: {error.strerror}") from None
     how = "edits" if args.mode == "edits" else "live hook entries"
     print(f"{path}: injected {', '.join(names)} ({how}); original kept in {backup}")
+    _prune_records()
     return 0
+
+
+def _prune_records() -> None:
+    """The records of ended containers no poststop removes (record.prune), also from here:
+    on a node that runs runc by hand, inject runs once a bundle, and without `cdi-hook watch`
+    nothing else might ever remove them. Best effort, as root only: the bundle is edited."""
+    if os.geteuid() != 0:
+        return
+    from cdi_hook import record
+
+    try:
+        record.prune()
+    except (CdiError, OSError):
+        pass  # `cdi-hook stale` says what is wrong with the records folder

@@ -122,21 +122,23 @@ def _save_record(container_plan: Plan, state: State, config: Config, log: Contai
     cannot be written (a full or read-only state folder) fails the start with one line and
     the injection is undone: a container whose gifts nobody could later find or take back
     must not run."""
-    from cdi_hook import record
+    from cdi_hook import record, settings
     from cdi_hook.containers import process_start_time
 
     with log.step("record"):
+        post_stages = settings.current().post_stages
         given = record.from_plan(container_plan, state.id, state.pid, process_start_time(state.pid), state.bundle,
-                                 log.fields.get("sources", {}), holds, made, record.post_entries(config.raw))
+                                 log.fields.get("sources", {}), holds, made,
+                                 None if post_stages is None else list(post_stages))
         record.save(given)
-    missing = [stage for stage in given.work if stage not in given.entries]
+    missing = [stage for stage in given.work if given.entries is not None and stage not in given.entries]
     if missing:
         # inject --mode hook wrote entries for the stages the devices needed then; the
-        # specs (or the policy's exclusive devices) changed since, or a hand-written config
-        # left them out. The start goes on: what those stages would do is not needed for it.
-        log.warning(f"{', '.join(container_plan.devices)}: {config.path} runs no cdi-hook entry at {', '.join(missing)}, "
-                    "where these devices have work (spec hooks, interfaces to send home, holds to give back); it will "
-                    "not be done: run `cdi-hook inject --mode hook` on the bundle again, or install every hooks.d file")
+        # specs (or the policy's exclusive devices) changed since. The start goes on: what
+        # those stages would do is not needed for it.
+        log.warning(f"{', '.join(container_plan.devices)}: {config.path} runs no cdi-hook entry at {', '.join(missing)} "
+                    "(`cdi-hook inject --mode hook` wrote none), where these devices now have work (spec hooks, "
+                    "interfaces to send home, holds to give back); it will not be done: inject the bundle again")
 
 
 def _later_stage_from_record(stage: str, state: State) -> bool:

@@ -205,14 +205,23 @@ def uninstall(hooks_dir: str, *, dry_run: bool = False, out: TextIO | None = Non
     return removed
 
 
+def _watch_writes(settings: dict[str, str]) -> list[str]:
+    """The folders outside /run/cdi-hook (the unit's RuntimeDirectory) the watcher writes:
+    the cache dir, and the state root whose container records it prunes."""
+    paths = [settings.get("CDI_HOOK_CACHE_DIR") or ""]
+    state_dir = settings.get("CDI_HOOK_STATE_DIR")
+    if state_dir:
+        paths.append(os.path.dirname(state_dir.rstrip("/")) or "/")
+    return list(dict.fromkeys(p for p in paths if p and p.rstrip("/") != "/run/cdi-hook"))
+
+
 def watch_unit(python: str, spec_dirs: list[str] | None, settings: dict[str, str]) -> str:
     """The systemd unit running `cdi-hook watch` with the hooks' interpreter and environment."""
     environment = [f"PATH={HOOK_PATH_ENV}"]
     if spec_dirs:
         environment.append("CDI_SPEC_DIRS=" + ":".join(spec_dirs))
     environment += [f"{name}={value}" for name, value in settings.items()]
-    cache_dir = settings.get("CDI_HOOK_CACHE_DIR")
-    writable = f"ReadWritePaths={cache_dir}\n" if cache_dir and cache_dir.rstrip("/") != "/run/cdi-hook" else ""
+    writable = "".join(f"ReadWritePaths={path}\n" for path in _watch_writes(settings))
     for item in environment:
         if any(c in item for c in '\n"\\%$') or " " in item:
             raise CdiError(f"cannot write {item!r} into a systemd unit (quotes, spaces, %, $ or newlines)")
@@ -234,7 +243,8 @@ RestartSec=1s
 # The watcher sends WATCHDOG=1 with every heartbeat (each second).
 WatchdogSec=30s
 TimeoutStartSec=5min
-# It reads the spec dirs and writes only its cache dir (the hooks' /run/cdi-hook).
+# It reads the spec dirs and writes only its cache dir and the records' folder (the hooks'
+# /run/cdi-hook), where it removes the records of ended containers no poststop comes for.
 RuntimeDirectory=cdi-hook
 RuntimeDirectoryMode=0700
 RuntimeDirectoryPreserve=yes
@@ -270,12 +280,11 @@ def install_watch_unit(systemd_dir: str, *, python: str | None = None, spec_dirs
         print(f"would write {target}:", file=out)
         out.write(text)
         return None
-    cache_dir = settings.get("CDI_HOOK_CACHE_DIR")
     try:
-        if cache_dir:  # ReadWritePaths= needs it to exist; root-only, as the hooks require
+        for path in _watch_writes(settings):  # ReadWritePaths= needs it to exist; root-only, as the hooks require
             from cdi_hook.state import ensure_private_dir
 
-            ensure_private_dir(cache_dir)
+            ensure_private_dir(path)
         os.makedirs(systemd_dir, mode=0o755, exist_ok=True)
         write_atomic(target, text.encode(), 0o644)
     except OSError as error:

@@ -651,7 +651,7 @@ def cmd_stale(args: argparse.Namespace, spec_dirs: Sequence[str] | None) -> int:
             continue
         if not record.is_alive(given):
             # Ended, maybe not yet deleted: its poststop (at the runtime's delete) still reads
-            # the record. Only reported on, never removed here.
+            # the record (prune above removed those no poststop comes for).
             continue
         attachment = attachment_records.pop(given.container, None) or attachments.empty(
             given.container, given.pid, given.start_time)

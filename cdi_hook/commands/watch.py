@@ -383,7 +383,7 @@ def prune_records() -> None:
 
     try:
         removed = record.prune()
-    except CdiError as error:
+    except (CdiError, OSError) as error:  # OSError: a records folder on a failing disk
         log(f"pruning container records: {error}")
         return
     if removed:

@@ -91,14 +91,10 @@ def _fork(pidfd: int, prepare: Callable[[], Any], work: _Work) -> child.Child:
 
 def _preload() -> None:
     """Import now what the work imports lazily: after setns the container's root is ours,
-    and the interpreter's modules are on the host. The codec the image's names are escaped
-    with (errors.printable, ldcache) is a module too."""
-    import codecs
-
+    and the interpreter's modules are on the host. (The image's names are escaped by
+    names.escape, by hand: no codec module to load.)"""
     import cdi_hook.cache  # noqa: F401 - ldmemo's, when ldconfig runs
     import cdi_hook.live.ldmemo  # noqa: F401 - ldcache's
-
-    codecs.lookup("unicode_escape")
 
 
 def _enter(creator_ids: tuple[int, int] | None = None) -> Rootfs:
