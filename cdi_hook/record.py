@@ -313,9 +313,22 @@ def awaits_poststop(record: Record) -> bool:
 def prune() -> list[str]:
     """Remove the records of containers that are gone and that no poststop will come for
     (awaits_poststop); the ids removed. Records a poststop will read are left to it."""
+    if not _sees_host_pids():
+        return []
     return [found.container for found, _ in all_records()
             if found is not None and not awaits_poststop(found) and not is_alive(found)
             and remove(found.container, only=found)]
+
+
+def _sees_host_pids() -> bool:
+    """Whether this process sees the host's process ids, as the hooks that wrote the records
+    did: in the initial pid namespace, pid 2 is the kernel's kthreadd. A watcher or `stale`
+    in a container of its own (no hostPID) would see every recorded container as gone."""
+    try:
+        with open("/proc/2/comm", "rb") as f:
+            return f.read().strip() == b"kthreadd"
+    except OSError:
+        return False
 
 
 # --- containers edited before creation (precreate, inject --mode edits) -----------------

@@ -334,3 +334,27 @@ def test_work_at_a_stage_config_json_runs_no_entry_at(runc, tmp_path, marked):
     finally:
         path.unlink(missing_ok=True)
         path.with_suffix(".idle").unlink(missing_ok=True)
+
+
+def test_prune_from_a_pid_namespace_of_its_own_removes_nothing(tmp_path):
+    """prune tells an ended container by its recorded host pid: a `stale` (or watcher) in a
+    pid namespace of its own sees every pid as gone, so it removes nothing there; on the
+    host the same record of an ended container is removed."""
+    from cdi_hook import record, settings
+
+    settings.use(None)
+    cid = "cdi-test-pidns-" + os.urandom(4).hex()
+    dead = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True).stdout.strip()
+    record.save(record.Record(cid, int(dead), 1, str(tmp_path), [f"{hook_env.VENDOR}=x"], {}, {"holds": []}, [],
+                              None, []))
+    path = Path(record.folder()) / f"{cid}.json"
+    try:
+        cli = [sys.executable, "-I", "-m", "cdi_hook", "stale"]
+        inside = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc"] + cli, capture_output=True, text=True,
+                                env=dict(os.environ), timeout=60)
+        assert inside.returncode == 0, inside.stderr
+        assert path.exists(), "a stale in a pid namespace of its own removed a record"
+        outside = subprocess.run(cli, capture_output=True, text=True, env=dict(os.environ), timeout=60)
+        assert outside.returncode == 0 and not path.exists(), outside.stderr
+    finally:
+        record.remove(cid)
