@@ -389,7 +389,11 @@ def return_to_host(state: State | dict[str, Any], config: Config | dict[str, Any
         record = None
         failures.append(f"reading the record of the moved interfaces in {record_dir()}: {_why(error)}")
     netns_fd, where = container_netns(state, config)
-    if netns_fd is None:
+    if netns_fd is None and record and record.get("devices"):
+        # interfaces were moved in and cannot be sent home by name: the operator should know
+        # (a physical one is back under its container-side name, a virtual one is gone)
+        failures.append(f"network namespace not found: {where}; {GONE_NOTE}")
+    elif netns_fd is None:
         notes.append(f"network namespace not found: {where}; {GONE_NOTE}")
     else:
         try:
