@@ -129,9 +129,12 @@ def hook_stages(hooks: object) -> list[str]:
     any entry of ours under a stage whose command is `hook` counts for that stage."""
     if not isinstance(hooks, dict):
         return []
-    return [stage for stage, entries in hooks.items() if isinstance(entries, list) and any(
-        isinstance(e, dict) and is_cdi_hook_argv(e.get("args")) and entry_command(e["args"])[:1] == ["hook"]
-        for e in entries)]
+    return [stage for stage, entries in hooks.items() if isinstance(entries, list) and any(map(_runs_hook, entries))]
+
+
+def _runs_hook(entry: object) -> bool:
+    """Whether a config.json hook entry runs cdi-hook's `hook` command, in any of our forms."""
+    return isinstance(entry, dict) and is_cdi_hook_argv(entry.get("args")) and entry_command(entry["args"])[:1] == ["hook"]
 
 
 def mark_post_stages(hooks: dict, stages: Iterable[str]) -> None:
@@ -141,7 +144,7 @@ def mark_post_stages(hooks: dict, stages: Iterable[str]) -> None:
     their poststop itself, outside config.json."""
     value = f"{settings.POST_STAGES_ENV}={','.join(stages)}"
     for entry in hooks.get("createRuntime") or ():
-        if isinstance(entry, dict) and is_cdi_hook_argv(entry.get("args")) and entry_command(entry["args"])[:1] == ["hook"]:
+        if _runs_hook(entry):
             env = [e for e in entry.get("env") or () if not (isinstance(e, str) and
                                                                e.startswith(settings.POST_STAGES_ENV + "="))]
             entry["env"] = env + [value]

@@ -13,10 +13,10 @@ One file per container, `<state root>/containers/<id>.json`, through the state l
 after every step has succeeded and before the hook returns: a hook killed half-way leaves
 no record (the runtime fails the start and the hook's own undo ran, or the container
 never ran), never one that says more than was done. poststop removes it when its work is
-done; a container whose config.json runs no poststop of cdi-hook's (`inject --mode hook`
-writes none for devices with nothing to do then) has its record removed by prune, from
-`cdi-hook stale` and the watcher, once it is gone. A container started by an older cdi-hook has no record: its later stages keep the
-older behaviour (re-resolving the specs) and say so in the log.
+done; a container that `inject --mode hook` gave no poststop entry (its devices had
+nothing to do then) has its record removed by prune, from `cdi-hook stale`, the watcher
+and inject, once it is gone. A container started by an older cdi-hook has no record: its
+later stages keep the older behaviour (re-resolving the specs) and say so in the log.
 
 Records are namedtuples and lists, not dataclasses: poststart and poststop read one on
 every container start that asked for a device.
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from collections import namedtuple
-from cdi_hook import state
+from cdi_hook import settings, state
 from cdi_hook.errors import CdiError
 
 TYPE_CHECKING = False  # typing costs ~2 ms of import on every start; type checkers treat this name as true
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 VERSION = 1
 FOLDER = "containers"
-POST_STAGES = ("poststart", "poststop")
+POST_STAGES = settings.POST_STAGES
 
 # What one container got. items: the plan's items as JSON lists (see _items); work: the
 # later stages that have something to do, for poststart/poststop to return at once otherwise.
@@ -82,12 +82,12 @@ def from_plan(plan: Plan, container_id: str, pid: int, start_time: int | None, b
                   work_of(items), config_identity(bundle), entries)
 
 
-def needed_stages(plan: Plan, exclusive: bool) -> list[str]:
+def needed_stages(plan: Plan, held: bool) -> list[str]:
     """The later stages a container given plan will have work at (work_of, decided from the
     plan before the container exists): what `inject --mode hook` writes entries for.
-    exclusive: the policy holds some of its devices (released at poststop)."""
+    held: some of its devices are held (exclusive or shareable; given back at poststop)."""
     return work_of({"hooks": {stage: plan.hooks_at(stage) for stage in POST_STAGES},
-                    "net_devices": plan.net_devices, "rdt": plan.intel_rdt, "holds": exclusive})
+                    "net_devices": plan.net_devices, "rdt": plan.intel_rdt, "holds": held})
 
 
 def config_identity(bundle: str) -> list[int] | None:
